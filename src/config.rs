@@ -1,0 +1,1151 @@
+//! Typed settings: built-in defaults, a TOML file, `EDGE_TRAINER__SECTION__KEY`
+//! environment variables and `--set key=value` overrides, layered in that order
+//! of precedence (later wins) with the `config` crate, then validated. Every
+//! error names the key and where the bad value came from.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::engine::data::DataSpec;
+use crate::engine::early_stop::EarlyStopConfig;
+use crate::engine::optim::{OptimizerConfig, OptimizerKind};
+use crate::engine::run::{ModelTemplate, RunRequest, TrainSpec, WarmStart};
+use crate::engine::schedule::{Mode, PlateauConfig, ThresholdMode};
+
+/// Prefix of environment variables that override the config file.
+pub const ENV_PREFIX: &str = "EDGE_TRAINER__";
+
+/// Keys accepted as shorter spellings of longer ones (`--set train.lr=0.01`).
+const KEY_ALIASES: &[(&str, &str)] = &[
+    ("train.lr", "train.optimizer.lr"),
+    ("train.weight_decay", "train.optimizer.weight_decay"),
+];
+
+/// Why a configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read or is not valid TOML.
+    #[error("cannot read config file {path}: {reason}")]
+    File { path: PathBuf, reason: String },
+    /// A key that no section knows.
+    #[error("unknown config key `{key}` (from {origin}){hint}")]
+    UnknownKey {
+        key: String,
+        origin: String,
+        hint: String,
+    },
+    /// A `--set` argument or environment variable that is not `key=value`.
+    #[error("bad override `{arg}`: {reason}")]
+    BadOverride { arg: String, reason: String },
+    /// A value of the wrong type or out of range.
+    #[error("invalid value for `{key}`: {reason}")]
+    Invalid { key: String, reason: String },
+    /// The layered values could not be turned into settings.
+    #[error("invalid configuration: {0}")]
+    Other(String),
+}
+
+fn invalid(key: &str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.to_string(),
+        reason: reason.into(),
+    }
+}
+
+/// The whole settings tree, one field per config section.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Settings {
+    pub device: DeviceSettings,
+    pub mqtt: MqttSettings,
+    pub data: DataSettings,
+    pub model: ModelSettings,
+    pub train: TrainSettings,
+    pub retrain: RetrainSettings,
+    pub output: OutputSettings,
+}
+
+pub use crate::engine::device::DeviceKind;
+
+/// `[device]`
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct DeviceSettings {
+    pub kind: DeviceKind,
+    pub ordinal: usize,
+}
+
+/// `[mqtt.tls]`: paths to PEM files.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsSettings {
+    pub ca: Option<PathBuf>,
+    pub client_cert: Option<PathBuf>,
+    pub client_key: Option<PathBuf>,
+}
+
+/// `[mqtt]`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct MqttSettings {
+    pub host: String,
+    pub port: u16,
+    /// MQTT client id; defaults to `edge-trainer-{device_id}`.
+    pub client_id: Option<String>,
+    /// This device's name in topics; defaults to the host name.
+    pub device_id: Option<String>,
+    pub topic_prefix: String,
+    pub username: Option<String>,
+    /// File holding the password (never the password itself in the config).
+    pub password_file: Option<PathBuf>,
+    pub tls: TlsSettings,
+    pub keep_alive_s: u64,
+    /// Host a broker in-process on `host:port`.
+    pub embedded_broker: bool,
+}
+
+impl Default for MqttSettings {
+    fn default() -> Self {
+        Self {
+            host: "127.0.0.1".into(),
+            port: 1883,
+            client_id: None,
+            device_id: None,
+            topic_prefix: "edge-trainer".into(),
+            username: None,
+            password_file: None,
+            tls: TlsSettings::default(),
+            keep_alive_s: 30,
+            embedded_broker: false,
+        }
+    }
+}
+
+pub use crate::engine::data::{DataFormat, TokenizerKind};
+
+/// `[data]`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct DataSettings {
+    pub dir: PathBuf,
+    pub format: DataFormat,
+    pub val_fraction: f64,
+    pub test_fraction: f64,
+    pub split_seed: u64,
+    pub x_key: String,
+    pub y_key: String,
+    pub label_column: String,
+    pub delimiter: String,
+    pub image_size: [usize; 2],
+    pub channels: usize,
+    pub tokenizer: TokenizerKind,
+    pub max_len: usize,
+    /// Class names in label order; overrides `class.txt` and inferred labels.
+    pub classes: Option<Vec<String>>,
+}
+
+impl Default for DataSettings {
+    fn default() -> Self {
+        Self {
+            dir: PathBuf::from("data"),
+            format: DataFormat::Safetensors,
+            val_fraction: 0.1,
+            test_fraction: 0.1,
+            split_seed: 42,
+            x_key: "x".into(),
+            y_key: "y".into(),
+            label_column: "label".into(),
+            delimiter: ",".into(),
+            image_size: [32, 32],
+            channels: 3,
+            tokenizer: TokenizerKind::Char,
+            max_len: 32,
+            classes: None,
+        }
+    }
+}
+
+/// Model architectures.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ArchKind {
+    #[default]
+    Mlp,
+    Cnn,
+    Cnn1d,
+    Textcnn,
+}
+
+pub use crate::engine::model::Activation;
+
+/// `[model]`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModelSettings {
+    pub arch: ArchKind,
+    /// Hidden layer widths of the MLP.
+    pub hidden: Vec<usize>,
+    pub activation: Activation,
+    pub dropout: f64,
+    /// Safetensors weights to start from (e.g. a PyTorch `state_dict`).
+    pub init: Option<PathBuf>,
+    /// Parameter-name patterns (`*` wildcard) held fixed during training.
+    pub freeze: Vec<String>,
+}
+
+impl Default for ModelSettings {
+    fn default() -> Self {
+        Self {
+            arch: ArchKind::Mlp,
+            hidden: vec![128, 64],
+            activation: Activation::Relu,
+            dropout: 0.0,
+            init: None,
+            freeze: Vec::new(),
+        }
+    }
+}
+
+pub use crate::engine::run::{EvalEvery, Monitor};
+
+/// `[train.optimizer]`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct OptimizerSettings {
+    pub kind: OptimizerKind,
+    pub lr: f64,
+    pub betas: [f64; 2],
+    pub eps: f64,
+    pub weight_decay: f64,
+    pub amsgrad: bool,
+    pub momentum: f64,
+    pub dampening: f64,
+    pub nesterov: bool,
+}
+
+impl Default for OptimizerSettings {
+    fn default() -> Self {
+        let d = OptimizerConfig::default();
+        Self {
+            kind: OptimizerKind::Adam,
+            lr: d.lr,
+            betas: [d.betas.0, d.betas.1],
+            eps: d.eps,
+            weight_decay: d.weight_decay,
+            amsgrad: d.amsgrad,
+            momentum: d.momentum,
+            dampening: d.dampening,
+            nesterov: d.nesterov,
+        }
+    }
+}
+
+/// LR schedule kinds.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum SchedulerKind {
+    #[default]
+    Plateau,
+    None,
+}
+
+/// `[train.scheduler]`: ReduceLROnPlateau.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct SchedulerSettings {
+    pub kind: SchedulerKind,
+    pub monitor: Monitor,
+    /// Defaults to the monitor's natural direction.
+    pub mode: Option<Mode>,
+    pub factor: f64,
+    pub patience: usize,
+    pub threshold: f64,
+    pub threshold_mode: ThresholdMode,
+    pub cooldown: usize,
+    pub min_lr: f64,
+    pub eps: f64,
+}
+
+impl Default for SchedulerSettings {
+    fn default() -> Self {
+        let d = PlateauConfig::default();
+        Self {
+            kind: SchedulerKind::Plateau,
+            monitor: Monitor::ValLoss,
+            mode: None,
+            factor: d.factor,
+            patience: d.patience,
+            threshold: d.threshold,
+            threshold_mode: d.threshold_mode,
+            cooldown: d.cooldown,
+            min_lr: d.min_lr,
+            eps: d.eps,
+        }
+    }
+}
+
+/// `[train.early_stopping]`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct EarlyStoppingSettings {
+    pub enabled: bool,
+    pub monitor: Monitor,
+    /// Defaults to the monitor's natural direction.
+    pub mode: Option<Mode>,
+    /// Evaluations without improvement before stopping.
+    pub patience: usize,
+    pub min_delta: f64,
+}
+
+impl Default for EarlyStoppingSettings {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            monitor: Monitor::ValLoss,
+            mode: None,
+            patience: 10,
+            min_delta: 0.0,
+        }
+    }
+}
+
+/// `[train]`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainSettings {
+    pub max_epochs: u64,
+    /// Stop after this many optimiser steps (none: no limit).
+    pub max_steps: Option<u64>,
+    pub batch_size: usize,
+    pub seed: u64,
+    pub eval_every: EvalEvery,
+    /// Per-class loss weights, in class order.
+    pub class_weights: Option<Vec<f64>>,
+    pub label_smoothing: f64,
+    pub optimizer: OptimizerSettings,
+    pub scheduler: SchedulerSettings,
+    pub early_stopping: EarlyStoppingSettings,
+}
+
+impl Default for TrainSettings {
+    fn default() -> Self {
+        Self {
+            max_epochs: 100,
+            max_steps: None,
+            batch_size: 64,
+            seed: 42,
+            eval_every: EvalEvery::Epoch,
+            class_weights: None,
+            label_smoothing: 0.0,
+            optimizer: OptimizerSettings::default(),
+            scheduler: SchedulerSettings::default(),
+            early_stopping: EarlyStoppingSettings::default(),
+        }
+    }
+}
+
+/// Where a retrain starts from.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum WarmStartFrom {
+    /// The promoted model, else `model.init`, else scratch.
+    #[default]
+    Current,
+    Init,
+    Scratch,
+}
+
+/// `[retrain]`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct RetrainSettings {
+    pub on_start: bool,
+    pub min_new_samples: u64,
+    pub warm_start: WarmStartFrom,
+}
+
+impl Default for RetrainSettings {
+    fn default() -> Self {
+        Self {
+            on_start: false,
+            min_new_samples: 1000,
+            warm_start: WarmStartFrom::Current,
+        }
+    }
+}
+
+/// `[output]`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct OutputSettings {
+    pub dir: PathBuf,
+}
+
+impl Default for OutputSettings {
+    fn default() -> Self {
+        Self {
+            dir: PathBuf::from("output"),
+        }
+    }
+}
+
+/// One `key=value` override and where it came from.
+#[derive(Debug, Clone)]
+pub struct Override {
+    /// Dotted key, e.g. `train.optimizer.lr`.
+    pub key: String,
+    /// The value, parsed as a TOML literal where possible, else a string.
+    pub value: toml::Value,
+    /// Where it came from, for error messages.
+    pub origin: String,
+}
+
+impl Override {
+    /// Parses `key=value` as given to `--set`.
+    pub fn parse_set(arg: &str) -> Result<Self, ConfigError> {
+        let (key, raw) = arg.split_once('=').ok_or_else(|| ConfigError::BadOverride {
+            arg: arg.to_string(),
+            reason: "expected KEY=VALUE".into(),
+        })?;
+        let key = key.trim();
+        if key.is_empty() {
+            return Err(ConfigError::BadOverride {
+                arg: arg.to_string(),
+                reason: "empty key".into(),
+            });
+        }
+        Ok(Self {
+            key: key.to_string(),
+            value: parse_literal(raw.trim()),
+            origin: format!("--set {arg}"),
+        })
+    }
+
+    /// Builds an override from a JSON value (as sent in an MQTT command).
+    pub fn from_json(key: &str, value: &serde_json::Value, origin: &str) -> Result<Self, ConfigError> {
+        let value = json_to_toml(value).ok_or_else(|| ConfigError::BadOverride {
+            arg: key.to_string(),
+            reason: "null is not a value".into(),
+        })?;
+        Ok(Self {
+            key: key.to_string(),
+            value,
+            origin: origin.to_string(),
+        })
+    }
+}
+
+/// Reads a value as a TOML literal (`0.01`, `true`, `[1, 2]`, `"x"`), falling back
+/// to the raw text as a string.
+fn parse_literal(raw: &str) -> toml::Value {
+    let doc = format!("v = {raw}");
+    match toml::from_str::<toml::Table>(&doc) {
+        Ok(mut t) => t.remove("v").unwrap_or_else(|| toml::Value::String(raw.to_string())),
+        Err(_) => toml::Value::String(raw.to_string()),
+    }
+}
+
+fn json_to_toml(v: &serde_json::Value) -> Option<toml::Value> {
+    Some(match v {
+        serde_json::Value::Null => return None,
+        serde_json::Value::Bool(b) => toml::Value::Boolean(*b),
+        serde_json::Value::Number(n) => match n.as_i64() {
+            Some(i) => toml::Value::Integer(i),
+            None => toml::Value::Float(n.as_f64()?),
+        },
+        serde_json::Value::String(s) => toml::Value::String(s.clone()),
+        serde_json::Value::Array(a) => {
+            toml::Value::Array(a.iter().map(json_to_toml).collect::<Option<Vec<_>>>()?)
+        }
+        serde_json::Value::Object(o) => {
+            let mut t = toml::Table::new();
+            for (k, v) in o {
+                t.insert(k.clone(), json_to_toml(v)?);
+            }
+            toml::Value::Table(t)
+        }
+    })
+}
+
+fn toml_to_config(v: &toml::Value) -> config::Value {
+    use config::ValueKind;
+    let kind = match v {
+        toml::Value::String(s) => ValueKind::String(s.clone()),
+        toml::Value::Integer(i) => ValueKind::I64(*i),
+        toml::Value::Float(f) => ValueKind::Float(*f),
+        toml::Value::Boolean(b) => ValueKind::Boolean(*b),
+        toml::Value::Datetime(d) => ValueKind::String(d.to_string()),
+        toml::Value::Array(a) => ValueKind::Array(a.iter().map(toml_to_config).collect()),
+        toml::Value::Table(t) => ValueKind::Table(
+            t.iter()
+                .map(|(k, v)| (k.clone(), toml_to_config(v)))
+                .collect(),
+        ),
+    };
+    config::Value::new(None, kind)
+}
+
+/// Collects `EDGE_TRAINER__SECTION__KEY=value` variables from the given environment.
+pub fn env_overrides<I>(vars: I) -> Vec<Override>
+where
+    I: IntoIterator<Item = (String, String)>,
+{
+    let mut out: Vec<Override> = vars
+        .into_iter()
+        .filter_map(|(name, value)| {
+            let rest = name.strip_prefix(ENV_PREFIX)?;
+            let key = rest
+                .split("__")
+                .map(|p| p.to_ascii_lowercase())
+                .collect::<Vec<_>>()
+                .join(".");
+            Some(Override {
+                key,
+                value: parse_literal(value.trim()),
+                origin: format!("environment variable {name}"),
+            })
+        })
+        .collect();
+    out.sort_by(|a, b| a.key.cmp(&b.key));
+    out
+}
+
+/// The schema of known keys: the default settings as JSON, every key present.
+fn schema() -> serde_json::Value {
+    serde_json::to_value(Settings::default()).unwrap_or(serde_json::Value::Null)
+}
+
+fn resolve_alias(key: &str) -> String {
+    KEY_ALIASES
+        .iter()
+        .find(|(alias, _)| *alias == key)
+        .map(|(_, full)| full.to_string())
+        .unwrap_or_else(|| key.to_string())
+}
+
+/// Checks that `key` (dotted) names a known setting; suggests the nearest one if not.
+fn check_key(schema: &serde_json::Value, key: &str, origin: &str) -> Result<(), ConfigError> {
+    let mut node = schema;
+    let mut walked = Vec::new();
+    for part in key.split('.') {
+        let obj = match node {
+            serde_json::Value::Object(o) => o,
+            // A leaf (or an optional list) reached before the key ended.
+            _ => {
+                return Err(ConfigError::UnknownKey {
+                    key: key.to_string(),
+                    origin: origin.to_string(),
+                    hint: format!(" (`{}` is a value, not a section)", walked.join(".")),
+                })
+            }
+        };
+        match obj.get(part) {
+            Some(child) => {
+                walked.push(part.to_string());
+                node = child;
+            }
+            None => {
+                let best = obj
+                    .keys()
+                    .map(|k| (strsim::levenshtein(k, part), k))
+                    .filter(|(d, _)| *d <= 3)
+                    .min();
+                let hint = match best {
+                    Some((_, k)) => {
+                        walked.push(k.clone());
+                        format!("; did you mean `{}`?", walked.join("."))
+                    }
+                    None if walked.is_empty() => format!(
+                        "; known sections: {}",
+                        obj.keys().cloned().collect::<Vec<_>>().join(", ")
+                    ),
+                    None => format!(
+                        "; `{}` has: {}",
+                        walked.join("."),
+                        obj.keys().cloned().collect::<Vec<_>>().join(", ")
+                    ),
+                };
+                return Err(ConfigError::UnknownKey {
+                    key: key.to_string(),
+                    origin: origin.to_string(),
+                    hint,
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Walks a TOML table and checks every leaf key against the schema.
+fn check_table(
+    schema: &serde_json::Value,
+    table: &toml::Table,
+    prefix: &str,
+    origin: &str,
+) -> Result<(), ConfigError> {
+    for (k, v) in table {
+        let key = if prefix.is_empty() {
+            k.clone()
+        } else {
+            format!("{prefix}.{k}")
+        };
+        let key = resolve_alias(&key);
+        check_key(schema, &key, origin)?;
+        if let toml::Value::Table(t) = v {
+            // A table value must itself be a section in the schema.
+            check_table(schema, t, &key, origin)?;
+        }
+    }
+    Ok(())
+}
+
+/// Loads settings from a file plus overrides (environment first, then `--set`).
+pub fn load(path: &Path, overrides: &[Override]) -> Result<Settings, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    let table: toml::Table = toml::from_str(&text).map_err(|e| ConfigError::File {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    let settings = load_layers(&table, &path.display().to_string(), overrides)?;
+    // Relative paths in the file are relative to the working directory, as a
+    // user typing them at a shell expects; nothing to rewrite here.
+    settings.validate()?;
+    Ok(settings)
+}
+
+/// Builds settings from an already-parsed file table and overrides, without validation.
+pub fn load_layers(
+    file: &toml::Table,
+    file_origin: &str,
+    overrides: &[Override],
+) -> Result<Settings, ConfigError> {
+    let schema = schema();
+    check_table(&schema, file, "", file_origin)?;
+    let mut builder = config::Config::builder().add_source(config::File::from_str(
+        &toml::to_string(&rename_aliases(file)).map_err(|e| ConfigError::Other(e.to_string()))?,
+        config::FileFormat::Toml,
+    ));
+    for ov in overrides {
+        let key = resolve_alias(&ov.key);
+        check_key(&schema, &key, &ov.origin)?;
+        if let toml::Value::Table(t) = &ov.value {
+            check_table(&schema, t, &key, &ov.origin)?;
+        }
+        builder = builder
+            .set_override(key.as_str(), toml_to_config(&ov.value))
+            .map_err(|e| ConfigError::BadOverride {
+                arg: ov.origin.clone(),
+                reason: e.to_string(),
+            })?;
+    }
+    let cfg = builder
+        .build()
+        .map_err(|e| ConfigError::Other(e.to_string()))?;
+    cfg.try_deserialize::<Settings>()
+        .map_err(|e| type_error(e, overrides, file_origin))
+}
+
+/// Rewrites alias keys (`train.lr`) in a file table to their full form.
+fn rename_aliases(table: &toml::Table) -> toml::Table {
+    let mut out = table.clone();
+    for (alias, full) in KEY_ALIASES {
+        let (a_sec, a_key) = alias.split_once('.').unwrap_or(("", alias));
+        let value = out
+            .get_mut(a_sec)
+            .and_then(|v| v.as_table_mut())
+            .and_then(|t| t.remove(a_key));
+        if let Some(value) = value {
+            let mut node = &mut out;
+            let parts: Vec<&str> = full.split('.').collect();
+            for part in &parts[..parts.len() - 1] {
+                let entry = node
+                    .entry(part.to_string())
+                    .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+                match entry {
+                    toml::Value::Table(t) => node = t,
+                    _ => return out,
+                }
+            }
+            if let Some(last) = parts.last() {
+                node.insert(last.to_string(), value);
+            }
+        }
+    }
+    out
+}
+
+/// Turns a deserialisation error into one that names the key and its origin.
+fn type_error(e: config::ConfigError, overrides: &[Override], file_origin: &str) -> ConfigError {
+    let msg = e.to_string();
+    // config's messages end with "for key `a.b`" (sometimes "in <source>").
+    let key = msg
+        .split("for key `")
+        .nth(1)
+        .and_then(|s| s.split('`').next())
+        .map(str::to_string);
+    match key {
+        Some(key) => {
+            let origin = overrides
+                .iter()
+                .rev()
+                .find(|o| resolve_alias(&o.key) == key || key.starts_with(&format!("{}.", o.key)))
+                .map(|o| o.origin.clone())
+                .unwrap_or_else(|| file_origin.to_string());
+            let reason = msg
+                .split(" for key `")
+                .next()
+                .unwrap_or(&msg)
+                .to_string();
+            invalid(&key, format!("{reason} (from {origin})"))
+        }
+        None => ConfigError::Other(format!("{msg} (in {file_origin} or its overrides)")),
+    }
+}
+
+fn check_range(key: &str, v: f64, lo: f64, hi: f64, lo_incl: bool, hi_incl: bool) -> Result<(), ConfigError> {
+    let ok_lo = if lo_incl { v >= lo } else { v > lo };
+    let ok_hi = if hi_incl { v <= hi } else { v < hi };
+    if v.is_finite() && ok_lo && ok_hi {
+        Ok(())
+    } else {
+        let l = if lo_incl { "[" } else { "(" };
+        let h = if hi_incl { "]" } else { ")" };
+        Err(invalid(key, format!("{v} is outside {l}{lo}, {hi}{h}")))
+    }
+}
+
+impl Settings {
+    /// Checks ranges and cross-field rules; the error names the offending key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let d = &self.data;
+        check_range("data.val_fraction", d.val_fraction, 0.0, 1.0, true, false)?;
+        check_range("data.test_fraction", d.test_fraction, 0.0, 1.0, true, false)?;
+        if d.val_fraction <= 0.0 {
+            return Err(invalid(
+                "data.val_fraction",
+                "must be > 0: training needs a validation split to evaluate on",
+            ));
+        }
+        if d.val_fraction + d.test_fraction >= 1.0 {
+            return Err(invalid(
+                "data.test_fraction",
+                format!(
+                    "data.val_fraction + data.test_fraction = {} leaves no training data",
+                    d.val_fraction + d.test_fraction
+                ),
+            ));
+        }
+        if d.delimiter.len() != 1 {
+            return Err(invalid("data.delimiter", "must be a single ASCII character"));
+        }
+        if d.x_key.is_empty() {
+            return Err(invalid("data.x_key", "must not be empty"));
+        }
+        if d.y_key.is_empty() {
+            return Err(invalid("data.y_key", "must not be empty"));
+        }
+        if d.image_size.contains(&0) {
+            return Err(invalid("data.image_size", "both sides must be > 0"));
+        }
+        if !matches!(d.channels, 1 | 3) {
+            return Err(invalid("data.channels", "must be 1 or 3"));
+        }
+        if d.max_len == 0 {
+            return Err(invalid("data.max_len", "must be > 0"));
+        }
+        if let Some(c) = &d.classes {
+            if c.len() < 2 {
+                return Err(invalid("data.classes", "needs at least two classes"));
+            }
+        }
+
+        let m = &self.model;
+        if m.hidden.contains(&0) {
+            return Err(invalid("model.hidden", "every layer width must be > 0"));
+        }
+        check_range("model.dropout", m.dropout, 0.0, 1.0, true, false)?;
+
+        let t = &self.train;
+        if t.max_epochs == 0 {
+            return Err(invalid("train.max_epochs", "must be >= 1"));
+        }
+        if t.max_steps == Some(0) {
+            return Err(invalid("train.max_steps", "must be >= 1 (omit it for no limit)"));
+        }
+        if t.batch_size == 0 {
+            return Err(invalid("train.batch_size", "must be >= 1"));
+        }
+        check_range("train.label_smoothing", t.label_smoothing, 0.0, 1.0, true, true)?;
+        if let Some(w) = &t.class_weights {
+            for (i, v) in w.iter().enumerate() {
+                if !(v.is_finite() && *v >= 0.0) {
+                    return Err(invalid(
+                        "train.class_weights",
+                        format!("weight {i} is {v}; weights must be finite and >= 0"),
+                    ));
+                }
+            }
+            if w.iter().all(|v| *v == 0.0) {
+                return Err(invalid("train.class_weights", "all weights are zero"));
+            }
+        }
+
+        let o = &t.optimizer;
+        check_range("train.optimizer.lr", o.lr, 0.0, f64::MAX, false, true)?;
+        check_range("train.optimizer.betas", o.betas[0], 0.0, 1.0, true, false)?;
+        check_range("train.optimizer.betas", o.betas[1], 0.0, 1.0, true, false)?;
+        check_range("train.optimizer.eps", o.eps, 0.0, f64::MAX, true, true)?;
+        check_range("train.optimizer.weight_decay", o.weight_decay, 0.0, f64::MAX, true, true)?;
+        check_range("train.optimizer.momentum", o.momentum, 0.0, f64::MAX, true, true)?;
+        check_range("train.optimizer.dampening", o.dampening, 0.0, 1.0, true, true)?;
+        if o.nesterov && (o.momentum <= 0.0 || o.dampening != 0.0) {
+            return Err(invalid(
+                "train.optimizer.nesterov",
+                "nesterov needs momentum > 0 and dampening = 0 (as torch.optim.SGD)",
+            ));
+        }
+
+        let s = &t.scheduler;
+        check_range("train.scheduler.factor", s.factor, 0.0, 1.0, false, false)?;
+        check_range("train.scheduler.threshold", s.threshold, 0.0, f64::MAX, true, true)?;
+        check_range("train.scheduler.min_lr", s.min_lr, 0.0, f64::MAX, true, true)?;
+        check_range("train.scheduler.eps", s.eps, 0.0, f64::MAX, true, true)?;
+
+        let e = &t.early_stopping;
+        check_range("train.early_stopping.min_delta", e.min_delta, 0.0, f64::MAX, true, true)?;
+
+        if self.mqtt.host.trim().is_empty() {
+            return Err(invalid("mqtt.host", "must not be empty"));
+        }
+        if self.mqtt.topic_prefix.is_empty()
+            || self.mqtt.topic_prefix.contains(['#', '+'])
+        {
+            return Err(invalid(
+                "mqtt.topic_prefix",
+                "must be non-empty and contain no MQTT wildcards (# +)",
+            ));
+        }
+        if let Some(id) = &self.mqtt.device_id {
+            if id.is_empty() || id.contains(['#', '+', '/']) {
+                return Err(invalid(
+                    "mqtt.device_id",
+                    "must be non-empty and contain no '/', '#' or '+'",
+                ));
+            }
+        }
+        if self.mqtt.keep_alive_s == 0 {
+            return Err(invalid("mqtt.keep_alive_s", "must be >= 1"));
+        }
+        if self.output.dir.as_os_str().is_empty() {
+            return Err(invalid("output.dir", "must not be empty"));
+        }
+        Ok(())
+    }
+
+    /// The optimiser configuration for the engine.
+    pub fn optimizer_config(&self) -> OptimizerConfig {
+        let o = &self.train.optimizer;
+        OptimizerConfig {
+            kind: o.kind,
+            lr: o.lr,
+            betas: (o.betas[0], o.betas[1]),
+            eps: o.eps,
+            weight_decay: o.weight_decay,
+            amsgrad: o.amsgrad,
+            momentum: o.momentum,
+            dampening: o.dampening,
+            nesterov: o.nesterov,
+        }
+    }
+
+    /// The plateau scheduler configuration, or `None` when scheduling is off.
+    pub fn plateau_config(&self) -> Option<(Monitor, PlateauConfig)> {
+        let s = &self.train.scheduler;
+        match s.kind {
+            SchedulerKind::None => None,
+            SchedulerKind::Plateau => Some((
+                s.monitor,
+                PlateauConfig {
+                    mode: s.mode.unwrap_or(s.monitor.natural_mode()),
+                    factor: s.factor,
+                    patience: s.patience,
+                    threshold: s.threshold,
+                    threshold_mode: s.threshold_mode,
+                    cooldown: s.cooldown,
+                    min_lr: s.min_lr,
+                    eps: s.eps,
+                },
+            )),
+        }
+    }
+
+    /// The effective settings as JSON with secrets masked (for printing and summaries).
+    pub fn masked_json(&self) -> serde_json::Value {
+        let mut v = serde_json::to_value(self).unwrap_or(serde_json::Value::Null);
+        if let Some(user) = v.pointer_mut("/mqtt/username") {
+            if !user.is_null() {
+                *user = serde_json::Value::String("***".into());
+            }
+        }
+        v
+    }
+
+    /// The effective settings as TOML with secrets masked.
+    pub fn masked_toml(&self) -> String {
+        let json = self.masked_json();
+        let cleaned = strip_nulls(json);
+        match serde_json::from_value::<toml::Value>(cleaned) {
+            Ok(t) => toml::to_string_pretty(&t).unwrap_or_default(),
+            Err(e) => format!("# cannot render settings: {e}\n"),
+        }
+    }
+}
+
+impl Settings {
+    /// The data section as the engine's spec.
+    pub fn data_spec(&self) -> DataSpec {
+        let d = &self.data;
+        DataSpec {
+            dir: d.dir.clone(),
+            format: d.format,
+            val_fraction: d.val_fraction,
+            test_fraction: d.test_fraction,
+            split_seed: d.split_seed,
+            x_key: d.x_key.clone(),
+            y_key: d.y_key.clone(),
+            label_column: d.label_column.clone(),
+            delimiter: d.delimiter.as_bytes().first().copied().unwrap_or(b','),
+            classes: d.classes.clone(),
+        }
+    }
+
+    /// The model section as the engine's template (sizes from the data come later).
+    pub fn model_template(&self) -> Result<ModelTemplate, ConfigError> {
+        let m = &self.model;
+        match m.arch {
+            ArchKind::Mlp => Ok(ModelTemplate::Mlp {
+                hidden: m.hidden.clone(),
+                activation: m.activation,
+                dropout: m.dropout,
+            }),
+            other => Err(invalid(
+                "model.arch",
+                format!("{other:?} is not available in this version; use \"mlp\""),
+            )),
+        }
+    }
+
+    /// The train section as the engine's spec.
+    pub fn train_spec(&self) -> TrainSpec {
+        let t = &self.train;
+        let e = &t.early_stopping;
+        TrainSpec {
+            max_epochs: t.max_epochs,
+            max_steps: t.max_steps,
+            batch_size: t.batch_size,
+            seed: t.seed,
+            eval_every: t.eval_every,
+            class_weights: t.class_weights.clone(),
+            label_smoothing: t.label_smoothing,
+            optimizer: self.optimizer_config(),
+            scheduler: self.plateau_config(),
+            early_stopping: (
+                e.monitor,
+                EarlyStopConfig {
+                    enabled: e.enabled,
+                    mode: e.mode.unwrap_or(e.monitor.natural_mode()),
+                    patience: e.patience,
+                    min_delta: e.min_delta,
+                },
+            ),
+            freeze: self.model.freeze.clone(),
+        }
+    }
+
+    /// Where run folders go: `{output.dir}/runs`.
+    pub fn runs_dir(&self) -> PathBuf {
+        self.output.dir.join("runs")
+    }
+
+    /// A complete run request for the engine.
+    pub fn run_request(
+        &self,
+        run_id: String,
+        device: candle_core::Device,
+        warm_start: WarmStart,
+    ) -> Result<RunRequest, ConfigError> {
+        Ok(RunRequest {
+            run_id,
+            runs_dir: self.runs_dir(),
+            data: self.data_spec(),
+            model: self.model_template()?,
+            warm_start,
+            train: self.train_spec(),
+            device,
+            config: self.masked_json(),
+        })
+    }
+}
+
+/// TOML has no null: unset optional keys are dropped from the rendering.
+fn strip_nulls(v: serde_json::Value) -> serde_json::Value {
+    match v {
+        serde_json::Value::Object(o) => serde_json::Value::Object(
+            o.into_iter()
+                .filter(|(_, v)| !v.is_null())
+                .map(|(k, v)| (k, strip_nulls(v)))
+                .collect(),
+        ),
+        other => other,
+    }
+}
+
+/// A short, human-readable listing of which layers were applied.
+#[derive(Debug, Default)]
+pub struct LayerReport {
+    pub file: PathBuf,
+    pub overrides: BTreeMap<String, String>,
+}
+
+impl fmt::Display for LayerReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "# file: {}", self.file.display())?;
+        for (k, origin) in &self.overrides {
+            writeln!(f, "# {k} overridden by {origin}")?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table(s: &str) -> toml::Table {
+        toml::from_str(s).unwrap()
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        Settings::default().validate().unwrap();
+    }
+
+    #[test]
+    fn file_values_override_defaults() {
+        let s = load_layers(
+            &table("[train]\nbatch_size = 32\n[train.optimizer]\nlr = 0.01\n"),
+            "test.toml",
+            &[],
+        )
+        .unwrap();
+        assert_eq!(s.train.batch_size, 32);
+        assert_eq!(s.train.optimizer.lr, 0.01);
+        assert_eq!(s.train.max_epochs, 100);
+    }
+
+    #[test]
+    fn set_beats_env_beats_file() {
+        let file = table("[train]\nbatch_size = 32\nseed = 1\nmax_epochs = 7\n");
+        let mut ovs = env_overrides(vec![
+            ("EDGE_TRAINER__TRAIN__BATCH_SIZE".to_string(), "16".to_string()),
+            ("EDGE_TRAINER__TRAIN__SEED".to_string(), "2".to_string()),
+            ("UNRELATED".to_string(), "x".to_string()),
+        ]);
+        ovs.push(Override::parse_set("train.batch_size=8").unwrap());
+        let s = load_layers(&file, "f.toml", &ovs).unwrap();
+        assert_eq!(s.train.batch_size, 8);
+        assert_eq!(s.train.seed, 2);
+        assert_eq!(s.train.max_epochs, 7);
+    }
+
+    #[test]
+    fn alias_train_lr() {
+        let ovs = vec![Override::parse_set("train.lr=0.5").unwrap()];
+        let s = load_layers(&table(""), "f", &ovs).unwrap();
+        assert_eq!(s.train.optimizer.lr, 0.5);
+        let s = load_layers(&table("[train]\nlr = 0.25\n"), "f", &[]).unwrap();
+        assert_eq!(s.train.optimizer.lr, 0.25);
+    }
+
+    #[test]
+    fn lists_and_strings_from_set() {
+        let ovs = vec![
+            Override::parse_set("model.hidden=[32, 16]").unwrap(),
+            Override::parse_set("train.eval_every=50").unwrap(),
+            Override::parse_set("data.dir=some/where").unwrap(),
+        ];
+        let s = load_layers(&table(""), "f", &ovs).unwrap();
+        assert_eq!(s.model.hidden, vec![32, 16]);
+        assert_eq!(s.train.eval_every, EvalEvery::Steps(50));
+        assert_eq!(s.data.dir, PathBuf::from("some/where"));
+    }
+
+    #[test]
+    fn unknown_key_is_named_with_suggestion() {
+        let err = load_layers(&table("[train.optimizer]\nlrr = 0.1\n"), "my.toml", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("train.optimizer.lrr"), "{err}");
+        assert!(err.contains("my.toml"), "{err}");
+        assert!(err.contains("did you mean `train.optimizer.lr`"), "{err}");
+        let err = load_layers(&table("[trian]\nx = 1\n"), "my.toml", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("`trian.x`"), "{err}");
+        let err = load_layers(&table(""), "f", &[Override::parse_set("train.nope=1").unwrap()])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("train.nope") && err.contains("--set"), "{err}");
+    }
+
+    #[test]
+    fn wrong_type_names_key() {
+        let err = load_layers(&table("[train]\nbatch_size = \"big\"\n"), "f.toml", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("train.batch_size"), "{err}");
+    }
+
+    #[test]
+    fn out_of_range_names_key() {
+        let mut s = Settings::default();
+        s.train.optimizer.lr = -1.0;
+        let err = s.validate().unwrap_err().to_string();
+        assert!(err.contains("train.optimizer.lr"), "{err}");
+        let mut s = Settings::default();
+        s.data.val_fraction = 0.6;
+        s.data.test_fraction = 0.5;
+        assert!(s.validate().unwrap_err().to_string().contains("data.test_fraction"));
+        let mut s = Settings::default();
+        s.train.optimizer.nesterov = true;
+        assert!(s.validate().unwrap_err().to_string().contains("nesterov"));
+    }
+
+    #[test]
+    fn eval_every_forms() {
+        for (src, want) in [
+            ("eval_every = \"epoch\"", EvalEvery::Epoch),
+            ("eval_every = 10", EvalEvery::Steps(10)),
+        ] {
+            let s = load_layers(&table(&format!("[train]\n{src}\n")), "f", &[]).unwrap();
+            assert_eq!(s.train.eval_every, want);
+        }
+        assert!(load_layers(&table("[train]\neval_every = 0\n"), "f", &[]).is_err());
+        assert!(load_layers(&table("[train]\neval_every = \"often\"\n"), "f", &[]).is_err());
+    }
+
+    #[test]
+    fn masked_output_hides_username() {
+        let mut s = Settings::default();
+        s.mqtt.username = Some("alice".into());
+        let t = s.masked_toml();
+        assert!(!t.contains("alice"));
+        assert!(t.contains("***"));
+    }
+}

@@ -1,0 +1,296 @@
+//! Checkpoints: safetensors files whose tensor names and layouts match the
+//! PyTorch twin's `state_dict`, and whose `__metadata__` holds everything needed
+//! to rebuild and evaluate the model. Written atomically.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+use safetensors::tensor::TensorView;
+use safetensors::{Dtype, SafeTensors};
+use serde::{Deserialize, Serialize};
+
+use super::data::{DataFormat, Normalization};
+use super::fsutil::atomic_write;
+use super::model::ModelSpec;
+
+/// Marks files written by this program (metadata key `format`).
+pub const FORMAT: &str = "edge-trainer/1";
+
+/// Why a checkpoint could not be written or read.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    #[error("cannot write checkpoint {path}: {reason}")]
+    Write { path: PathBuf, reason: String },
+    #[error("cannot read checkpoint {path}: {reason}")]
+    Read { path: PathBuf, reason: String },
+}
+
+/// Validation metrics of the model in a checkpoint.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct CheckpointMetrics {
+    pub val_loss: Option<f64>,
+    pub val_acc: Option<f64>,
+    pub train_loss: Option<f64>,
+    pub train_acc: Option<f64>,
+}
+
+/// What the data going into the model looks like.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InputSpec {
+    pub format: DataFormat,
+    /// Shape of one sample.
+    pub sample_shape: Vec<usize>,
+    pub normalization: Normalization,
+}
+
+/// Everything in a checkpoint besides the weights.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CheckpointMeta {
+    pub model: ModelSpec,
+    pub classes: Vec<String>,
+    pub input: InputSpec,
+    pub run_id: String,
+    pub epoch: u64,
+    pub step: u64,
+    pub metrics: CheckpointMetrics,
+    /// Version of edge-trainer that wrote it.
+    pub version: String,
+    /// RFC 3339 UTC time of writing.
+    pub created: String,
+}
+
+impl CheckpointMeta {
+    /// The metadata as safetensors' string map (one JSON value per key).
+    fn to_map(&self) -> Result<HashMap<String, String>, serde_json::Error> {
+        let mut m = HashMap::new();
+        m.insert("format".to_string(), FORMAT.to_string());
+        m.insert("arch".to_string(), self.model.arch_name().to_string());
+        m.insert("model".to_string(), serde_json::to_string(&self.model)?);
+        m.insert("classes".to_string(), serde_json::to_string(&self.classes)?);
+        m.insert("input".to_string(), serde_json::to_string(&self.input)?);
+        m.insert("run_id".to_string(), self.run_id.clone());
+        m.insert("epoch".to_string(), self.epoch.to_string());
+        m.insert("step".to_string(), self.step.to_string());
+        m.insert("metrics".to_string(), serde_json::to_string(&self.metrics)?);
+        m.insert("version".to_string(), self.version.clone());
+        m.insert("created".to_string(), self.created.clone());
+        Ok(m)
+    }
+
+    fn from_map(m: &HashMap<String, String>) -> Result<Self, String> {
+        let get = |k: &str| m.get(k).ok_or_else(|| format!("metadata has no `{k}`"));
+        match m.get("format") {
+            Some(f) if f == FORMAT => {}
+            Some(f) => return Err(format!("unsupported checkpoint format {f:?} (expected {FORMAT:?})")),
+            None => {
+                return Err(
+                    "no edge-trainer metadata: this looks like a plain state dict; use it as model.init instead"
+                        .into(),
+                )
+            }
+        }
+        let json = |k: &str| -> Result<serde_json::Value, String> {
+            serde_json::from_str(get(k)?).map_err(|e| format!("metadata `{k}` is not valid JSON: {e}"))
+        };
+        let parse = |k: &str| -> Result<u64, String> {
+            get(k)?
+                .parse()
+                .map_err(|_| format!("metadata `{k}` is not a number"))
+        };
+        Ok(Self {
+            model: serde_json::from_value(json("model")?)
+                .map_err(|e| format!("metadata `model`: {e}"))?,
+            classes: serde_json::from_value(json("classes")?)
+                .map_err(|e| format!("metadata `classes`: {e}"))?,
+            input: serde_json::from_value(json("input")?)
+                .map_err(|e| format!("metadata `input`: {e}"))?,
+            run_id: get("run_id")?.clone(),
+            epoch: parse("epoch")?,
+            step: parse("step")?,
+            metrics: serde_json::from_value(json("metrics")?)
+                .map_err(|e| format!("metadata `metrics`: {e}"))?,
+            version: get("version")?.clone(),
+            created: get("created")?.clone(),
+        })
+    }
+}
+
+/// Serialises named f32 tensors (plus optional metadata) to safetensors bytes.
+pub fn to_safetensors_bytes(
+    tensors: &[(String, Tensor)],
+    metadata: Option<HashMap<String, String>>,
+) -> Result<Vec<u8>, String> {
+    let mut buffers: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::with_capacity(tensors.len());
+    for (name, t) in tensors {
+        let shape = t.dims().to_vec();
+        let values = t
+            .to_dtype(candle_core::DType::F32)
+            .and_then(|t| t.flatten_all())
+            .and_then(|t| t.to_vec1::<f32>())
+            .map_err(|e| format!("tensor `{name}`: {e}"))?;
+        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        buffers.push((name.clone(), shape, bytes));
+    }
+    let views: Vec<(String, TensorView)> = buffers
+        .iter()
+        .map(|(n, s, b)| {
+            TensorView::new(Dtype::F32, s.clone(), b)
+                .map(|v| (n.clone(), v))
+                .map_err(|e| format!("tensor `{n}`: {e}"))
+        })
+        .collect::<Result<_, _>>()?;
+    safetensors::tensor::serialize(views, metadata).map_err(|e| e.to_string())
+}
+
+/// Writes a checkpoint atomically.
+pub fn save(path: &Path, tensors: &[(String, Tensor)], meta: &CheckpointMeta) -> Result<(), CheckpointError> {
+    let err = |reason: String| CheckpointError::Write {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let map = meta.to_map().map_err(|e| err(e.to_string()))?;
+    let bytes = to_safetensors_bytes(tensors, Some(map)).map_err(err)?;
+    atomic_write(path, &bytes).map_err(|e| err(e.to_string()))
+}
+
+/// Reads every tensor of a safetensors file as f32 on `device`, plus its metadata map.
+pub fn read_tensors(
+    path: &Path,
+    device: &Device,
+) -> Result<(HashMap<String, Tensor>, HashMap<String, String>), CheckpointError> {
+    let err = |reason: String| CheckpointError::Read {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let bytes = std::fs::read(path).map_err(|e| err(e.to_string()))?;
+    let (_, header) = SafeTensors::read_metadata(&bytes)
+        .map_err(|e| err(format!("not a valid safetensors file: {e}")))?;
+    let st = SafeTensors::deserialize(&bytes)
+        .map_err(|e| err(format!("not a valid safetensors file: {e}")))?;
+    let mut out = HashMap::new();
+    for (name, view) in st.tensors() {
+        let t = view_to_tensor(&view, device).map_err(|e| err(format!("tensor `{name}`: {e}")))?;
+        out.insert(name, t);
+    }
+    let meta = header.metadata().clone().unwrap_or_default();
+    Ok((out, meta))
+}
+
+fn view_to_tensor(view: &TensorView, device: &Device) -> Result<Tensor, String> {
+    let data = view.data();
+    let values: Vec<f32> = match view.dtype() {
+        Dtype::F32 => data
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+        Dtype::F64 => data
+            .chunks_exact(8)
+            .map(|c| {
+                let mut a = [0u8; 8];
+                a.copy_from_slice(c);
+                f64::from_le_bytes(a) as f32
+            })
+            .collect(),
+        Dtype::I64 => data
+            .chunks_exact(8)
+            .map(|c| {
+                let mut a = [0u8; 8];
+                a.copy_from_slice(c);
+                i64::from_le_bytes(a) as f32
+            })
+            .collect(),
+        Dtype::BF16 => data
+            .chunks_exact(2)
+            .map(|c| f32::from_bits(u32::from(u16::from_le_bytes([c[0], c[1]])) << 16))
+            .collect(),
+        other => return Err(format!("unsupported dtype {other:?}")),
+    };
+    Tensor::from_vec(values, view.shape(), device).map_err(|e| e.to_string())
+}
+
+/// A checkpoint read back: weights and metadata.
+pub struct Checkpoint {
+    pub tensors: HashMap<String, Tensor>,
+    pub meta: CheckpointMeta,
+}
+
+/// Reads a checkpoint written by [`save`]; the error says what is wrong with it.
+pub fn load(path: &Path, device: &Device) -> Result<Checkpoint, CheckpointError> {
+    let (tensors, map) = read_tensors(path, device)?;
+    let meta = CheckpointMeta::from_map(&map).map_err(|reason| CheckpointError::Read {
+        path: path.to_path_buf(),
+        reason,
+    })?;
+    Ok(Checkpoint { tensors, meta })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::model::{Activation, MlpSpec, Model};
+
+    fn meta() -> CheckpointMeta {
+        CheckpointMeta {
+            model: ModelSpec::Mlp(MlpSpec {
+                input_dim: 4,
+                hidden: vec![3],
+                num_classes: 2,
+                activation: Activation::Relu,
+                dropout: 0.0,
+            }),
+            classes: vec!["a".into(), "b".into()],
+            input: InputSpec {
+                format: DataFormat::Safetensors,
+                sample_shape: vec![4],
+                normalization: Normalization::identity(4),
+            },
+            run_id: "r1".into(),
+            epoch: 3,
+            step: 30,
+            metrics: CheckpointMetrics {
+                val_loss: Some(0.5),
+                val_acc: Some(0.75),
+                ..Default::default()
+            },
+            version: "0.1.0".into(),
+            created: "2026-01-01T00:00:00Z".into(),
+        }
+    }
+
+    #[test]
+    fn round_trip_rebuilds_the_model() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("best.safetensors");
+        let m = meta();
+        let model = Model::new(m.model.clone(), 7, &Device::Cpu).unwrap();
+        save(&p, &model.params.state_dict(), &m).unwrap();
+        let ck = load(&p, &Device::Cpu).unwrap();
+        assert_eq!(ck.meta, m);
+        let again = Model::new(ck.meta.model.clone(), 99, &Device::Cpu).unwrap();
+        again.params.load(&ck.tensors).unwrap();
+        let a = model.params.state_dict();
+        let b = again.params.state_dict();
+        for ((na, ta), (nb, tb)) in a.iter().zip(&b) {
+            assert_eq!(na, nb);
+            assert_eq!(
+                ta.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                tb.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+            );
+        }
+    }
+
+    #[test]
+    fn garbage_and_plain_state_dicts_are_refused_clearly() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("x.safetensors");
+        std::fs::write(&p, b"definitely not safetensors").unwrap();
+        let e = load(&p, &Device::Cpu).err().unwrap().to_string();
+        assert!(e.contains("x.safetensors") && e.contains("not a valid safetensors"), "{e}");
+        let t = Tensor::zeros(2, candle_core::DType::F32, &Device::Cpu).unwrap();
+        let bytes = to_safetensors_bytes(&[("w".into(), t)], None).unwrap();
+        std::fs::write(&p, bytes).unwrap();
+        let e = load(&p, &Device::Cpu).err().unwrap().to_string();
+        assert!(e.contains("plain state dict"), "{e}");
+    }
+}

@@ -1,0 +1,506 @@
+//! Training data: reading files of each format, validating them one by one,
+//! assembling the valid ones into an in-memory [`Dataset`], the deterministic
+//! train/val/test split, normalisation and batching.
+
+mod batch;
+mod csv_file;
+mod safetensors_file;
+mod split;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+pub use batch::{Batch, Batcher, Normalization};
+pub use split::{split_of, Split, SplitIndices};
+
+/// The on-disk layout of the training data.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum DataFormat {
+    /// A folder of `*.safetensors` shards with `x` and `y` tensors.
+    #[default]
+    Safetensors,
+    /// `*.csv` files with a header, numeric feature columns and a label column.
+    Csv,
+    /// `class_name/*.png|jpg`.
+    ImageFolder,
+    /// `text<TAB>label` lines.
+    TextTsv,
+}
+
+impl DataFormat {
+    /// The file extension this format reads.
+    pub fn extension(self) -> &'static str {
+        match self {
+            DataFormat::Safetensors => "safetensors",
+            DataFormat::Csv => "csv",
+            DataFormat::ImageFolder => "png",
+            DataFormat::TextTsv => "txt",
+        }
+    }
+}
+
+/// How text is split into tokens.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum TokenizerKind {
+    #[default]
+    Char,
+    Whitespace,
+}
+
+/// Everything the engine needs to know to read a data folder.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DataSpec {
+    pub dir: PathBuf,
+    pub format: DataFormat,
+    pub val_fraction: f64,
+    pub test_fraction: f64,
+    pub split_seed: u64,
+    pub x_key: String,
+    pub y_key: String,
+    pub label_column: String,
+    pub delimiter: u8,
+    /// Class names given by the user (or a checkpoint), in label order.
+    pub classes: Option<Vec<String>>,
+}
+
+/// Why data could not be loaded at all.
+#[derive(Debug, thiserror::Error)]
+pub enum DataError {
+    #[error("cannot read data folder {dir}: {reason}")]
+    Folder { dir: PathBuf, reason: String },
+    #[error("no usable data in {dir}: {reason}")]
+    NoData { dir: PathBuf, reason: String },
+    #[error("data format `{0:?}` is not supported by this build")]
+    Unsupported(DataFormat),
+    #[error("{file}: {reason}")]
+    ClassFile { file: PathBuf, reason: String },
+}
+
+/// A data file that was left out, and why.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SkippedFile {
+    pub file: String,
+    pub reason: String,
+}
+
+/// Feature values of many samples, row-major, one sample after another.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Features {
+    F32(Vec<f32>),
+    U8(Vec<u8>),
+}
+
+impl Features {
+    fn len(&self) -> usize {
+        match self {
+            Features::F32(v) => v.len(),
+            Features::U8(v) => v.len(),
+        }
+    }
+
+    /// Value `i` as f32.
+    #[inline]
+    pub fn get(&self, i: usize) -> f32 {
+        match self {
+            Features::F32(v) => v[i],
+            Features::U8(v) => v[i] as f32,
+        }
+    }
+
+    fn append(&mut self, other: Features) {
+        match (self, other) {
+            (Features::F32(a), Features::F32(b)) => a.extend(b),
+            (Features::U8(a), Features::U8(b)) => a.extend(b),
+            (Features::F32(a), Features::U8(b)) => a.extend(b.into_iter().map(f32::from)),
+            (this @ Features::U8(_), Features::F32(b)) => {
+                let mut a: Vec<f32> = match this {
+                    Features::U8(a) => a.iter().map(|&x| f32::from(x)).collect(),
+                    Features::F32(_) => Vec::new(),
+                };
+                a.extend(b);
+                *this = Features::F32(a);
+            }
+        }
+    }
+}
+
+/// Labels as read from one file: class indices or class names.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RawLabels {
+    Index(Vec<i64>),
+    Name(Vec<String>),
+}
+
+/// The samples of one file, checked on their own (not yet against other files).
+#[derive(Debug, Clone)]
+pub struct FileSamples {
+    pub features: Features,
+    pub labels: RawLabels,
+    /// Shape of one sample (without the batch dimension).
+    pub sample_shape: Vec<usize>,
+}
+
+impl FileSamples {
+    /// Number of samples in the file.
+    pub fn len(&self) -> usize {
+        match &self.labels {
+            RawLabels::Index(v) => v.len(),
+            RawLabels::Name(v) => v.len(),
+        }
+    }
+
+    /// Whether the file holds no sample.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Reads and checks one data file on its own: format, dtype, shapes, finite values.
+/// The error is a reason fit for a user (the caller adds the file name).
+pub fn read_file(path: &Path, spec: &DataSpec) -> Result<FileSamples, String> {
+    let samples = match spec.format {
+        DataFormat::Safetensors => safetensors_file::read(path, &spec.x_key, &spec.y_key)?,
+        DataFormat::Csv => csv_file::read(path, &spec.label_column, spec.delimiter)?,
+        other => return Err(format!("data format {other:?} is not supported yet")),
+    };
+    if samples.is_empty() {
+        return Err("the file holds no samples".into());
+    }
+    let per = samples.sample_shape.iter().product::<usize>();
+    if per == 0 {
+        return Err(format!("empty sample shape {:?}", samples.sample_shape));
+    }
+    if samples.features.len() != per * samples.len() {
+        return Err(format!(
+            "{} feature values do not make {} samples of shape {:?}",
+            samples.features.len(),
+            samples.len(),
+            samples.sample_shape
+        ));
+    }
+    if let Features::F32(v) = &samples.features {
+        if let Some(pos) = v.iter().position(|x| !x.is_finite()) {
+            return Err(format!(
+                "sample {} has a non-finite value ({})",
+                pos / per,
+                v[pos]
+            ));
+        }
+    }
+    if let RawLabels::Index(v) = &samples.labels {
+        if let Some((i, l)) = v.iter().enumerate().find(|(_, l)| **l < 0) {
+            return Err(format!("sample {i} has negative label {l}"));
+        }
+    }
+    Ok(samples)
+}
+
+/// Resolves the labels of one file to class indices, given the class list.
+pub fn resolve_labels(labels: &RawLabels, classes: &[String]) -> Result<Vec<u32>, String> {
+    match labels {
+        RawLabels::Index(v) => v
+            .iter()
+            .enumerate()
+            .map(|(i, &l)| {
+                if (l as u64) < classes.len() as u64 {
+                    Ok(l as u32)
+                } else {
+                    Err(format!(
+                        "sample {i} has label {l}, outside the {} classes [0, {})",
+                        classes.len(),
+                        classes.len()
+                    ))
+                }
+            })
+            .collect(),
+        RawLabels::Name(v) => {
+            let index: BTreeMap<&str, u32> = classes
+                .iter()
+                .enumerate()
+                .map(|(i, c)| (c.as_str(), i as u32))
+                .collect();
+            v.iter()
+                .enumerate()
+                .map(|(i, name)| {
+                    index.get(name.as_str()).copied().ok_or_else(|| {
+                        format!("sample {i} has label {name:?}, which is not a known class")
+                    })
+                })
+                .collect()
+        }
+    }
+}
+
+/// All valid samples of a data folder, in memory.
+#[derive(Debug, Clone)]
+pub struct Dataset {
+    pub features: Features,
+    /// Class index of each sample.
+    pub labels: Vec<u32>,
+    /// Shape of one sample.
+    pub sample_shape: Vec<usize>,
+    /// Class names in label order.
+    pub classes: Vec<String>,
+    /// File (index into `files`) and position in it of each sample.
+    pub origins: Vec<(u32, u32)>,
+    /// Names (relative to the data folder) of the files that were used.
+    pub files: Vec<String>,
+    /// Files that were left out, with the reason.
+    pub skipped: Vec<SkippedFile>,
+}
+
+impl Dataset {
+    /// Number of samples.
+    pub fn len(&self) -> usize {
+        self.labels.len()
+    }
+
+    /// Whether the dataset holds no sample.
+    pub fn is_empty(&self) -> bool {
+        self.labels.is_empty()
+    }
+
+    /// Number of feature values per sample.
+    pub fn sample_len(&self) -> usize {
+        self.sample_shape.iter().product()
+    }
+
+    /// Splits the samples into train/val/test by the hash of (file, index, seed).
+    pub fn split(&self, spec: &DataSpec) -> SplitIndices {
+        let mut out = SplitIndices::default();
+        for (i, (file, pos)) in self.origins.iter().enumerate() {
+            let name = &self.files[*file as usize];
+            match split_of(
+                name,
+                *pos as u64,
+                spec.split_seed,
+                spec.val_fraction,
+                spec.test_fraction,
+            ) {
+                Split::Train => out.train.push(i),
+                Split::Val => out.val.push(i),
+                Split::Test => out.test.push(i),
+            }
+        }
+        out
+    }
+}
+
+/// Lists the data files of a folder (sorted, hidden files and `rejected/` left out).
+pub fn list_files(spec: &DataSpec) -> Result<Vec<PathBuf>, DataError> {
+    let ext = spec.format.extension();
+    let entries = std::fs::read_dir(&spec.dir).map_err(|e| DataError::Folder {
+        dir: spec.dir.clone(),
+        reason: e.to_string(),
+    })?;
+    let mut files = Vec::new();
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let name = entry.file_name().to_string_lossy().to_string();
+        if name.starts_with('.') || !path.is_file() {
+            continue;
+        }
+        if path.extension().and_then(|e| e.to_str()) == Some(ext) {
+            files.push(path);
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+/// Reads the class list from `class.txt` / `classes.txt` in the data folder, if any.
+pub fn read_class_file(dir: &Path) -> Result<Option<Vec<String>>, DataError> {
+    for name in ["class.txt", "classes.txt"] {
+        let path = dir.join(name);
+        if path.is_file() {
+            let text = std::fs::read_to_string(&path).map_err(|e| DataError::ClassFile {
+                file: path.clone(),
+                reason: e.to_string(),
+            })?;
+            let classes: Vec<String> = text
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .map(str::to_string)
+                .collect();
+            let unique: BTreeSet<&String> = classes.iter().collect();
+            if classes.len() < 2 || unique.len() != classes.len() {
+                return Err(DataError::ClassFile {
+                    file: path,
+                    reason: "needs at least two distinct class names, one per line".into(),
+                });
+            }
+            return Ok(Some(classes));
+        }
+    }
+    Ok(None)
+}
+
+/// Reads every file of the data folder, skips the bad ones (naming each and the
+/// reason), and assembles the rest. Fails only when no valid data is left.
+pub fn load_dataset(spec: &DataSpec) -> Result<Dataset, DataError> {
+    if matches!(spec.format, DataFormat::ImageFolder | DataFormat::TextTsv) {
+        return Err(DataError::Unsupported(spec.format));
+    }
+    let paths = list_files(spec)?;
+    let mut skipped = Vec::new();
+    let mut good: Vec<(String, FileSamples)> = Vec::new();
+    for path in &paths {
+        let name = relative_name(&spec.dir, path);
+        match read_file(path, spec) {
+            Ok(s) => good.push((name, s)),
+            Err(reason) => {
+                tracing::warn!(file = %path.display(), %reason, "skipping data file");
+                skipped.push(SkippedFile { file: name, reason });
+            }
+        }
+    }
+    if good.is_empty() {
+        return Err(DataError::NoData {
+            dir: spec.dir.clone(),
+            reason: if paths.is_empty() {
+                format!("no *.{} files", spec.format.extension())
+            } else {
+                format!("all {} files were rejected", paths.len())
+            },
+        });
+    }
+
+    // The sample shape held by most samples wins; files of another shape are skipped.
+    let mut by_shape: BTreeMap<Vec<usize>, usize> = BTreeMap::new();
+    for (_, s) in &good {
+        *by_shape.entry(s.sample_shape.clone()).or_default() += s.len();
+    }
+    let shape = by_shape
+        .iter()
+        .max_by_key(|(_, n)| **n)
+        .map(|(s, _)| s.clone())
+        .unwrap_or_default();
+    good.retain(|(name, s)| {
+        if s.sample_shape == shape {
+            true
+        } else {
+            let reason = format!(
+                "sample shape {:?} differs from {:?} of the other files",
+                s.sample_shape, shape
+            );
+            tracing::warn!(file = %name, %reason, "skipping data file");
+            skipped.push(SkippedFile {
+                file: name.clone(),
+                reason,
+            });
+            false
+        }
+    });
+
+    let classes = match (&spec.classes, read_class_file(&spec.dir)?) {
+        (Some(c), _) => c.clone(),
+        (None, Some(c)) => c,
+        (None, None) => infer_classes(good.iter().map(|(_, s)| &s.labels)),
+    };
+
+    let mut features: Option<Features> = None;
+    let mut labels = Vec::new();
+    let mut origins = Vec::new();
+    let mut files = Vec::new();
+    for (name, s) in good {
+        let resolved = match resolve_labels(&s.labels, &classes) {
+            Ok(l) => l,
+            Err(reason) => {
+                tracing::warn!(file = %name, %reason, "skipping data file");
+                skipped.push(SkippedFile { file: name, reason });
+                continue;
+            }
+        };
+        let file_idx = files.len() as u32;
+        origins.extend((0..resolved.len() as u32).map(|i| (file_idx, i)));
+        labels.extend(resolved);
+        files.push(name);
+        match &mut features {
+            None => features = Some(s.features),
+            Some(f) => f.append(s.features),
+        }
+    }
+    let Some(features) = features else {
+        return Err(DataError::NoData {
+            dir: spec.dir.clone(),
+            reason: "every file has labels outside the class list".into(),
+        });
+    };
+    skipped.sort_by(|a, b| a.file.cmp(&b.file));
+    Ok(Dataset {
+        features,
+        labels,
+        sample_shape: shape,
+        classes,
+        origins,
+        files,
+        skipped,
+    })
+}
+
+/// Class names when no list is given: sorted label names, or `0..=max` for indices.
+fn infer_classes<'a>(labels: impl Iterator<Item = &'a RawLabels>) -> Vec<String> {
+    let mut names = BTreeSet::new();
+    let mut max_index: i64 = -1;
+    for l in labels {
+        match l {
+            RawLabels::Index(v) => {
+                max_index = max_index.max(v.iter().copied().max().unwrap_or(-1));
+            }
+            RawLabels::Name(v) => names.extend(v.iter().cloned()),
+        }
+    }
+    if names.is_empty() {
+        (0..=max_index.max(1)).map(|i| i.to_string()).collect()
+    } else {
+        names.into_iter().collect()
+    }
+}
+
+/// A file's name relative to the data folder, as used in hashing and reports.
+pub fn relative_name(dir: &Path, path: &Path) -> String {
+    path.strip_prefix(dir)
+        .unwrap_or(path)
+        .to_string_lossy()
+        .replace('\\', "/")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn inferred_classes() {
+        let a = RawLabels::Index(vec![0, 3, 1]);
+        assert_eq!(infer_classes([&a].into_iter()), vec!["0", "1", "2", "3"]);
+        let b = RawLabels::Name(vec!["cat".into(), "ant".into(), "cat".into()]);
+        assert_eq!(infer_classes([&b].into_iter()), vec!["ant", "cat"]);
+    }
+
+    #[test]
+    fn label_resolution() {
+        let classes: Vec<String> = vec!["a".into(), "b".into()];
+        assert_eq!(
+            resolve_labels(&RawLabels::Index(vec![1, 0]), &classes).unwrap(),
+            vec![1, 0]
+        );
+        assert!(resolve_labels(&RawLabels::Index(vec![2]), &classes)
+            .unwrap_err()
+            .contains("label 2"));
+        assert!(resolve_labels(&RawLabels::Name(vec!["c".into()]), &classes)
+            .unwrap_err()
+            .contains("\"c\""));
+    }
+
+    #[test]
+    fn mixed_feature_append_widens_to_f32() {
+        let mut f = Features::U8(vec![1, 2]);
+        f.append(Features::F32(vec![0.5]));
+        assert_eq!(f, Features::F32(vec![1.0, 2.0, 0.5]));
+    }
+}

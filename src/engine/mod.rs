@@ -1,0 +1,17 @@
+//! The training engine: data, models, optimisers, schedules, evaluation,
+//! checkpoints and the training loop. Synchronous and free of any transport:
+//! drivers hand it a [`run::RunRequest`] and a [`run::CancelFlag`] and read
+//! [`run::RunEvent`]s from a channel.
+
+pub mod checkpoint;
+pub mod data;
+pub mod device;
+pub mod early_stop;
+pub mod eval;
+pub mod fsutil;
+pub mod loss;
+pub mod model;
+pub mod optim;
+pub mod run;
+pub mod schedule;
+pub mod trainer;

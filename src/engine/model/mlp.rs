@@ -1,0 +1,127 @@
+//! `mlp`: a multi-layer perceptron.
+//!
+//! PyTorch twin (parameter names `layers.{i}.weight|bias` and `head.weight|bias`):
+//! ```python
+//! class MLP(nn.Module):
+//!     def __init__(self, input_dim, hidden, num_classes, dropout=0.0, act=nn.ReLU):
+//!         super().__init__()
+//!         dims = [input_dim] + hidden
+//!         self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims, dims[1:]))
+//!         self.head = nn.Linear(dims[-1], num_classes)
+//!         self.act, self.drop = act(), nn.Dropout(dropout)
+//!     def forward(self, x):
+//!         x = x.flatten(1)
+//!         for layer in self.layers:
+//!             x = self.drop(self.act(layer(x)))
+//!         return self.head(x)
+//! ```
+
+use candle_core::{Module, Tensor};
+use candle_nn::{Linear, VarBuilder};
+use serde::{Deserialize, Serialize};
+
+use super::layers::{linear, Activation};
+use super::{Classifier, ForwardCtx};
+
+/// Sizes of an MLP.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MlpSpec {
+    /// Features per sample (inputs are flattened).
+    pub input_dim: usize,
+    pub hidden: Vec<usize>,
+    pub num_classes: usize,
+    #[serde(default)]
+    pub activation: Activation,
+    #[serde(default)]
+    pub dropout: f64,
+}
+
+/// The MLP itself.
+pub struct Mlp {
+    layers: Vec<Linear>,
+    head: Linear,
+    activation: Activation,
+    dropout: f64,
+}
+
+impl Mlp {
+    /// Builds the layers under `vb` (`layers.N.*`, `head.*`).
+    pub fn new(spec: &MlpSpec, vb: VarBuilder) -> candle_core::Result<Self> {
+        let mut layers = Vec::with_capacity(spec.hidden.len());
+        let mut dim = spec.input_dim;
+        let lv = vb.pp("layers");
+        for (i, &h) in spec.hidden.iter().enumerate() {
+            layers.push(linear(dim, h, lv.pp(i.to_string()))?);
+            dim = h;
+        }
+        let head = linear(dim, spec.num_classes, vb.pp("head"))?;
+        Ok(Self {
+            layers,
+            head,
+            activation: spec.activation,
+            dropout: spec.dropout,
+        })
+    }
+}
+
+impl Classifier for Mlp {
+    fn forward(&self, x: &Tensor, ctx: &mut ForwardCtx) -> candle_core::Result<Tensor> {
+        let mut x = x.flatten_from(1)?;
+        for layer in &self.layers {
+            x = self.activation.apply(&layer.forward(&x)?)?;
+            x = ctx.dropout(&x, self.dropout)?;
+        }
+        self.head.forward(&x)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{Model, ModelSpec};
+    use super::*;
+    use candle_core::{DType, Device};
+
+    fn spec() -> ModelSpec {
+        ModelSpec::Mlp(MlpSpec {
+            input_dim: 6,
+            hidden: vec![5, 4],
+            num_classes: 3,
+            activation: Activation::Relu,
+            dropout: 0.5,
+        })
+    }
+
+    #[test]
+    fn names_and_shapes_follow_pytorch() {
+        let m = Model::new(spec(), 1, &Device::Cpu).unwrap();
+        let names: Vec<(String, Vec<usize>)> = m
+            .params
+            .state_dict()
+            .into_iter()
+            .map(|(n, t)| (n, t.dims().to_vec()))
+            .collect();
+        assert_eq!(
+            names,
+            vec![
+                ("head.bias".into(), vec![3]),
+                ("head.weight".into(), vec![3, 4]),
+                ("layers.0.bias".into(), vec![5]),
+                ("layers.0.weight".into(), vec![5, 6]),
+                ("layers.1.bias".into(), vec![4]),
+                ("layers.1.weight".into(), vec![4, 5]),
+            ]
+        );
+    }
+
+    #[test]
+    fn dropout_only_in_train_mode() {
+        let m = Model::new(spec(), 1, &Device::Cpu).unwrap();
+        let x = Tensor::ones((8, 6), DType::F32, &Device::Cpu).unwrap();
+        let e1 = m.forward(&x, &mut ForwardCtx::eval()).unwrap();
+        let e2 = m.forward(&x, &mut ForwardCtx::eval()).unwrap();
+        assert_eq!(e1.to_vec2::<f32>().unwrap(), e2.to_vec2::<f32>().unwrap());
+        let t = m.forward(&x, &mut ForwardCtx::train(5)).unwrap();
+        assert_ne!(e1.to_vec2::<f32>().unwrap(), t.to_vec2::<f32>().unwrap());
+        assert_eq!(e1.dims(), &[8, 3]);
+    }
+}

@@ -1,0 +1,287 @@
+//! The parameter store: named trainable variables, created with a seeded RNG so
+//! that a run is reproducible, and loaded from / exported to state dicts.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+
+use candle_core::{DType, Device, Shape, Tensor, Var};
+use candle_nn::{Init, VarBuilder};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+/// Why weights could not be loaded into a model.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("weights do not fit the model:{0}")]
+    Mismatch(String),
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+struct Inner {
+    vars: BTreeMap<String, Var>,
+    /// Non-trainable state (e.g. batch-norm running statistics), by name.
+    buffers: BTreeMap<String, Var>,
+    rng: ChaCha8Rng,
+}
+
+/// Named model variables. A model is built through [`ParamStore::var_builder`];
+/// each variable it asks for is created once, with its init drawn from a seeded RNG.
+#[derive(Clone)]
+pub struct ParamStore {
+    inner: Arc<Mutex<Inner>>,
+    device: Device,
+}
+
+impl ParamStore {
+    /// An empty store whose initial values come from `seed`.
+    pub fn new(seed: u64, device: &Device) -> Self {
+        Self {
+            inner: Arc::new(Mutex::new(Inner {
+                vars: BTreeMap::new(),
+                buffers: BTreeMap::new(),
+                rng: ChaCha8Rng::seed_from_u64(seed),
+            })),
+            device: device.clone(),
+        }
+    }
+
+    /// A VarBuilder that creates (or returns) variables in this store.
+    pub fn var_builder(&self) -> VarBuilder<'static> {
+        VarBuilder::from_backend(Box::new(self.clone()), DType::F32, self.device.clone())
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        // A poisoned lock only means another thread panicked mid-insert; the map is still usable.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Marks a variable as a buffer (saved and loaded, never optimised).
+    pub fn mark_buffer(&self, name: &str) {
+        let mut g = self.lock();
+        if let Some(v) = g.vars.remove(name) {
+            g.buffers.insert(name.to_string(), v);
+        }
+    }
+
+    /// Trainable variables, sorted by name.
+    pub fn trainable(&self) -> Vec<(String, Var)> {
+        self.lock()
+            .vars
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+
+    /// Every tensor of the state dict (parameters and buffers), sorted by name.
+    pub fn state_dict(&self) -> Vec<(String, Tensor)> {
+        let g = self.lock();
+        let mut out: Vec<(String, Tensor)> = g
+            .vars
+            .iter()
+            .chain(g.buffers.iter())
+            .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
+    /// Deep copies of every tensor (a snapshot that later steps do not change).
+    pub fn snapshot(&self) -> candle_core::Result<Vec<(String, Tensor)>> {
+        self.state_dict()
+            .into_iter()
+            .map(|(k, t)| Ok((k, t.copy()?)))
+            .collect()
+    }
+
+    /// Number of scalar parameters (trainable only).
+    pub fn num_params(&self) -> usize {
+        self.lock().vars.values().map(|v| v.elem_count()).sum()
+    }
+
+    /// Overwrites every variable from `tensors`. Strict: a missing, unexpected or
+    /// mis-shaped tensor is an error, and all of them are listed in it.
+    pub fn load(&self, tensors: &HashMap<String, Tensor>) -> Result<(), LoadError> {
+        let g = self.lock();
+        let mut problems = String::new();
+        let all: Vec<(&String, &Var)> = g.vars.iter().chain(g.buffers.iter()).collect();
+        for (name, var) in &all {
+            match tensors.get(*name) {
+                None => problems.push_str(&format!("\n  missing tensor `{name}` {:?}", var.dims())),
+                Some(t) if t.dims() != var.dims() => problems.push_str(&format!(
+                    "\n  `{name}` has shape {:?}, the model needs {:?}",
+                    t.dims(),
+                    var.dims()
+                )),
+                Some(_) => {}
+            }
+        }
+        let mut unexpected: Vec<&String> = tensors
+            .keys()
+            .filter(|k| !g.vars.contains_key(*k) && !g.buffers.contains_key(*k))
+            .collect();
+        unexpected.sort();
+        for k in unexpected {
+            problems.push_str(&format!("\n  unexpected tensor `{k}`"));
+        }
+        if !problems.is_empty() {
+            return Err(LoadError::Mismatch(problems));
+        }
+        for (name, var) in all {
+            if let Some(t) = tensors.get(name) {
+                let t = t.to_dtype(var.dtype())?.to_device(var.device())?;
+                var.set(&t)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Restores values from a snapshot taken with [`ParamStore::snapshot`].
+    pub fn restore(&self, snapshot: &[(String, Tensor)]) -> Result<(), LoadError> {
+        let map: HashMap<String, Tensor> = snapshot.iter().cloned().collect();
+        self.load(&map)
+    }
+
+    fn sample(rng: &mut ChaCha8Rng, shape: &Shape, init: Init) -> Vec<f32> {
+        let n = shape.elem_count();
+        match init {
+            Init::Const(v) => vec![v as f32; n],
+            Init::Uniform { lo, up } => (0..n)
+                .map(|_| (lo + (up - lo) * rng.random::<f64>()) as f32)
+                .collect(),
+            Init::Randn { mean, stdev } => (0..n)
+                .map(|_| (mean + stdev * standard_normal(rng)) as f32)
+                .collect(),
+            Init::Kaiming {
+                dist,
+                fan,
+                non_linearity,
+            } => {
+                let fan = fan.for_shape(shape) as f64;
+                let std = non_linearity.gain() / fan.max(1.0).sqrt();
+                match dist {
+                    candle_nn::init::NormalOrUniform::Uniform => {
+                        let bound = 3f64.sqrt() * std;
+                        (0..n)
+                            .map(|_| (-bound + 2.0 * bound * rng.random::<f64>()) as f32)
+                            .collect()
+                    }
+                    candle_nn::init::NormalOrUniform::Normal => (0..n)
+                        .map(|_| (std * standard_normal(rng)) as f32)
+                        .collect(),
+                }
+            }
+        }
+    }
+}
+
+/// One draw from N(0, 1) (Box-Muller).
+fn standard_normal(rng: &mut ChaCha8Rng) -> f64 {
+    let u1: f64 = rng.random::<f64>().max(f64::MIN_POSITIVE);
+    let u2: f64 = rng.random();
+    (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
+}
+
+impl candle_nn::var_builder::SimpleBackend for ParamStore {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        h: Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let mut g = self.lock();
+        if let Some(v) = g.vars.get(name).or_else(|| g.buffers.get(name)) {
+            if v.shape() != &s {
+                candle_core::bail!(
+                    "parameter `{name}` exists with shape {:?}, asked for {:?}",
+                    v.dims(),
+                    s.dims()
+                );
+            }
+            return Ok(v.as_tensor().clone());
+        }
+        let values = Self::sample(&mut g.rng, &s, h);
+        let t = Tensor::from_vec(values, s, dev)?.to_dtype(dtype)?;
+        let var = Var::from_tensor(&t)?;
+        let out = var.as_tensor().clone();
+        g.vars.insert(name.to_string(), var);
+        Ok(out)
+    }
+
+    fn get_unchecked(&self, name: &str, _dtype: DType, _dev: &Device) -> candle_core::Result<Tensor> {
+        let g = self.lock();
+        match g.vars.get(name).or_else(|| g.buffers.get(name)) {
+            Some(v) => Ok(v.as_tensor().clone()),
+            None => candle_core::bail!("no parameter named `{name}`"),
+        }
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        let g = self.lock();
+        g.vars.contains_key(name) || g.buffers.contains_key(name)
+    }
+}
+
+/// Whether `name` matches a pattern with `*` wildcards (`features.*`, `*.bias`).
+pub fn matches_pattern(pattern: &str, name: &str) -> bool {
+    fn go(p: &[u8], n: &[u8]) -> bool {
+        match (p.first(), n.first()) {
+            (None, None) => true,
+            (Some(b'*'), _) => go(&p[1..], n) || (!n.is_empty() && go(p, &n[1..])),
+            (Some(a), Some(b)) if a == b => go(&p[1..], &n[1..]),
+            _ => false,
+        }
+    }
+    go(pattern.as_bytes(), name.as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seeded_init_is_reproducible() {
+        let a = ParamStore::new(3, &Device::Cpu);
+        let b = ParamStore::new(3, &Device::Cpu);
+        let init = Init::Uniform { lo: -1.0, up: 1.0 };
+        let ta = a.var_builder().get_with_hints((4, 3), "w", init).unwrap();
+        let tb = b.var_builder().get_with_hints((4, 3), "w", init).unwrap();
+        assert_eq!(ta.to_vec2::<f32>().unwrap(), tb.to_vec2::<f32>().unwrap());
+        let c = ParamStore::new(4, &Device::Cpu);
+        let tc = c.var_builder().get_with_hints((4, 3), "w", init).unwrap();
+        assert_ne!(ta.to_vec2::<f32>().unwrap(), tc.to_vec2::<f32>().unwrap());
+        let v = ta.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert!(v.iter().all(|x| (-1.0..1.0).contains(x)));
+    }
+
+    #[test]
+    fn strict_load_lists_every_problem() {
+        let s = ParamStore::new(0, &Device::Cpu);
+        let vb = s.var_builder();
+        vb.get_with_hints((2, 2), "a.weight", Init::Const(0.0)).unwrap();
+        vb.get_with_hints(2, "a.bias", Init::Const(0.0)).unwrap();
+        let mut m = HashMap::new();
+        m.insert("a.weight".to_string(), Tensor::zeros((3, 2), DType::F32, &Device::Cpu).unwrap());
+        m.insert("b.weight".to_string(), Tensor::zeros(2, DType::F32, &Device::Cpu).unwrap());
+        let err = s.load(&m).unwrap_err().to_string();
+        assert!(err.contains("missing tensor `a.bias`"), "{err}");
+        assert!(err.contains("`a.weight` has shape [3, 2]"), "{err}");
+        assert!(err.contains("unexpected tensor `b.weight`"), "{err}");
+        m.remove("b.weight");
+        m.insert("a.weight".to_string(), Tensor::ones((2, 2), DType::F32, &Device::Cpu).unwrap());
+        m.insert("a.bias".to_string(), Tensor::ones(2, DType::F32, &Device::Cpu).unwrap());
+        s.load(&m).unwrap();
+        let w = s.state_dict();
+        assert_eq!(w[1].1.to_vec2::<f32>().unwrap(), vec![vec![1.0, 1.0]; 2]);
+    }
+
+    #[test]
+    fn wildcard_patterns() {
+        assert!(matches_pattern("features.*", "features.0.weight"));
+        assert!(matches_pattern("*.bias", "head.bias"));
+        assert!(!matches_pattern("features.*", "head.weight"));
+        assert!(matches_pattern("head.weight", "head.weight"));
+    }
+}

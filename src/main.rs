@@ -1,0 +1,339 @@
+//! The `edge-trainer` command line: parses arguments, loads the config, starts
+//! the chosen subcommand and maps the result to an exit code
+//! (0 success, 1 run failed, 2 bad config or usage, 130 cancelled).
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::mpsc;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+use edge_trainer::config::{self, Override, Settings};
+use edge_trainer::engine::data::Split;
+use edge_trainer::engine::device;
+use edge_trainer::engine::loss::CrossEntropy;
+use edge_trainer::engine::run::{new_run_id, CancelFlag, Outcome, RunEvent, WarmStart};
+use edge_trainer::engine::trainer;
+use edge_trainer::report;
+
+/// Exit code of a run that failed.
+const EXIT_FAILED: u8 = 1;
+/// Exit code of a bad config or bad arguments.
+const EXIT_USAGE: u8 = 2;
+/// Exit code of a run cancelled by SIGINT/SIGTERM.
+const EXIT_CANCELLED: u8 = 130;
+
+#[derive(Parser)]
+#[command(name = "edge-trainer", version, about = "Keeps a classifier current on an edge device: trains, evaluates, checkpoints and promotes models.")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Args)]
+struct ConfigArgs {
+    /// The TOML config file.
+    #[arg(long, short, value_name = "FILE")]
+    config: PathBuf,
+    /// Override a config key, e.g. `--set train.optimizer.lr=0.01` (repeatable; beats
+    /// EDGE_TRAINER__SECTION__KEY variables, which beat the file).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum SplitArg {
+    Train,
+    Val,
+    Test,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// One training run in the foreground, with the same pipeline and files as the daemon.
+    Train {
+        #[command(flatten)]
+        cfg: ConfigArgs,
+        /// Print plain lines even on a terminal (no progress bar).
+        #[arg(long)]
+        no_progress: bool,
+    },
+    /// Evaluate a checkpoint: loss, accuracy, per-class P/R/F1, confusion matrix.
+    Eval {
+        #[command(flatten)]
+        cfg: ConfigArgs,
+        /// The checkpoint (`best.safetensors`, `current.safetensors`).
+        #[arg(long, value_name = "FILE")]
+        checkpoint: PathBuf,
+        /// Which split of the configured data to evaluate on.
+        #[arg(long, value_enum, default_value = "test")]
+        split: SplitArg,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Validate the config and print the effective values (secrets masked).
+    CheckConfig {
+        #[command(flatten)]
+        cfg: ConfigArgs,
+    },
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("EDGE_TRAINER_LOG")
+        .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_target(false)
+        .init();
+}
+
+/// Loads the layered settings; on error prints it and returns the usage exit code.
+fn load_settings(args: &ConfigArgs) -> Result<Settings, ExitCode> {
+    let result = (|| {
+        let mut overrides = config::env_overrides(std::env::vars());
+        for s in &args.set {
+            overrides.push(Override::parse_set(s)?);
+        }
+        config::load(&args.config, &overrides)
+    })();
+    result.map_err(|e| {
+        eprintln!("error: {e}");
+        ExitCode::from(EXIT_USAGE)
+    })
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    match cli.command {
+        Command::CheckConfig { cfg } => check_config(&cfg),
+        Command::Train { cfg, no_progress } => match load_settings(&cfg) {
+            Ok(s) => train(&s, no_progress),
+            Err(code) => code,
+        },
+        Command::Eval {
+            cfg,
+            checkpoint,
+            split,
+            json,
+        } => match load_settings(&cfg) {
+            Ok(s) => match eval(&s, &checkpoint, split, json) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::from(EXIT_FAILED)
+                }
+            },
+            Err(code) => code,
+        },
+    }
+}
+
+fn check_config(args: &ConfigArgs) -> ExitCode {
+    let settings = match load_settings(args) {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    if let Err(e) = settings.model_template() {
+        eprintln!("error: {e}");
+        return ExitCode::from(EXIT_USAGE);
+    }
+    if let Err(e) = device::select(settings.device.kind, settings.device.ordinal) {
+        eprintln!("error: device.kind: {e}");
+        return ExitCode::from(EXIT_USAGE);
+    }
+    println!("# effective configuration of {}", args.config.display());
+    print!("{}", settings.masked_toml());
+    ExitCode::SUCCESS
+}
+
+fn train(settings: &Settings, no_progress: bool) -> ExitCode {
+    let dev = match device::select(settings.device.kind, settings.device.ordinal) {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("error: device.kind: {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    let warm = match &settings.model.init {
+        Some(p) => WarmStart::StateDict(p.clone()),
+        None => WarmStart::Scratch,
+    };
+    let req = match settings.run_request(new_run_id(), dev, warm) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    let cancel = CancelFlag::new();
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        // A second signal while the first is being honoured ends the process at once.
+        let _ = signal_hook::flag::register_conditional_shutdown(sig, 130, cancel.as_atomic());
+        let _ = signal_hook::flag::register(sig, cancel.as_atomic());
+    }
+    let (tx, rx) = mpsc::channel();
+    let worker = {
+        let cancel = cancel.clone();
+        let req = req.clone();
+        std::thread::Builder::new()
+            .name("trainer".into())
+            .spawn(move || trainer::run(&req, &tx, &cancel))
+    };
+    let worker = match worker {
+        Ok(w) => w,
+        Err(e) => {
+            eprintln!("error: cannot start the training thread: {e}");
+            return ExitCode::from(EXIT_FAILED);
+        }
+    };
+    let interactive = std::io::stdout().is_terminal() && !no_progress;
+    let mut bar: Option<ProgressBar> = None;
+    let mut max_epochs = 0;
+    let mut summary = None;
+    for ev in rx {
+        match ev {
+            RunEvent::Started(s) => {
+                max_epochs = s.max_epochs;
+                println!(
+                    "Run {} on {}: {} train / {} val / {} test samples, {} classes, {} trainable parameters, from {}",
+                    s.run_id,
+                    s.device,
+                    s.samples.train,
+                    s.samples.val,
+                    s.samples.test,
+                    s.classes.len(),
+                    s.trainable_params,
+                    s.warm_start
+                );
+                for f in &s.skipped_files {
+                    println!("Skipped data file {}: {}", f.file, f.reason);
+                }
+            }
+            RunEvent::EpochStarted { epoch, batches } => {
+                if interactive {
+                    if let Some(b) = bar.take() {
+                        b.finish_and_clear();
+                    }
+                    let b = ProgressBar::with_draw_target(Some(batches), ProgressDrawTarget::stdout());
+                    b.set_style(
+                        ProgressStyle::with_template(
+                            "Epoch {prefix} [{bar:30}] {pos}/{len} batches, loss {msg} ({elapsed}, eta {eta})",
+                        )
+                        .unwrap_or_else(|_| ProgressStyle::default_bar())
+                        .progress_chars("=> "),
+                    );
+                    b.set_prefix(format!("{epoch}/{max_epochs}"));
+                    bar = Some(b);
+                }
+            }
+            RunEvent::Step { loss, .. } => {
+                if let Some(b) = &bar {
+                    b.set_message(format!("{loss:.4}"));
+                    b.inc(1);
+                }
+            }
+            RunEvent::Evaluated(m) => {
+                let line = report::metrics_line(&m);
+                match &bar {
+                    Some(b) => b.println(line),
+                    None => println!("{line}"),
+                }
+            }
+            RunEvent::CheckpointSaved(_) => {}
+            RunEvent::EarlyStopped(e) => {
+                let line = format!("No improvement for a long time, auto-stopping: {}", e.reason);
+                match &bar {
+                    Some(b) => b.println(line),
+                    None => println!("{line}"),
+                }
+            }
+            RunEvent::Ended(s) => {
+                if let Some(b) = bar.take() {
+                    b.finish_and_clear();
+                }
+                summary = Some(*s);
+            }
+        }
+    }
+    let summary = match (worker.join(), summary) {
+        (Ok(s), _) => s,
+        (Err(_), Some(s)) => s,
+        (Err(_), None) => {
+            eprintln!("error: the training thread panicked");
+            return ExitCode::from(EXIT_FAILED);
+        }
+    };
+    print!("{}", report::summary_text(&summary));
+    if summary.outcome == Outcome::Failed {
+        eprintln!("error: run failed: {}", summary.reason);
+    }
+    let run_dir = req.runs_dir.join(&req.run_id);
+    println!("{}", run_dir.display());
+    match summary.outcome {
+        Outcome::Finished | Outcome::EarlyStopped => ExitCode::SUCCESS,
+        Outcome::Failed => ExitCode::from(EXIT_FAILED),
+        Outcome::Cancelled => ExitCode::from(EXIT_CANCELLED),
+    }
+}
+
+fn eval(settings: &Settings, checkpoint: &Path, split: SplitArg, json: bool) -> anyhow::Result<()> {
+    let dev = device::select(settings.device.kind, settings.device.ordinal)?;
+    let split = match split {
+        SplitArg::Train => Split::Train,
+        SplitArg::Val => Split::Val,
+        SplitArg::Test => Split::Test,
+    };
+    let loss = CrossEntropy::new(
+        settings.train.class_weights.as_deref(),
+        settings.train.label_smoothing,
+        &dev,
+    )?;
+    let (rep, meta, skipped) = trainer::evaluate_checkpoint(
+        checkpoint,
+        &settings.data_spec(),
+        split,
+        &dev,
+        settings.train.batch_size,
+        &loss,
+    )
+    .map_err(anyhow::Error::msg)
+    .with_context(|| format!("evaluating {}", checkpoint.display()))?;
+    let split_name = format!("{split:?}").to_lowercase();
+    if json {
+        let out = serde_json::json!({
+            "checkpoint": checkpoint,
+            "run_id": meta.run_id,
+            "split": split_name,
+            "loss": rep.loss,
+            "accuracy": rep.accuracy,
+            "samples": rep.samples,
+            "macro_f1": rep.macro_f1,
+            "per_class": rep.per_class,
+            "confusion_matrix": rep.confusion_matrix,
+            "skipped_files": skipped,
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        println!(
+            "Checkpoint {} (run {}, epoch {}, step {}, {})",
+            checkpoint.display(),
+            meta.run_id,
+            meta.epoch,
+            meta.step,
+            meta.model.arch_name()
+        );
+        for f in &skipped {
+            println!("Skipped data file {}: {}", f.file, f.reason);
+        }
+        print!("{}", report::eval_text(&format!("{split_name} split"), &rep));
+    }
+    Ok(())
+}
