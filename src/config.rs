@@ -12,7 +12,8 @@ use serde::{Deserialize, Serialize};
 use crate::engine::data::DataSpec;
 use crate::engine::early_stop::EarlyStopConfig;
 use crate::engine::optim::{OptimizerConfig, OptimizerKind};
-use crate::engine::run::{ModelTemplate, RunRequest, TrainSpec, WarmStart};
+use crate::engine::model::InitMapping;
+use crate::engine::run::{ConvTemplate, ModelTemplate, RunRequest, TrainSpec, WarmStart};
 use crate::engine::schedule::{Mode, PlateauConfig, ThresholdMode};
 
 /// Prefix of environment variables that override the config file.
@@ -143,6 +144,13 @@ pub struct DataSettings {
     pub channels: usize,
     pub tokenizer: TokenizerKind,
     pub max_len: usize,
+    /// text-tsv: a vocabulary file (one token per line, in id order) instead of
+    /// building the vocabulary from the training split.
+    pub vocab: Option<PathBuf>,
+    /// text-tsv: at most this many tokens in a built vocabulary.
+    pub max_vocab: usize,
+    /// text-tsv: tokens seen fewer times in the training split are unknown.
+    pub min_freq: usize,
     /// Class names in label order; overrides `class.txt` and inferred labels.
     pub classes: Option<Vec<String>>,
 }
@@ -163,6 +171,9 @@ impl Default for DataSettings {
             channels: 3,
             tokenizer: TokenizerKind::Char,
             max_len: 32,
+            vocab: None,
+            max_vocab: 10_000,
+            min_freq: 1,
             classes: None,
         }
     }
@@ -181,6 +192,32 @@ pub enum ArchKind {
 
 pub use crate::engine::model::Activation;
 
+/// A conv-block setting: one value for every block, or a list with one per block.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum PerBlock<T> {
+    One(T),
+    Each(Vec<T>),
+}
+
+impl<T: Clone> PerBlock<T> {
+    /// The values as a list (one value, or one per block).
+    pub fn to_vec(&self) -> Vec<T> {
+        match self {
+            PerBlock::One(v) => vec![v.clone()],
+            PerBlock::Each(v) => v.clone(),
+        }
+    }
+}
+
+/// Dropout when `model.dropout` is not set: the seed's 0.5 for textcnn, else none.
+pub fn default_dropout(arch: ArchKind) -> f64 {
+    match arch {
+        ArchKind::Textcnn => 0.5,
+        _ => 0.0,
+    }
+}
+
 /// `[model]`
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
@@ -189,9 +226,38 @@ pub struct ModelSettings {
     /// Hidden layer widths of the MLP.
     pub hidden: Vec<usize>,
     pub activation: Activation,
-    pub dropout: f64,
+    /// Dropout before the classifier head (and between MLP layers); unset: 0.5
+    /// for textcnn, 0 otherwise.
+    pub dropout: Option<f64>,
+    /// cnn / cnn1d: output channels of each conv block (one block per entry).
+    pub conv_channels: Vec<usize>,
+    /// cnn / cnn1d: kernel size, one for all blocks or one per block.
+    pub kernel_size: PerBlock<usize>,
+    /// cnn / cnn1d: convolution stride.
+    pub stride: PerBlock<usize>,
+    /// cnn / cnn1d: zero padding; unset: `kernel_size / 2` ("same" for odd kernels).
+    pub padding: Option<PerBlock<usize>>,
+    /// cnn / cnn1d: batch-norm after each convolution.
+    pub batch_norm: PerBlock<bool>,
+    /// cnn / cnn1d: max-pool window after each block (1: no pooling).
+    pub pool: PerBlock<usize>,
+    /// textcnn: embedding size.
+    pub embed_dim: usize,
+    /// textcnn: widths of the parallel convolutions.
+    pub filter_sizes: Vec<usize>,
+    /// textcnn: filters per width.
+    pub num_filters: usize,
     /// Safetensors weights to start from (e.g. a PyTorch `state_dict`).
     pub init: Option<PathBuf>,
+    /// Only tensors of `init` under this prefix are used, with it removed
+    /// (`"model."` for a Lightning module, `"module."` for DataParallel).
+    pub init_prefix: Option<String>,
+    /// Renames tensors of `init` (after `init_prefix`): `"old.name" = "new.name"`,
+    /// or `"classifier.*" = "head.*"` for everything under a prefix.
+    pub rename: BTreeMap<String, String>,
+    /// Parameter-name patterns initialised afresh instead of loaded from `init`
+    /// (a head whose class count changed: `["head.*"]`).
+    pub reinit: Vec<String>,
     /// Parameter-name patterns (`*` wildcard) held fixed during training.
     pub freeze: Vec<String>,
 }
@@ -202,8 +268,20 @@ impl Default for ModelSettings {
             arch: ArchKind::Mlp,
             hidden: vec![128, 64],
             activation: Activation::Relu,
-            dropout: 0.0,
+            dropout: None,
+            conv_channels: vec![16, 32],
+            kernel_size: PerBlock::One(3),
+            stride: PerBlock::One(1),
+            padding: None,
+            batch_norm: PerBlock::One(true),
+            pool: PerBlock::One(2),
+            embed_dim: 300,
+            filter_sizes: vec![2, 3, 4],
+            num_filters: 256,
             init: None,
+            init_prefix: None,
+            rename: BTreeMap::new(),
+            reinit: Vec::new(),
             freeze: Vec::new(),
         }
     }
@@ -526,11 +604,17 @@ fn resolve_alias(key: &str) -> String {
         .unwrap_or_else(|| key.to_string())
 }
 
+/// Tables whose keys are the user's own (names of tensors), not settings.
+const FREE_FORM_TABLES: &[&str] = &["model.rename"];
+
 /// Checks that `key` (dotted) names a known setting; suggests the nearest one if not.
 fn check_key(schema: &serde_json::Value, key: &str, origin: &str) -> Result<(), ConfigError> {
     let mut node = schema;
     let mut walked = Vec::new();
     for part in key.split('.') {
+        if !walked.is_empty() && FREE_FORM_TABLES.contains(&walked.join(".").as_str()) {
+            return Ok(());
+        }
         let obj = match node {
             serde_json::Value::Object(o) => o,
             // A leaf (or an optional list) reached before the key ended.
@@ -595,6 +679,9 @@ fn check_table(
         let key = resolve_alias(&key);
         check_key(schema, &key, origin)?;
         if let toml::Value::Table(t) = v {
+            if FREE_FORM_TABLES.contains(&key.as_str()) {
+                continue;
+            }
             // A table value must itself be a section in the schema.
             check_table(schema, t, &key, origin)?;
         }
@@ -769,7 +856,85 @@ impl Settings {
         if m.hidden.contains(&0) {
             return Err(invalid("model.hidden", "every layer width must be > 0"));
         }
-        check_range("model.dropout", m.dropout, 0.0, 1.0, true, false)?;
+        if let Some(d) = m.dropout {
+            check_range("model.dropout", d, 0.0, 1.0, true, false)?;
+        }
+        if m.conv_channels.is_empty() || m.conv_channels.contains(&0) {
+            return Err(invalid(
+                "model.conv_channels",
+                "needs at least one block, each with >= 1 channel",
+            ));
+        }
+        for (key, values) in [
+            ("model.kernel_size", m.kernel_size.to_vec()),
+            ("model.stride", m.stride.to_vec()),
+            ("model.pool", m.pool.to_vec()),
+        ] {
+            if values.is_empty() || values.contains(&0) {
+                return Err(invalid(key, "every value must be >= 1"));
+            }
+        }
+        if m.embed_dim == 0 {
+            return Err(invalid("model.embed_dim", "must be >= 1"));
+        }
+        if m.num_filters == 0 {
+            return Err(invalid("model.num_filters", "must be >= 1"));
+        }
+        if m.filter_sizes.is_empty() || m.filter_sizes.contains(&0) {
+            return Err(invalid(
+                "model.filter_sizes",
+                "needs at least one width, each >= 1",
+            ));
+        }
+        if m.arch == ArchKind::Textcnn {
+            if let Some(&k) = m.filter_sizes.iter().find(|&&k| k > d.max_len) {
+                return Err(invalid(
+                    "model.filter_sizes",
+                    format!("filter size {k} is longer than data.max_len = {}", d.max_len),
+                ));
+            }
+        }
+        if d.max_vocab == 0 {
+            return Err(invalid("data.max_vocab", "must be >= 1"));
+        }
+        if m.init_prefix.as_deref() == Some("") {
+            return Err(invalid("model.init_prefix", "must not be empty (omit it instead)"));
+        }
+        for (from, to) in &m.rename {
+            let wild = |s: &str| s.contains('*');
+            let ok = !from.is_empty()
+                && !to.is_empty()
+                && ((!wild(from) && !wild(to))
+                    || (from.ends_with('*')
+                        && to.ends_with('*')
+                        && !wild(&from[..from.len() - 1])
+                        && !wild(&to[..to.len() - 1])));
+            if !ok {
+                return Err(invalid(
+                    "model.rename",
+                    format!(
+                        "{from:?} = {to:?}: give two names, or two prefixes ending in `*` (\"classifier.*\" = \"head.*\")"
+                    ),
+                ));
+            }
+        }
+        for (key, patterns) in [("model.reinit", &m.reinit), ("model.freeze", &m.freeze)] {
+            if patterns.iter().any(|p| p.is_empty()) {
+                return Err(invalid(key, "patterns must not be empty"));
+            }
+        }
+        if (m.init_prefix.is_some() || !m.rename.is_empty() || !m.reinit.is_empty())
+            && m.init.is_none()
+        {
+            let key = if m.init_prefix.is_some() {
+                "model.init_prefix"
+            } else if !m.rename.is_empty() {
+                "model.rename"
+            } else {
+                "model.reinit"
+            };
+            return Err(invalid(key, "only applies to weights loaded with model.init; set model.init"));
+        }
 
         let t = &self.train;
         if t.max_epochs == 0 {
@@ -922,23 +1087,80 @@ impl Settings {
             label_column: d.label_column.clone(),
             delimiter: d.delimiter.as_bytes().first().copied().unwrap_or(b','),
             classes: d.classes.clone(),
+            image_size: d.image_size,
+            channels: d.channels,
+            tokenizer: d.tokenizer,
+            max_len: d.max_len,
+            vocab_file: d.vocab.clone(),
+            max_vocab: d.max_vocab,
+            min_freq: d.min_freq,
+            vocab: None,
         }
     }
 
     /// The model section as the engine's template (sizes from the data come later).
     pub fn model_template(&self) -> Result<ModelTemplate, ConfigError> {
         let m = &self.model;
-        match m.arch {
-            ArchKind::Mlp => Ok(ModelTemplate::Mlp {
+        let dropout = m.dropout.unwrap_or(default_dropout(m.arch));
+        let conv = || ConvTemplate {
+            channels: m.conv_channels.clone(),
+            kernel_size: m.kernel_size.to_vec(),
+            stride: m.stride.to_vec(),
+            padding: m.padding.as_ref().map(PerBlock::to_vec),
+            batch_norm: m.batch_norm.to_vec(),
+            pool: m.pool.to_vec(),
+            activation: m.activation,
+            dropout,
+        };
+        let blocks = m.conv_channels.len();
+        if matches!(m.arch, ArchKind::Cnn | ArchKind::Cnn1d) {
+            let lens = [
+                ("model.kernel_size", m.kernel_size.to_vec().len()),
+                ("model.stride", m.stride.to_vec().len()),
+                ("model.padding", m.padding.as_ref().map_or(1, |p| p.to_vec().len())),
+                ("model.batch_norm", m.batch_norm.to_vec().len()),
+                ("model.pool", m.pool.to_vec().len()),
+            ];
+            if let Some((key, n)) = lens.iter().find(|(_, n)| *n != 1 && *n != blocks) {
+                return Err(invalid(
+                    key,
+                    format!(
+                        "has {n} values but model.conv_channels makes {blocks} blocks; give one value or {blocks}"
+                    ),
+                ));
+            }
+        }
+        let text = self.data.format == DataFormat::TextTsv;
+        match (m.arch, text) {
+            (ArchKind::Textcnn, false) => {
+                return Err(invalid(
+                    "model.arch",
+                    "\"textcnn\" reads text: set data.format = \"text-tsv\"",
+                ))
+            }
+            (ArchKind::Mlp | ArchKind::Cnn | ArchKind::Cnn1d, true) => {
+                return Err(invalid(
+                    "model.arch",
+                    "text data (data.format = \"text-tsv\") needs model.arch = \"textcnn\"",
+                ))
+            }
+            _ => {}
+        }
+        Ok(match m.arch {
+            ArchKind::Mlp => ModelTemplate::Mlp {
                 hidden: m.hidden.clone(),
                 activation: m.activation,
-                dropout: m.dropout,
-            }),
-            other => Err(invalid(
-                "model.arch",
-                format!("{other:?} is not available in this version; use \"mlp\""),
-            )),
-        }
+                dropout,
+            },
+            ArchKind::Cnn => ModelTemplate::Cnn(conv()),
+            ArchKind::Cnn1d => ModelTemplate::Cnn1d(conv()),
+            ArchKind::Textcnn => ModelTemplate::TextCnn {
+                embed_dim: m.embed_dim,
+                filter_sizes: m.filter_sizes.clone(),
+                num_filters: m.num_filters,
+                dropout,
+            },
+        })
     }
 
     /// The train section as the engine's spec.
@@ -965,6 +1187,16 @@ impl Settings {
                 },
             ),
             freeze: self.model.freeze.clone(),
+            init: InitMapping {
+                prefix: self.model.init_prefix.clone(),
+                rename: self
+                    .model
+                    .rename
+                    .iter()
+                    .map(|(a, b)| (a.clone(), b.clone()))
+                    .collect(),
+                reinit: self.model.reinit.clone(),
+            },
         }
     }
 
@@ -1138,6 +1370,72 @@ mod tests {
         }
         assert!(load_layers(&table("[train]\neval_every = 0\n"), "f", &[]).is_err());
         assert!(load_layers(&table("[train]\neval_every = \"often\"\n"), "f", &[]).is_err());
+    }
+
+    #[test]
+    fn model_keys_for_every_architecture() {
+        let s = load_layers(
+            &table(
+                "[data]\nformat = \"image-folder\"\n[model]\narch = \"cnn\"\nconv_channels = [8, 16, 32]\nkernel_size = [5, 3, 3]\npool = 2\nbatch_norm = [true, true, false]\ninit = \"w.safetensors\"\ninit_prefix = \"model.\"\nreinit = [\"head.*\"]\n[model.rename]\n\"classifier.*\" = \"head.*\"\n\"Block.0.W\" = \"features.0.conv.weight\"\n",
+            ),
+            "f.toml",
+            &[],
+        )
+        .unwrap();
+        s.validate().unwrap();
+        assert_eq!(s.model.rename.get("classifier.*").map(String::as_str), Some("head.*"));
+        assert_eq!(
+            s.model.rename.get("Block.0.W").map(String::as_str),
+            Some("features.0.conv.weight")
+        );
+        assert_eq!(s.model.kernel_size, PerBlock::Each(vec![5, 3, 3]));
+        assert_eq!(s.model.pool, PerBlock::One(2));
+        match s.model_template().unwrap() {
+            ModelTemplate::Cnn(c) => {
+                assert_eq!(c.kernel_size, vec![5, 3, 3]);
+                assert_eq!(c.dropout, 0.0);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(s.masked_toml().contains("\"classifier.*\" = \"head.*\""), "{}", s.masked_toml());
+        // A list of the wrong length names the key.
+        let ovs = vec![Override::parse_set("model.stride=[1, 2, 1]").unwrap()];
+        let bad = load_layers(&table("[model]\narch = \"cnn1d\"\n"), "f", &ovs).unwrap();
+        let e = bad.model_template().unwrap_err().to_string();
+        assert!(e.contains("model.stride") && e.contains("3 values"), "{e}");
+        // textcnn: the seed's defaults, and text only.
+        let t = load_layers(
+            &table("[data]\nformat = \"text-tsv\"\n[model]\narch = \"textcnn\"\n"),
+            "f",
+            &[],
+        )
+        .unwrap();
+        match t.model_template().unwrap() {
+            ModelTemplate::TextCnn {
+                embed_dim,
+                filter_sizes,
+                num_filters,
+                dropout,
+            } => {
+                assert_eq!((embed_dim, num_filters, dropout), (300, 256, 0.5));
+                assert_eq!(filter_sizes, vec![2, 3, 4]);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(t.data.max_len, 32);
+        let e = load_layers(&table("[model]\narch = \"textcnn\"\n"), "f", &[])
+            .unwrap()
+            .model_template()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("text-tsv"), "{e}");
+        // Mapping keys without model.init are a mistake.
+        let e = load_layers(&table("[model]\nreinit = [\"head.*\"]\n"), "f", &[])
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("model.reinit") && e.contains("model.init"), "{e}");
     }
 
     #[test]

@@ -10,7 +10,7 @@ use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
 use serde::{Deserialize, Serialize};
 
-use super::data::{DataFormat, Normalization};
+use super::data::{DataFormat, Normalization, TokenizerKind, Vocab};
 use super::fsutil::atomic_write;
 use super::model::ModelSpec;
 
@@ -35,6 +35,15 @@ pub struct CheckpointMetrics {
     pub train_acc: Option<f64>,
 }
 
+/// How text becomes the model's token ids (text data only).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TextInput {
+    pub tokenizer: TokenizerKind,
+    /// Tokens per sample: longer texts are cut, shorter ones padded.
+    pub max_len: usize,
+    pub vocab: Vocab,
+}
+
 /// What the data going into the model looks like.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct InputSpec {
@@ -42,6 +51,9 @@ pub struct InputSpec {
     /// Shape of one sample.
     pub sample_shape: Vec<usize>,
     pub normalization: Normalization,
+    /// Tokeniser and vocabulary, for text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text: Option<TextInput>,
 }
 
 /// Everything in a checkpoint besides the weights.
@@ -244,6 +256,7 @@ mod tests {
                 format: DataFormat::Safetensors,
                 sample_shape: vec![4],
                 normalization: Normalization::identity(4),
+                text: None,
             },
             run_id: "r1".into(),
             epoch: 3,

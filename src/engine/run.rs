@@ -9,10 +9,12 @@ use std::sync::Arc;
 use candle_core::Device;
 use serde::{Deserialize, Serialize};
 
-use super::data::{DataSpec, SkippedFile};
+use super::data::{DataSpec, SkippedFile, Vocab};
 use super::early_stop::EarlyStopConfig;
 use super::eval::ClassMetrics;
-use super::model::{Activation, MlpSpec, ModelSpec};
+use super::model::{
+    Activation, CnnSpec, ConvBlockSpec, InitMapping, MlpSpec, ModelSpec, TextCnnSpec,
+};
 use super::optim::OptimizerConfig;
 use super::schedule::{Mode, PlateauConfig};
 
@@ -103,12 +105,135 @@ pub enum ModelTemplate {
         activation: Activation,
         dropout: f64,
     },
+    /// Conv blocks over `[C, H, W]` images.
+    Cnn(ConvTemplate),
+    /// Conv blocks over `[C, L]` signals.
+    Cnn1d(ConvTemplate),
+    /// The seed's TextCNN over token ids.
+    TextCnn {
+        embed_dim: usize,
+        filter_sizes: Vec<usize>,
+        num_filters: usize,
+        dropout: f64,
+    },
+}
+
+/// Conv-block settings; each per-block list holds one value (for every block)
+/// or one value per block.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConvTemplate {
+    /// Output channels of each block (this sets the number of blocks).
+    pub channels: Vec<usize>,
+    pub kernel_size: Vec<usize>,
+    pub stride: Vec<usize>,
+    /// `None`: `kernel_size / 2` per block.
+    pub padding: Option<Vec<usize>>,
+    pub batch_norm: Vec<bool>,
+    /// Max-pool window after each block (1: none).
+    pub pool: Vec<usize>,
+    pub activation: Activation,
+    pub dropout: f64,
+}
+
+/// Expands a per-block setting of one value or one value per block.
+fn per_block<T: Clone>(key: &str, values: &[T], blocks: usize) -> Result<Vec<T>, String> {
+    match values.len() {
+        1 => Ok(vec![values[0].clone(); blocks]),
+        n if n == blocks => Ok(values.to_vec()),
+        n => Err(format!(
+            "model.{key} has {n} values but model.conv_channels makes {blocks} blocks; give one value or {blocks}"
+        )),
+    }
+}
+
+impl ConvTemplate {
+    fn blocks(&self) -> Result<Vec<ConvBlockSpec>, String> {
+        let n = self.channels.len();
+        if n == 0 {
+            return Err("model.conv_channels needs at least one block".into());
+        }
+        let kernel = per_block("kernel_size", &self.kernel_size, n)?;
+        let stride = per_block("stride", &self.stride, n)?;
+        let padding = match &self.padding {
+            Some(p) => per_block("padding", p, n)?,
+            None => kernel.iter().map(|k| k / 2).collect(),
+        };
+        let bn = per_block("batch_norm", &self.batch_norm, n)?;
+        let pool = per_block("pool", &self.pool, n)?;
+        Ok((0..n)
+            .map(|i| ConvBlockSpec {
+                out_channels: self.channels[i],
+                kernel_size: kernel[i],
+                stride: stride[i],
+                padding: padding[i],
+                batch_norm: bn[i],
+                pool: pool[i],
+            })
+            .collect())
+    }
+
+    fn resolve(
+        &self,
+        arch: &str,
+        spatial_dims: usize,
+        sample_shape: &[usize],
+        num_classes: usize,
+    ) -> Result<CnnSpec, String> {
+        let (in_channels, input_size) = if sample_shape.len() == spatial_dims {
+            (1, sample_shape.to_vec())
+        } else if sample_shape.len() == spatial_dims + 1 {
+            (sample_shape[0], sample_shape[1..].to_vec())
+        } else {
+            let want = if spatial_dims == 2 {
+                "[C, H, W] or [H, W]"
+            } else {
+                "[C, L] or [L]"
+            };
+            return Err(format!(
+                "model.arch = {arch:?} takes samples of shape {want}, but the data has {sample_shape:?}"
+            ));
+        };
+        let spec = CnnSpec {
+            in_channels,
+            input_size,
+            blocks: self.blocks()?,
+            num_classes,
+            activation: self.activation,
+            dropout: self.dropout,
+        };
+        spec.feature_sizes()
+            .map_err(|e| format!("model.arch = {arch:?}: {e}"))?;
+        Ok(spec)
+    }
 }
 
 impl ModelTemplate {
-    /// The full spec for samples of `sample_shape` and `num_classes` classes.
-    pub fn resolve(&self, sample_shape: &[usize], num_classes: usize) -> ModelSpec {
+    /// The architecture's name as in `model.arch`.
+    pub fn arch_name(&self) -> &'static str {
         match self {
+            ModelTemplate::Mlp { .. } => "mlp",
+            ModelTemplate::Cnn(_) => "cnn",
+            ModelTemplate::Cnn1d(_) => "cnn1d",
+            ModelTemplate::TextCnn { .. } => "textcnn",
+        }
+    }
+
+    /// The full spec for samples of `sample_shape` and `num_classes` classes;
+    /// `vocab` is the vocabulary when the samples are token ids (text data).
+    /// The error says why the architecture does not fit the data.
+    pub fn resolve(
+        &self,
+        sample_shape: &[usize],
+        num_classes: usize,
+        vocab: Option<&Vocab>,
+    ) -> Result<ModelSpec, String> {
+        if vocab.is_some() && !matches!(self, ModelTemplate::TextCnn { .. }) {
+            return Err(format!(
+                "model.arch = {:?} cannot read text (token ids); use \"textcnn\"",
+                self.arch_name()
+            ));
+        }
+        Ok(match self {
             ModelTemplate::Mlp {
                 hidden,
                 activation,
@@ -120,7 +245,41 @@ impl ModelTemplate {
                 activation: *activation,
                 dropout: *dropout,
             }),
-        }
+            ModelTemplate::Cnn(t) => ModelSpec::Cnn(t.resolve("cnn", 2, sample_shape, num_classes)?),
+            ModelTemplate::Cnn1d(t) => {
+                ModelSpec::Cnn1d(t.resolve("cnn1d", 1, sample_shape, num_classes)?)
+            }
+            ModelTemplate::TextCnn {
+                embed_dim,
+                filter_sizes,
+                num_filters,
+                dropout,
+            } => {
+                let Some(vocab) = vocab else {
+                    return Err(
+                        "model.arch = \"textcnn\" reads text: set data.format = \"text-tsv\""
+                            .into(),
+                    );
+                };
+                let [seq_len] = sample_shape else {
+                    return Err(format!(
+                        "textcnn takes token sequences [L], the data has {sample_shape:?}"
+                    ));
+                };
+                let spec = TextCnnSpec {
+                    vocab_size: vocab.len(),
+                    pad_index: vocab.pad_index(),
+                    embed_dim: *embed_dim,
+                    filter_sizes: filter_sizes.clone(),
+                    num_filters: *num_filters,
+                    seq_len: *seq_len,
+                    num_classes,
+                    dropout: *dropout,
+                };
+                spec.check().map_err(|e| format!("model.arch = \"textcnn\": {e}"))?;
+                ModelSpec::TextCnn(spec)
+            }
+        })
     }
 }
 
@@ -152,6 +311,8 @@ pub struct TrainSpec {
     pub early_stopping: (Monitor, EarlyStopConfig),
     /// Parameter-name patterns held fixed.
     pub freeze: Vec<String>,
+    /// How the tensors of a `WarmStart::StateDict` map onto the model.
+    pub init: InitMapping,
 }
 
 /// Everything a run needs.

@@ -10,14 +10,14 @@ use std::time::Instant;
 
 use candle_core::{Tensor, D};
 
-use super::checkpoint::{self, CheckpointMeta, CheckpointMetrics, InputSpec};
+use super::checkpoint::{self, CheckpointMeta, CheckpointMetrics, InputSpec, TextInput};
 use super::data::{self, Batcher, Dataset, Normalization, SplitIndices};
 use super::device::describe;
 use super::early_stop::EarlyStopping;
 use super::eval::{evaluate, EvalReport};
 use super::fsutil::{append_line, atomic_write};
 use super::loss::CrossEntropy;
-use super::model::{matches_pattern, ForwardCtx, Model};
+use super::model::{load_init, matches_pattern, ForwardCtx, Model};
 use super::optim::AnyOptimizer;
 use super::run::*;
 use super::schedule::ReduceLrOnPlateau;
@@ -56,6 +56,8 @@ struct Prepared {
     norm: Normalization,
     model: Model,
     warm_start: String,
+    /// Tokeniser and vocabulary, for text data.
+    text: Option<TextInput>,
 }
 
 /// Runs one training run to its end and returns its summary (also sent as the
@@ -110,6 +112,12 @@ fn prepare(req: &RunRequest) -> Result<Prepared, Fail> {
             let ck = checkpoint::load(path, &req.device)?;
             // Fine-tuning keeps the class list the model was trained with.
             spec.classes = Some(ck.meta.classes.clone());
+            // ... and the tokenisation of its text.
+            if let Some(t) = &ck.meta.input.text {
+                spec.tokenizer = t.tokenizer;
+                spec.max_len = t.max_len;
+                spec.vocab = Some(t.vocab.clone());
+            }
             Some((path.clone(), ck))
         }
         _ => None,
@@ -151,29 +159,49 @@ fn prepare(req: &RunRequest) -> Result<Prepared, Fail> {
             )
         }
         None => {
-            let model_spec = req.model.resolve(&data.sample_shape, data.classes.len());
+            let model_spec = req
+                .model
+                .resolve(&data.sample_shape, data.classes.len(), data.vocab.as_ref())
+                .map_err(Fail)?;
             let model = Model::new(model_spec, req.train.seed, &req.device)?;
             let from = match &req.warm_start {
                 WarmStart::StateDict(path) => {
                     let (tensors, _) = checkpoint::read_tensors(path, &req.device)?;
-                    model
-                        .params
-                        .load(&tensors)
+                    let report = load_init(&model.params, tensors, &req.train.init)
                         .map_err(|e| Fail(format!("model.init {}: {e}", path.display())))?;
-                    format!("state dict {}", path.display())
+                    format!("state dict {} ({})", path.display(), report.describe())
                 }
                 _ => "scratch".to_string(),
             };
-            (model, Normalization::fit(&data, &split.train), from)
+            (
+                model,
+                Normalization::for_format(&data, &split.train, spec.format),
+                from,
+            )
         }
     };
-    if norm.len() != data.sample_len() {
+    if !norm.covers(&data.sample_shape) {
         return Err(Fail(format!(
-            "normalisation covers {} features but samples have {}",
+            "the normalisation ({} values{}) does not fit samples of shape {:?}",
             norm.len(),
-            data.sample_len()
+            if norm.per_channel { ", per channel" } else { "" },
+            data.sample_shape
         )));
     }
+    if let (Some(v), crate::engine::model::ModelSpec::TextCnn(s)) = (&data.vocab, &model.spec) {
+        if v.len() != s.vocab_size {
+            return Err(Fail(format!(
+                "the vocabulary has {} tokens but the model's embedding has {} rows",
+                v.len(),
+                s.vocab_size
+            )));
+        }
+    }
+    let text = data.vocab.clone().map(|vocab| TextInput {
+        tokenizer: spec.tokenizer,
+        max_len: spec.max_len,
+        vocab,
+    });
     if let Some(w) = &req.train.class_weights {
         if w.len() != data.classes.len() {
             return Err(Fail(format!(
@@ -190,6 +218,7 @@ fn prepare(req: &RunRequest) -> Result<Prepared, Fail> {
         norm,
         model,
         warm_start,
+        text,
     })
 }
 
@@ -301,6 +330,7 @@ impl Loop<'_> {
                     format: self.req.data.format,
                     sample_shape: p.data.sample_shape.clone(),
                     normalization: p.norm.clone(),
+                    text: p.text.clone(),
                 },
                 run_id: self.req.run_id.clone(),
                 epoch,
@@ -463,7 +493,7 @@ fn train(
         last_eval_step: 0,
     };
     let batcher = Batcher::new(&prep.data, &prep.norm, &req.device);
-    let mut ctx = ForwardCtx::train(req.train.seed);
+    let mut ctx = ForwardCtx::train(req.train.seed).with_frozen(req.train.freeze.clone());
     let mut interval = Interval::default();
     let mut step: u64 = 0;
     let mut outcome = Outcome::Finished;
@@ -587,6 +617,11 @@ pub fn evaluate_checkpoint(
     let ck = checkpoint::load(path, device).map_err(|e| e.to_string())?;
     let mut spec = data.clone();
     spec.classes = Some(ck.meta.classes.clone());
+    if let Some(t) = &ck.meta.input.text {
+        spec.tokenizer = t.tokenizer;
+        spec.max_len = t.max_len;
+        spec.vocab = Some(t.vocab.clone());
+    }
     let dataset = data::load_dataset(&spec).map_err(|e| e.to_string())?;
     if dataset.sample_shape != ck.meta.input.sample_shape {
         return Err(format!(

@@ -9,15 +9,98 @@ use serde::{Deserialize, Serialize};
 
 use super::Dataset;
 
-/// Per-feature mean and standard deviation, computed once on the training split
-/// and stored with the model: `x' = (x - mean) / std`.
+/// Per-feature (or per-channel) mean and standard deviation, computed once on
+/// the training split and stored with the model: `x' = (x - mean) / std`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Normalization {
     pub mean: Vec<f32>,
     pub std: Vec<f32>,
+    /// One mean/std per channel (the first sample dimension, as torchvision's
+    /// `Normalize` on `[C, H, W]`) instead of one per feature value.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub per_channel: bool,
 }
 
 impl Normalization {
+    /// The normalisation a data format calls for: per channel for images, none
+    /// for text (token ids must stay ids), per feature otherwise.
+    pub fn for_format(data: &Dataset, indices: &[usize], format: super::DataFormat) -> Self {
+        match format {
+            super::DataFormat::ImageFolder => Self::fit_per_channel(data, indices),
+            super::DataFormat::TextTsv => Self::identity(data.sample_len()),
+            _ => Self::fit(data, indices),
+        }
+    }
+
+    /// Per-channel statistics of the given samples (`[C, ...]`; population std,
+    /// channels with std ~ 0 get 1).
+    pub fn fit_per_channel(data: &Dataset, indices: &[usize]) -> Self {
+        let d = data.sample_len();
+        let c = data.sample_shape.first().copied().unwrap_or(1).max(1);
+        let plane = d / c;
+        let mut sum = vec![0f64; c];
+        let mut sq = vec![0f64; c];
+        for &i in indices {
+            let base = i * d;
+            for (ch, (s, q)) in sum.iter_mut().zip(sq.iter_mut()).enumerate() {
+                let start = base + ch * plane;
+                for j in start..start + plane {
+                    let v = f64::from(data.features.get(j));
+                    *s += v;
+                    *q += v * v;
+                }
+            }
+        }
+        let n = (indices.len() * plane).max(1) as f64;
+        let mean: Vec<f64> = sum.iter().map(|s| s / n).collect();
+        let std = sq
+            .iter()
+            .zip(&mean)
+            .map(|(q, m)| {
+                let sd = (q / n - m * m).max(0.0).sqrt();
+                if sd < 1e-6 {
+                    1.0
+                } else {
+                    sd as f32
+                }
+            })
+            .collect();
+        Self {
+            mean: mean.into_iter().map(|m| m as f32).collect(),
+            std,
+            per_channel: true,
+        }
+    }
+
+    /// Whether it fits samples of `shape`.
+    pub fn covers(&self, shape: &[usize]) -> bool {
+        let d: usize = shape.iter().product();
+        if self.per_channel {
+            shape.first() == Some(&self.len()) && self.std.len() == self.len()
+        } else {
+            self.len() == d && self.std.len() == d
+        }
+    }
+
+    /// Mean and 1/std for every feature value of a sample of `sample_len` values.
+    fn expanded(&self, sample_len: usize) -> (Vec<f32>, Vec<f32>) {
+        let inv: Vec<f32> = self.std.iter().map(|s| 1.0 / s).collect();
+        if !self.per_channel || self.mean.is_empty() {
+            return (self.mean.clone(), inv);
+        }
+        let plane = sample_len / self.mean.len();
+        let mean = self
+            .mean
+            .iter()
+            .flat_map(|&m| std::iter::repeat(m).take(plane))
+            .collect();
+        let inv = inv
+            .iter()
+            .flat_map(|&s| std::iter::repeat(s).take(plane))
+            .collect();
+        (mean, inv)
+    }
+
     /// Statistics of the given samples (population std; features with std ~ 0 get 1).
     pub fn fit(data: &Dataset, indices: &[usize]) -> Self {
         let d = data.sample_len();
@@ -49,6 +132,7 @@ impl Normalization {
         Self {
             mean: mean.into_iter().map(|m| m as f32).collect(),
             std,
+            per_channel: false,
         }
     }
 
@@ -57,6 +141,7 @@ impl Normalization {
         Self {
             mean: vec![0.0; d],
             std: vec![1.0; d],
+            per_channel: false,
         }
     }
 
@@ -97,7 +182,8 @@ impl Batch {
 /// Builds batches from a dataset with a fixed normalisation.
 pub struct Batcher<'a> {
     data: &'a Dataset,
-    norm: &'a Normalization,
+    /// Mean and 1/std of every feature value of a sample.
+    mean: Vec<f32>,
     inv_std: Vec<f32>,
     device: Device,
 }
@@ -105,10 +191,11 @@ pub struct Batcher<'a> {
 impl<'a> Batcher<'a> {
     /// A batcher over `data`, normalising with `norm`, putting tensors on `device`.
     pub fn new(data: &'a Dataset, norm: &'a Normalization, device: &Device) -> Self {
+        let (mean, inv_std) = norm.expanded(data.sample_len());
         Self {
             data,
-            norm,
-            inv_std: norm.std.iter().map(|s| 1.0 / s).collect(),
+            mean,
+            inv_std,
             device: device.clone(),
         }
     }
@@ -132,12 +219,12 @@ impl<'a> Batcher<'a> {
             match &self.data.features {
                 super::Features::F32(v) => {
                     for (j, &val) in v[base..base + d].iter().enumerate() {
-                        x.push((val - self.norm.mean[j]) * self.inv_std[j]);
+                        x.push((val - self.mean[j]) * self.inv_std[j]);
                     }
                 }
                 super::Features::U8(v) => {
                     for (j, &val) in v[base..base + d].iter().enumerate() {
-                        x.push((f32::from(val) - self.norm.mean[j]) * self.inv_std[j]);
+                        x.push((f32::from(val) - self.mean[j]) * self.inv_std[j]);
                     }
                 }
             }
@@ -165,7 +252,37 @@ mod tests {
             origins: vec![(0, 0), (0, 1), (0, 2)],
             files: vec!["f".into()],
             skipped: vec![],
+            vocab: None,
         }
+    }
+
+    #[test]
+    fn per_channel_statistics_and_batches() {
+        // Two samples of [2 channels, 2 values]: channel 0 holds 0, 2, 4, 6; channel 1 is 5.
+        let d = Dataset {
+            features: Features::U8(vec![0, 2, 5, 5, 4, 6, 5, 5]),
+            labels: vec![0, 1],
+            sample_shape: vec![2, 2],
+            classes: vec!["a".into(), "b".into()],
+            origins: vec![(0, 0), (0, 1)],
+            files: vec!["f".into()],
+            skipped: vec![],
+            vocab: None,
+        };
+        let n = Normalization::fit_per_channel(&d, &[0, 1]);
+        assert_eq!(n.mean, vec![3.0, 5.0]);
+        assert!((n.std[0] - 5f32.sqrt()).abs() < 1e-6);
+        assert_eq!(n.std[1], 1.0);
+        assert!(n.covers(&[2, 2]) && !n.covers(&[4]));
+        let json = serde_json::to_string(&n).unwrap();
+        assert_eq!(serde_json::from_str::<Normalization>(&json).unwrap(), n);
+        let b = Batcher::new(&d, &n, &Device::Cpu).batch(&[1]).unwrap();
+        let v = b.x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert!((v[0] - 1.0 / 5f32.sqrt()).abs() < 1e-6);
+        assert_eq!(&v[2..], &[0.0, 0.0]);
+        // Per-feature normalisation keeps its old serialised form.
+        let plain = Normalization::identity(2);
+        assert!(!serde_json::to_string(&plain).unwrap().contains("per_channel"));
     }
 
     #[test]

@@ -4,8 +4,11 @@
 
 mod batch;
 mod csv_file;
+pub mod image_folder;
 mod safetensors_file;
 mod split;
+pub mod text_tsv;
+pub mod vocab;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -13,7 +16,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 pub use batch::{Batch, Batcher, Normalization};
-pub use split::{split_of, Split, SplitIndices};
+pub use split::{fixed_split, split_of, Split, SplitIndices};
+pub use vocab::{tokenize, Vocab};
 
 /// The on-disk layout of the training data.
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -65,6 +69,48 @@ pub struct DataSpec {
     pub delimiter: u8,
     /// Class names given by the user (or a checkpoint), in label order.
     pub classes: Option<Vec<String>>,
+    /// image-folder: `[height, width]` every image is resized to.
+    pub image_size: [usize; 2],
+    /// image-folder: 1 (grayscale) or 3 (RGB).
+    pub channels: usize,
+    /// text-tsv: how texts are split into tokens.
+    pub tokenizer: TokenizerKind,
+    /// text-tsv: tokens per sample (longer texts are cut, shorter ones padded).
+    pub max_len: usize,
+    /// text-tsv: a vocabulary file to use instead of building one.
+    pub vocab_file: Option<PathBuf>,
+    /// text-tsv: at most this many tokens in a built vocabulary (plus `<UNK>`, `<PAD>`).
+    pub max_vocab: usize,
+    /// text-tsv: tokens seen fewer times in the training split are left out.
+    pub min_freq: usize,
+    /// text-tsv: the vocabulary to use (from a checkpoint); overrides `vocab_file`.
+    pub vocab: Option<Vocab>,
+}
+
+impl DataSpec {
+    /// A spec for `dir` in `format` with every other setting at its default.
+    pub fn new(dir: impl Into<PathBuf>, format: DataFormat) -> Self {
+        Self {
+            dir: dir.into(),
+            format,
+            val_fraction: 0.1,
+            test_fraction: 0.1,
+            split_seed: 42,
+            x_key: "x".into(),
+            y_key: "y".into(),
+            label_column: "label".into(),
+            delimiter: b',',
+            classes: None,
+            image_size: [32, 32],
+            channels: 3,
+            tokenizer: TokenizerKind::Char,
+            max_len: 32,
+            vocab_file: None,
+            max_vocab: 10_000,
+            min_freq: 1,
+            vocab: None,
+        }
+    }
 }
 
 /// Why data could not be loaded at all.
@@ -78,6 +124,8 @@ pub enum DataError {
     Unsupported(DataFormat),
     #[error("{file}: {reason}")]
     ClassFile { file: PathBuf, reason: String },
+    #[error("{0}")]
+    Vocab(String),
 }
 
 /// A data file that was left out, and why.
@@ -165,7 +213,10 @@ pub fn read_file(path: &Path, spec: &DataSpec) -> Result<FileSamples, String> {
     let samples = match spec.format {
         DataFormat::Safetensors => safetensors_file::read(path, &spec.x_key, &spec.y_key)?,
         DataFormat::Csv => csv_file::read(path, &spec.label_column, spec.delimiter)?,
-        other => return Err(format!("data format {other:?} is not supported yet")),
+        DataFormat::ImageFolder => {
+            image_folder::read(path, &spec.dir, spec.image_size, spec.channels)?
+        }
+        DataFormat::TextTsv => text_tsv::read_samples(path, spec)?,
     };
     if samples.is_empty() {
         return Err("the file holds no samples".into());
@@ -251,6 +302,8 @@ pub struct Dataset {
     pub files: Vec<String>,
     /// Files that were left out, with the reason.
     pub skipped: Vec<SkippedFile>,
+    /// text-tsv: the vocabulary the token ids refer to.
+    pub vocab: Option<Vocab>,
 }
 
 impl Dataset {
@@ -269,30 +322,58 @@ impl Dataset {
         self.sample_shape.iter().product()
     }
 
-    /// Splits the samples into train/val/test by the hash of (file, index, seed).
+    /// Splits the samples into train/val/test: by file where files are named
+    /// for a split (see [`fixed_split`]), else by the hash of (file, index, seed).
     pub fn split(&self, spec: &DataSpec) -> SplitIndices {
-        let mut out = SplitIndices::default();
-        for (i, (file, pos)) in self.origins.iter().enumerate() {
-            let name = &self.files[*file as usize];
-            match split_of(
-                name,
-                *pos as u64,
-                spec.split_seed,
-                spec.val_fraction,
-                spec.test_fraction,
-            ) {
-                Split::Train => out.train.push(i),
-                Split::Val => out.val.push(i),
-                Split::Test => out.test.push(i),
-            }
-        }
-        out
+        split_indices(&self.origins, &self.files, spec)
     }
 }
 
-/// Lists the data files of a folder (sorted, hidden files and `rejected/` left out).
+/// The split of samples given their origins (file index, position) and file
+/// names. Files named for a split (`train.txt`, `dev.csv`, `test/cat/1.png`, see
+/// [`fixed_split`]) go wholly to it, except that a train file also gives the
+/// validation (test) samples when no file is named for validation (test); every
+/// other file is split by hash.
+pub fn split_indices(origins: &[(u32, u32)], files: &[String], spec: &DataSpec) -> SplitIndices {
+    let roles: Vec<Option<Split>> = files.iter().map(|f| fixed_split(f, spec.format)).collect();
+    let has_val = roles.contains(&Some(Split::Val));
+    let has_test = roles.contains(&Some(Split::Test));
+    let mut out = SplitIndices::default();
+    for (i, (file, pos)) in origins.iter().enumerate() {
+        let name = &files[*file as usize];
+        let (vf, tf) = match roles[*file as usize] {
+            None => (spec.val_fraction, spec.test_fraction),
+            Some(Split::Train) => (
+                if has_val { 0.0 } else { spec.val_fraction },
+                if has_test { 0.0 } else { spec.test_fraction },
+            ),
+            Some(Split::Val) => {
+                out.val.push(i);
+                continue;
+            }
+            Some(Split::Test) => {
+                out.test.push(i);
+                continue;
+            }
+        };
+        match split_of(name, *pos as u64, spec.split_seed, vf, tf) {
+            Split::Train => out.train.push(i),
+            Split::Val => out.val.push(i),
+            Split::Test => out.test.push(i),
+        }
+    }
+    out
+}
+
+/// Lists the data files of a folder (sorted, hidden files and `rejected/` left
+/// out): the images of every class folder for `image-folder`; for `text-tsv` the
+/// `*.txt` and `*.tsv` files except `class.txt`, `classes.txt` and `vocab.txt`.
 pub fn list_files(spec: &DataSpec) -> Result<Vec<PathBuf>, DataError> {
+    if spec.format == DataFormat::ImageFolder {
+        return image_folder::list(&spec.dir);
+    }
     let ext = spec.format.extension();
+    let vocab_file = spec.vocab_file.as_ref().and_then(|p| p.canonicalize().ok());
     let entries = std::fs::read_dir(&spec.dir).map_err(|e| DataError::Folder {
         dir: spec.dir.clone(),
         reason: e.to_string(),
@@ -304,7 +385,16 @@ pub fn list_files(spec: &DataSpec) -> Result<Vec<PathBuf>, DataError> {
         if name.starts_with('.') || !path.is_file() {
             continue;
         }
-        if path.extension().and_then(|e| e.to_str()) == Some(ext) {
+        let file_ext = path.extension().and_then(|e| e.to_str());
+        let wanted = match spec.format {
+            DataFormat::TextTsv => {
+                matches!(file_ext, Some("txt" | "tsv"))
+                    && !text_tsv::RESERVED.contains(&name.as_str())
+                    && (vocab_file.is_none() || path.canonicalize().ok() != vocab_file)
+            }
+            _ => file_ext == Some(ext),
+        };
+        if wanted {
             files.push(path);
         }
     }
@@ -343,8 +433,8 @@ pub fn read_class_file(dir: &Path) -> Result<Option<Vec<String>>, DataError> {
 /// Reads every file of the data folder, skips the bad ones (naming each and the
 /// reason), and assembles the rest. Fails only when no valid data is left.
 pub fn load_dataset(spec: &DataSpec) -> Result<Dataset, DataError> {
-    if matches!(spec.format, DataFormat::ImageFolder | DataFormat::TextTsv) {
-        return Err(DataError::Unsupported(spec.format));
+    if spec.format == DataFormat::TextTsv {
+        return text_tsv::load(spec);
     }
     let paths = list_files(spec)?;
     let mut skipped = Vec::new();
@@ -363,7 +453,12 @@ pub fn load_dataset(spec: &DataSpec) -> Result<Dataset, DataError> {
         return Err(DataError::NoData {
             dir: spec.dir.clone(),
             reason: if paths.is_empty() {
-                format!("no *.{} files", spec.format.extension())
+                match spec.format {
+                    DataFormat::ImageFolder => {
+                        "no class folders with *.png / *.jpg images".to_string()
+                    }
+                    _ => format!("no *.{} files", spec.format.extension()),
+                }
             } else {
                 format!("all {} files were rejected", paths.len())
             },
@@ -440,6 +535,7 @@ pub fn load_dataset(spec: &DataSpec) -> Result<Dataset, DataError> {
         origins,
         files,
         skipped,
+        vocab: None,
     })
 }
 

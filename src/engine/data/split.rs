@@ -3,6 +3,8 @@
 
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
+use super::DataFormat;
+
 /// Which split a sample belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Split {
@@ -37,9 +39,42 @@ pub fn split_of(file: &str, index: u64, seed: u64, val_fraction: f64, test_fract
     }
 }
 
+/// The split a file is named for, if any: a top-level file whose stem is
+/// `train`, `dev` / `val` / `valid` / `validation` or `test` (`train.txt`,
+/// `dev.csv`), or for `image-folder` an image under a top-level `train/`,
+/// `dev/`, `val/`, `valid/` or `test/` folder that holds class folders.
+pub fn fixed_split(file: &str, format: DataFormat) -> Option<Split> {
+    let parts: Vec<&str> = file.split('/').collect();
+    let key = match (format, parts.as_slice()) {
+        (DataFormat::ImageFolder, [dir, _class, _, ..]) => *dir,
+        (DataFormat::ImageFolder, _) => return None,
+        (_, [name]) => name.rsplit_once('.').map(|(stem, _)| stem).unwrap_or(name),
+        _ => return None,
+    };
+    match key {
+        "train" => Some(Split::Train),
+        "dev" | "val" | "valid" | "validation" => Some(Split::Val),
+        "test" => Some(Split::Test),
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn files_named_for_a_split() {
+        use DataFormat::*;
+        assert_eq!(fixed_split("train.txt", TextTsv), Some(Split::Train));
+        assert_eq!(fixed_split("dev.txt", TextTsv), Some(Split::Val));
+        assert_eq!(fixed_split("test.csv", Csv), Some(Split::Test));
+        assert_eq!(fixed_split("news-2.txt", TextTsv), None);
+        assert_eq!(fixed_split("sub/train.txt", TextTsv), None);
+        assert_eq!(fixed_split("val/cat/1.png", ImageFolder), Some(Split::Val));
+        assert_eq!(fixed_split("test/1.png", ImageFolder), None);
+        assert_eq!(fixed_split("cat/1.png", ImageFolder), None);
+    }
 
     #[test]
     fn fractions_are_respected_and_stable() {

@@ -2,9 +2,13 @@
 //! architecture is built through a `VarBuilder`, so parameter names follow the
 //! module tree and match the PyTorch twin's `state_dict` keys.
 
+pub mod batchnorm;
+pub mod cnn;
+pub mod import;
 mod layers;
 mod mlp;
 pub mod params;
+pub mod textcnn;
 
 use candle_core::{Device, Tensor};
 use rand::SeedableRng;
@@ -12,7 +16,10 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 pub use layers::Activation;
+pub use cnn::{CnnSpec, ConvBlockSpec, ConvNet};
+pub use import::{load_init, InitMapping, InitReport};
 pub use mlp::{Mlp, MlpSpec};
+pub use textcnn::{TextCnn, TextCnnSpec};
 pub use params::{matches_pattern, LoadError, ParamStore};
 
 /// An architecture and its sizes: everything needed to rebuild the model.
@@ -21,6 +28,12 @@ pub use params::{matches_pattern, LoadError, ParamStore};
 #[serde(tag = "arch", rename_all = "lowercase")]
 pub enum ModelSpec {
     Mlp(MlpSpec),
+    /// Image classifier over `[C, H, W]` samples.
+    Cnn(CnnSpec),
+    /// Signal classifier over `[C, L]` samples.
+    Cnn1d(CnnSpec),
+    /// Text classifier over token ids.
+    TextCnn(TextCnnSpec),
 }
 
 impl ModelSpec {
@@ -28,6 +41,8 @@ impl ModelSpec {
     pub fn num_classes(&self) -> usize {
         match self {
             ModelSpec::Mlp(s) => s.num_classes,
+            ModelSpec::Cnn(s) | ModelSpec::Cnn1d(s) => s.num_classes,
+            ModelSpec::TextCnn(s) => s.num_classes,
         }
     }
 
@@ -35,6 +50,9 @@ impl ModelSpec {
     pub fn arch_name(&self) -> &'static str {
         match self {
             ModelSpec::Mlp(_) => "mlp",
+            ModelSpec::Cnn(_) => "cnn",
+            ModelSpec::Cnn1d(_) => "cnn1d",
+            ModelSpec::TextCnn(_) => "textcnn",
         }
     }
 }
@@ -44,6 +62,9 @@ pub struct ForwardCtx {
     /// `true` as after `model.train()`, `false` as after `model.eval()`.
     pub train: bool,
     rng: ChaCha8Rng,
+    /// Parameter-name patterns held fixed (`model.freeze`): batch-norm layers
+    /// whose weight matches keep their running statistics.
+    frozen: Vec<String>,
 }
 
 impl ForwardCtx {
@@ -52,6 +73,7 @@ impl ForwardCtx {
         Self {
             train: true,
             rng: ChaCha8Rng::seed_from_u64(seed),
+            frozen: Vec::new(),
         }
     }
 
@@ -60,7 +82,19 @@ impl ForwardCtx {
         Self {
             train: false,
             rng: ChaCha8Rng::seed_from_u64(0),
+            frozen: Vec::new(),
         }
+    }
+
+    /// The same context with frozen parameter-name patterns (`model.freeze`).
+    pub fn with_frozen(mut self, patterns: Vec<String>) -> Self {
+        self.frozen = patterns;
+        self
+    }
+
+    /// Whether the parameter `name` is frozen.
+    pub fn is_frozen(&self, name: &str) -> bool {
+        self.frozen.iter().any(|p| matches_pattern(p, name))
     }
 
     /// The RNG state, for resume.
@@ -94,9 +128,29 @@ pub trait Classifier: Send {
 /// Builds the model of `spec`, creating its parameters in `store`.
 pub fn build(spec: &ModelSpec, store: &ParamStore) -> candle_core::Result<Box<dyn Classifier>> {
     let vb = store.var_builder();
-    Ok(match spec {
+    let net: Box<dyn Classifier> = match spec {
         ModelSpec::Mlp(s) => Box::new(Mlp::new(s, vb)?),
-    })
+        ModelSpec::Cnn(s) | ModelSpec::Cnn1d(s) => {
+            let want = if matches!(spec, ModelSpec::Cnn(_)) { 2 } else { 1 };
+            if s.input_size.len() != want {
+                candle_core::bail!(
+                    "{} takes samples of {} but the spec has input size {:?}",
+                    spec.arch_name(),
+                    if want == 2 { "[C, H, W]" } else { "[C, L]" },
+                    s.input_size
+                );
+            }
+            Box::new(ConvNet::new(s, vb)?)
+        }
+        ModelSpec::TextCnn(s) => Box::new(TextCnn::new(s, vb)?),
+    };
+    // Batch-norm running statistics are state, not parameters.
+    for (name, _) in store.trainable() {
+        if batchnorm::BUFFER_SUFFIXES.iter().any(|s| name.ends_with(s)) {
+            store.mark_buffer(&name);
+        }
+    }
+    Ok(net)
 }
 
 /// A model with its parameters, ready to train or evaluate.

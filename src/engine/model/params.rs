@@ -136,6 +136,36 @@ impl ParamStore {
         Ok(())
     }
 
+    /// Overwrites the variables named in `tensors` and leaves the others as they
+    /// are. Every name must exist with the same shape; all problems are listed.
+    pub fn load_partial(&self, tensors: &HashMap<String, Tensor>) -> Result<(), LoadError> {
+        let g = self.lock();
+        let mut problems = String::new();
+        let mut names: Vec<&String> = tensors.keys().collect();
+        names.sort();
+        for name in &names {
+            match g.vars.get(*name).or_else(|| g.buffers.get(*name)) {
+                None => problems.push_str(&format!("\n  unexpected tensor `{name}`")),
+                Some(v) if v.dims() != tensors[*name].dims() => problems.push_str(&format!(
+                    "\n  `{name}` has shape {:?}, the model needs {:?}",
+                    tensors[*name].dims(),
+                    v.dims()
+                )),
+                Some(_) => {}
+            }
+        }
+        if !problems.is_empty() {
+            return Err(LoadError::Mismatch(problems));
+        }
+        for name in names {
+            if let Some(var) = g.vars.get(name).or_else(|| g.buffers.get(name)) {
+                let t = tensors[name].to_dtype(var.dtype())?.to_device(var.device())?;
+                var.set(&t)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Restores values from a snapshot taken with [`ParamStore::snapshot`].
     pub fn restore(&self, snapshot: &[(String, Tensor)]) -> Result<(), LoadError> {
         let map: HashMap<String, Tensor> = snapshot.iter().cloned().collect();

@@ -1,0 +1,155 @@
+//! Batch normalisation over the channel dimension (dim 1), as PyTorch's
+//! `nn.BatchNorm1d` / `nn.BatchNorm2d` with their defaults (`eps = 1e-5`,
+//! `momentum = 0.1`, affine, tracking running statistics).
+//!
+//! Parameters `weight` [C] (init 1) and `bias` [C] (init 0); buffers
+//! `running_mean` [C] (0), `running_var` [C] (1) and `num_batches_tracked` []
+//! (0). In training mode a batch is normalised with its own statistics (biased
+//! variance) and the running statistics move towards them (unbiased variance,
+//! as torch); in evaluation mode the running statistics are used. A layer whose
+//! `weight` is frozen (`model.freeze`) keeps using and keeping its running
+//! statistics in training too, as a frozen layer in PyTorch put in `.eval()`
+//! (torchvision's `FrozenBatchNorm2d`).
+
+use candle_core::{DType, Tensor, Var};
+use candle_nn::{Init, VarBuilder};
+
+use super::ForwardCtx;
+
+/// Names of the buffers a batch-norm layer keeps (never optimised).
+pub const BUFFER_SUFFIXES: [&str; 3] = [".running_mean", ".running_var", ".num_batches_tracked"];
+
+/// PyTorch's default `eps`.
+pub const EPS: f64 = 1e-5;
+/// PyTorch's default `momentum`.
+pub const MOMENTUM: f64 = 0.1;
+
+/// One batch-norm layer.
+pub struct BatchNorm {
+    weight: Tensor,
+    bias: Tensor,
+    running_mean: Var,
+    running_var: Var,
+    num_batches_tracked: Var,
+    channels: usize,
+    /// Full name of `weight`, to ask the context whether the layer is frozen.
+    weight_name: String,
+}
+
+impl BatchNorm {
+    /// Builds the layer's parameters and buffers under `vb`.
+    pub fn new(channels: usize, vb: VarBuilder) -> candle_core::Result<Self> {
+        let weight = vb.get_with_hints(channels, "weight", Init::Const(1.0))?;
+        let bias = vb.get_with_hints(channels, "bias", Init::Const(0.0))?;
+        let rm = vb.get_with_hints(channels, "running_mean", Init::Const(0.0))?;
+        let rv = vb.get_with_hints(channels, "running_var", Init::Const(1.0))?;
+        let nbt = vb.get_with_hints((), "num_batches_tracked", Init::Const(0.0))?;
+        let prefix = vb.prefix();
+        let weight_name = if prefix.is_empty() {
+            "weight".to_string()
+        } else {
+            format!("{prefix}.weight")
+        };
+        // The store hands out the variables' own tensors, so these share storage with it.
+        Ok(Self {
+            weight,
+            bias,
+            running_mean: Var::from_tensor(&rm)?,
+            running_var: Var::from_tensor(&rv)?,
+            num_batches_tracked: Var::from_tensor(&nbt)?,
+            channels,
+            weight_name,
+        })
+    }
+
+    /// Normalises `x` of shape [B, C, ...].
+    pub fn forward(&self, x: &Tensor, ctx: &ForwardCtx) -> candle_core::Result<Tensor> {
+        let rank = x.rank();
+        if rank < 2 || x.dim(1)? != self.channels {
+            candle_core::bail!(
+                "batch-norm over {} channels got input of shape {:?}",
+                self.channels,
+                x.dims()
+            );
+        }
+        let mut bshape = vec![1usize; rank];
+        bshape[1] = self.channels;
+        let reduce: Vec<usize> = (0..rank).filter(|&d| d != 1).collect();
+        let weight = self.weight.reshape(bshape.as_slice())?;
+        let bias = self.bias.reshape(bshape.as_slice())?;
+        let normalised = if ctx.train && !ctx.is_frozen(&self.weight_name) {
+            let n = x.elem_count() / self.channels;
+            let mean = x.mean_keepdim(reduce.as_slice())?;
+            let centred = x.broadcast_sub(&mean)?;
+            let var = centred.sqr()?.mean_keepdim(reduce.as_slice())?;
+            // Running statistics: outside the autograd graph, unbiased variance.
+            let m = MOMENTUM;
+            let batch_mean = mean.detach().flatten_all()?;
+            let unbiased = (var.detach().flatten_all()? * (n as f64 / (n.max(2) - 1) as f64))?;
+            let rm = ((self.running_mean.as_tensor() * (1.0 - m))? + (batch_mean * m)?)?;
+            let rv = ((self.running_var.as_tensor() * (1.0 - m))? + (unbiased * m)?)?;
+            self.running_mean.set(&rm)?;
+            self.running_var.set(&rv)?;
+            let nbt = (self.num_batches_tracked.as_tensor() + 1.0)?;
+            self.num_batches_tracked.set(&nbt)?;
+            centred.broadcast_div(&(var + EPS)?.sqrt()?)?
+        } else {
+            let rm = self
+                .running_mean
+                .as_tensor()
+                .detach()
+                .reshape(bshape.as_slice())?;
+            let rv = self
+                .running_var
+                .as_tensor()
+                .detach()
+                .reshape(bshape.as_slice())?;
+            x.broadcast_sub(&rm)?.broadcast_div(&(rv + EPS)?.sqrt()?)?
+        };
+        normalised.broadcast_mul(&weight)?.broadcast_add(&bias)
+    }
+
+    /// The current running mean (for tests).
+    pub fn running_mean(&self) -> candle_core::Result<Vec<f32>> {
+        self.running_mean.as_tensor().to_dtype(DType::F32)?.to_vec1()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::params::ParamStore;
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn train_mode_updates_running_statistics_like_torch() {
+        let store = ParamStore::new(0, &Device::Cpu);
+        let bn = BatchNorm::new(2, store.var_builder().pp("bn")).unwrap();
+        // Channel 0: values 1, 3 (two samples, one position); channel 1: 2, 6.
+        let x = Tensor::new(&[[[1f32], [2.]], [[3.], [6.]]], &Device::Cpu).unwrap();
+        let y = bn.forward(&x, &ForwardCtx::train(0)).unwrap();
+        let y = y.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        // (1 - 2) / sqrt(1 + eps) ~ -1
+        assert!((y[0] + 1.0).abs() < 1e-4, "{y:?}");
+        assert_eq!(bn.running_mean().unwrap(), vec![0.2, 0.4]);
+        let rv = store
+            .state_dict()
+            .into_iter()
+            .find(|(n, _)| n == "bn.running_var")
+            .unwrap()
+            .1
+            .to_vec1::<f32>()
+            .unwrap();
+        // unbiased var: ch0 = 2, ch1 = 8 -> 0.9 + 0.1 * v
+        assert!((rv[0] - 1.1).abs() < 1e-6 && (rv[1] - 1.7).abs() < 1e-6, "{rv:?}");
+        // Eval mode uses the running statistics and changes nothing.
+        let e = bn.forward(&x, &ForwardCtx::eval()).unwrap();
+        let e = e.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert!((e[0] - (1.0 - 0.2) / (1.1f32 + 1e-5).sqrt()).abs() < 1e-5);
+        assert_eq!(bn.running_mean().unwrap(), vec![0.2, 0.4]);
+        // A frozen layer behaves as in eval mode even in training.
+        let frozen = ForwardCtx::train(0).with_frozen(vec!["bn.*".into()]);
+        bn.forward(&x, &frozen).unwrap();
+        assert_eq!(bn.running_mean().unwrap(), vec![0.2, 0.4]);
+    }
+}

@@ -1,0 +1,324 @@
+//! `cnn` (images `[C, H, W]`) and `cnn1d` (signals `[C, L]`): a stack of conv
+//! blocks (convolution, optional batch-norm, activation, optional max-pool),
+//! global average pooling, dropout and a linear head.
+//!
+//! PyTorch twin (parameter names `features.{i}.conv.weight|bias`,
+//! `features.{i}.bn.weight|bias|running_mean|running_var|num_batches_tracked`,
+//! `head.weight|bias`; the full classes are in `scripts/pytorch_twins.py`):
+//! ```python
+//! class ConvBlock(nn.Module):
+//!     def __init__(self, dim, cin, cout, kernel, stride, padding, batch_norm, pool, act):
+//!         Conv, BN, Pool = (nn.Conv2d, nn.BatchNorm2d, nn.MaxPool2d) if dim == 2 else \
+//!                          (nn.Conv1d, nn.BatchNorm1d, nn.MaxPool1d)
+//!         self.conv = Conv(cin, cout, kernel, stride, padding, bias=not batch_norm)
+//!         self.bn = BN(cout) if batch_norm else None
+//!         self.act, self.pool = act(), (Pool(pool) if pool > 1 else None)
+//!     def forward(self, x):
+//!         x = self.conv(x)
+//!         if self.bn is not None: x = self.bn(x)
+//!         x = self.act(x)
+//!         return self.pool(x) if self.pool is not None else x
+//!
+//! class CNN(nn.Module):  # dim = 2 for cnn, 1 for cnn1d
+//!     def __init__(self, dim, in_channels, blocks, num_classes, dropout=0.0, act=nn.ReLU):
+//!         self.features = nn.Sequential(*[ConvBlock(dim, ...) for each block])
+//!         self.drop, self.head = nn.Dropout(dropout), nn.Linear(blocks[-1].out_channels, num_classes)
+//!     def forward(self, x):
+//!         x = self.features(x)
+//!         x = x.mean(dim=tuple(range(2, x.dim())))   # global average pooling
+//!         return self.head(self.drop(x))
+//! ```
+
+use candle_core::{Module, Tensor};
+use candle_nn::{Init, Linear, VarBuilder};
+use serde::{Deserialize, Serialize};
+
+use super::batchnorm::BatchNorm;
+use super::layers::{linear, Activation};
+use super::{Classifier, ForwardCtx};
+
+/// One conv block.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConvBlockSpec {
+    pub out_channels: usize,
+    pub kernel_size: usize,
+    pub stride: usize,
+    pub padding: usize,
+    /// Batch-norm after the convolution (the convolution then has no bias).
+    pub batch_norm: bool,
+    /// Max-pool window (and stride) after the activation; 1 means no pooling.
+    pub pool: usize,
+}
+
+/// Sizes of a `cnn` or `cnn1d`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CnnSpec {
+    /// Channels of one sample.
+    pub in_channels: usize,
+    /// Spatial size of one sample: `[H, W]` for `cnn`, `[L]` for `cnn1d`.
+    pub input_size: Vec<usize>,
+    pub blocks: Vec<ConvBlockSpec>,
+    pub num_classes: usize,
+    #[serde(default)]
+    pub activation: Activation,
+    #[serde(default)]
+    pub dropout: f64,
+}
+
+impl CnnSpec {
+    /// Spatial size after each block; an error names the block that runs out of input.
+    pub fn feature_sizes(&self) -> Result<Vec<Vec<usize>>, String> {
+        if self.blocks.is_empty() {
+            return Err("needs at least one conv block".into());
+        }
+        let mut size = self.input_size.clone();
+        let mut out = Vec::with_capacity(self.blocks.len());
+        for (i, b) in self.blocks.iter().enumerate() {
+            if b.out_channels == 0 || b.kernel_size == 0 || b.stride == 0 || b.pool == 0 {
+                return Err(format!(
+                    "block {i}: channels, kernel_size, stride and pool must be >= 1"
+                ));
+            }
+            for n in size.iter_mut() {
+                let padded = *n + 2 * b.padding;
+                if padded < b.kernel_size {
+                    return Err(format!(
+                        "block {i}: input of size {:?} (padded {padded}) is smaller than kernel_size {}",
+                        self.input_size, b.kernel_size
+                    ));
+                }
+                let conv = (padded - b.kernel_size) / b.stride + 1;
+                if conv < b.pool {
+                    return Err(format!(
+                        "block {i}: feature map of size {conv} is smaller than pool {} (input {:?} is too small for this many blocks)",
+                        b.pool, self.input_size
+                    ));
+                }
+                *n = conv / b.pool;
+            }
+            out.push(size.clone());
+        }
+        Ok(out)
+    }
+}
+
+/// A convolution weight [out, in, k(, k)] and optional bias, PyTorch's init.
+struct Conv {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    stride: usize,
+    padding: usize,
+    dims: usize,
+}
+
+impl Conv {
+    fn new(
+        dims: usize,
+        cin: usize,
+        block: &ConvBlockSpec,
+        vb: VarBuilder,
+    ) -> candle_core::Result<Self> {
+        let k = block.kernel_size;
+        let fan_in = cin * k.pow(dims as u32);
+        // nn.Conv*d: kaiming_uniform(a=sqrt(5)) = U(-1/sqrt(fan_in), 1/sqrt(fan_in)), bias alike.
+        let bound = 1.0 / (fan_in.max(1) as f64).sqrt();
+        let init = Init::Uniform {
+            lo: -bound,
+            up: bound,
+        };
+        let mut shape = vec![block.out_channels, cin];
+        shape.extend(std::iter::repeat(k).take(dims));
+        let weight = vb.get_with_hints(shape.as_slice(), "weight", init)?;
+        let bias = if block.batch_norm {
+            None
+        } else {
+            Some(vb.get_with_hints(block.out_channels, "bias", init)?)
+        };
+        Ok(Self {
+            weight,
+            bias,
+            stride: block.stride,
+            padding: block.padding,
+            dims,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let y = if self.dims == 2 {
+            x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?
+        } else {
+            x.conv1d(&self.weight, self.padding, self.stride, 1, 1)?
+        };
+        match &self.bias {
+            None => Ok(y),
+            Some(b) => {
+                let mut shape = vec![1usize; y.rank()];
+                shape[1] = b.dim(0)?;
+                y.broadcast_add(&b.reshape(shape.as_slice())?)
+            }
+        }
+    }
+}
+
+struct Block {
+    conv: Conv,
+    bn: Option<BatchNorm>,
+    pool: usize,
+}
+
+/// A `cnn` or `cnn1d`.
+pub struct ConvNet {
+    spec: CnnSpec,
+    blocks: Vec<Block>,
+    head: Linear,
+}
+
+impl ConvNet {
+    /// Builds the network under `vb` (`features.N.*`, `head.*`).
+    pub fn new(spec: &CnnSpec, vb: VarBuilder) -> candle_core::Result<Self> {
+        let dims = spec.input_size.len();
+        if !(dims == 1 || dims == 2) {
+            candle_core::bail!("a conv net takes [C, L] or [C, H, W] samples");
+        }
+        spec.feature_sizes().map_err(candle_core::Error::msg)?;
+        let fv = vb.pp("features");
+        let mut cin = spec.in_channels;
+        let mut blocks = Vec::with_capacity(spec.blocks.len());
+        for (i, b) in spec.blocks.iter().enumerate() {
+            let bv = fv.pp(i.to_string());
+            let conv = Conv::new(dims, cin, b, bv.pp("conv"))?;
+            let bn = if b.batch_norm {
+                Some(BatchNorm::new(b.out_channels, bv.pp("bn"))?)
+            } else {
+                None
+            };
+            blocks.push(Block {
+                conv,
+                bn,
+                pool: b.pool,
+            });
+            cin = b.out_channels;
+        }
+        let head = linear(cin, spec.num_classes, vb.pp("head"))?;
+        Ok(Self {
+            spec: spec.clone(),
+            blocks,
+            head,
+        })
+    }
+}
+
+impl Classifier for ConvNet {
+    fn forward(&self, x: &Tensor, ctx: &mut ForwardCtx) -> candle_core::Result<Tensor> {
+        let b = x.dim(0)?;
+        let mut shape = vec![b, self.spec.in_channels];
+        shape.extend_from_slice(&self.spec.input_size);
+        let mut x = x.reshape(shape.as_slice())?;
+        let two_d = self.spec.input_size.len() == 2;
+        for block in &self.blocks {
+            x = block.conv.forward(&x)?;
+            if let Some(bn) = &block.bn {
+                x = bn.forward(&x, ctx)?;
+            }
+            x = self.spec.activation.apply(&x)?;
+            if block.pool > 1 {
+                x = if two_d {
+                    x.max_pool2d(block.pool)?
+                } else {
+                    x.unsqueeze(2)?.max_pool2d((1, block.pool))?.squeeze(2)?
+                };
+            }
+        }
+        let x = if two_d { x.mean((2, 3))? } else { x.mean(2)? };
+        let x = ctx.dropout(&x, self.spec.dropout)?;
+        self.head.forward(&x)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{Model, ModelSpec};
+    use super::*;
+    use candle_core::{DType, Device};
+
+    fn block(out: usize, bn: bool, pool: usize) -> ConvBlockSpec {
+        ConvBlockSpec {
+            out_channels: out,
+            kernel_size: 3,
+            stride: 1,
+            padding: 1,
+            batch_norm: bn,
+            pool,
+        }
+    }
+
+    #[test]
+    fn names_shapes_and_output() {
+        let spec = CnnSpec {
+            in_channels: 3,
+            input_size: vec![8, 10],
+            blocks: vec![block(4, true, 2), block(5, false, 2)],
+            num_classes: 3,
+            activation: Activation::Relu,
+            dropout: 0.0,
+        };
+        assert_eq!(spec.feature_sizes().unwrap(), vec![vec![4, 5], vec![2, 2]]);
+        let m = Model::new(ModelSpec::Cnn(spec), 1, &Device::Cpu).unwrap();
+        let names: Vec<(String, Vec<usize>)> = m
+            .params
+            .state_dict()
+            .into_iter()
+            .map(|(n, t)| (n, t.dims().to_vec()))
+            .collect();
+        assert_eq!(
+            names,
+            vec![
+                ("features.0.bn.bias".into(), vec![4]),
+                ("features.0.bn.num_batches_tracked".into(), vec![]),
+                ("features.0.bn.running_mean".into(), vec![4]),
+                ("features.0.bn.running_var".into(), vec![4]),
+                ("features.0.bn.weight".into(), vec![4]),
+                ("features.0.conv.weight".into(), vec![4, 3, 3, 3]),
+                ("features.1.conv.bias".into(), vec![5]),
+                ("features.1.conv.weight".into(), vec![5, 4, 3, 3]),
+                ("head.bias".into(), vec![3]),
+                ("head.weight".into(), vec![3, 5]),
+            ]
+        );
+        // Buffers are not trainable.
+        assert!(m.params.trainable().iter().all(|(n, _)| !n.contains("running")));
+        let x = Tensor::ones((2, 3, 8, 10), DType::F32, &Device::Cpu).unwrap();
+        let y = m.forward(&x, &mut ForwardCtx::eval()).unwrap();
+        assert_eq!(y.dims(), &[2, 3]);
+    }
+
+    #[test]
+    fn one_d_takes_flat_signals() {
+        let spec = CnnSpec {
+            in_channels: 1,
+            input_size: vec![12],
+            blocks: vec![block(4, true, 2)],
+            num_classes: 2,
+            activation: Activation::Relu,
+            dropout: 0.0,
+        };
+        let m = Model::new(ModelSpec::Cnn1d(spec), 1, &Device::Cpu).unwrap();
+        let x = Tensor::ones((3, 12), DType::F32, &Device::Cpu).unwrap();
+        let y = m.forward(&x, &mut ForwardCtx::train(1)).unwrap();
+        assert_eq!(y.dims(), &[3, 2]);
+    }
+
+    #[test]
+    fn too_small_inputs_are_refused_with_the_block() {
+        let spec = CnnSpec {
+            in_channels: 1,
+            input_size: vec![4, 4],
+            blocks: vec![block(4, true, 2), block(4, true, 2), block(4, true, 2)],
+            num_classes: 2,
+            activation: Activation::Relu,
+            dropout: 0.0,
+        };
+        let e = spec.feature_sizes().unwrap_err();
+        assert!(e.contains("block 2"), "{e}");
+    }
+}
