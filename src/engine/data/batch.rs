@@ -92,11 +92,11 @@ impl Normalization {
         let mean = self
             .mean
             .iter()
-            .flat_map(|&m| std::iter::repeat(m).take(plane))
+            .flat_map(|&m| std::iter::repeat_n(m, plane))
             .collect();
         let inv = inv
             .iter()
-            .flat_map(|&s| std::iter::repeat(s).take(plane))
+            .flat_map(|&s| std::iter::repeat_n(s, plane))
             .collect();
         (mean, inv)
     }

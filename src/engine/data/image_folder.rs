@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use image::imageops::FilterType;
 use image::DynamicImage;
 
-use super::{relative_name, DataError, FileSamples, Features, RawLabels};
+use super::{relative_name, DataError, Features, FileSamples, RawLabels};
 
 /// File extensions read as images (case-insensitive).
 pub const EXTENSIONS: [&str; 3] = ["png", "jpg", "jpeg"];

@@ -212,7 +212,10 @@ mod tests {
 
     #[test]
     fn char_and_whitespace_tokens() {
-        assert_eq!(tokenize("中国 队", TokenizerKind::Char), vec!["中", "国", " ", "队"]);
+        assert_eq!(
+            tokenize("中国 队", TokenizerKind::Char),
+            vec!["中", "国", " ", "队"]
+        );
         assert_eq!(
             tokenize("  the  cat sat ", TokenizerKind::Whitespace),
             vec!["the", "cat", "sat"]
@@ -248,6 +251,9 @@ mod tests {
         std::fs::write(&p, "a\nb\na\n").unwrap();
         assert!(Vocab::read(&p).unwrap_err().contains("twice"));
         std::fs::write(&p, "a\nb\n").unwrap();
-        assert_eq!(Vocab::read(&p).unwrap().tokens(), &["a", "b", "<UNK>", "<PAD>"]);
+        assert_eq!(
+            Vocab::read(&p).unwrap().tokens(),
+            &["a", "b", "<UNK>", "<PAD>"]
+        );
     }
 }

@@ -111,7 +111,10 @@ impl BatchNorm {
 
     /// The current running mean (for tests).
     pub fn running_mean(&self) -> candle_core::Result<Vec<f32>> {
-        self.running_mean.as_tensor().to_dtype(DType::F32)?.to_vec1()
+        self.running_mean
+            .as_tensor()
+            .to_dtype(DType::F32)?
+            .to_vec1()
     }
 }
 
@@ -141,7 +144,10 @@ mod tests {
             .to_vec1::<f32>()
             .unwrap();
         // unbiased var: ch0 = 2, ch1 = 8 -> 0.9 + 0.1 * v
-        assert!((rv[0] - 1.1).abs() < 1e-6 && (rv[1] - 1.7).abs() < 1e-6, "{rv:?}");
+        assert!(
+            (rv[0] - 1.1).abs() < 1e-6 && (rv[1] - 1.7).abs() < 1e-6,
+            "{rv:?}"
+        );
         // Eval mode uses the running statistics and changes nothing.
         let e = bn.forward(&x, &ForwardCtx::eval()).unwrap();
         let e = e.flatten_all().unwrap().to_vec1::<f32>().unwrap();

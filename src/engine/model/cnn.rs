@@ -127,7 +127,7 @@ impl Conv {
             up: bound,
         };
         let mut shape = vec![block.out_channels, cin];
-        shape.extend(std::iter::repeat(k).take(dims));
+        shape.extend(std::iter::repeat_n(k, dims));
         let weight = vb.get_with_hints(shape.as_slice(), "weight", init)?;
         let bias = if block.batch_norm {
             None
@@ -286,7 +286,11 @@ mod tests {
             ]
         );
         // Buffers are not trainable.
-        assert!(m.params.trainable().iter().all(|(n, _)| !n.contains("running")));
+        assert!(m
+            .params
+            .trainable()
+            .iter()
+            .all(|(n, _)| !n.contains("running")));
         let x = Tensor::ones((2, 3, 8, 10), DType::F32, &Device::Cpu).unwrap();
         let y = m.forward(&x, &mut ForwardCtx::eval()).unwrap();
         assert_eq!(y.dims(), &[2, 3]);

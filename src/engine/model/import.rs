@@ -209,7 +209,10 @@ pub fn load_init(
 }
 
 /// A prefix that, removed from unexpected names, gives model names.
-fn common_prefix_hint(model: &BTreeMap<String, Vec<usize>>, unexpected: &[&String]) -> Option<String> {
+fn common_prefix_hint(
+    model: &BTreeMap<String, Vec<usize>>,
+    unexpected: &[&String],
+) -> Option<String> {
     for u in unexpected {
         for m in model.keys() {
             if u.len() > m.len() && u.ends_with(m.as_str()) {
@@ -242,8 +245,10 @@ mod tests {
     fn store() -> ParamStore {
         let s = ParamStore::new(0, &Device::Cpu);
         let vb = s.var_builder();
-        vb.get_with_hints((2, 3), "features.0.weight", Init::Const(0.0)).unwrap();
-        vb.get_with_hints((4, 2), "head.weight", Init::Const(7.0)).unwrap();
+        vb.get_with_hints((2, 3), "features.0.weight", Init::Const(0.0))
+            .unwrap();
+        vb.get_with_hints((4, 2), "head.weight", Init::Const(7.0))
+            .unwrap();
         vb.get_with_hints(4, "head.bias", Init::Const(7.0)).unwrap();
         s
     }
@@ -270,7 +275,10 @@ mod tests {
         assert_eq!(r.outside_prefix, 1);
         assert_eq!(r.reinitialised, vec!["head.bias", "head.weight"]);
         let sd: HashMap<String, Tensor> = s.state_dict().into_iter().collect();
-        assert_eq!(sd["features.0.weight"].to_vec2::<f32>().unwrap(), vec![vec![1.0; 3]; 2]);
+        assert_eq!(
+            sd["features.0.weight"].to_vec2::<f32>().unwrap(),
+            vec![vec![1.0; 3]; 2]
+        );
         assert_eq!(sd["head.bias"].to_vec1::<f32>().unwrap(), vec![7.0; 4]);
     }
 
@@ -285,7 +293,9 @@ mod tests {
             rename: vec![("nothing".into(), "x".into())],
             reinit: vec!["tail.*".into()],
         };
-        let e = load_init(&s, file.clone(), &mapping).unwrap_err().to_string();
+        let e = load_init(&s, file.clone(), &mapping)
+            .unwrap_err()
+            .to_string();
         for want in [
             "model.rename \"nothing\" = \"x\" matches no tensor",
             "model.reinit pattern \"tail.*\" matches no parameter",
@@ -306,7 +316,10 @@ mod tests {
         )
         .unwrap_err()
         .to_string();
-        assert!(e.contains("`head.weight` has shape [10, 2], the model needs [4, 2]"), "{e}");
+        assert!(
+            e.contains("`head.weight` has shape [10, 2], the model needs [4, 2]"),
+            "{e}"
+        );
         assert!(e.contains("model.reinit = [\"head.*\"]"), "{e}");
     }
 }

@@ -195,8 +195,10 @@ mod tests {
     fn seed_names_and_padding_row() {
         let m = Model::new(ModelSpec::TextCnn(spec()), 1, &Device::Cpu).unwrap();
         let sd = m.params.state_dict();
-        let names: Vec<(String, Vec<usize>)> =
-            sd.iter().map(|(n, t)| (n.clone(), t.dims().to_vec())).collect();
+        let names: Vec<(String, Vec<usize>)> = sd
+            .iter()
+            .map(|(n, t)| (n.clone(), t.dims().to_vec()))
+            .collect();
         assert_eq!(
             names,
             vec![
@@ -217,8 +219,11 @@ mod tests {
     #[test]
     fn padding_row_gets_no_gradient() {
         let m = Model::new(ModelSpec::TextCnn(spec()), 1, &Device::Cpu).unwrap();
-        let x = Tensor::new(&[[1f32, 2., 3., 9., 9., 9.], [4., 4., 9., 9., 9., 9.]], &Device::Cpu)
-            .unwrap();
+        let x = Tensor::new(
+            &[[1f32, 2., 3., 9., 9., 9.], [4., 4., 9., 9., 9., 9.]],
+            &Device::Cpu,
+        )
+        .unwrap();
         let y = m.forward(&x, &mut ForwardCtx::eval()).unwrap();
         assert_eq!(y.dims(), &[2, 3]);
         let grads = y.sum_all().unwrap().backward().unwrap();
@@ -228,7 +233,11 @@ mod tests {
             .into_iter()
             .find(|(n, _)| n == "embedding.weight")
             .unwrap();
-        let g = grads.get(emb.as_tensor()).unwrap().to_vec2::<f32>().unwrap();
+        let g = grads
+            .get(emb.as_tensor())
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
         assert_eq!(g[9], vec![0.0; 4]);
         assert!(g[1].iter().any(|v| *v != 0.0));
         assert_eq!(g[0], vec![0.0; 4]);
