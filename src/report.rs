@@ -60,7 +60,10 @@ pub fn eval_text(title: &str, rep: &EvalReport) -> String {
             c.class, c.precision, c.recall, c.f1, c.support
         );
     }
-    let _ = writeln!(s, "  confusion matrix (rows: true class, columns: predicted):");
+    let _ = writeln!(
+        s,
+        "  confusion matrix (rows: true class, columns: predicted):"
+    );
     let cell = rep
         .confusion_matrix
         .iter()
@@ -140,7 +143,10 @@ mod tests {
         let l = metrics_line(&m);
         assert!(l.ends_with("Time: 1:01:01 *"), "{l}");
         assert!(l.contains("Val Acc:   92.50%"), "{l}");
-        let l = metrics_line(&Metrics { improved: false, ..m });
+        let l = metrics_line(&Metrics {
+            improved: false,
+            ..m
+        });
         assert!(l.ends_with("1:01:01"), "{l}");
     }
 }

@@ -62,11 +62,7 @@ fn loss(
 ) -> Tensor {
     let w = params["weight"].as_tensor();
     let b = params["bias"].as_tensor();
-    let mut logits = x
-        .matmul(&w.t().unwrap())
-        .unwrap()
-        .broadcast_add(b)
-        .unwrap();
+    let mut logits = x.matmul(&w.t().unwrap()).unwrap().broadcast_add(b).unwrap();
     if step >= scale_from_step {
         logits = logits.broadcast_mul(params["scale"].as_tensor()).unwrap();
     }

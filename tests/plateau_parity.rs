@@ -45,8 +45,7 @@ fn same(a: f64, b: f64) -> bool {
 #[test]
 fn plateau_matches_torch() {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/plateau/cases.json");
-    let fixture: Fixture =
-        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let fixture: Fixture = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
     assert!(!fixture.cases.is_empty());
     for case in &fixture.cases {
         let n = case.metrics.len();
@@ -69,11 +68,27 @@ fn plateau_matches_torch() {
             }
             lr = new_lr;
             let at = format!("{} step {}", case.name, i + 1);
-            assert!(same(lr, case.lrs[i]), "{at}: lr {lr} != torch {}", case.lrs[i]);
+            assert!(
+                same(lr, case.lrs[i]),
+                "{at}: lr {lr} != torch {}",
+                case.lrs[i]
+            );
             let best = parse_best(&case.best[i]);
-            assert!(same(sched.best(), best), "{at}: best {} != torch {best}", sched.best());
-            assert_eq!(sched.num_bad_epochs(), case.num_bad_epochs[i], "{at}: num_bad_epochs");
-            assert_eq!(sched.cooldown_counter(), case.cooldown_counter[i], "{at}: cooldown_counter");
+            assert!(
+                same(sched.best(), best),
+                "{at}: best {} != torch {best}",
+                sched.best()
+            );
+            assert_eq!(
+                sched.num_bad_epochs(),
+                case.num_bad_epochs[i],
+                "{at}: num_bad_epochs"
+            );
+            assert_eq!(
+                sched.cooldown_counter(),
+                case.cooldown_counter[i],
+                "{at}: cooldown_counter"
+            );
         }
         println!(
             "{:<26} {n} steps, {reductions} reductions, final lr {lr:e}: matches torch",

@@ -14,6 +14,11 @@ use super::data::{DataFormat, Normalization, TokenizerKind, Vocab};
 use super::fsutil::atomic_write;
 use super::model::ModelSpec;
 
+/// Tensors by name.
+pub type TensorMap = HashMap<String, Tensor>;
+/// A safetensors file's `__metadata__` map.
+pub type Metadata = HashMap<String, String>;
+
 /// Marks files written by this program (metadata key `format`).
 pub const FORMAT: &str = "edge-trainer/1";
 
@@ -103,7 +108,8 @@ impl CheckpointMeta {
             }
         }
         let json = |k: &str| -> Result<serde_json::Value, String> {
-            serde_json::from_str(get(k)?).map_err(|e| format!("metadata `{k}` is not valid JSON: {e}"))
+            serde_json::from_str(get(k)?)
+                .map_err(|e| format!("metadata `{k}` is not valid JSON: {e}"))
         };
         let parse = |k: &str| -> Result<u64, String> {
             get(k)?
@@ -156,7 +162,11 @@ pub fn to_safetensors_bytes(
 }
 
 /// Writes a checkpoint atomically.
-pub fn save(path: &Path, tensors: &[(String, Tensor)], meta: &CheckpointMeta) -> Result<(), CheckpointError> {
+pub fn save(
+    path: &Path,
+    tensors: &[(String, Tensor)],
+    meta: &CheckpointMeta,
+) -> Result<(), CheckpointError> {
     let err = |reason: String| CheckpointError::Write {
         path: path.to_path_buf(),
         reason,
@@ -170,7 +180,7 @@ pub fn save(path: &Path, tensors: &[(String, Tensor)], meta: &CheckpointMeta) ->
 pub fn read_tensors(
     path: &Path,
     device: &Device,
-) -> Result<(HashMap<String, Tensor>, HashMap<String, String>), CheckpointError> {
+) -> Result<(TensorMap, Metadata), CheckpointError> {
     let err = |reason: String| CheckpointError::Read {
         path: path.to_path_buf(),
         reason,
@@ -299,7 +309,10 @@ mod tests {
         let p = dir.path().join("x.safetensors");
         std::fs::write(&p, b"definitely not safetensors").unwrap();
         let e = load(&p, &Device::Cpu).err().unwrap().to_string();
-        assert!(e.contains("x.safetensors") && e.contains("not a valid safetensors"), "{e}");
+        assert!(
+            e.contains("x.safetensors") && e.contains("not a valid safetensors"),
+            "{e}"
+        );
         let t = Tensor::zeros(2, candle_core::DType::F32, &Device::Cpu).unwrap();
         let bytes = to_safetensors_bytes(&[("w".into(), t)], None).unwrap();
         std::fs::write(&p, bytes).unwrap();

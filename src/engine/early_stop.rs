@@ -73,8 +73,10 @@ impl EarlyStopping {
         if improved {
             self.best = Some(value);
         }
-        let significant =
-            finite && self.reference.is_none_or(|r| self.better(value, r, self.cfg.min_delta));
+        let significant = finite
+            && self
+                .reference
+                .is_none_or(|r| self.better(value, r, self.cfg.min_delta));
         if significant {
             self.reference = Some(value);
             self.wait = 0;
@@ -113,21 +115,58 @@ mod tests {
         let t = true;
         let f = false;
         // (mode, patience, min_delta, values, expected (improved, stop) per step)
-        let cases: Vec<(Mode, usize, f64, Vec<f64>, Vec<(bool, bool)>)> = vec![
+        type Case = (Mode, usize, f64, Vec<f64>, Vec<(bool, bool)>);
+        let cases: Vec<Case> = vec![
             // Steady improvement never stops.
-            (Mode::Min, 2, 0.0, vec![3.0, 2.0, 1.0], vec![(t, f), (t, f), (t, f)]),
+            (
+                Mode::Min,
+                2,
+                0.0,
+                vec![3.0, 2.0, 1.0],
+                vec![(t, f), (t, f), (t, f)],
+            ),
             // Two evaluations without improvement with patience 2: stop at the second.
-            (Mode::Min, 2, 0.0, vec![1.0, 1.5, 1.2], vec![(t, f), (f, f), (f, t)]),
+            (
+                Mode::Min,
+                2,
+                0.0,
+                vec![1.0, 1.5, 1.2],
+                vec![(t, f), (f, f), (f, t)],
+            ),
             // An equal value is not an improvement.
             (Mode::Min, 1, 0.0, vec![1.0, 1.0], vec![(t, f), (f, t)]),
             // Max mode.
-            (Mode::Max, 2, 0.0, vec![0.5, 0.6, 0.6, 0.55], vec![(t, f), (t, f), (f, f), (f, t)]),
+            (
+                Mode::Max,
+                2,
+                0.0,
+                vec![0.5, 0.6, 0.6, 0.55],
+                vec![(t, f), (t, f), (f, f), (f, t)],
+            ),
             // Improvements smaller than min_delta save a better model but do not reset patience.
-            (Mode::Min, 2, 0.1, vec![1.0, 0.95, 0.93], vec![(t, f), (t, f), (t, t)]),
+            (
+                Mode::Min,
+                2,
+                0.1,
+                vec![1.0, 0.95, 0.93],
+                vec![(t, f), (t, f), (t, t)],
+            ),
             // A large enough improvement resets the wait.
-            (Mode::Min, 2, 0.1, vec![1.0, 1.05, 0.8, 0.85, 0.9], vec![(t, f), (f, f), (t, f), (f, f), (f, t)]),
+            (
+                Mode::Min,
+                2,
+                0.1,
+                vec![1.0, 1.05, 0.8, 0.85, 0.9],
+                vec![(t, f), (f, f), (t, f), (f, f), (f, t)],
+            ),
             // NaN is never an improvement and counts as a bad evaluation.
-            (Mode::Min, 2, 0.0, vec![f64::NAN, 1.0, f64::NAN, f64::NAN], vec![(f, f), (t, f), (f, f), (f, t)]),
+            (
+                Mode::Min,
+                2,
+                0.0,
+                vec![f64::NAN, 1.0, f64::NAN, f64::NAN],
+                vec![(f, f), (t, f), (f, f), (f, t)],
+            ),
         ];
         for (i, (mode, p, d, values, want)) in cases.into_iter().enumerate() {
             assert_eq!(run(mode, p, d, &values), want, "case {i}");

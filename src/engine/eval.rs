@@ -77,8 +77,16 @@ impl Confusion {
                 let tp = self.matrix[c][c] as f64;
                 let support: u64 = self.matrix[c].iter().sum();
                 let predicted: u64 = (0..n).map(|r| self.matrix[r][c]).sum();
-                let precision = if predicted == 0 { 0.0 } else { tp / predicted as f64 };
-                let recall = if support == 0 { 0.0 } else { tp / support as f64 };
+                let precision = if predicted == 0 {
+                    0.0
+                } else {
+                    tp / predicted as f64
+                };
+                let recall = if support == 0 {
+                    0.0
+                } else {
+                    tp / support as f64
+                };
                 let f1 = if precision + recall == 0.0 {
                     0.0
                 } else {
@@ -132,7 +140,11 @@ pub fn evaluate(
         per_class.iter().map(|c| c.f1).sum::<f64>() / per_class.len() as f64
     };
     Ok(EvalReport {
-        loss: if loss_den > 0.0 { loss_num / loss_den } else { f64::NAN },
+        loss: if loss_den > 0.0 {
+            loss_num / loss_den
+        } else {
+            f64::NAN
+        },
         accuracy: confusion.accuracy(),
         samples: confusion.total(),
         per_class,

@@ -53,12 +53,13 @@ impl CrossEntropy {
             }
         }
         let logp = candle_nn::ops::log_softmax(logits, D::Minus1)?;
-        let picked = logp
-            .gather(&targets.unsqueeze(1)?, 1)?
-            .squeeze(1)?
-            .neg()?; // [B]
+        let picked = logp.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)?.neg()?; // [B]
         let (nll_sum, denom, w_row) = match &self.weights {
-            None => (picked.sum_all()?, Tensor::new(b as f32, logits.device())?, None),
+            None => (
+                picked.sum_all()?,
+                Tensor::new(b as f32, logits.device())?,
+                None,
+            ),
             Some(w) => {
                 let wy = w.index_select(targets, 0)?; // [B]
                 (
@@ -114,10 +115,19 @@ mod tests {
     fn weighted_and_smoothed() {
         let (l, y) = setup();
         let ce = CrossEntropy::new(Some(&[1.0, 2.0, 3.0]), 0.0, &Device::Cpu).unwrap();
-        close(ce.forward(&l, &y).unwrap().loss.to_scalar::<f32>().unwrap() as f64, 0.8117850);
+        close(
+            ce.forward(&l, &y).unwrap().loss.to_scalar::<f32>().unwrap() as f64,
+            0.8117850,
+        );
         let ce = CrossEntropy::new(None, 0.1, &Device::Cpu).unwrap();
-        close(ce.forward(&l, &y).unwrap().loss.to_scalar::<f32>().unwrap() as f64, 0.7016271);
+        close(
+            ce.forward(&l, &y).unwrap().loss.to_scalar::<f32>().unwrap() as f64,
+            0.7016271,
+        );
         let ce = CrossEntropy::new(Some(&[1.0, 2.0, 3.0]), 0.2, &Device::Cpu).unwrap();
-        close(ce.forward(&l, &y).unwrap().loss.to_scalar::<f32>().unwrap() as f64, 0.9804201);
+        close(
+            ce.forward(&l, &y).unwrap().loss.to_scalar::<f32>().unwrap() as f64,
+            0.9804201,
+        );
     }
 }

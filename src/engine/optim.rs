@@ -900,7 +900,11 @@ mod tests {
                         Some(b) => c.momentum * b + (1.0 - c.dampening) * d,
                     };
                     s.buf = Some(buf);
-                    d = if c.nesterov { d + c.momentum * buf } else { buf };
+                    d = if c.nesterov {
+                        d + c.momentum * buf
+                    } else {
+                        buf
+                    };
                 }
                 p - c.lr * d
             }
@@ -972,7 +976,10 @@ mod tests {
                 }
                 let got = values(&w);
                 for (a, b) in got.iter().zip(&expected) {
-                    assert!((a - b).abs() < 1e-12, "{c:?}: got {got:?}, expected {expected:?}");
+                    assert!(
+                        (a - b).abs() < 1e-12,
+                        "{c:?}: got {got:?}, expected {expected:?}"
+                    );
                 }
             }
         }
@@ -1086,8 +1093,7 @@ mod tests {
 
             // Save through a safetensors file and JSON, as a checkpoint would.
             let path = dir.path().join(format!("state{i}.safetensors"));
-            let tensors: HashMap<String, Tensor> =
-                a.state_tensors().unwrap().into_iter().collect();
+            let tensors: HashMap<String, Tensor> = a.state_tensors().unwrap().into_iter().collect();
             candle_core::safetensors::save(&tensors, &path).unwrap();
             let meta_json = serde_json::to_string(&a.state_meta()).unwrap();
 
@@ -1162,7 +1168,10 @@ mod tests {
         }
 
         let mut t = tensors.clone();
-        t.insert("w.exp_avg".into(), Tensor::zeros(3, DType::F64, &Device::Cpu).unwrap());
+        t.insert(
+            "w.exp_avg".into(),
+            Tensor::zeros(3, DType::F64, &Device::Cpu).unwrap(),
+        );
         match dst.load_state(&t, &meta) {
             Err(e @ OptimStateError::ShapeMismatch { .. }) => {
                 assert!(e.to_string().contains("w.exp_avg"), "{e}")

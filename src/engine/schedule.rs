@@ -279,7 +279,9 @@ mod tests {
     #[test]
     fn table() {
         let nan = f64::NAN;
-        let cases: Vec<(&str, PlateauConfig, f64, Vec<f64>, Vec<f64>)> = vec![
+        // (name, config, initial lr, metrics, expected lr after each step)
+        type Row = (&'static str, PlateauConfig, f64, Vec<f64>, Vec<f64>);
+        let cases: Vec<Row> = vec![
             (
                 "improving never reduces",
                 base(0),
@@ -421,7 +423,9 @@ mod tests {
             assert_eq!(lr, lr2);
             assert_eq!(s, resumed);
         }
-        assert!(serde_json::from_str::<ReduceLrOnPlateau>(&json.replace("\"inf\"", "\"x\"")).is_err());
+        assert!(
+            serde_json::from_str::<ReduceLrOnPlateau>(&json.replace("\"inf\"", "\"x\"")).is_err()
+        );
     }
 
     #[test]
@@ -439,7 +443,14 @@ mod tests {
         );
         let d = PlateauConfig::default();
         assert_eq!(
-            (d.factor, d.patience, d.threshold, d.cooldown, d.min_lr, d.eps),
+            (
+                d.factor,
+                d.patience,
+                d.threshold,
+                d.cooldown,
+                d.min_lr,
+                d.eps
+            ),
             (0.1, 10, 1e-4, 0, 0.0, 1e-8)
         );
         assert!(d.validate().is_ok());
