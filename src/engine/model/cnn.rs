@@ -1,10 +1,12 @@
 //! `cnn` (images `[C, H, W]`) and `cnn1d` (signals `[C, L]`): a stack of conv
 //! blocks (convolution, optional batch-norm, activation, optional max-pool),
-//! global average pooling, dropout and a linear head.
+//! global average pooling (or, with `flatten`, the whole last feature map),
+//! optional hidden fully-connected layers, dropout and a linear head.
 //!
 //! PyTorch twin (parameter names `features.{i}.conv.weight|bias`,
 //! `features.{i}.bn.weight|bias|running_mean|running_var|num_batches_tracked`,
-//! `head.weight|bias`; the full classes are in `scripts/pytorch_twins.py`):
+//! `fc.{i}.weight|bias` for hidden layers, `head.weight|bias`; the full classes
+//! are in `scripts/pytorch_twins.py`):
 //! ```python
 //! class ConvBlock(nn.Module):
 //!     def __init__(self, dim, cin, cout, kernel, stride, padding, batch_norm, pool, act):
@@ -22,10 +24,14 @@
 //! class CNN(nn.Module):  # dim = 2 for cnn, 1 for cnn1d
 //!     def __init__(self, dim, in_channels, blocks, num_classes, dropout=0.0, act=nn.ReLU):
 //!         self.features = nn.Sequential(*[ConvBlock(dim, ...) for each block])
-//!         self.drop, self.head = nn.Dropout(dropout), nn.Linear(blocks[-1].out_channels, num_classes)
+//!         dims = [features_out] + hidden  # channels, or channels * prod(size) with flatten
+//!         self.fc = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims, dims[1:]))
+//!         self.drop, self.head = nn.Dropout(dropout), nn.Linear(dims[-1], num_classes)
 //!     def forward(self, x):
 //!         x = self.features(x)
-//!         x = x.mean(dim=tuple(range(2, x.dim())))   # global average pooling
+//!         x = x.flatten(1) if flatten else x.mean(dim=tuple(range(2, x.dim())))  # GAP
+//!         for fc in self.fc:
+//!             x = self.act(fc(self.drop(x)))
 //!         return self.head(self.drop(x))
 //! ```
 
@@ -63,9 +69,31 @@ pub struct CnnSpec {
     pub activation: Activation,
     #[serde(default)]
     pub dropout: f64,
+    /// Feed the whole last feature map (flattened) to the head instead of its
+    /// global average.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub flatten: bool,
+    /// Widths of hidden fully-connected layers (each followed by the
+    /// activation) between the features and the head.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hidden: Vec<usize>,
 }
 
 impl CnnSpec {
+    /// Width of the features entering the fully-connected part.
+    pub fn features_out(&self) -> Result<usize, String> {
+        let sizes = self.feature_sizes()?;
+        let channels = self
+            .blocks
+            .last()
+            .map_or(self.in_channels, |b| b.out_channels);
+        Ok(if self.flatten {
+            channels * sizes.last().map_or(1, |s| s.iter().product::<usize>())
+        } else {
+            channels
+        })
+    }
+
     /// Spatial size after each block; an error names the block that runs out of input.
     pub fn feature_sizes(&self) -> Result<Vec<Vec<usize>>, String> {
         if self.blocks.is_empty() {
@@ -144,11 +172,31 @@ impl Conv {
     }
 
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let y = if self.dims == 2 {
-            x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?
+        // Everything goes through conv2d (a signal is a 1-pixel-high image) with
+        // explicit zero padding, and the input is cropped to exactly what the
+        // windows cover: candle's conv backward derives an output padding from
+        // the first spatial dim alone, and its strided conv1d kernel gradient is
+        // wrong; with these shapes no output padding is ever needed.
+        let (s, p) = (self.stride, self.padding);
+        let k = self.weight.dim(2)?;
+        let (mut x, w) = if self.dims == 1 {
+            (x.unsqueeze(2)?, self.weight.unsqueeze(2)?)
         } else {
-            x.conv1d(&self.weight, self.padding, self.stride, 1, 1)?
+            (x.clone(), self.weight.clone())
         };
+        let first = if self.dims == 1 { 3 } else { 2 };
+        for d in first..4 {
+            if p > 0 {
+                x = x.pad_with_zeros(d, p, p)?;
+            }
+            let n = x.dim(d)?;
+            let used = (n - k) / s * s + k;
+            if used < n {
+                x = x.narrow(d, 0, used)?;
+            }
+        }
+        let y = x.conv2d(&w, 0, s, 1, 1)?;
+        let y = if self.dims == 1 { y.squeeze(2)? } else { y };
         match &self.bias {
             None => Ok(y),
             Some(b) => {
@@ -166,10 +214,38 @@ struct Block {
     pool: usize,
 }
 
+/// Max-pooling with window and stride `p` over the spatial dims of `[B, C, ...]`
+/// (floor mode, as `nn.MaxPool1d/2d(p)`). Computed as a max over reshaped
+/// windows, whose gradient goes to the maximum of each window.
+fn max_pool(x: &Tensor, p: usize) -> candle_core::Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let (b, c) = (dims[0], dims[1]);
+    let mut x = x.clone();
+    let mut out = Vec::with_capacity(dims.len() - 2);
+    for (d, &n) in dims.iter().enumerate().skip(2) {
+        let o = n / p;
+        if o * p < n {
+            x = x.narrow(d, 0, o * p)?;
+        }
+        out.push(o);
+    }
+    match out.as_slice() {
+        [l] => x.reshape((b, c, *l, p))?.max(3),
+        [h, w] => x
+            .reshape((b, c, *h, p, *w, p))?
+            .permute((0, 1, 2, 4, 3, 5))?
+            .contiguous()?
+            .reshape((b, c, *h, *w, p * p))?
+            .max(4),
+        _ => candle_core::bail!("max-pooling takes [B, C, L] or [B, C, H, W]"),
+    }
+}
+
 /// A `cnn` or `cnn1d`.
 pub struct ConvNet {
     spec: CnnSpec,
     blocks: Vec<Block>,
+    fc: Vec<Linear>,
     head: Linear,
 }
 
@@ -180,7 +256,7 @@ impl ConvNet {
         if !(dims == 1 || dims == 2) {
             candle_core::bail!("a conv net takes [C, L] or [C, H, W] samples");
         }
-        spec.feature_sizes().map_err(candle_core::Error::msg)?;
+        let mut width = spec.features_out().map_err(candle_core::Error::msg)?;
         let fv = vb.pp("features");
         let mut cin = spec.in_channels;
         let mut blocks = Vec::with_capacity(spec.blocks.len());
@@ -199,10 +275,17 @@ impl ConvNet {
             });
             cin = b.out_channels;
         }
-        let head = linear(cin, spec.num_classes, vb.pp("head"))?;
+        let lv = vb.pp("fc");
+        let mut fc = Vec::with_capacity(spec.hidden.len());
+        for (i, &h) in spec.hidden.iter().enumerate() {
+            fc.push(linear(width, h, lv.pp(i.to_string()))?);
+            width = h;
+        }
+        let head = linear(width, spec.num_classes, vb.pp("head"))?;
         Ok(Self {
             spec: spec.clone(),
             blocks,
+            fc,
             head,
         })
     }
@@ -222,14 +305,20 @@ impl Classifier for ConvNet {
             }
             x = self.spec.activation.apply(&x)?;
             if block.pool > 1 {
-                x = if two_d {
-                    x.max_pool2d(block.pool)?
-                } else {
-                    x.unsqueeze(2)?.max_pool2d((1, block.pool))?.squeeze(2)?
-                };
+                x = max_pool(&x, block.pool)?;
             }
         }
-        let x = if two_d { x.mean((2, 3))? } else { x.mean(2)? };
+        let mut x = if self.spec.flatten {
+            x.flatten_from(1)?
+        } else if two_d {
+            x.mean((2, 3))?
+        } else {
+            x.mean(2)?
+        };
+        for fc in &self.fc {
+            x = ctx.dropout(&x, self.spec.dropout)?;
+            x = self.spec.activation.apply(&fc.forward(&x)?)?;
+        }
         let x = ctx.dropout(&x, self.spec.dropout)?;
         self.head.forward(&x)
     }
@@ -261,6 +350,8 @@ mod tests {
             num_classes: 3,
             activation: Activation::Relu,
             dropout: 0.0,
+            flatten: false,
+            hidden: Vec::new(),
         };
         assert_eq!(spec.feature_sizes().unwrap(), vec![vec![4, 5], vec![2, 2]]);
         let m = Model::new(ModelSpec::Cnn(spec), 1, &Device::Cpu).unwrap();
@@ -297,6 +388,47 @@ mod tests {
     }
 
     #[test]
+    fn flatten_head_with_hidden_layers() {
+        let spec = CnnSpec {
+            in_channels: 3,
+            input_size: vec![8, 8],
+            blocks: vec![block(4, false, 2), block(6, false, 2)],
+            num_classes: 5,
+            activation: Activation::Relu,
+            dropout: 0.0,
+            flatten: true,
+            hidden: vec![7],
+        };
+        assert_eq!(spec.features_out().unwrap(), 6 * 2 * 2);
+        let json = serde_json::to_string(&spec).unwrap();
+        assert_eq!(serde_json::from_str::<CnnSpec>(&json).unwrap(), spec);
+        let m = Model::new(ModelSpec::Cnn(spec), 1, &Device::Cpu).unwrap();
+        let shapes: Vec<(String, Vec<usize>)> = m
+            .params
+            .state_dict()
+            .into_iter()
+            .filter(|(n, _)| !n.starts_with("features"))
+            .map(|(n, t)| (n, t.dims().to_vec()))
+            .collect();
+        assert_eq!(
+            shapes,
+            vec![
+                ("fc.0.bias".into(), vec![7]),
+                ("fc.0.weight".into(), vec![7, 24]),
+                ("head.bias".into(), vec![5]),
+                ("head.weight".into(), vec![5, 7]),
+            ]
+        );
+        let x = Tensor::ones((2, 3, 8, 8), DType::F32, &Device::Cpu).unwrap();
+        let y = m.forward(&x, &mut ForwardCtx::eval()).unwrap();
+        assert_eq!(y.dims(), &[2, 5]);
+        // Specs without the new fields (older checkpoints) still read.
+        let old = r#"{"in_channels":1,"input_size":[4],"blocks":[],"num_classes":2}"#;
+        let s: CnnSpec = serde_json::from_str(old).unwrap();
+        assert!(!s.flatten && s.hidden.is_empty());
+    }
+
+    #[test]
     fn one_d_takes_flat_signals() {
         let spec = CnnSpec {
             in_channels: 1,
@@ -305,6 +437,8 @@ mod tests {
             num_classes: 2,
             activation: Activation::Relu,
             dropout: 0.0,
+            flatten: false,
+            hidden: Vec::new(),
         };
         let m = Model::new(ModelSpec::Cnn1d(spec), 1, &Device::Cpu).unwrap();
         let x = Tensor::ones((3, 12), DType::F32, &Device::Cpu).unwrap();
@@ -321,6 +455,8 @@ mod tests {
             num_classes: 2,
             activation: Activation::Relu,
             dropout: 0.0,
+            flatten: false,
+            hidden: Vec::new(),
         };
         let e = spec.feature_sizes().unwrap_err();
         assert!(e.contains("block 2"), "{e}");

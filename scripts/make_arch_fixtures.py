@@ -1,0 +1,209 @@
+#!/usr/bin/env python3
+"""PyTorch reference fixtures for edge-trainer's architecture parity test
+(tests/arch_parity.rs), and the check of the reverse direction.
+
+Make the fixtures (from the crate root; needs torch, numpy and safetensors):
+
+    /path/to/venv/bin/python scripts/make_arch_fixtures.py
+
+writes, all small and meant to be committed:
+
+  tests/fixtures/arch/cases.json
+      Per case: the edge-trainer `ModelSpec` (the JSON a checkpoint stores as
+      its `model` metadata), the parameters whose gradients are checked, and the
+      buffers checked after a training-mode forward pass.
+  tests/fixtures/arch/<case>.safetensors
+      `state.<name>`: the twin's full `state_dict` as PyTorch saves it (batch-norm
+      `num_batches_tracked` stays int64, running statistics are made non-trivial);
+      `x` (a fixed input batch) and `y` (labels);
+      `logits_eval`: logits in eval mode;
+      `logits_train`, `loss_train`, `grad.<name>`: logits, mean cross-entropy and
+      its gradients in training mode with dropout switched off (batch-norm uses
+      batch statistics);
+      `after.<buffer>`: batch-norm buffers after that training-mode pass.
+
+The twins are the classes in scripts/pytorch_twins.py.
+
+Check the reverse direction (a checkpoint written by edge-trainer loads into the
+twin with `load_state_dict(strict=True)` and gives the same logits):
+
+    cargo test --test arch_parity           # writes target/tmp/arch-export/*
+    /path/to/venv/bin/python scripts/make_arch_fixtures.py --verify target/tmp/arch-export
+
+The Rust test trains each model one SGD step, saves it as an edge-trainer
+checkpoint (`<case>.safetensors`, with metadata) plus its own eval logits on the
+fixture batch (`<case>.logits.safetensors`); `--verify` rebuilds every twin from
+the checkpoint's `model` metadata, loads the weights strictly and compares the
+logits (max abs diff must be below 1e-4). The Rust test checks the same
+contract without torch (names and shapes equal to PyTorch's `state_dict`).
+
+The output is deterministic (fixed seeds, float32, one thread).
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import pytorch_twins  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "tests" / "fixtures" / "arch"
+
+
+def block(out_channels, kernel_size, stride, padding, batch_norm, pool):
+    return dict(out_channels=out_channels, kernel_size=kernel_size, stride=stride, padding=padding,
+                batch_norm=batch_norm, pool=pool)
+
+
+CASES = {
+    # Images [3, 9, 11]: odd, non-square sizes; batch-norm; a stride-2 block whose two
+    # spatial sizes leave different remainders.
+    "cnn": dict(
+        spec=dict(arch="cnn", in_channels=3, input_size=[9, 11],
+                  blocks=[block(4, 3, 1, 1, True, 2), block(5, 3, 2, 1, False, 1), block(6, 2, 1, 0, True, 1)],
+                  num_classes=3, activation="relu", dropout=0.3),
+        batch=4, sample_shape=[3, 9, 11]),
+    # Grayscale [8, 8] without a channel dimension, 5x5 kernel.
+    "cnn_hw": dict(
+        spec=dict(arch="cnn", in_channels=1, input_size=[8, 8],
+                  blocks=[block(3, 5, 1, 2, True, 2)], num_classes=2, activation="leaky_relu", dropout=0.0),
+        batch=3, sample_shape=[8, 8]),
+    # Signals [2, 17]: pooled batch-norm block, then a stride-2 block.
+    "cnn1d": dict(
+        spec=dict(arch="cnn1d", in_channels=2, input_size=[17],
+                  blocks=[block(4, 5, 1, 2, True, 2), block(6, 3, 2, 0, True, 1)],
+                  num_classes=4, activation="gelu", dropout=0.2),
+        batch=5, sample_shape=[2, 17]),
+    # The seed's TextCNN, small: vocabulary of 23 with <UNK> = 21, <PAD> = 22.
+    "textcnn": dict(
+        spec=dict(arch="textcnn", vocab_size=23, pad_index=22, embed_dim=8, filter_sizes=[2, 3, 4],
+                  num_filters=5, seq_len=7, num_classes=3, dropout=0.5),
+        batch=4, sample_shape=[7]),
+    "mlp": dict(
+        spec=dict(arch="mlp", input_dim=12, hidden=[7, 5], num_classes=3, activation="tanh", dropout=0.2),
+        batch=4, sample_shape=[12]),
+}
+
+
+def setup():
+    torch.set_default_dtype(torch.float32)
+    torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True)
+
+
+def make_input(name, case, g):
+    spec = case["spec"]
+    if spec["arch"] == "textcnn":
+        n, L = case["batch"], spec["seq_len"]
+        x = torch.randint(0, spec["vocab_size"] - 2, (n, L), generator=g)
+        lengths = [7, 5, 3, 6][:n]
+        for i, l in enumerate(lengths):
+            x[i, l:] = spec["pad_index"]
+        x[1, 0] = spec["vocab_size"] - 2  # an unknown token
+        return x.to(torch.float32)
+    return torch.randn([case["batch"]] + case["sample_shape"], generator=g)
+
+
+def randomise_buffers(model, g):
+    """Non-trivial batch-norm affine parameters and running statistics."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+                m.weight.copy_(1.0 + 0.2 * torch.randn(m.weight.shape, generator=g))
+                m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=g))
+                m.running_mean.copy_(0.1 * torch.randn(m.running_mean.shape, generator=g))
+                m.running_var.copy_(0.5 + torch.rand(m.running_var.shape, generator=g))
+                m.num_batches_tracked.fill_(7)
+
+
+def make_case(name, case, seed):
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model = pytorch_twins.from_spec(case["spec"])
+    randomise_buffers(model, g)
+    x = make_input(name, case, g)
+    y = torch.randint(0, case["spec"]["num_classes"], (case["batch"],), generator=g)
+    out = {f"state.{k}": v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    out["x"], out["y"] = x.contiguous(), y.to(torch.int64)
+
+    model.eval()
+    with torch.no_grad():
+        out["logits_eval"] = model(x).contiguous()
+
+    model.train()
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.eval()
+    logits = model(x)
+    loss = F.cross_entropy(logits, y)
+    loss.backward()
+    out["logits_train"] = logits.detach().contiguous()
+    out["loss_train"] = loss.detach().reshape(1)
+    grads = []
+    for k, p in model.named_parameters():
+        if p.grad is not None:
+            out[f"grad.{k}"] = p.grad.detach().clone().contiguous()
+            grads.append(k)
+    buffers = []
+    for k, b in model.named_buffers():
+        if k.endswith("running_mean") or k.endswith("running_var") or k.endswith("num_batches_tracked"):
+            out[f"after.{k}"] = b.detach().clone().contiguous()
+            buffers.append(k)
+    save_file(out, str(OUT / f"{name}.safetensors"))
+    return dict(spec=case["spec"], grads=grads, buffers=buffers)
+
+
+def make():
+    setup()
+    OUT.mkdir(parents=True, exist_ok=True)
+    cases = {}
+    for i, (name, case) in enumerate(CASES.items()):
+        cases[name] = make_case(name, case, 1000 + i)
+    (OUT / "cases.json").write_text(json.dumps(
+        {"torch": torch.__version__, "cases": cases}, indent=2, sort_keys=True) + "\n")
+    print(f"wrote {len(cases)} cases to {OUT.relative_to(ROOT)}")
+
+
+def verify(export_dir):
+    setup()
+    export_dir = Path(export_dir)
+    worst = 0.0
+    names = sorted(p.name[: -len(".safetensors")] for p in export_dir.glob("*.safetensors")
+                   if not p.name.endswith(".logits.safetensors"))
+    if not names:
+        sys.exit(f"no exported checkpoints in {export_dir}; run `cargo test --test arch_parity` first")
+    for name in names:
+        ck = export_dir / f"{name}.safetensors"
+        with safe_open(str(ck), "pt") as f:
+            meta = f.metadata()
+        model = pytorch_twins.from_spec(json.loads(meta["model"]))
+        model.load_state_dict(load_file(str(ck)), strict=True)
+        model.eval()
+        sidecar = load_file(str(export_dir / f"{name}.logits.safetensors"))
+        with torch.no_grad():
+            logits = model(sidecar["x"])
+        diff = (logits - sidecar["logits"]).abs().max().item()
+        worst = max(worst, diff)
+        print(f"{name}: strict load ok, max |torch - edge-trainer| logits = {diff:.2e}")
+        if not diff < 1e-4:
+            sys.exit(f"{name}: logits differ by {diff}")
+    print(f"all {len(names)} checkpoints load into their PyTorch twins; worst logit diff {worst:.2e}")
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--verify", metavar="DIR", help="check checkpoints exported by tests/arch_parity.rs")
+    args = ap.parse_args()
+    if args.verify:
+        verify(args.verify)
+    else:
+        make()

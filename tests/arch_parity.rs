@@ -1,0 +1,238 @@
+//! Architecture parity with PyTorch: replays the fixtures made by
+//! `scripts/make_arch_fixtures.py` (the twins in `scripts/pytorch_twins.py`).
+//!
+//! Per architecture: the PyTorch `state_dict` loads strictly; eval-mode logits
+//! match within 1e-4; training-mode logits, loss, the gradient of every
+//! parameter (within 1e-3) and the batch-norm running statistics after the pass
+//! match. The reverse direction: after one SGD step the model is saved as an
+//! edge-trainer checkpoint whose tensor names and shapes are exactly PyTorch's
+//! `state_dict` (what `load_state_dict(strict=True)` checks), and which reloads
+//! to the same logits. The checkpoints and their logits are left in
+//! `$CARGO_TARGET_TMPDIR/arch-export` (or `$EDGE_TRAINER_ARCH_EXPORT`) for
+//! `scripts/make_arch_fixtures.py --verify DIR`, which loads them into the
+//! PyTorch twins.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use edge_trainer::engine::checkpoint::{self, CheckpointMeta, CheckpointMetrics, InputSpec};
+use edge_trainer::engine::data::{DataFormat, Normalization};
+use edge_trainer::engine::model::{ForwardCtx, Model, ModelSpec};
+use serde::Deserialize;
+
+const LOGIT_TOL: f32 = 1e-4;
+const GRAD_TOL: f32 = 1e-3;
+
+#[derive(Deserialize)]
+struct Fixture {
+    cases: BTreeMap<String, Case>,
+}
+
+#[derive(Deserialize)]
+struct Case {
+    spec: ModelSpec,
+    grads: Vec<String>,
+    buffers: Vec<String>,
+}
+
+fn fixture_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/arch")
+}
+
+fn export_dir() -> PathBuf {
+    std::env::var_os("EDGE_TRAINER_ARCH_EXPORT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_TARGET_TMPDIR")).join("arch-export"))
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims());
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+fn without_dropout(spec: &ModelSpec) -> ModelSpec {
+    let mut s = spec.clone();
+    match &mut s {
+        ModelSpec::Mlp(m) => m.dropout = 0.0,
+        ModelSpec::Cnn(c) | ModelSpec::Cnn1d(c) => c.dropout = 0.0,
+        ModelSpec::TextCnn(t) => t.dropout = 0.0,
+    }
+    s
+}
+
+struct Loaded {
+    state: HashMap<String, Tensor>,
+    all: HashMap<String, Tensor>,
+}
+
+fn load_case(name: &str) -> Loaded {
+    let (all, _) = checkpoint::read_tensors(
+        &fixture_dir().join(format!("{name}.safetensors")),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let state = all
+        .iter()
+        .filter_map(|(k, v)| k.strip_prefix("state.").map(|n| (n.to_string(), v.clone())))
+        .collect();
+    Loaded { state, all }
+}
+
+fn model_with(spec: ModelSpec, state: &HashMap<String, Tensor>) -> Model {
+    let m = Model::new(spec, 0, &Device::Cpu).unwrap();
+    m.params.load(state).unwrap();
+    m
+}
+
+fn meta(spec: &ModelSpec, sample_shape: &[usize]) -> CheckpointMeta {
+    CheckpointMeta {
+        model: spec.clone(),
+        classes: (0..spec.num_classes()).map(|i| format!("c{i}")).collect(),
+        input: InputSpec {
+            format: DataFormat::Safetensors,
+            sample_shape: sample_shape.to_vec(),
+            normalization: Normalization::identity(sample_shape.iter().product()),
+            text: None,
+        },
+        run_id: "arch-parity".into(),
+        epoch: 1,
+        step: 1,
+        metrics: CheckpointMetrics::default(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        created: "2026-01-01T00:00:00Z".into(),
+    }
+}
+
+#[test]
+fn architectures_match_pytorch() {
+    let fixture: Fixture =
+        serde_json::from_str(&std::fs::read_to_string(fixture_dir().join("cases.json")).unwrap())
+            .unwrap();
+    assert!(fixture.cases.len() >= 4);
+    let out_dir = export_dir();
+    std::fs::create_dir_all(&out_dir).unwrap();
+    let mut report = Vec::new();
+    for (name, case) in &fixture.cases {
+        let f = load_case(name);
+        let x = &f.all["x"];
+        let y = f.all["y"].to_dtype(DType::U32).unwrap();
+
+        // Forward, eval mode.
+        let model = model_with(case.spec.clone(), &f.state);
+        let logits = model.forward(x, &mut ForwardCtx::eval()).unwrap();
+        let d_eval = max_abs_diff(&logits, &f.all["logits_eval"]);
+        assert!(d_eval < LOGIT_TOL, "{name}: eval logits differ by {d_eval}");
+
+        // Training mode (dropout off): logits, loss, gradients, running statistics.
+        let model = model_with(without_dropout(&case.spec), &f.state);
+        let logits = model.forward(x, &mut ForwardCtx::train(0)).unwrap();
+        let d_train = max_abs_diff(&logits, &f.all["logits_train"]);
+        assert!(
+            d_train < LOGIT_TOL,
+            "{name}: train logits differ by {d_train}"
+        );
+        let loss = candle_nn::loss::cross_entropy(&logits, &y).unwrap();
+        let torch_loss = f.all["loss_train"].to_vec1::<f32>().unwrap()[0];
+        assert!((loss.to_scalar::<f32>().unwrap() - torch_loss).abs() < LOGIT_TOL);
+        let grads = loss.backward().unwrap();
+        let vars: HashMap<String, candle_core::Var> =
+            model.params.trainable().into_iter().collect();
+        assert_eq!(
+            {
+                let mut v: Vec<&String> = vars.keys().collect();
+                v.sort();
+                v
+            },
+            {
+                let mut v: Vec<&String> = case.grads.iter().collect();
+                v.sort();
+                v
+            },
+            "{name}: trainable parameters differ from torch's named_parameters()"
+        );
+        let mut d_grad = 0f32;
+        let mut bad = Vec::new();
+        for p in &case.grads {
+            let g = grads
+                .get(vars[p].as_tensor())
+                .unwrap_or_else(|| panic!("{name}: no gradient for {p}"));
+            let d = max_abs_diff(g, &f.all[&format!("grad.{p}")]);
+            if d >= GRAD_TOL {
+                bad.push(format!("{name}: gradient of {p} differs by {d}"));
+            }
+            d_grad = d_grad.max(d);
+        }
+        assert!(bad.is_empty(), "{}", bad.join("\n"));
+        let sd: HashMap<String, Tensor> = model.params.state_dict().into_iter().collect();
+        for b in &case.buffers {
+            let d = max_abs_diff(&sd[b], &f.all[&format!("after.{b}")]);
+            assert!(
+                d < 1e-5,
+                "{name}: buffer {b} after a training pass differs by {d}"
+            );
+        }
+
+        // Reverse direction: one SGD step, save, check the layout, reload.
+        for (_, v) in model.params.trainable() {
+            if let Some(g) = grads.get(v.as_tensor()) {
+                v.set(&(v.as_tensor() - (g * 0.1).unwrap()).unwrap())
+                    .unwrap();
+            }
+        }
+        let sample_shape = x.dims()[1..].to_vec();
+        let path = out_dir.join(format!("{name}.safetensors"));
+        checkpoint::save(
+            &path,
+            &model.params.snapshot().unwrap(),
+            &meta(&case.spec, &sample_shape),
+        )
+        .unwrap();
+        let ck = checkpoint::load(&path, &Device::Cpu).unwrap();
+        let mut saved: Vec<(String, Vec<usize>)> = ck
+            .tensors
+            .iter()
+            .map(|(k, t)| (k.clone(), t.dims().to_vec()))
+            .collect();
+        let mut torch: Vec<(String, Vec<usize>)> = f
+            .state
+            .iter()
+            .map(|(k, t)| (k.clone(), t.dims().to_vec()))
+            .collect();
+        saved.sort();
+        torch.sort();
+        assert_eq!(
+            saved, torch,
+            "{name}: checkpoint layout differs from torch's state_dict"
+        );
+        let trained = Model::new(ck.meta.model.clone(), 9, &Device::Cpu).unwrap();
+        trained.params.load(&ck.tensors).unwrap();
+        let mine = model.forward(x, &mut ForwardCtx::eval()).unwrap();
+        let again = trained.forward(x, &mut ForwardCtx::eval()).unwrap();
+        assert_eq!(
+            mine.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            again.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            "{name}: reloaded checkpoint gives other logits"
+        );
+        let bytes = checkpoint::to_safetensors_bytes(
+            &[("x".to_string(), x.clone()), ("logits".to_string(), mine)],
+            None,
+        )
+        .unwrap();
+        std::fs::write(out_dir.join(format!("{name}.logits.safetensors")), bytes).unwrap();
+        report.push(format!(
+            "{name}: eval logits {d_eval:.1e}, train logits {d_train:.1e}, grads {d_grad:.1e}"
+        ));
+    }
+    println!("{}", report.join("\n"));
+    println!("exported checkpoints to {}", out_dir.display());
+}
