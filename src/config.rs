@@ -106,6 +106,11 @@ pub struct MqttSettings {
     pub keep_alive_s: u64,
     /// Host a broker in-process on `host:port`.
     pub embedded_broker: bool,
+    /// Longest wait between reconnection attempts (exponential backoff with jitter).
+    pub reconnect_max_s: f64,
+    /// Messages held for the broker while it is unreachable; when full the oldest
+    /// `metrics` go first, lifecycle events never.
+    pub outbox_capacity: usize,
 }
 
 impl Default for MqttSettings {
@@ -121,6 +126,8 @@ impl Default for MqttSettings {
             tls: TlsSettings::default(),
             keep_alive_s: 30,
             embedded_broker: false,
+            reconnect_max_s: 30.0,
+            outbox_capacity: 10_000,
         }
     }
 }
@@ -297,7 +304,8 @@ pub struct OptimizerSettings {
     pub lr: f64,
     pub betas: [f64; 2],
     pub eps: f64,
-    pub weight_decay: f64,
+    /// Defaults by kind as torch does: 0.01 for `adamw`, 0 otherwise.
+    pub weight_decay: Option<f64>,
     pub amsgrad: bool,
     pub momentum: f64,
     pub dampening: f64,
@@ -312,12 +320,22 @@ impl Default for OptimizerSettings {
             lr: d.lr,
             betas: [d.betas.0, d.betas.1],
             eps: d.eps,
-            weight_decay: d.weight_decay,
+            weight_decay: None,
             amsgrad: d.amsgrad,
             momentum: d.momentum,
             dampening: d.dampening,
             nesterov: d.nesterov,
         }
+    }
+}
+
+impl OptimizerSettings {
+    /// The weight decay in force: the configured one, else torch's default for the kind.
+    pub fn effective_weight_decay(&self) -> f64 {
+        self.weight_decay.unwrap_or(match self.kind {
+            OptimizerKind::AdamW => 0.01,
+            OptimizerKind::Adam | OptimizerKind::Sgd => 0.0,
+        })
     }
 }
 
@@ -436,6 +454,8 @@ pub enum WarmStartFrom {
     Scratch,
 }
 
+pub use crate::engine::promote::PromoteMetric;
+
 /// `[retrain]`
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
@@ -443,6 +463,13 @@ pub struct RetrainSettings {
     pub on_start: bool,
     pub min_new_samples: u64,
     pub warm_start: WarmStartFrom,
+    /// Test-split metric a candidate must match or beat to replace the current model.
+    pub promote_metric: PromoteMetric,
+    /// A new data file not renamed into place is taken once its size and mtime
+    /// stayed unchanged this long (seconds).
+    pub file_settle_s: f64,
+    /// Seconds between full rescans of `data.dir` (besides file-system events).
+    pub rescan_s: f64,
 }
 
 impl Default for RetrainSettings {
@@ -451,6 +478,9 @@ impl Default for RetrainSettings {
             on_start: false,
             min_new_samples: 1000,
             warm_start: WarmStartFrom::Current,
+            promote_metric: PromoteMetric::Accuracy,
+            file_settle_s: 2.0,
+            rescan_s: 30.0,
         }
     }
 }
@@ -734,8 +764,12 @@ pub fn load_layers(
     let cfg = builder
         .build()
         .map_err(|e| ConfigError::Other(e.to_string()))?;
-    cfg.try_deserialize::<Settings>()
-        .map_err(|e| type_error(e, overrides, file_origin))
+    let mut settings = cfg
+        .try_deserialize::<Settings>()
+        .map_err(|e| type_error(e, overrides, file_origin))?;
+    let o = &mut settings.train.optimizer;
+    o.weight_decay = Some(o.effective_weight_decay());
+    Ok(settings)
 }
 
 /// Rewrites alias keys (`train.lr`) in a file table to their full form.
@@ -966,7 +1000,14 @@ impl Settings {
         check_range("train.optimizer.betas", o.betas[0], 0.0, 1.0, true, false)?;
         check_range("train.optimizer.betas", o.betas[1], 0.0, 1.0, true, false)?;
         check_range("train.optimizer.eps", o.eps, 0.0, f64::MAX, true, true)?;
-        check_range("train.optimizer.weight_decay", o.weight_decay, 0.0, f64::MAX, true, true)?;
+        check_range(
+            "train.optimizer.weight_decay",
+            o.effective_weight_decay(),
+            0.0,
+            f64::MAX,
+            true,
+            true,
+        )?;
         check_range("train.optimizer.momentum", o.momentum, 0.0, f64::MAX, true, true)?;
         check_range("train.optimizer.dampening", o.dampening, 0.0, 1.0, true, true)?;
         if o.nesterov && (o.momentum <= 0.0 || o.dampening != 0.0) {
@@ -1007,6 +1048,29 @@ impl Settings {
         if self.mqtt.keep_alive_s == 0 {
             return Err(invalid("mqtt.keep_alive_s", "must be >= 1"));
         }
+        check_range("mqtt.reconnect_max_s", self.mqtt.reconnect_max_s, 0.1, 86_400.0, true, true)?;
+        if self.mqtt.outbox_capacity < 10 {
+            return Err(invalid("mqtt.outbox_capacity", "must be >= 10"));
+        }
+        let (c, k) = (&self.mqtt.tls.client_cert, &self.mqtt.tls.client_key);
+        if c.is_some() != k.is_some() {
+            return Err(invalid(
+                "mqtt.tls.client_cert",
+                "mqtt.tls.client_cert and mqtt.tls.client_key go together: set both or neither",
+            ));
+        }
+        if c.is_some() && self.mqtt.tls.ca.is_none() {
+            return Err(invalid(
+                "mqtt.tls.ca",
+                "a client certificate needs TLS: set mqtt.tls.ca to the broker's CA file",
+            ));
+        }
+        if self.mqtt.password_file.is_some() && self.mqtt.username.is_none() {
+            return Err(invalid("mqtt.password_file", "needs mqtt.username"));
+        }
+        let r = &self.retrain;
+        check_range("retrain.file_settle_s", r.file_settle_s, 0.0, 3_600.0, true, true)?;
+        check_range("retrain.rescan_s", r.rescan_s, 0.1, 86_400.0, true, true)?;
         if self.output.dir.as_os_str().is_empty() {
             return Err(invalid("output.dir", "must not be empty"));
         }
@@ -1021,7 +1085,7 @@ impl Settings {
             lr: o.lr,
             betas: (o.betas[0], o.betas[1]),
             eps: o.eps,
-            weight_decay: o.weight_decay,
+            weight_decay: o.effective_weight_decay(),
             amsgrad: o.amsgrad,
             momentum: o.momentum,
             dampening: o.dampening,
@@ -1095,6 +1159,7 @@ impl Settings {
             max_vocab: d.max_vocab,
             min_freq: d.min_freq,
             vocab: None,
+            only_files: None,
         }
     }
 
@@ -1221,6 +1286,7 @@ impl Settings {
             train: self.train_spec(),
             device,
             config: self.masked_json(),
+            resume: false,
         })
     }
 }
@@ -1329,7 +1395,7 @@ mod tests {
         let err = load_layers(&table("[trian]\nx = 1\n"), "my.toml", &[])
             .unwrap_err()
             .to_string();
-        assert!(err.contains("`trian.x`"), "{err}");
+        assert!(err.contains("`trian`") && err.contains("did you mean `train`"), "{err}");
         let err = load_layers(&table(""), "f", &[Override::parse_set("train.nope=1").unwrap()])
             .unwrap_err()
             .to_string();
@@ -1436,6 +1502,21 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("model.reinit") && e.contains("model.init"), "{e}");
+    }
+
+    #[test]
+    fn adamw_weight_decay_defaults_like_torch() {
+        let s = load_layers(&table("[train.optimizer]\nkind = \"adamw\"\n"), "f", &[]).unwrap();
+        assert_eq!(s.train.optimizer.weight_decay, Some(0.01));
+        let s = load_layers(&table("[train.optimizer]\nkind = \"adam\"\n"), "f", &[]).unwrap();
+        assert_eq!(s.train.optimizer.weight_decay, Some(0.0));
+        let s = load_layers(
+            &table("[train.optimizer]\nkind = \"adamw\"\nweight_decay = 0.0\n"),
+            "f",
+            &[],
+        )
+        .unwrap();
+        assert_eq!(s.train.optimizer.weight_decay, Some(0.0));
     }
 
     #[test]

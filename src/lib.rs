@@ -3,8 +3,10 @@
 //! The crate has two halves. [`engine`] is a synchronous library that loads data,
 //! builds models, trains them and writes checkpoints; it knows nothing of MQTT or
 //! async runtimes. The binary's subcommands (and later the daemon) drive it through
-//! [`engine::RunRequest`], a stream of [`engine::RunEvent`]s and a cancel flag.
+//! [`engine::run::RunRequest`], a stream of [`engine::run::RunEvent`]s and a cancel flag.
 
 pub mod config;
+pub mod daemon;
 pub mod engine;
+pub mod plot;
 pub mod report;

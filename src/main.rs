@@ -19,6 +19,11 @@ use edge_trainer::engine::run::{new_run_id, CancelFlag, Outcome, RunEvent, WarmS
 use edge_trainer::engine::trainer;
 use edge_trainer::report;
 
+mod bench;
+
+/// The memory allocator this binary ships with (reported by `bench`).
+pub(crate) const ALLOCATOR: &str = "glibc malloc (default settings)";
+
 /// Exit code of a run that failed.
 const EXIT_FAILED: u8 = 1;
 /// Exit code of a bad config or bad arguments.
@@ -27,7 +32,11 @@ const EXIT_USAGE: u8 = 2;
 const EXIT_CANCELLED: u8 = 130;
 
 #[derive(Parser)]
-#[command(name = "edge-trainer", version, about = "Keeps a classifier current on an edge device: trains, evaluates, checkpoints and promotes models.")]
+#[command(
+    name = "edge-trainer",
+    version,
+    about = "Keeps a classifier current on an edge device: trains, evaluates, checkpoints and promotes models."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -53,6 +62,21 @@ enum SplitArg {
 
 #[derive(Subcommand)]
 enum Command {
+    /// The daemon: connects to MQTT (or hosts an embedded broker), watches the data
+    /// folder, trains when triggered, promotes better models; runs until SIGTERM/SIGINT.
+    Run {
+        #[command(flatten)]
+        cfg: ConfigArgs,
+    },
+    /// Draw loss, accuracy and learning-rate curves from a metrics log.
+    Plot {
+        /// A `metrics.jsonl` written by a run.
+        #[arg(long, value_name = "FILE")]
+        metrics: PathBuf,
+        /// The picture to write: `.svg` or `.png`.
+        #[arg(long, value_name = "FILE.png|.svg")]
+        out: PathBuf,
+    },
     /// One training run in the foreground, with the same pipeline and files as the daemon.
     Train {
         #[command(flatten)]
@@ -60,6 +84,10 @@ enum Command {
         /// Print plain lines even on a terminal (no progress bar).
         #[arg(long)]
         no_progress: bool,
+        /// Continue an interrupted run (its folder, `{output.dir}/runs/{run_id}`)
+        /// from its last resume state, with the same config it started with.
+        #[arg(long, value_name = "RUN_DIR")]
+        resume: Option<PathBuf>,
     },
     /// Evaluate a checkpoint: loss, accuracy, per-class P/R/F1, confusion matrix.
     Eval {
@@ -75,6 +103,8 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Measure training speed, peak memory and start-up on this device (README "Performance").
+    Bench(bench::BenchArgs),
     /// Validate the config and print the effective values (secrets masked).
     CheckConfig {
         #[command(flatten)]
@@ -114,8 +144,28 @@ fn main() -> ExitCode {
     init_logging();
     match cli.command {
         Command::CheckConfig { cfg } => check_config(&cfg),
-        Command::Train { cfg, no_progress } => match load_settings(&cfg) {
-            Ok(s) => train(&s, no_progress),
+        Command::Bench(args) => bench::main(&args),
+        Command::Run { cfg } => run_daemon(&cfg),
+        Command::Plot { metrics, out } => {
+            match edge_trainer::plot::read_metrics(&metrics)
+                .and_then(|m| edge_trainer::plot::plot(&m, &out))
+            {
+                Ok(()) => {
+                    println!("{}", out.display());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(EXIT_FAILED)
+                }
+            }
+        }
+        Command::Train {
+            cfg,
+            no_progress,
+            resume,
+        } => match load_settings(&cfg) {
+            Ok(s) => train(&s, no_progress, resume.as_deref()),
             Err(code) => code,
         },
         Command::Eval {
@@ -133,6 +183,30 @@ fn main() -> ExitCode {
             },
             Err(code) => code,
         },
+    }
+}
+
+fn run_daemon(args: &ConfigArgs) -> ExitCode {
+    let mut overrides = config::env_overrides(std::env::vars());
+    for s in &args.set {
+        match Override::parse_set(s) {
+            Ok(o) => overrides.push(o),
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::from(EXIT_USAGE);
+            }
+        }
+    }
+    match edge_trainer::daemon::run(&args.config, overrides) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(if e.is_config() {
+                EXIT_USAGE
+            } else {
+                EXIT_FAILED
+            })
+        }
     }
 }
 
@@ -154,7 +228,7 @@ fn check_config(args: &ConfigArgs) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-fn train(settings: &Settings, no_progress: bool) -> ExitCode {
+fn train(settings: &Settings, no_progress: bool, resume: Option<&Path>) -> ExitCode {
     let dev = match device::select(settings.device.kind, settings.device.ordinal) {
         Ok(d) => d,
         Err(e) => {
@@ -166,13 +240,27 @@ fn train(settings: &Settings, no_progress: bool) -> ExitCode {
         Some(p) => WarmStart::StateDict(p.clone()),
         None => WarmStart::Scratch,
     };
-    let req = match settings.run_request(new_run_id(), dev, warm) {
+    let run_id = match resume {
+        Some(dir) => match dir.file_name() {
+            Some(id) if dir.is_dir() => id.to_string_lossy().into_owned(),
+            _ => {
+                eprintln!("error: --resume {}: not a run folder", dir.display());
+                return ExitCode::from(EXIT_USAGE);
+            }
+        },
+        None => new_run_id(),
+    };
+    let mut req = match settings.run_request(run_id, dev, warm) {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: {e}");
             return ExitCode::from(EXIT_USAGE);
         }
     };
+    if let Some(dir) = resume {
+        req.resume = true;
+        req.runs_dir = dir.parent().map(Path::to_path_buf).unwrap_or_default();
+    }
     let cancel = CancelFlag::new();
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         // A second signal while the first is being honoured ends the process at once.
@@ -222,7 +310,8 @@ fn train(settings: &Settings, no_progress: bool) -> ExitCode {
                     if let Some(b) = bar.take() {
                         b.finish_and_clear();
                     }
-                    let b = ProgressBar::with_draw_target(Some(batches), ProgressDrawTarget::stdout());
+                    let b =
+                        ProgressBar::with_draw_target(Some(batches), ProgressDrawTarget::stdout());
                     b.set_style(
                         ProgressStyle::with_template(
                             "Epoch {prefix} [{bar:30}] {pos}/{len} batches, loss {msg} ({elapsed}, eta {eta})",
@@ -249,7 +338,10 @@ fn train(settings: &Settings, no_progress: bool) -> ExitCode {
             }
             RunEvent::CheckpointSaved(_) => {}
             RunEvent::EarlyStopped(e) => {
-                let line = format!("No improvement for a long time, auto-stopping: {}", e.reason);
+                let line = format!(
+                    "No improvement for a long time, auto-stopping: {}",
+                    e.reason
+                );
                 match &bar {
                     Some(b) => b.println(line),
                     None => println!("{line}"),
@@ -275,12 +367,40 @@ fn train(settings: &Settings, no_progress: bool) -> ExitCode {
     if summary.outcome == Outcome::Failed {
         eprintln!("error: run failed: {}", summary.reason);
     }
+    if summary.outcome.is_success() {
+        if let Some(best) = &summary.best_checkpoint {
+            print_promotion(settings, best, &req.device);
+        }
+    }
     let run_dir = req.runs_dir.join(&req.run_id);
     println!("{}", run_dir.display());
     match summary.outcome {
         Outcome::Finished | Outcome::EarlyStopped => ExitCode::SUCCESS,
         Outcome::Failed => ExitCode::from(EXIT_FAILED),
         Outcome::Cancelled => ExitCode::from(EXIT_CANCELLED),
+    }
+}
+
+/// Promotes the run's best model as the daemon would, and says what happened.
+fn print_promotion(settings: &Settings, best: &Path, dev: &candle_core::Device) {
+    use edge_trainer::engine::promote::{promote, PromoteRequest};
+    let data = settings.data_spec();
+    let result = promote(&PromoteRequest {
+        candidate: best,
+        output_dir: &settings.output.dir,
+        data: &data,
+        device: dev,
+        batch_size: settings.train.batch_size,
+        metric: settings.retrain.promote_metric,
+    });
+    match result {
+        Ok(p) if p.promoted => println!("Promoted to {}: {}", p.current_path.display(), p.reason),
+        Ok(p) => println!(
+            "Kept the current model {}: {}",
+            p.current_path.display(),
+            p.reason
+        ),
+        Err(e) => eprintln!("error: the model was not promoted: {e}"),
     }
 }
 
@@ -333,7 +453,10 @@ fn eval(settings: &Settings, checkpoint: &Path, split: SplitArg, json: bool) -> 
         for f in &skipped {
             println!("Skipped data file {}: {}", f.file, f.reason);
         }
-        print!("{}", report::eval_text(&format!("{split_name} split"), &rep));
+        print!(
+            "{}",
+            report::eval_text(&format!("{split_name} split"), &rep)
+        );
     }
     Ok(())
 }

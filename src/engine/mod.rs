@@ -12,6 +12,8 @@ pub mod fsutil;
 pub mod loss;
 pub mod model;
 pub mod optim;
+pub mod promote;
+pub mod resume;
 pub mod run;
 pub mod schedule;
 pub mod trainer;

@@ -200,6 +200,8 @@ impl ConvTemplate {
             num_classes,
             activation: self.activation,
             dropout: self.dropout,
+            flatten: false,
+            hidden: Vec::new(),
         };
         spec.feature_sizes()
             .map_err(|e| format!("model.arch = {arch:?}: {e}"))?;
@@ -328,6 +330,9 @@ pub struct RunRequest {
     pub device: Device,
     /// The effective configuration, recorded in `summary.json`.
     pub config: serde_json::Value,
+    /// Continue the run `run_id` from its resume state (`resume.safetensors`)
+    /// if it has one, on the data files it started with.
+    pub resume: bool,
 }
 
 /// A new run id: UTC time plus a random suffix (`20261126T073300Z-3fa2`).
@@ -469,6 +474,8 @@ pub struct RunStarted {
     pub max_epochs: u64,
     pub device: String,
     pub warm_start: String,
+    /// The step a resumed run continues from (`None` for a fresh run).
+    pub resumed_at_step: Option<u64>,
 }
 
 /// A saved best checkpoint.

@@ -19,6 +19,7 @@ use super::fsutil::{append_line, atomic_write};
 use super::loss::CrossEntropy;
 use super::model::{load_init, matches_pattern, ForwardCtx, Model};
 use super::optim::AnyOptimizer;
+use super::resume::{self, IntervalState as Interval, ResumeMeta, ResumeState, RESUME_FILE};
 use super::run::*;
 use super::schedule::ReduceLrOnPlateau;
 
@@ -184,7 +185,11 @@ fn prepare(req: &RunRequest) -> Result<Prepared, Fail> {
         return Err(Fail(format!(
             "the normalisation ({} values{}) does not fit samples of shape {:?}",
             norm.len(),
-            if norm.per_channel { ", per channel" } else { "" },
+            if norm.per_channel {
+                ", per channel"
+            } else {
+                ""
+            },
             data.sample_shape
         )));
     }
@@ -222,15 +227,8 @@ fn prepare(req: &RunRequest) -> Result<Prepared, Fail> {
     })
 }
 
-/// Sums over the steps since the last evaluation, weighted by batch size.
-#[derive(Default)]
-struct Interval {
-    loss_sum: f64,
-    loss_den: f64,
-    correct: u64,
-    seen: u64,
-}
-
+// `Interval` (sums over the steps since the last evaluation, weighted by batch
+// size) is the resume module's `IntervalState`, so it is saved as it is.
 impl Interval {
     fn add(&mut self, loss: f64, denom: f64, correct: u64, seen: u64) {
         self.loss_sum += loss * denom;
@@ -274,9 +272,63 @@ struct Loop<'a> {
     prep: &'a Prepared,
     loss_fn: CrossEntropy,
     t0: Instant,
+    /// Seconds trained before a resume.
+    elapsed_before: f64,
+}
+
+/// Where the next run of the loop starts: epoch (1-based) and batches to skip in it.
+#[derive(Clone, Copy)]
+struct Position {
+    next_epoch: u64,
+    skip_batches: u64,
 }
 
 impl Loop<'_> {
+    fn elapsed(&self) -> f64 {
+        self.elapsed_before + self.t0.elapsed().as_secs_f64()
+    }
+
+    /// Writes the resume state for continuing at `pos` after `step` steps.
+    #[allow(clippy::too_many_arguments)]
+    fn save_resume(
+        &self,
+        pos: Position,
+        step: u64,
+        tracker: &Tracker,
+        interval: &Interval,
+        optimizer: &AnyOptimizer,
+        ctx: &ForwardCtx,
+    ) -> Result<(), Fail> {
+        let finite = |v: f64| Some(v).filter(|v| v.is_finite());
+        let meta = ResumeMeta {
+            format: resume::RESUME_FORMAT.to_string(),
+            run_id: self.req.run_id.clone(),
+            next_epoch: pos.next_epoch,
+            skip_batches: pos.skip_batches,
+            step,
+            elapsed_s: self.elapsed(),
+            data_files: self.prep.data.files.clone(),
+            early_stopping: tracker.early.clone(),
+            scheduler: tracker.scheduler.as_ref().map(|(_, s)| s.clone()),
+            best: tracker.best.clone(),
+            best_val_loss: finite(tracker.best_val_loss),
+            best_val_acc: finite(tracker.best_val_acc),
+            last_eval_step: tracker.last_eval_step,
+            interval: interval.clone(),
+            optimizer: optimizer.state_meta(),
+            dropout_rng_word_pos: ctx.rng_word_pos().to_string(),
+            config: self.req.config.clone(),
+        };
+        resume::save(
+            &self.run_dir.join(RESUME_FILE),
+            &meta,
+            &self.prep.model.params.state_dict(),
+            &optimizer.state_tensors()?,
+            tracker.best_snapshot.as_deref(),
+        )?;
+        Ok(())
+    }
+
     /// Evaluates, records and decides; returns whether to stop early.
     fn evaluate(
         &self,
@@ -314,7 +366,7 @@ impl Loop<'_> {
             val_loss: rep.loss,
             val_acc: rep.accuracy,
             lr,
-            elapsed_s: self.t0.elapsed().as_secs_f64(),
+            elapsed_s: self.elapsed(),
             improved: decision.improved,
             best_val_loss: tracker.best_val_loss,
             best_val_acc: tracker.best_val_acc,
@@ -407,7 +459,41 @@ fn train(
     t0: Instant,
     summary: &mut RunSummary,
 ) -> Result<(), Fail> {
+    let state = load_resume_state(req, run_dir)?;
+    let resumed_req;
+    let req = match &state {
+        Some(st) => {
+            let mut r = req.clone();
+            r.data.only_files = Some(st.meta.data_files.clone());
+            resumed_req = r;
+            &resumed_req
+        }
+        None => req,
+    };
     let prep = prepare(req)?;
+    if let Some(st) = &state {
+        let missing: Vec<&String> = st
+            .meta
+            .data_files
+            .iter()
+            .filter(|f| !prep.data.files.contains(f))
+            .collect();
+        if !missing.is_empty() {
+            return Err(Fail(format!(
+                "cannot resume run {}: data files it trained on are gone or now invalid: {}",
+                req.run_id,
+                missing
+                    .iter()
+                    .map(|f| f.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
+        prep.model
+            .params
+            .load(&st.model)
+            .map_err(|e| Fail(format!("resume state of run {}: {e}", req.run_id)))?;
+    }
     summary.skipped_files = prep.data.skipped.clone();
     summary.classes = prep.data.classes.clone();
     summary.samples = SplitSizes {
@@ -415,8 +501,12 @@ fn train(
         val: prep.split.val.len(),
         test: prep.split.test.len(),
     };
-    std::fs::create_dir_all(run_dir)
-        .map_err(|e| Fail(format!("cannot create run folder {}: {e}", run_dir.display())))?;
+    std::fs::create_dir_all(run_dir).map_err(|e| {
+        Fail(format!(
+            "cannot create run folder {}: {e}",
+            run_dir.display()
+        ))
+    })?;
 
     let named: Vec<_> = prep
         .model
@@ -443,6 +533,11 @@ fn train(
     }
     let trainable_params: usize = named.iter().map(|(_, v)| v.elem_count()).sum();
     let mut optimizer = AnyOptimizer::new(named, &req.train.optimizer)?;
+    if let Some(st) = &state {
+        optimizer
+            .load_state(&st.optim, &st.meta.optimizer)
+            .map_err(|e| Fail(format!("resume state of run {}: {e}", req.run_id)))?;
+    }
     let bs = req.train.batch_size;
     let steps_per_epoch = prep.split.train.len().div_ceil(bs) as u64;
     let lp = Loop {
@@ -456,6 +551,7 @@ fn train(
             &req.device,
         )?,
         t0,
+        elapsed_before: state.as_ref().map_or(0.0, |s| s.meta.elapsed_s),
     };
     em.emit(RunEvent::Started(RunStarted {
         run_id: req.run_id.clone(),
@@ -468,6 +564,7 @@ fn train(
         max_epochs: req.train.max_epochs,
         device: describe(&req.device),
         warm_start: prep.warm_start.clone(),
+        resumed_at_step: state.as_ref().map(|s| s.meta.step),
     }));
     tracing::info!(
         run_id = %req.run_id,
@@ -498,6 +595,37 @@ fn train(
     let mut step: u64 = 0;
     let mut outcome = Outcome::Finished;
     let mut epoch: u64 = 0;
+    let mut skip: u64 = 0;
+    if let Some(st) = state {
+        let m = st.meta;
+        tracker.early = m.early_stopping;
+        if let (Some((_, sched)), Some(saved)) = (&mut tracker.scheduler, m.scheduler) {
+            *sched = saved;
+        }
+        tracker.best = m.best;
+        summary.best = tracker.best.clone();
+        if !st.best.is_empty() {
+            let mut snap: Vec<(String, Tensor)> = st.best.into_iter().collect();
+            snap.sort_by(|a, b| a.0.cmp(&b.0));
+            tracker.best_snapshot = Some(snap);
+            summary.best_checkpoint = Some(run_dir.join(BEST_FILE));
+        }
+        tracker.best_val_loss = m.best_val_loss.unwrap_or(f64::INFINITY);
+        tracker.best_val_acc = m.best_val_acc.unwrap_or(f64::NEG_INFINITY);
+        tracker.last_eval_step = m.last_eval_step;
+        interval = m.interval;
+        let pos: u128 = m
+            .dropout_rng_word_pos
+            .parse()
+            .map_err(|_| Fail("resume state: bad dropout RNG position".into()))?;
+        ctx.set_rng_word_pos(pos);
+        step = m.step;
+        summary.steps = step;
+        epoch = m.next_epoch.saturating_sub(1);
+        skip = m.skip_batches;
+        truncate_metrics(&run_dir.join(METRICS_FILE), step)?;
+        tracing::info!(run_id = %req.run_id, step, epoch = m.next_epoch, "resuming run");
+    }
     let max_steps = req.train.max_steps.unwrap_or(u64::MAX);
     summary.reason = format!("reached max_epochs = {}", req.train.max_epochs);
 
@@ -509,10 +637,16 @@ fn train(
             epoch,
             batches: steps_per_epoch,
         });
-        for chunk in order.chunks(bs) {
+        let first = std::mem::take(&mut skip);
+        for (bi, chunk) in order.chunks(bs).enumerate().skip(first as usize) {
             if cancel.is_cancelled() {
                 outcome = Outcome::Cancelled;
                 summary.reason = format!("cancelled at epoch {epoch}, step {step}");
+                let pos = Position {
+                    next_epoch: epoch,
+                    skip_batches: bi as u64,
+                };
+                lp.save_resume(pos, step, &tracker, &interval, &optimizer, &ctx)?;
                 break 'epochs;
             }
             let batch = batcher.batch(chunk)?;
@@ -539,11 +673,31 @@ fn train(
             interval.add(loss, parts.denom, correct, batch.len() as u64);
             em.emit(RunEvent::Step { epoch, step, loss });
             if let EvalEvery::Steps(n) = req.train.eval_every {
-                if step % n == 0
-                    && lp.evaluate(epoch, step, &mut interval, &mut tracker, &mut optimizer, summary)?
-                {
-                    outcome = Outcome::EarlyStopped;
-                    break 'epochs;
+                if step % n == 0 {
+                    if lp.evaluate(
+                        epoch,
+                        step,
+                        &mut interval,
+                        &mut tracker,
+                        &mut optimizer,
+                        summary,
+                    )? {
+                        outcome = Outcome::EarlyStopped;
+                        break 'epochs;
+                    }
+                    let done = bi as u64 + 1;
+                    let pos = if done >= steps_per_epoch {
+                        Position {
+                            next_epoch: epoch + 1,
+                            skip_batches: 0,
+                        }
+                    } else {
+                        Position {
+                            next_epoch: epoch,
+                            skip_batches: done,
+                        }
+                    };
+                    lp.save_resume(pos, step, &tracker, &interval, &optimizer, &ctx)?;
                 }
             }
             if step >= max_steps {
@@ -551,21 +705,44 @@ fn train(
                 break 'epochs;
             }
         }
-        if req.train.eval_every == EvalEvery::Epoch
-            && lp.evaluate(epoch, step, &mut interval, &mut tracker, &mut optimizer, summary)?
-        {
-            outcome = Outcome::EarlyStopped;
-            break 'epochs;
+        if req.train.eval_every == EvalEvery::Epoch {
+            if lp.evaluate(
+                epoch,
+                step,
+                &mut interval,
+                &mut tracker,
+                &mut optimizer,
+                summary,
+            )? {
+                outcome = Outcome::EarlyStopped;
+                break 'epochs;
+            }
+            let pos = Position {
+                next_epoch: epoch + 1,
+                skip_batches: 0,
+            };
+            lp.save_resume(pos, step, &tracker, &interval, &optimizer, &ctx)?;
         }
     }
     // Steps since the last evaluation still count: evaluate them once more.
     if outcome == Outcome::Finished
         && step > tracker.last_eval_step
-        && lp.evaluate(epoch, step, &mut interval, &mut tracker, &mut optimizer, summary)?
+        && lp.evaluate(
+            epoch,
+            step,
+            &mut interval,
+            &mut tracker,
+            &mut optimizer,
+            summary,
+        )?
     {
         outcome = Outcome::EarlyStopped;
     }
     summary.outcome = outcome;
+    if outcome != Outcome::Cancelled {
+        // The run is over: nothing left to resume.
+        let _ = std::fs::remove_file(run_dir.join(RESUME_FILE));
+    }
 
     let Some(snapshot) = tracker.best_snapshot.take() else {
         if outcome == Outcome::Cancelled {
@@ -590,6 +767,61 @@ fn train(
         } else {
             tracing::warn!(run_id = %req.run_id, "the test split is empty; no final test");
         }
+    }
+    Ok(())
+}
+
+/// The resume state to continue from, when the request asks to resume and one exists.
+fn load_resume_state(req: &RunRequest, run_dir: &Path) -> Result<Option<ResumeState>, Fail> {
+    let path = run_dir.join(RESUME_FILE);
+    if !req.resume {
+        return Ok(None);
+    }
+    if !path.is_file() {
+        // Interrupted before its first evaluation: start over in the same folder.
+        let _ = std::fs::remove_file(run_dir.join(METRICS_FILE));
+        return Ok(None);
+    }
+    let st = resume::load(&path, &req.device)?;
+    if st.meta.run_id != req.run_id {
+        return Err(Fail(format!(
+            "{} belongs to run {}, not {}",
+            path.display(),
+            st.meta.run_id,
+            req.run_id
+        )));
+    }
+    for section in ["data", "model", "train"] {
+        if st.meta.config.get(section) != req.config.get(section) {
+            return Err(Fail(format!(
+                "cannot resume run {}: the [{section}] settings differ from the ones it started with",
+                req.run_id
+            )));
+        }
+    }
+    Ok(Some(st))
+}
+
+/// Drops metrics lines written after `step` (they are produced again on resume).
+fn truncate_metrics(path: &Path, step: u64) -> Result<(), Fail> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Ok(());
+    };
+    let kept: Vec<&str> = text
+        .lines()
+        .filter(|l| {
+            serde_json::from_str::<Metrics>(l)
+                .map(|m| m.step <= step)
+                .unwrap_or(false)
+        })
+        .collect();
+    if kept.len() != text.lines().count() {
+        let mut out = kept.join("\n");
+        if !out.is_empty() {
+            out.push('\n');
+        }
+        atomic_write(path, out.as_bytes())
+            .map_err(|e| Fail(format!("cannot rewrite {}: {e}", path.display())))?;
     }
     Ok(())
 }
@@ -644,11 +876,21 @@ pub fn evaluate_checkpoint(
         data::Split::Test => &split_idx.test,
     };
     if indices.is_empty() {
-        return Err(format!("the {split:?} split of {} is empty", spec.dir.display()));
+        return Err(format!(
+            "the {split:?} split of {} is empty",
+            spec.dir.display()
+        ));
     }
     let batcher = Batcher::new(&dataset, &ck.meta.input.normalization, device);
-    let rep = evaluate(&model, &batcher, indices, loss, batch_size, &ck.meta.classes)
-        .map_err(|e| e.to_string())?;
+    let rep = evaluate(
+        &model,
+        &batcher,
+        indices,
+        loss,
+        batch_size,
+        &ck.meta.classes,
+    )
+    .map_err(|e| e.to_string())?;
     Ok((rep, ck.meta, dataset.skipped))
 }
 

@@ -85,6 +85,9 @@ pub struct DataSpec {
     pub min_freq: usize,
     /// text-tsv: the vocabulary to use (from a checkpoint); overrides `vocab_file`.
     pub vocab: Option<Vocab>,
+    /// Read only these files (names relative to `dir`), e.g. to resume a run
+    /// on exactly the data it started with; `None` reads every file.
+    pub only_files: Option<Vec<String>>,
 }
 
 impl DataSpec {
@@ -109,6 +112,7 @@ impl DataSpec {
             max_vocab: 10_000,
             min_freq: 1,
             vocab: None,
+            only_files: None,
         }
     }
 }
@@ -369,6 +373,14 @@ pub fn split_indices(origins: &[(u32, u32)], files: &[String], spec: &DataSpec) 
 /// out): the images of every class folder for `image-folder`; for `text-tsv` the
 /// `*.txt` and `*.tsv` files except `class.txt`, `classes.txt` and `vocab.txt`.
 pub fn list_files(spec: &DataSpec) -> Result<Vec<PathBuf>, DataError> {
+    let mut files = list_all_files(spec)?;
+    if let Some(only) = &spec.only_files {
+        files.retain(|p| only.contains(&relative_name(&spec.dir, p)));
+    }
+    Ok(files)
+}
+
+fn list_all_files(spec: &DataSpec) -> Result<Vec<PathBuf>, DataError> {
     if spec.format == DataFormat::ImageFolder {
         return image_folder::list(&spec.dir);
     }

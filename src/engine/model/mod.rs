@@ -102,6 +102,16 @@ impl ForwardCtx {
         &self.rng
     }
 
+    /// Position of the dropout RNG in its stream (saved for resume).
+    pub fn rng_word_pos(&self) -> u128 {
+        self.rng.get_word_pos()
+    }
+
+    /// Moves the dropout RNG to a saved position.
+    pub fn set_rng_word_pos(&mut self, pos: u128) {
+        self.rng.set_word_pos(pos);
+    }
+
     /// Dropout with probability `p` (inverted: kept values scaled by `1/(1-p)`);
     /// the identity in evaluation mode.
     pub fn dropout(&mut self, x: &Tensor, p: f64) -> candle_core::Result<Tensor> {

@@ -1,0 +1,334 @@
+//! Commands from MQTT (`cmd/train`, `cmd/stop`, `cmd/status`): parsing and
+//! validation of untrusted payloads. Anything malformed becomes a [`Rejection`]
+//! with a reason for the sender; nothing here can panic on input.
+
+use std::path::Path;
+
+use serde_json::{Map, Value};
+
+use crate::config::{self, ConfigError, Override, Settings};
+
+/// Largest command payload accepted, in bytes.
+pub const MAX_COMMAND_BYTES: usize = 64 * 1024;
+
+/// Most overrides one `cmd/train` may carry.
+const MAX_OVERRIDES: usize = 64;
+
+/// Config keys a `cmd/train` may override: training hyper-parameters and the
+/// model, never where data, models or the broker live.
+const ALLOWED_PREFIXES: &[&str] = &["train.", "model."];
+const ALLOWED_KEYS: &[&str] = &["retrain.warm_start", "retrain.promote_metric"];
+const FORBIDDEN_KEYS: &[&str] = &["model.init"];
+
+/// A valid command.
+#[derive(Debug, Clone)]
+pub enum Command {
+    /// Start a run (queued if one is running) with these overrides.
+    Train {
+        overrides: Vec<Override>,
+        request_id: Option<Value>,
+    },
+    /// Cancel the running run after the current batch.
+    Stop { request_id: Option<Value> },
+    /// Republish `status`.
+    Status { request_id: Option<Value> },
+}
+
+/// A command that cannot be honoured, and why.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rejection {
+    /// The command name (the last topic level).
+    pub command: String,
+    pub request_id: Option<Value>,
+    pub reason: String,
+}
+
+impl Rejection {
+    /// The `command_rejected` event's fields.
+    pub fn to_fields(&self) -> Value {
+        let mut m = Map::new();
+        m.insert("command".into(), Value::String(self.command.clone()));
+        m.insert("request_id".into(), self.request_id.clone().unwrap_or(Value::Null));
+        m.insert("reason".into(), Value::String(self.reason.clone()));
+        Value::Object(m)
+    }
+}
+
+/// The daemon's configuration before per-run overrides: the parsed file plus
+/// the environment and `--set` overrides it was started with.
+#[derive(Debug, Clone)]
+pub struct ConfigBase {
+    table: toml::Table,
+    origin: String,
+    overrides: Vec<Override>,
+}
+
+impl ConfigBase {
+    /// Reads the config file once; later runs do not re-read it.
+    pub fn load(path: &Path, overrides: Vec<Override>) -> Result<(Self, Settings), ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+        let table: toml::Table = toml::from_str(&text).map_err(|e| ConfigError::File {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+        let base = Self {
+            table,
+            origin: path.display().to_string(),
+            overrides,
+        };
+        let settings = base.resolve(&[])?;
+        Ok((base, settings))
+    }
+
+    /// The settings with `extra` overrides on top, validated like a config file.
+    pub fn resolve(&self, extra: &[Override]) -> Result<Settings, ConfigError> {
+        let mut all = self.overrides.clone();
+        all.extend_from_slice(extra);
+        let s = config::load_layers(&self.table, &self.origin, &all)?;
+        s.validate()?;
+        s.model_template()?;
+        Ok(s)
+    }
+}
+
+/// Parses one command. `validate` checks train overrides (normally
+/// [`ConfigBase::resolve`] plus whatever is queued).
+pub fn parse(
+    name: &str,
+    payload: &[u8],
+    retained: bool,
+    validate: impl Fn(&[Override]) -> Result<(), String>,
+) -> Result<Command, Rejection> {
+    let reject = |request_id: Option<Value>, reason: String| Rejection {
+        command: name.to_string(),
+        request_id,
+        reason,
+    };
+    if payload.len() > MAX_COMMAND_BYTES {
+        return Err(reject(
+            None,
+            format!(
+                "payload of {} bytes exceeds the limit of {MAX_COMMAND_BYTES} bytes",
+                payload.len()
+            ),
+        ));
+    }
+    let allowed: &[&str] = match name {
+        "train" => &["overrides", "request_id"],
+        "stop" | "status" => &["request_id"],
+        other => {
+            return Err(reject(
+                None,
+                format!("unknown command `{other}`; commands are cmd/train, cmd/stop, cmd/status"),
+            ))
+        }
+    };
+    // An empty message (`mosquitto_pub -n`) means `{}`.
+    let value: Value = if payload.iter().all(u8::is_ascii_whitespace) {
+        Value::Object(Map::new())
+    } else {
+        let text = std::str::from_utf8(payload)
+            .map_err(|e| reject(None, format!("payload is not UTF-8: {e}")))?;
+        serde_json::from_str(text).map_err(|e| reject(None, format!("payload is not valid JSON: {e}")))?
+    };
+    let Value::Object(obj) = value else {
+        return Err(reject(
+            None,
+            format!("payload must be a JSON object, got {}", json_kind(&value)),
+        ));
+    };
+    let request_id = match obj.get("request_id") {
+        None | Some(Value::Null) => None,
+        Some(v @ (Value::String(_) | Value::Number(_))) => Some(v.clone()),
+        Some(other) => {
+            return Err(reject(
+                None,
+                format!("request_id must be a string or a number, got {}", json_kind(other)),
+            ))
+        }
+    };
+    if let Some(unknown) = obj.keys().find(|k| !allowed.contains(&k.as_str())) {
+        return Err(reject(
+            request_id,
+            format!(
+                "unknown field `{unknown}` in cmd/{name}; allowed: {}",
+                allowed.join(", ")
+            ),
+        ));
+    }
+    if retained {
+        return Err(reject(
+            request_id,
+            "retained commands are ignored: publish commands without the retain flag".into(),
+        ));
+    }
+    match name {
+        "train" => {
+            let overrides = match obj.get("overrides") {
+                None | Some(Value::Null) => Vec::new(),
+                Some(Value::Object(o)) => parse_overrides(o).map_err(|r| reject(request_id.clone(), r))?,
+                Some(other) => {
+                    return Err(reject(
+                        request_id,
+                        format!(
+                            "overrides must be an object of config keys, e.g. {{\"train.lr\": 0.001}}, got {}",
+                            json_kind(other)
+                        ),
+                    ))
+                }
+            };
+            validate(&overrides).map_err(|r| reject(request_id.clone(), r))?;
+            Ok(Command::Train {
+                overrides,
+                request_id,
+            })
+        }
+        "stop" => Ok(Command::Stop { request_id }),
+        _ => Ok(Command::Status { request_id }),
+    }
+}
+
+/// Flattens `{"train": {"lr": 1}}` and `{"train.lr": 1}` alike into overrides,
+/// keeping only keys a command may change.
+fn parse_overrides(obj: &Map<String, Value>) -> Result<Vec<Override>, String> {
+    let mut flat = Vec::new();
+    flatten("", obj, &mut flat, 0)?;
+    if flat.len() > MAX_OVERRIDES {
+        return Err(format!("too many overrides ({}; at most {MAX_OVERRIDES})", flat.len()));
+    }
+    let mut out = Vec::with_capacity(flat.len());
+    for (key, value) in flat {
+        let allowed = (ALLOWED_PREFIXES.iter().any(|p| key.starts_with(p))
+            || ALLOWED_KEYS.contains(&key.as_str()))
+            && !FORBIDDEN_KEYS.contains(&key.as_str());
+        if !allowed {
+            return Err(format!(
+                "`{key}` cannot be changed by a command (allowed: train.*, model.* except model.init, {})",
+                ALLOWED_KEYS.join(", ")
+            ));
+        }
+        let ov = Override::from_json(&key, &value, &format!("cmd/train override `{key}`"))
+            .map_err(|e| e.to_string())?;
+        out.push(ov);
+    }
+    Ok(out)
+}
+
+fn flatten(
+    prefix: &str,
+    obj: &Map<String, Value>,
+    out: &mut Vec<(String, Value)>,
+    depth: usize,
+) -> Result<(), String> {
+    if depth > 8 {
+        return Err("overrides are nested too deeply".into());
+    }
+    for (k, v) in obj {
+        if k.is_empty() {
+            return Err("empty override key".into());
+        }
+        let key = if prefix.is_empty() {
+            k.clone()
+        } else {
+            format!("{prefix}.{k}")
+        };
+        match v {
+            Value::Object(inner) => flatten(&key, inner, out, depth + 1)?,
+            other => out.push((key, other.clone())),
+        }
+    }
+    Ok(())
+}
+
+fn json_kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ok(_: &[Override]) -> Result<(), String> {
+        Ok(())
+    }
+
+    fn base() -> ConfigBase {
+        ConfigBase {
+            table: toml::Table::new(),
+            origin: "test.toml".into(),
+            overrides: Vec::new(),
+        }
+    }
+
+    fn validate_with_base(ovs: &[Override]) -> Result<(), String> {
+        base().resolve(ovs).map(|_| ()).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn empty_payload_is_an_empty_object() {
+        assert!(matches!(parse("status", b"", false, ok), Ok(Command::Status { request_id: None })));
+        assert!(matches!(parse("train", b" {} ", false, ok), Ok(Command::Train { .. })));
+    }
+
+    #[test]
+    fn request_id_is_echoed_even_when_rejected() {
+        let r = parse("stop", br#"{"request_id": "a1", "x": 1}"#, false, ok).unwrap_err();
+        assert_eq!(r.request_id, Some(Value::String("a1".into())));
+        assert!(r.reason.contains("unknown field `x`"), "{}", r.reason);
+    }
+
+    #[test]
+    fn malformed_payloads_are_rejected_with_reasons() {
+        for (name, payload, needle) in [
+            ("train", &b"not json"[..], "not valid JSON"),
+            ("train", b"[1,2]", "JSON object"),
+            ("train", b"\xff\xfe", "UTF-8"),
+            ("train", br#"{"overrides": 5}"#, "overrides must be an object"),
+            ("train", br#"{"request_id": [1]}"#, "request_id must be"),
+            ("reboot", b"{}", "unknown command"),
+        ] {
+            let r = parse(name, payload, false, ok).unwrap_err();
+            assert!(r.reason.contains(needle), "{name} {payload:?}: {}", r.reason);
+        }
+        let huge = vec![b' '; MAX_COMMAND_BYTES + 1];
+        assert!(parse("status", &huge, false, ok).unwrap_err().reason.contains("exceeds"));
+        assert!(parse("train", b"{}", true, ok).unwrap_err().reason.contains("retained"));
+    }
+
+    #[test]
+    fn overrides_are_validated_like_config_keys() {
+        let good = br#"{"overrides": {"train.lr": 0.01, "train": {"max_epochs": 3}}, "request_id": 7}"#;
+        match parse("train", good, false, validate_with_base).unwrap() {
+            Command::Train { overrides, request_id } => {
+                assert_eq!(overrides.len(), 2);
+                assert_eq!(request_id, Some(Value::from(7)));
+                let s = base().resolve(&overrides).unwrap();
+                assert_eq!(s.train.optimizer.lr, 0.01);
+                assert_eq!(s.train.max_epochs, 3);
+            }
+            other => panic!("{other:?}"),
+        }
+        for (payload, needle) in [
+            (&br#"{"overrides": {"train.max_epoch": 3}}"#[..], "did you mean"),
+            (br#"{"overrides": {"train.lr": "fast"}}"#, "train.optimizer.lr"),
+            (br#"{"overrides": {"train.lr": -1}}"#, "train.optimizer.lr"),
+            (br#"{"overrides": {"train.batch_size": 0}}"#, "train.batch_size"),
+            (br#"{"overrides": {"train.lr": null}}"#, "null"),
+            (br#"{"overrides": {"output.dir": "/tmp"}}"#, "cannot be changed"),
+            (br#"{"overrides": {"model.init": "/etc/passwd"}}"#, "cannot be changed"),
+        ] {
+            let r = parse("train", payload, false, validate_with_base).unwrap_err();
+            assert!(r.reason.contains(needle), "{}: {}", String::from_utf8_lossy(payload), r.reason);
+        }
+    }
+}

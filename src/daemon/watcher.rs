@@ -1,0 +1,355 @@
+//! The data-folder watcher. Collectors drop files into `data.dir`; a file is
+//! taken once complete: renamed into place (taken at once), or with size and
+//! mtime unchanged for `retrain.file_settle_s`. File-system events (notify) make
+//! it look soon; a periodic rescan catches whatever events missed. Each new file
+//! is validated on its own and against the model: good ones are announced with
+//! `data_accepted` and counted towards `retrain.min_new_samples`, bad ones are
+//! moved to `data.dir/rejected/` with a `.reason` file and announced with
+//! `data_rejected`.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime};
+
+use notify::event::{EventKind, ModifyKind, RenameMode};
+use notify::{RecursiveMode, Watcher as _};
+use serde_json::json;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::outbox::Kind;
+use super::publisher::Publisher;
+use crate::engine::data::{self, DataFormat, DataSpec};
+use crate::engine::fsutil::atomic_write;
+
+/// Folder under `data.dir` where rejected files go.
+pub const REJECTED_DIR: &str = "rejected";
+
+/// How often pending files are looked at while some are settling.
+const SETTLE_POLL: Duration = Duration::from_millis(200);
+
+/// What new files must match: the sample shape and classes of the model in
+/// service (or, before there is one, of the data already there).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Reference {
+    pub sample_shape: Option<Vec<usize>>,
+    pub classes: Option<Vec<String>>,
+}
+
+impl Reference {
+    /// From the model in `current` if it loads, else from the data folder.
+    pub fn discover(spec: &DataSpec, current: &Path, files: &[PathBuf]) -> Self {
+        if current.exists() {
+            match crate::engine::checkpoint::load(current, &candle_core::Device::Cpu) {
+                Ok(ck) => {
+                    return Self {
+                        sample_shape: Some(ck.meta.input.sample_shape),
+                        classes: Some(ck.meta.classes),
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "the current model is unreadable; new data is checked against the data folder"),
+            }
+        }
+        let classes = spec
+            .classes
+            .clone()
+            .or_else(|| data::read_class_file(&spec.dir).ok().flatten());
+        let sample_shape = files
+            .iter()
+            .find_map(|f| data::read_file(f, spec).ok())
+            .map(|s| s.sample_shape);
+        Self { sample_shape, classes }
+    }
+}
+
+/// Checks one new file; returns its number of samples, or why it is rejected.
+pub fn validate_file(path: &Path, spec: &DataSpec, reference: &Reference) -> Result<usize, String> {
+    let samples = data::read_file(path, spec)?;
+    if let Some(shape) = &reference.sample_shape {
+        if &samples.sample_shape != shape {
+            return Err(format!(
+                "sample shape {:?} differs from {:?} expected by the model and the other data",
+                samples.sample_shape, shape
+            ));
+        }
+    }
+    if let Some(classes) = &reference.classes {
+        data::resolve_labels(&samples.labels, classes)?;
+    }
+    Ok(samples.len())
+}
+
+/// Moves a rejected file to `data.dir/rejected/` (keeping its path below
+/// `data.dir`, adding `.1`, `.2`… if the name is taken) and writes the reason
+/// beside it as `NAME.reason`. Returns the new path.
+pub fn quarantine(path: &Path, data_dir: &Path, reason: &str) -> std::io::Result<PathBuf> {
+    let rel = path.strip_prefix(data_dir).unwrap_or(path);
+    let rel = if rel.is_absolute() {
+        PathBuf::from(path.file_name().unwrap_or_default())
+    } else {
+        rel.to_path_buf()
+    };
+    let mut target = data_dir.join(REJECTED_DIR).join(&rel);
+    if let Some(parent) = target.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    let mut n = 1;
+    while target.exists() {
+        let mut name = rel.file_name().unwrap_or_default().to_os_string();
+        name.push(format!(".{n}"));
+        target.set_file_name(name);
+        n += 1;
+    }
+    std::fs::rename(path, &target)?;
+    let mut reason_path = target.clone().into_os_string();
+    reason_path.push(".reason");
+    let text = format!("{reason}\nrejected at {}\n", crate::engine::run::now_rfc3339());
+    atomic_write(Path::new(&reason_path), text.as_bytes())?;
+    Ok(target)
+}
+
+struct Candidate {
+    size: u64,
+    mtime: Option<SystemTime>,
+    since: Instant,
+}
+
+/// The watcher's state; [`Watcher::run`] is its task.
+pub struct Watcher {
+    spec: DataSpec,
+    settle: Duration,
+    rescan: Duration,
+    reference: Reference,
+    known: HashSet<PathBuf>,
+    pending: HashMap<PathBuf, Candidate>,
+    renamed: HashSet<PathBuf>,
+    publisher: Publisher,
+    new_samples: mpsc::UnboundedSender<u64>,
+}
+
+impl Watcher {
+    /// A watcher for which the files in `existing` are not new.
+    pub fn new(
+        spec: DataSpec,
+        settle: Duration,
+        rescan: Duration,
+        reference: Reference,
+        existing: Vec<PathBuf>,
+        publisher: Publisher,
+        new_samples: mpsc::UnboundedSender<u64>,
+    ) -> Self {
+        Self {
+            spec,
+            settle,
+            rescan,
+            reference,
+            known: existing.into_iter().collect(),
+            pending: HashMap::new(),
+            renamed: HashSet::new(),
+            publisher,
+            new_samples,
+        }
+    }
+
+    /// Watches until `stop` fires.
+    pub async fn run(mut self, stop: CancellationToken) {
+        let (tx, mut events) = mpsc::unbounded_channel();
+        let mode = if self.spec.format == DataFormat::ImageFolder {
+            RecursiveMode::Recursive
+        } else {
+            RecursiveMode::NonRecursive
+        };
+        let fs_watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+            let _ = tx.send(res);
+        })
+        .and_then(|mut w| w.watch(&self.spec.dir, mode).map(|_| w));
+        let _fs_watcher = match fs_watcher {
+            Ok(w) => Some(w),
+            Err(e) => {
+                tracing::warn!(dir = %self.spec.dir.display(), error = %e, "cannot watch the data folder; relying on rescans");
+                None
+            }
+        };
+        let mut next_rescan = Instant::now() + self.rescan;
+        let mut dirty = false;
+        loop {
+            let now = Instant::now();
+            let wake = if dirty || !self.pending.is_empty() {
+                next_rescan.min(now + SETTLE_POLL)
+            } else {
+                next_rescan
+            };
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                ev = events.recv() => match ev {
+                    Some(Ok(ev)) => { self.note(&ev); dirty = true; continue; }
+                    Some(Err(e)) => tracing::debug!(error = %e, "file watch error"),
+                    None => {}
+                },
+                _ = tokio::time::sleep_until(wake.into()) => {}
+            }
+            if dirty || Instant::now() >= next_rescan {
+                dirty = false;
+                self.rescan_folder().await;
+                next_rescan = Instant::now() + self.rescan;
+            }
+            self.take_settled().await;
+        }
+    }
+
+    /// Remembers files renamed into place: they are complete.
+    fn note(&mut self, ev: &notify::Event) {
+        match ev.kind {
+            EventKind::Modify(ModifyKind::Name(RenameMode::To)) => {
+                self.renamed.extend(ev.paths.iter().cloned());
+            }
+            EventKind::Modify(ModifyKind::Name(RenameMode::Both)) => {
+                if let Some(to) = ev.paths.get(1) {
+                    self.renamed.insert(to.clone());
+                }
+            }
+            _ => {}
+        }
+    }
+
+    async fn rescan_folder(&mut self) {
+        let spec = self.spec.clone();
+        let listed = match tokio::task::spawn_blocking(move || data::list_files(&spec)).await {
+            Ok(Ok(files)) => files,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "cannot list the data folder");
+                return;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "the data folder listing panicked");
+                return;
+            }
+        };
+        let listed: HashSet<PathBuf> = listed.into_iter().collect();
+        // A file that went away and comes back is new again.
+        self.known.retain(|p| listed.contains(p));
+        self.pending.retain(|p, _| listed.contains(p));
+        self.renamed.retain(|p| listed.contains(p) && !self.known.contains(p));
+        for path in listed {
+            if !self.known.contains(&path) && !self.pending.contains_key(&path) {
+                let (size, mtime) = stat(&path);
+                self.pending.insert(
+                    path,
+                    Candidate {
+                        size,
+                        mtime,
+                        since: Instant::now(),
+                    },
+                );
+            }
+        }
+    }
+
+    async fn take_settled(&mut self) {
+        let mut ready = Vec::new();
+        for (path, c) in self.pending.iter_mut() {
+            if self.renamed.contains(path) {
+                ready.push(path.clone());
+                continue;
+            }
+            let (size, mtime) = stat(path);
+            if size != c.size || mtime != c.mtime {
+                c.size = size;
+                c.mtime = mtime;
+                c.since = Instant::now();
+            } else if c.since.elapsed() >= self.settle {
+                ready.push(path.clone());
+            }
+        }
+        ready.sort();
+        for path in ready {
+            self.pending.remove(&path);
+            self.renamed.remove(&path);
+            self.known.insert(path.clone());
+            self.take(path).await;
+        }
+    }
+
+    async fn take(&mut self, path: PathBuf) {
+        let spec = self.spec.clone();
+        let reference = self.reference.clone();
+        let p = path.clone();
+        let checked = tokio::task::spawn_blocking(move || {
+            let r = validate_file(&p, &spec, &reference);
+            let shape = match &r {
+                Ok(_) if reference.sample_shape.is_none() => data::read_file(&p, &spec).ok().map(|s| s.sample_shape),
+                _ => None,
+            };
+            (r, shape)
+        })
+        .await;
+        let name = data::relative_name(&self.spec.dir, &path);
+        let result = match checked {
+            Ok((r, shape)) => {
+                if let Some(shape) = shape {
+                    self.reference.sample_shape = Some(shape);
+                }
+                r
+            }
+            Err(e) => Err(format!("validation crashed: {e}")),
+        };
+        match result {
+            Ok(samples) => {
+                tracing::info!(file = %name, samples, "new data accepted");
+                self.publisher.event(
+                    Kind::Info,
+                    "data_accepted",
+                    json!({"file": name, "samples": samples}),
+                );
+                let _ = self.new_samples.send(samples as u64);
+            }
+            Err(reason) => {
+                let dir = self.spec.dir.clone();
+                let (p, r) = (path.clone(), reason.clone());
+                let moved = tokio::task::spawn_blocking(move || quarantine(&p, &dir, &r)).await;
+                let (moved_to, move_error) = match moved {
+                    Ok(Ok(t)) => (Some(data::relative_name(&self.spec.dir, &t)), None),
+                    Ok(Err(e)) => (None, Some(e.to_string())),
+                    Err(e) => (None, Some(e.to_string())),
+                };
+                match &move_error {
+                    None => tracing::warn!(file = %name, %reason, "new data rejected and quarantined"),
+                    Some(e) => tracing::error!(file = %name, %reason, error = %e, "new data rejected but cannot be moved to rejected/"),
+                }
+                self.publisher.event(
+                    Kind::Info,
+                    "data_rejected",
+                    json!({"file": name, "reason": reason, "moved_to": moved_to, "move_error": move_error}),
+                );
+            }
+        }
+    }
+}
+
+fn stat(path: &Path) -> (u64, Option<SystemTime>) {
+    match std::fs::metadata(path) {
+        Ok(m) => (m.len(), m.modified().ok()),
+        Err(_) => (0, None),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quarantine_moves_and_explains_without_clobbering() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        for _ in 0..2 {
+            std::fs::write(d.join("bad.csv"), b"junk").unwrap();
+            quarantine(&d.join("bad.csv"), d, "not a csv").unwrap();
+        }
+        assert!(!d.join("bad.csv").exists());
+        assert!(d.join("rejected/bad.csv").is_file());
+        assert!(d.join("rejected/bad.csv.1").is_file());
+        let reason = std::fs::read_to_string(d.join("rejected/bad.csv.reason")).unwrap();
+        assert!(reason.starts_with("not a csv\n"));
+        assert!(d.join("rejected/bad.csv.1.reason").is_file());
+    }
+}

@@ -1,0 +1,255 @@
+//! Safe promotion: a run's best model replaces the one in service only when it is
+//! at least as good. Both are scored on the same split of the same data; the
+//! swap is atomic and the replaced model is kept as `previous.safetensors`.
+//! A plain library function: the `train` command and the daemon both call it.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::Device;
+use serde::{Deserialize, Serialize};
+
+use super::checkpoint;
+use super::data::{DataSpec, Split};
+use super::fsutil::atomic_write;
+use super::loss::CrossEntropy;
+use super::trainer::evaluate_checkpoint;
+
+/// The model in service, under `output.dir`.
+pub const CURRENT_FILE: &str = "current.safetensors";
+/// The model that was in service before the last promotion.
+pub const PREVIOUS_FILE: &str = "previous.safetensors";
+
+/// The metric a candidate must match or beat.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum PromoteMetric {
+    /// Higher is better.
+    #[default]
+    Accuracy,
+    /// Cross-entropy; lower is better.
+    Loss,
+    /// Unweighted mean of the per-class F1 scores; higher is better.
+    MacroF1,
+}
+
+impl PromoteMetric {
+    /// The metric's name in payloads.
+    pub fn name(self) -> &'static str {
+        match self {
+            PromoteMetric::Accuracy => "accuracy",
+            PromoteMetric::Loss => "loss",
+            PromoteMetric::MacroF1 => "macro_f1",
+        }
+    }
+
+    /// The metric's value in a score.
+    pub fn pick(self, s: &Score) -> f64 {
+        match self {
+            PromoteMetric::Accuracy => s.accuracy,
+            PromoteMetric::Loss => s.loss,
+            PromoteMetric::MacroF1 => s.macro_f1,
+        }
+    }
+
+    /// Whether `candidate` is at least as good as `current`.
+    pub fn at_least_as_good(self, candidate: &Score, current: &Score) -> bool {
+        let (c, o) = (self.pick(candidate), self.pick(current));
+        if !c.is_finite() {
+            return false;
+        }
+        if !o.is_finite() {
+            return true;
+        }
+        match self {
+            PromoteMetric::Loss => c <= o,
+            PromoteMetric::Accuracy | PromoteMetric::MacroF1 => c >= o,
+        }
+    }
+}
+
+/// A model's results on the comparison split.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Score {
+    pub loss: f64,
+    pub accuracy: f64,
+    pub macro_f1: f64,
+    pub samples: u64,
+    /// Run id recorded in the checkpoint.
+    pub run_id: String,
+}
+
+/// What [`promote`] decided and why.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Promotion {
+    /// The candidate is now `current.safetensors`.
+    pub promoted: bool,
+    pub metric: PromoteMetric,
+    /// The split both models were scored on (`test`, or `val` when the test split is empty).
+    pub split: String,
+    pub candidate: Score,
+    /// `None` when there was no current model, or it could not be scored.
+    pub current: Option<Score>,
+    /// One sentence for logs and payloads.
+    pub reason: String,
+    /// `output.dir/current.safetensors`.
+    pub current_path: PathBuf,
+    /// Where the replaced model went, when one was replaced.
+    pub previous_path: Option<PathBuf>,
+}
+
+/// Why a promotion could not be carried out (the current model is then untouched).
+#[derive(Debug, thiserror::Error)]
+pub enum PromoteError {
+    /// The candidate checkpoint cannot be read or scored.
+    #[error("cannot score the candidate {path}: {reason}")]
+    Candidate { path: PathBuf, reason: String },
+    /// Writing `current.safetensors` or `previous.safetensors` failed.
+    #[error("cannot write {path}: {reason}")]
+    Write { path: PathBuf, reason: String },
+}
+
+/// Inputs of a promotion.
+#[derive(Debug, Clone)]
+pub struct PromoteRequest<'a> {
+    /// The run's best checkpoint.
+    pub candidate: &'a Path,
+    /// `output.dir`: holds `current.safetensors` and `previous.safetensors`.
+    pub output_dir: &'a Path,
+    /// The data both models are scored on.
+    pub data: &'a DataSpec,
+    pub device: &'a Device,
+    pub batch_size: usize,
+    pub metric: PromoteMetric,
+}
+
+/// Scores a checkpoint on `split` (plain cross-entropy, so scores of models
+/// trained with different loss settings compare fairly).
+fn score(req: &PromoteRequest, path: &Path, split: Split) -> Result<Score, String> {
+    let loss = CrossEntropy::new(None, 0.0, req.device).map_err(|e| e.to_string())?;
+    let (rep, meta, _) = evaluate_checkpoint(path, req.data, split, req.device, req.batch_size, &loss)?;
+    Ok(Score {
+        loss: rep.loss,
+        accuracy: rep.accuracy,
+        macro_f1: rep.macro_f1,
+        samples: rep.samples,
+        run_id: meta.run_id,
+    })
+}
+
+/// Scores the candidate and the current model on the same split and, if the
+/// candidate is at least as good on `metric` (or there is no usable current
+/// model), makes it `current.safetensors` atomically, keeping the old one as
+/// `previous.safetensors`.
+pub fn promote(req: &PromoteRequest) -> Result<Promotion, PromoteError> {
+    let candidate_err = |reason: String| PromoteError::Candidate {
+        path: req.candidate.to_path_buf(),
+        reason,
+    };
+    let (split, candidate) = match score(req, req.candidate, Split::Test) {
+        Ok(s) => ("test", s),
+        // A data set too small for a test split is compared on validation data.
+        Err(e) if e.contains("split") && e.contains("empty") => (
+            "val",
+            score(req, req.candidate, Split::Val).map_err(candidate_err)?,
+        ),
+        Err(e) => return Err(candidate_err(e)),
+    };
+    let split_kind = if split == "test" { Split::Test } else { Split::Val };
+    let current_path = req.output_dir.join(CURRENT_FILE);
+    let metric = req.metric;
+    let name = metric.name();
+
+    let (current, promote, reason) = if !current_path.exists() {
+        (None, true, "no current model: the first model is promoted".to_string())
+    } else {
+        match score(req, &current_path, split_kind) {
+            Ok(cur) => {
+                let better = metric.at_least_as_good(&candidate, &cur);
+                let reason = format!(
+                    "candidate {name} {:.6} {} current {:.6} on the {split} split ({} samples)",
+                    metric.pick(&candidate),
+                    if better { "is at least as good as" } else { "is worse than" },
+                    metric.pick(&cur),
+                    candidate.samples
+                );
+                (Some(cur), better, reason)
+            }
+            Err(e) => {
+                tracing::warn!(current = %current_path.display(), error = %e, "the current model cannot be scored; replacing it");
+                (None, true, format!("the current model cannot be scored ({e}); it is replaced"))
+            }
+        }
+    };
+
+    let mut previous_path = None;
+    if promote {
+        let write_err = |path: &Path, e: std::io::Error| PromoteError::Write {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        };
+        let bytes = std::fs::read(req.candidate).map_err(|e| candidate_err(e.to_string()))?;
+        if current_path.exists() {
+            let prev = req.output_dir.join(PREVIOUS_FILE);
+            let old = std::fs::read(&current_path).map_err(|e| write_err(&current_path, e))?;
+            atomic_write(&prev, &old).map_err(|e| write_err(&prev, e))?;
+            previous_path = Some(prev);
+        }
+        atomic_write(&current_path, &bytes).map_err(|e| write_err(&current_path, e))?;
+    }
+    Ok(Promotion {
+        promoted: promote,
+        metric,
+        split: split.to_string(),
+        candidate,
+        current,
+        reason,
+        current_path,
+        previous_path,
+    })
+}
+
+/// The run id recorded in `output_dir/current.safetensors`, if it holds a readable model.
+pub fn current_model_run_id(output_dir: &Path) -> Option<String> {
+    let path = output_dir.join(CURRENT_FILE);
+    if !path.exists() {
+        return None;
+    }
+    match checkpoint::load(&path, &Device::Cpu) {
+        Ok(ck) => Some(ck.meta.run_id),
+        Err(e) => {
+            tracing::warn!(error = %e, "the current model is unreadable");
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn s(loss: f64, accuracy: f64) -> Score {
+        Score {
+            loss,
+            accuracy,
+            macro_f1: accuracy,
+            samples: 10,
+            run_id: "r".into(),
+        }
+    }
+
+    #[test]
+    fn ties_promote_and_direction_follows_metric() {
+        let m = PromoteMetric::Accuracy;
+        assert!(m.at_least_as_good(&s(1.0, 0.9), &s(0.5, 0.9)));
+        assert!(!m.at_least_as_good(&s(0.1, 0.8), &s(0.5, 0.9)));
+        let m = PromoteMetric::Loss;
+        assert!(m.at_least_as_good(&s(0.5, 0.1), &s(0.5, 0.9)));
+        assert!(!m.at_least_as_good(&s(0.6, 1.0), &s(0.5, 0.9)));
+    }
+
+    #[test]
+    fn non_finite_candidate_never_wins() {
+        assert!(!PromoteMetric::Loss.at_least_as_good(&s(f64::NAN, 1.0), &s(9.0, 0.0)));
+        assert!(PromoteMetric::Loss.at_least_as_good(&s(1.0, 1.0), &s(f64::NAN, 0.0)));
+    }
+}
