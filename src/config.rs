@@ -160,6 +160,8 @@ pub struct DataSettings {
     pub min_freq: usize,
     /// Class names in label order; overrides `class.txt` and inferred labels.
     pub classes: Option<Vec<String>>,
+    /// Data files larger than this many MiB are refused before they are read.
+    pub max_file_mb: u64,
 }
 
 impl Default for DataSettings {
@@ -182,6 +184,7 @@ impl Default for DataSettings {
             max_vocab: 10_000,
             min_freq: 1,
             classes: None,
+            max_file_mb: 512,
         }
     }
 }
@@ -877,6 +880,9 @@ impl Settings {
         if !matches!(d.channels, 1 | 3) {
             return Err(invalid("data.channels", "must be 1 or 3"));
         }
+        if d.max_file_mb == 0 {
+            return Err(invalid("data.max_file_mb", "must be >= 1"));
+        }
         if d.max_len == 0 {
             return Err(invalid("data.max_len", "must be > 0"));
         }
@@ -1160,6 +1166,7 @@ impl Settings {
             min_freq: d.min_freq,
             vocab: None,
             only_files: None,
+            max_file_bytes: d.max_file_mb.saturating_mul(1 << 20),
         }
     }
 

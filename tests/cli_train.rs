@@ -360,7 +360,7 @@ fn diverging_run_fails_with_a_clear_reason() {
 fn sigint_cancels_after_the_batch_and_keeps_the_best_checkpoint() {
     let tmp = tempfile::tempdir().unwrap();
     let out_set = format!("output.dir={}", tmp.path().display());
-    let mut child = Command::new(BIN)
+    let child = Command::new(BIN)
         .args([
             "train",
             "--config",

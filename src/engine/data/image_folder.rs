@@ -10,6 +10,11 @@ use std::path::{Path, PathBuf};
 use image::imageops::FilterType;
 use image::DynamicImage;
 
+/// Largest width or height of an image that is decoded.
+const MAX_IMAGE_SIDE: u32 = 8192;
+/// Most memory one image decode may allocate.
+const MAX_IMAGE_ALLOC: u64 = 256 << 20;
+
 use super::{relative_name, DataError, Features, FileSamples, RawLabels};
 
 /// File extensions read as images (case-insensitive).
@@ -73,10 +78,17 @@ pub fn read(
     channels: usize,
 ) -> Result<FileSamples, String> {
     let class = class_of(&relative_name(dir, path))?;
-    let img = image::ImageReader::open(path)
+    let mut reader = image::ImageReader::open(path)
         .map_err(|e| format!("cannot read: {e}"))?
         .with_guessed_format()
-        .map_err(|e| format!("cannot read: {e}"))?
+        .map_err(|e| format!("cannot read: {e}"))?;
+    // A forged header must not make the decoder allocate without bound.
+    let mut limits = image::Limits::default();
+    limits.max_image_width = Some(MAX_IMAGE_SIDE);
+    limits.max_image_height = Some(MAX_IMAGE_SIDE);
+    limits.max_alloc = Some(MAX_IMAGE_ALLOC);
+    reader.limits(limits);
+    let img = reader
         .decode()
         .map_err(|e| format!("cannot decode image: {e}"))?;
     let [h, w] = size;

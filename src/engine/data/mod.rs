@@ -88,6 +88,8 @@ pub struct DataSpec {
     /// Read only these files (names relative to `dir`), e.g. to resume a run
     /// on exactly the data it started with; `None` reads every file.
     pub only_files: Option<Vec<String>>,
+    /// Files larger than this are refused before they are read.
+    pub max_file_bytes: u64,
 }
 
 impl DataSpec {
@@ -113,8 +115,44 @@ impl DataSpec {
             min_freq: 1,
             vocab: None,
             only_files: None,
+            max_file_bytes: DEFAULT_MAX_FILE_BYTES,
         }
     }
+}
+
+/// Default limit on the size of one data file (512 MiB).
+pub const DEFAULT_MAX_FILE_BYTES: u64 = 512 << 20;
+
+/// Refuses a file that is too large, or a link that leads out of the data folder,
+/// before anything is read from it.
+fn check_file(path: &Path, spec: &DataSpec) -> Result<(), String> {
+    let meta = std::fs::metadata(path).map_err(|e| format!("cannot read: {e}"))?;
+    if meta.len() > spec.max_file_bytes {
+        return Err(format!(
+            "the file has {} bytes, more than the limit of {} (data.max_file_mb)",
+            meta.len(),
+            spec.max_file_bytes
+        ));
+    }
+    let is_link = std::fs::symlink_metadata(path)
+        .map(|m| m.file_type().is_symlink())
+        .unwrap_or(false);
+    if is_link {
+        let target = path
+            .canonicalize()
+            .map_err(|e| format!("cannot resolve link: {e}"))?;
+        let dir = spec
+            .dir
+            .canonicalize()
+            .map_err(|e| format!("cannot resolve the data folder: {e}"))?;
+        if !target.starts_with(&dir) {
+            return Err(format!(
+                "a link to {}, outside the data folder",
+                target.display()
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Why data could not be loaded at all.
@@ -214,6 +252,7 @@ impl FileSamples {
 /// Reads and checks one data file on its own: format, dtype, shapes, finite values.
 /// The error is a reason fit for a user (the caller adds the file name).
 pub fn read_file(path: &Path, spec: &DataSpec) -> Result<FileSamples, String> {
+    check_file(path, spec)?;
     let samples = match spec.format {
         DataFormat::Safetensors => safetensors_file::read(path, &spec.x_key, &spec.y_key)?,
         DataFormat::Csv => csv_file::read(path, &spec.label_column, spec.delimiter)?,
@@ -603,6 +642,26 @@ mod tests {
         assert!(resolve_labels(&RawLabels::Name(vec!["c".into()]), &classes)
             .unwrap_err()
             .contains("\"c\""));
+    }
+
+    #[test]
+    fn oversized_files_and_escaping_links_are_refused_unread() {
+        let outside = tempfile::tempdir().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let secret = outside.path().join("secret.csv");
+        std::fs::write(&secret, "a,label\n1,0\n").unwrap();
+        let link = dir.path().join("x.csv");
+        std::os::unix::fs::symlink(&secret, &link).unwrap();
+        let mut spec = DataSpec::new(dir.path(), DataFormat::Csv);
+        let e = read_file(&link, &spec).unwrap_err();
+        assert!(e.contains("outside the data folder"), "{e}");
+        let big = dir.path().join("big.csv");
+        std::fs::write(&big, "a,label\n1,0\n2,1\n").unwrap();
+        spec.max_file_bytes = 8;
+        let e = read_file(&big, &spec).unwrap_err();
+        assert!(e.contains("data.max_file_mb"), "{e}");
+        spec.max_file_bytes = DEFAULT_MAX_FILE_BYTES;
+        assert_eq!(read_file(&big, &spec).unwrap().len(), 2);
     }
 
     #[test]
