@@ -9,13 +9,23 @@ use serde_json::Value;
 
 #[test]
 fn cmd_train_reports_every_evaluation_and_promotes() {
-    let Some(mut h) = Harness::start("", &[]) else { return };
+    let Some(mut h) = Harness::start("", &[]) else {
+        return;
+    };
     let (_, first) = h.wait("status", SHORT, |m| m.topic.ends_with("/status"));
     assert_eq!(first.json["state"], "idle");
-    assert!(first.retain, "status must be retained");
     assert_eq!(first.json["version"], env!("CARGO_PKG_VERSION"));
+    // A dashboard that comes later gets the status at once: it is retained.
+    let port = h.broker.as_ref().unwrap().port;
+    let mut late = Dashboard::connect(port, &h.env.base_topic(), None);
+    let i = late.find_from(0, SHORT, |m| m.topic.ends_with("/status"));
+    let late_status = &late.seen[i.expect("retained status for a late subscriber")];
+    assert!(late_status.retain && late_status.json["state"] == "idle");
 
-    let run_id = h.train("r1", r#"{"request_id": "r1", "overrides": {"train.max_epochs": 60}}"#);
+    let run_id = h.train(
+        "r1",
+        r#"{"request_id": "r1", "overrides": {"train.max_epochs": 60}}"#,
+    );
     let (i_started, _) = h.wait_event("run_started", Some(&run_id), SHORT);
     let (i_stopped, stopped) = h.wait_event("early_stopped", Some(&run_id), LONG);
     let (i_finished, finished) = h.wait_event("run_finished", Some(&run_id), LONG);
@@ -24,7 +34,12 @@ fn cmd_train_reports_every_evaluation_and_promotes() {
     let (i_idle, idle) = h.wait_from(i_promoted, "status idle after promotion", LONG, |m| {
         m.topic == status_topic && m.json["state"] == "idle"
     });
-    assert!(i_started < i_stopped && i_stopped < i_finished && i_finished < i_promoted && i_promoted < i_idle);
+    assert!(
+        i_started < i_stopped
+            && i_stopped < i_finished
+            && i_finished < i_promoted
+            && i_promoted < i_idle
+    );
     assert_eq!(finished.json["outcome"], "early_stopped");
     assert_eq!(stopped.json["monitor"], "val_loss");
     assert_eq!(idle.json["current_model"], run_id.as_str());
@@ -34,16 +49,33 @@ fn cmd_train_reports_every_evaluation_and_promotes() {
     let metrics: Vec<Msg> = h.dash.on("metrics").into_iter().cloned().collect();
     let lines = h.env.metrics_lines(&run_id);
     assert!(lines.len() >= 4, "{} evaluations", lines.len());
-    assert_eq!(metrics.len(), lines.len(), "one metrics message per evaluation");
+    assert_eq!(
+        metrics.len(),
+        lines.len(),
+        "one metrics message per evaluation"
+    );
     for (i, (m, line)) in metrics.iter().zip(&lines).enumerate() {
         assert_ts(m);
         assert_eq!(m.json["epoch"], i as u64 + 1, "evaluations in order");
         let mut without_ts = m.json.clone();
         without_ts.as_object_mut().unwrap().remove("ts");
-        assert_eq!(&without_ts, line, "metrics message {i} differs from metrics.jsonl");
+        assert_eq!(
+            &without_ts, line,
+            "metrics message {i} differs from metrics.jsonl"
+        );
     }
-    let first_metrics = h.dash.seen.iter().position(|m| m.topic.ends_with("/metrics")).unwrap();
-    let last_metrics = h.dash.seen.iter().rposition(|m| m.topic.ends_with("/metrics")).unwrap();
+    let first_metrics = h
+        .dash
+        .seen
+        .iter()
+        .position(|m| m.topic.ends_with("/metrics"))
+        .unwrap();
+    let last_metrics = h
+        .dash
+        .seen
+        .iter()
+        .rposition(|m| m.topic.ends_with("/metrics"))
+        .unwrap();
     assert!(i_started < first_metrics && last_metrics < i_finished);
 
     // A checkpoint event for every improvement, before the run ended.
@@ -83,12 +115,16 @@ fn cmd_train_reports_every_evaluation_and_promotes() {
 
 #[test]
 fn worse_candidate_is_kept_and_current_stays_byte_identical() {
-    let Some(mut h) = Harness::start("[retrain]\non_start = true\n", &[]) else { return };
+    let Some(mut h) = Harness::start("[retrain]\non_start = true\n", &[]) else {
+        return;
+    };
     let (_, first) = h.wait_event("model_promoted", None, LONG);
     let first_run = first.run_id().to_string();
     let status_topic = h.dash.topic("status");
     h.wait("idle after the first run", LONG, |m| {
-        m.topic == status_topic && m.json["state"] == "idle" && m.json["current_model"] == first_run.as_str()
+        m.topic == status_topic
+            && m.json["state"] == "idle"
+            && m.json["current_model"] == first_run.as_str()
     });
     let current = h.env.out.join("current.safetensors");
     let before = std::fs::read(&current).unwrap();
@@ -105,11 +141,21 @@ fn worse_candidate_is_kept_and_current_stays_byte_identical() {
     assert_eq!(kept.json["current"]["run_id"], first_run.as_str());
     assert_eq!(kept.json["split"], "test");
     assert!(kept.json["reason"].as_str().unwrap().contains("worse"));
-    assert!(h.dash.on("events").iter().all(|m| !(m.event() == "model_promoted" && m.run_id() == run_id)));
-    assert_eq!(std::fs::read(&current).unwrap(), before, "current.safetensors must not change");
+    assert!(h
+        .dash
+        .on("events")
+        .iter()
+        .all(|m| !(m.event() == "model_promoted" && m.run_id() == run_id)));
+    assert_eq!(
+        std::fs::read(&current).unwrap(),
+        before,
+        "current.safetensors must not change"
+    );
     assert!(!h.env.out.join("previous.safetensors").exists());
     h.wait("idle after the kept run", LONG, |m| {
-        m.topic == status_topic && m.json["state"] == "idle" && m.json["current_model"] == first_run.as_str()
+        m.topic == status_topic
+            && m.json["state"] == "idle"
+            && m.json["current_model"] == first_run.as_str()
     });
 
     // A run at least as good (fine-tuning the current model) is promoted, and the
@@ -120,23 +166,40 @@ fn worse_candidate_is_kept_and_current_stays_byte_identical() {
     );
     let (_, p) = h.wait_event("model_promoted", Some(&better), LONG);
     assert_eq!(p.json["current"]["run_id"], first_run.as_str());
-    assert_eq!(std::fs::read(h.env.out.join("previous.safetensors")).unwrap(), before);
+    assert_eq!(
+        std::fs::read(h.env.out.join("previous.safetensors")).unwrap(),
+        before
+    );
 }
 
 #[test]
 fn train_requests_during_a_run_are_queued_and_coalesce() {
-    let Some(mut h) = Harness::start("[model]\nhidden = [256, 256]\n", &[]) else { return };
+    let Some(mut h) = Harness::start("[model]\nhidden = [256, 256]\n", &[]) else {
+        return;
+    };
     let long = r#""overrides": {"train.max_epochs": 400, "train.early_stopping.enabled": false}"#;
     let first = h.train("a", &format!(r#"{{"request_id": "a", {long}}}"#));
-    h.dash.send("train", r#"{"request_id": "b", "overrides": {"train.max_epochs": 2}}"#);
-    h.dash.send("train", r#"{"request_id": "c", "overrides": {"train.max_epochs": 3}}"#);
-    let (_, qb) = h.wait("run_queued b", SHORT, |m| m.event() == "run_queued" && m.json["request_id"] == "b");
-    let (_, qc) = h.wait("run_queued c", SHORT, |m| m.event() == "run_queued" && m.json["request_id"] == "c");
+    h.dash.send(
+        "train",
+        r#"{"request_id": "b", "overrides": {"train.max_epochs": 2}}"#,
+    );
+    h.dash.send(
+        "train",
+        r#"{"request_id": "c", "overrides": {"train.max_epochs": 3}}"#,
+    );
+    let (_, qb) = h.wait("run_queued b", SHORT, |m| {
+        m.event() == "run_queued" && m.json["request_id"] == "b"
+    });
+    let (_, qc) = h.wait("run_queued c", SHORT, |m| {
+        m.event() == "run_queued" && m.json["request_id"] == "c"
+    });
     assert_eq!(qb.json["coalesced"], false);
     assert_eq!(qc.json["coalesced"], true);
     assert_eq!(qc.json["behind_run_id"], first.as_str());
     let status_topic = h.dash.topic("status");
-    h.wait("status with a queued request", SHORT, |m| m.topic == status_topic && m.json["queued"] == 1);
+    h.wait("status with a queued request", SHORT, |m| {
+        m.topic == status_topic && m.json["queued"] == 1
+    });
     h.dash.send("stop", r#"{"request_id": "stop-a"}"#);
     h.wait_event("run_cancelled", Some(&first), LONG);
 
@@ -147,11 +210,14 @@ fn train_requests_during_a_run_are_queued_and_coalesce() {
     let second_id = second.run_id().to_string();
     assert_ne!(second_id, first);
     assert_eq!(second.json["max_epochs"], 3);
-    h.wait_event("run_finished", Some(&second_id), LONG);
-    let (i_idle, idle) = h.wait("idle after the coalesced run", LONG, |m| {
+    let (i_fin, _) = h.wait_event("run_finished", Some(&second_id), LONG);
+    let (i_idle, idle) = h.wait_from(i_fin, "idle after the coalesced run", LONG, |m| {
         m.topic == status_topic && m.json["state"] == "idle"
     });
     assert_eq!(idle.json["queued"], 0);
-    let started = h.dash.seen[..i_idle].iter().filter(|m| m.event() == "run_started").count();
+    let started = h.dash.seen[..i_idle]
+        .iter()
+        .filter(|m| m.event() == "run_started")
+        .count();
     assert_eq!(started, 2, "three requests, two runs");
 }

@@ -3,7 +3,7 @@
 //! None may panic; each answers with an error that says what is wrong.
 //!
 //! CI runs a short pass (proptest's default 256 cases per property). A longer
-//! run: `PROPTEST_CASES=20000 cargo test --release --test fuzz_inputs`.
+//! run: `PROPTEST_CASES=20000 cargo test --test fuzz_inputs`.
 
 use std::path::{Path, PathBuf};
 

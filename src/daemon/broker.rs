@@ -24,15 +24,20 @@ pub fn local_address(listen: SocketAddr) -> SocketAddr {
 
 /// Starts the broker on `host:port` and waits until it accepts connections.
 /// `credentials`: clients must log in with this user and password.
-pub fn start(host: &str, port: u16, credentials: Option<(String, String)>) -> Result<SocketAddr, DaemonError> {
+pub fn start(
+    host: &str,
+    port: u16,
+    credentials: Option<(String, String)>,
+) -> Result<SocketAddr, DaemonError> {
     let listen = (host, port)
         .to_socket_addrs()
         .map_err(|e| DaemonError::Broker(format!("cannot resolve mqtt.host {host:?}: {e}")))?
         .next()
         .ok_or_else(|| DaemonError::Broker(format!("mqtt.host {host:?} resolves to no address")))?;
     // rumqttd only logs a failed bind from its own thread: check it here first.
-    TcpListener::bind(listen)
-        .map_err(|e| DaemonError::Broker(format!("cannot host the embedded broker on {listen}: {e}")))?;
+    TcpListener::bind(listen).map_err(|e| {
+        DaemonError::Broker(format!("cannot host the embedded broker on {listen}: {e}"))
+    })?;
 
     let connections = rumqttd::ConnectionSettings {
         connection_timeout_ms: 60_000,
@@ -69,7 +74,9 @@ pub fn start(host: &str, port: u16, credentials: Option<(String, String)>) -> Re
                 tracing::error!(error = %e, "the embedded MQTT broker stopped");
             }
         })
-        .map_err(|e| DaemonError::Broker(format!("cannot start the embedded broker thread: {e}")))?;
+        .map_err(|e| {
+            DaemonError::Broker(format!("cannot start the embedded broker thread: {e}"))
+        })?;
 
     let target = local_address(listen);
     let t0 = Instant::now();

@@ -48,7 +48,10 @@ impl Rejection {
     pub fn to_fields(&self) -> Value {
         let mut m = Map::new();
         m.insert("command".into(), Value::String(self.command.clone()));
-        m.insert("request_id".into(), self.request_id.clone().unwrap_or(Value::Null));
+        m.insert(
+            "request_id".into(),
+            self.request_id.clone().unwrap_or(Value::Null),
+        );
         m.insert("reason".into(), Value::String(self.reason.clone()));
         Value::Object(m)
     }
@@ -132,7 +135,8 @@ pub fn parse(
     } else {
         let text = std::str::from_utf8(payload)
             .map_err(|e| reject(None, format!("payload is not UTF-8: {e}")))?;
-        serde_json::from_str(text).map_err(|e| reject(None, format!("payload is not valid JSON: {e}")))?
+        serde_json::from_str(text)
+            .map_err(|e| reject(None, format!("payload is not valid JSON: {e}")))?
     };
     let Value::Object(obj) = value else {
         return Err(reject(
@@ -146,7 +150,10 @@ pub fn parse(
         Some(other) => {
             return Err(reject(
                 None,
-                format!("request_id must be a string or a number, got {}", json_kind(other)),
+                format!(
+                    "request_id must be a string or a number, got {}",
+                    json_kind(other)
+                ),
             ))
         }
     };
@@ -197,7 +204,10 @@ fn parse_overrides(obj: &Map<String, Value>) -> Result<Vec<Override>, String> {
     let mut flat = Vec::new();
     flatten("", obj, &mut flat, 0)?;
     if flat.len() > MAX_OVERRIDES {
-        return Err(format!("too many overrides ({}; at most {MAX_OVERRIDES})", flat.len()));
+        return Err(format!(
+            "too many overrides ({}; at most {MAX_OVERRIDES})",
+            flat.len()
+        ));
     }
     let mut out = Vec::with_capacity(flat.len());
     for (key, value) in flat {
@@ -276,8 +286,14 @@ mod tests {
 
     #[test]
     fn empty_payload_is_an_empty_object() {
-        assert!(matches!(parse("status", b"", false, ok), Ok(Command::Status { request_id: None })));
-        assert!(matches!(parse("train", b" {} ", false, ok), Ok(Command::Train { .. })));
+        assert!(matches!(
+            parse("status", b"", false, ok),
+            Ok(Command::Status { request_id: None })
+        ));
+        assert!(matches!(
+            parse("train", b" {} ", false, ok),
+            Ok(Command::Train { .. })
+        ));
     }
 
     #[test]
@@ -293,23 +309,41 @@ mod tests {
             ("train", &b"not json"[..], "not valid JSON"),
             ("train", b"[1,2]", "JSON object"),
             ("train", b"\xff\xfe", "UTF-8"),
-            ("train", br#"{"overrides": 5}"#, "overrides must be an object"),
+            (
+                "train",
+                br#"{"overrides": 5}"#,
+                "overrides must be an object",
+            ),
             ("train", br#"{"request_id": [1]}"#, "request_id must be"),
             ("reboot", b"{}", "unknown command"),
         ] {
             let r = parse(name, payload, false, ok).unwrap_err();
-            assert!(r.reason.contains(needle), "{name} {payload:?}: {}", r.reason);
+            assert!(
+                r.reason.contains(needle),
+                "{name} {payload:?}: {}",
+                r.reason
+            );
         }
         let huge = vec![b' '; MAX_COMMAND_BYTES + 1];
-        assert!(parse("status", &huge, false, ok).unwrap_err().reason.contains("exceeds"));
-        assert!(parse("train", b"{}", true, ok).unwrap_err().reason.contains("retained"));
+        assert!(parse("status", &huge, false, ok)
+            .unwrap_err()
+            .reason
+            .contains("exceeds"));
+        assert!(parse("train", b"{}", true, ok)
+            .unwrap_err()
+            .reason
+            .contains("retained"));
     }
 
     #[test]
     fn overrides_are_validated_like_config_keys() {
-        let good = br#"{"overrides": {"train.lr": 0.01, "train": {"max_epochs": 3}}, "request_id": 7}"#;
+        let good =
+            br#"{"overrides": {"train.lr": 0.01, "train": {"max_epochs": 3}}, "request_id": 7}"#;
         match parse("train", good, false, validate_with_base).unwrap() {
-            Command::Train { overrides, request_id } => {
+            Command::Train {
+                overrides,
+                request_id,
+            } => {
                 assert_eq!(overrides.len(), 2);
                 assert_eq!(request_id, Some(Value::from(7)));
                 let s = base().resolve(&overrides).unwrap();
@@ -319,16 +353,36 @@ mod tests {
             other => panic!("{other:?}"),
         }
         for (payload, needle) in [
-            (&br#"{"overrides": {"train.max_epoch": 3}}"#[..], "did you mean"),
-            (br#"{"overrides": {"train.lr": "fast"}}"#, "train.optimizer.lr"),
+            (
+                &br#"{"overrides": {"train.max_epoch": 3}}"#[..],
+                "did you mean",
+            ),
+            (
+                br#"{"overrides": {"train.lr": "fast"}}"#,
+                "train.optimizer.lr",
+            ),
             (br#"{"overrides": {"train.lr": -1}}"#, "train.optimizer.lr"),
-            (br#"{"overrides": {"train.batch_size": 0}}"#, "train.batch_size"),
+            (
+                br#"{"overrides": {"train.batch_size": 0}}"#,
+                "train.batch_size",
+            ),
             (br#"{"overrides": {"train.lr": null}}"#, "null"),
-            (br#"{"overrides": {"output.dir": "/tmp"}}"#, "cannot be changed"),
-            (br#"{"overrides": {"model.init": "/etc/passwd"}}"#, "cannot be changed"),
+            (
+                br#"{"overrides": {"output.dir": "/tmp"}}"#,
+                "cannot be changed",
+            ),
+            (
+                br#"{"overrides": {"model.init": "/etc/passwd"}}"#,
+                "cannot be changed",
+            ),
         ] {
             let r = parse("train", payload, false, validate_with_base).unwrap_err();
-            assert!(r.reason.contains(needle), "{}: {}", String::from_utf8_lossy(payload), r.reason);
+            assert!(
+                r.reason.contains(needle),
+                "{}: {}",
+                String::from_utf8_lossy(payload),
+                r.reason
+            );
         }
     }
 }

@@ -68,7 +68,13 @@ pub fn default_device_id() -> String {
     let raw = gethostname::gethostname().to_string_lossy().to_string();
     let clean: String = raw
         .chars()
-        .map(|c| if matches!(c, '/' | '+' | '#') || c.is_control() { '_' } else { c })
+        .map(|c| {
+            if matches!(c, '/' | '+' | '#') || c.is_control() {
+                '_'
+            } else {
+                c
+            }
+        })
         .collect();
     if clean.trim().is_empty() {
         "edge-trainer".to_string()
@@ -80,8 +86,8 @@ pub fn default_device_id() -> String {
 /// Runs the daemon with the config file at `config` and the given environment /
 /// `--set` overrides, until SIGTERM or SIGINT. Blocks the calling thread.
 pub fn run(config: &Path, overrides: Vec<Override>) -> Result<(), DaemonError> {
-    let (base, settings) =
-        commands::ConfigBase::load(config, overrides).map_err(|e| DaemonError::Config(e.to_string()))?;
+    let (base, settings) = commands::ConfigBase::load(config, overrides)
+        .map_err(|e| DaemonError::Config(e.to_string()))?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("edge-trainer-rt")
@@ -104,7 +110,10 @@ pub async fn serve(
 ) -> Result<(), DaemonError> {
     let dev = device::select(settings.device.kind, settings.device.ordinal)
         .map_err(|e| DaemonError::Config(format!("device.kind: {e}")))?;
-    for (key, dir) in [("output.dir", &settings.output.dir), ("data.dir", &settings.data.dir)] {
+    for (key, dir) in [
+        ("output.dir", &settings.output.dir),
+        ("data.dir", &settings.data.dir),
+    ] {
         std::fs::create_dir_all(dir)
             .map_err(|e| DaemonError::Io(format!("{key}: cannot create {}: {e}", dir.display())))?;
     }
@@ -169,7 +178,12 @@ pub async fn serve(
         }
         .run(),
     );
-    let publisher_task = tasks.spawn(publisher::run(publisher.clone(), client, finish.clone(), DRAIN_TIMEOUT));
+    let publisher_task = tasks.spawn(publisher::run(
+        publisher.clone(),
+        client,
+        finish.clone(),
+        DRAIN_TIMEOUT,
+    ));
     let stop_watching = CancellationToken::new();
     tasks.spawn(
         watcher::Watcher::new(
@@ -208,7 +222,10 @@ pub async fn serve(
     let _ = tokio::time::timeout(DRAIN_TIMEOUT + Duration::from_secs(2), publisher_task).await;
     let _ = tokio::time::timeout(Duration::from_secs(3), driver).await;
     tasks.close();
-    if tokio::time::timeout(Duration::from_secs(2), tasks.wait()).await.is_err() {
+    if tokio::time::timeout(Duration::from_secs(2), tasks.wait())
+        .await
+        .is_err()
+    {
         tracing::debug!("some tasks did not end in time");
     }
     tracing::info!("stopped");
@@ -220,15 +237,20 @@ fn start_embedded_broker(settings: &Settings) -> Result<String, DaemonError> {
     let m = &settings.mqtt;
     let credentials = match (&m.username, &m.password_file) {
         (Some(u), Some(p)) => {
-            let pw = std::fs::read_to_string(p)
-                .map_err(|e| DaemonError::Config(format!("mqtt.password_file: cannot read {}: {e}", p.display())))?;
+            let pw = std::fs::read_to_string(p).map_err(|e| {
+                DaemonError::Config(format!(
+                    "mqtt.password_file: cannot read {}: {e}",
+                    p.display()
+                ))
+            })?;
             Some((u.clone(), pw.lines().next().unwrap_or_default().to_string()))
         }
         _ => None,
     };
     if m.tls.ca.is_some() {
         return Err(DaemonError::Config(
-            "mqtt.embedded_broker does not serve TLS; unset mqtt.tls or use an external broker".into(),
+            "mqtt.embedded_broker does not serve TLS; unset mqtt.tls or use an external broker"
+                .into(),
         ));
     }
     let listen = broker::start(&m.host, m.port, credentials)?;

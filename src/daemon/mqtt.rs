@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use rand::Rng;
 use rumqttc::{
-    AsyncClient, ConnectionError, Event, EventLoop, LastWill, MqttOptions, Outgoing, Packet, QoS, StateError,
-    TlsConfiguration, Transport,
+    AsyncClient, ConnectionError, Event, EventLoop, LastWill, MqttOptions, Outgoing, Packet, QoS,
+    StateError, TlsConfiguration, Transport,
 };
 use serde_json::json;
 use tokio::sync::{mpsc, watch};
@@ -68,7 +68,12 @@ pub fn connection(
         "reason": "connection lost",
         "ts": now_rfc3339(),
     });
-    o.set_last_will(LastWill::new(status_topic, will.to_string(), QoS::AtLeastOnce, true));
+    o.set_last_will(LastWill::new(
+        status_topic,
+        will.to_string(),
+        QoS::AtLeastOnce,
+        true,
+    ));
     if let Some(user) = &settings.username {
         let password = match &settings.password_file {
             Some(path) => read_password(path)?,
@@ -78,11 +83,16 @@ pub fn connection(
     }
     if let Some(ca_path) = &settings.tls.ca {
         let read = |key: &str, p: &std::path::Path| {
-            std::fs::read(p).map_err(|e| DaemonError::Config(format!("{key}: cannot read {}: {e}", p.display())))
+            std::fs::read(p).map_err(|e| {
+                DaemonError::Config(format!("{key}: cannot read {}: {e}", p.display()))
+            })
         };
         let ca = read("mqtt.tls.ca", ca_path)?;
         let client_auth = match (&settings.tls.client_cert, &settings.tls.client_key) {
-            (Some(c), Some(k)) => Some((read("mqtt.tls.client_cert", c)?, read("mqtt.tls.client_key", k)?)),
+            (Some(c), Some(k)) => Some((
+                read("mqtt.tls.client_cert", c)?,
+                read("mqtt.tls.client_key", k)?,
+            )),
             _ => None,
         };
         // rumqttc builds its rustls config with the process-wide crypto provider.
@@ -101,7 +111,10 @@ pub fn connection(
 
 fn read_password(path: &std::path::Path) -> Result<String, DaemonError> {
     let text = std::fs::read_to_string(path).map_err(|e| {
-        DaemonError::Config(format!("mqtt.password_file: cannot read {}: {e}", path.display()))
+        DaemonError::Config(format!(
+            "mqtt.password_file: cannot read {}: {e}",
+            path.display()
+        ))
     })?;
     // The first line, without its line ending: `echo secret > file` works.
     Ok(text.lines().next().unwrap_or_default().to_string())
@@ -119,7 +132,10 @@ impl Backoff {
     /// Backoff capped at `max`.
     pub fn new(max: Duration) -> Self {
         let max = max.max(BACKOFF_MIN);
-        Self { next: BACKOFF_MIN, max }
+        Self {
+            next: BACKOFF_MIN,
+            max,
+        }
     }
 
     /// The next delay.
@@ -183,7 +199,10 @@ impl Driver {
                         o.on_connect();
                         o.push_front(status);
                     });
-                    if let Err(e) = self.client.try_subscribe(topics.commands_filter(), QoS::AtLeastOnce) {
+                    if let Err(e) = self
+                        .client
+                        .try_subscribe(topics.commands_filter(), QoS::AtLeastOnce)
+                    {
                         tracing::error!(error = %e, "cannot subscribe to commands");
                     }
                     self.broker_up.send_replace(true);
@@ -245,7 +264,10 @@ impl Driver {
                     }
                     connected = false;
                     failures += 1;
-                    if let ConnectionError::MqttState(StateError::Deserialization(rumqttc::mqttbytes::Error::PayloadSizeLimitExceeded(n))) = &e {
+                    if let ConnectionError::MqttState(StateError::Deserialization(
+                        rumqttc::mqttbytes::Error::PayloadSizeLimitExceeded(n),
+                    )) = &e
+                    {
                         self.publisher.event(
                             Kind::Info,
                             "command_rejected",
@@ -260,7 +282,10 @@ impl Driver {
                         break;
                     }
                     let delay = backoff.next_delay();
-                    tracing::debug!(delay_ms = delay.as_millis() as u64, "reconnecting after a pause");
+                    tracing::debug!(
+                        delay_ms = delay.as_millis() as u64,
+                        "reconnecting after a pause"
+                    );
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
                         _ = self.finish.cancelled() => break,
@@ -287,7 +312,10 @@ mod tests {
         assert!(caps[0] >= Duration::from_millis(250) && caps[0] <= BACKOFF_MIN);
         assert!(caps[1] >= Duration::from_millis(500) && caps[1] <= Duration::from_secs(1));
         for d in &caps[3..] {
-            assert!(*d >= Duration::from_secs(2) && *d <= Duration::from_secs(4), "{d:?}");
+            assert!(
+                *d >= Duration::from_secs(2) && *d <= Duration::from_secs(4),
+                "{d:?}"
+            );
         }
         b.reset();
         assert!(b.next_delay() <= BACKOFF_MIN);

@@ -210,7 +210,8 @@ impl Publisher {
     fn pump(&self, client: &AsyncClient) {
         let mut outbox = lock(&self.shared.outbox);
         while let Some(msg) = outbox.next_to_send() {
-            if let Err(e) = client.try_publish(msg.topic, QoS::AtLeastOnce, msg.retain, msg.payload) {
+            if let Err(e) = client.try_publish(msg.topic, QoS::AtLeastOnce, msg.retain, msg.payload)
+            {
                 tracing::debug!(error = %e, "the MQTT client queue is full; retrying later");
                 outbox.unsubmit_last();
                 break;
@@ -252,7 +253,8 @@ pub async fn run(
                 return;
             }
         }
-        let sleep_until = deadline.unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
+        let sleep_until =
+            deadline.unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
         tokio::select! {
             _ = publisher.shared.wake.notified() => {}
             _ = finish.cancelled(), if deadline.is_none() => {}

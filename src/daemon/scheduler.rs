@@ -22,7 +22,9 @@ use super::publisher::Publisher;
 use super::systemd::Activity;
 use crate::config::{Override, Settings, WarmStartFrom};
 use crate::engine::promote::{self, PromoteRequest, Promotion, CURRENT_FILE};
-use crate::engine::run::{new_run_id, CancelFlag, Outcome, RunEvent, RunRequest, RunSummary, WarmStart};
+use crate::engine::run::{
+    new_run_id, CancelFlag, Outcome, RunEvent, RunRequest, RunSummary, WarmStart,
+};
 use crate::engine::trainer;
 
 /// Longest wait at shutdown for the run to finish its batch and end.
@@ -129,7 +131,10 @@ impl Scheduler {
         self.shutting_down = true;
         self.activity.send_replace(Activity::ShuttingDown);
         if let Some(q) = self.queued.take() {
-            tracing::info!(requests = q.request_ids.len(), "dropping the queued run: shutting down");
+            tracing::info!(
+                requests = q.request_ids.len(),
+                "dropping the queued run: shutting down"
+            );
         }
         if let Some(run) = &mut self.running {
             run.stop_reason = Some("the daemon is shutting down".into());
@@ -157,9 +162,16 @@ impl Scheduler {
         self.new_samples += n;
         let threshold = self.settings.retrain.min_new_samples;
         if threshold > 0 && self.new_samples >= threshold {
-            let queued_data = self.queued.as_ref().is_some_and(|q| q.triggers.contains("new_data"));
+            let queued_data = self
+                .queued
+                .as_ref()
+                .is_some_and(|q| q.triggers.contains("new_data"));
             if !queued_data {
-                tracing::info!(new_samples = self.new_samples, threshold, "enough new data: training");
+                tracing::info!(
+                    new_samples = self.new_samples,
+                    threshold,
+                    "enough new data: training"
+                );
                 self.request("new_data", Vec::new(), None);
             }
         }
@@ -188,9 +200,13 @@ impl Scheduler {
         match parsed {
             Err(rej) => {
                 tracing::warn!(command = %rej.command, reason = %rej.reason, "command rejected");
-                self.publisher.event(Kind::Info, "command_rejected", rej.to_fields());
+                self.publisher
+                    .event(Kind::Info, "command_rejected", rej.to_fields());
             }
-            Ok(Command::Train { overrides, request_id }) => {
+            Ok(Command::Train {
+                overrides,
+                request_id,
+            }) => {
                 tracing::info!(overrides = overrides.len(), "train requested");
                 self.request("command", overrides, request_id);
             }
@@ -211,7 +227,8 @@ impl Scheduler {
                         request_id,
                         reason: "no run in progress".into(),
                     };
-                    self.publisher.event(Kind::Info, "command_rejected", rej.to_fields());
+                    self.publisher
+                        .event(Kind::Info, "command_rejected", rej.to_fields());
                 }
             },
             Ok(Command::Status { .. }) => self.publisher.publish_status(),
@@ -253,7 +270,9 @@ impl Scheduler {
             None => WarmStart::Scratch,
         };
         match settings.retrain.warm_start {
-            WarmStartFrom::Current if self.current_path().is_file() => WarmStart::Checkpoint(self.current_path()),
+            WarmStartFrom::Current if self.current_path().is_file() => {
+                WarmStart::Checkpoint(self.current_path())
+            }
             WarmStartFrom::Current | WarmStartFrom::Init => init(),
             WarmStartFrom::Scratch => WarmStart::Scratch,
         }
@@ -262,12 +281,16 @@ impl Scheduler {
     fn start(&mut self, q: Queued) {
         let triggers: Vec<String> = q.triggers.into_iter().collect();
         let run_id = new_run_id();
-        let prepared = self.base.resolve(&q.overrides).map_err(|e| e.to_string()).and_then(|s| {
-            let warm = self.warm_start(&s);
-            s.run_request(run_id.clone(), self.device.clone(), warm)
-                .map(|r| (s, r))
-                .map_err(|e| e.to_string())
-        });
+        let prepared = self
+            .base
+            .resolve(&q.overrides)
+            .map_err(|e| e.to_string())
+            .and_then(|s| {
+                let warm = self.warm_start(&s);
+                s.run_request(run_id.clone(), self.device.clone(), warm)
+                    .map(|r| (s, r))
+                    .map_err(|e| e.to_string())
+            });
         let (settings, req) = match prepared {
             Ok(x) => x,
             Err(reason) => {
@@ -385,7 +408,11 @@ impl Scheduler {
     fn on_promotion(&mut self, run_id: &str, result: Result<Promotion, String>) {
         match result {
             Ok(pr) => {
-                let name = if pr.promoted { "model_promoted" } else { "model_kept" };
+                let name = if pr.promoted {
+                    "model_promoted"
+                } else {
+                    "model_kept"
+                };
                 tracing::info!(%run_id, promoted = pr.promoted, reason = %pr.reason, "promotion decided");
                 self.publisher.event(
                     Kind::Lifecycle,

@@ -14,7 +14,10 @@ pub const EXIT_FORCED: i32 = 130;
 /// process. Returns immediately if the handlers cannot be installed (the token
 /// then still works for other callers).
 pub async fn on_signals(token: CancellationToken) {
-    let (mut term, mut int) = match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+    let (mut term, mut int) = match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
         (Ok(t), Ok(i)) => (t, i),
         (Err(e), _) | (_, Err(e)) => {
             tracing::error!(error = %e, "cannot install signal handlers");
@@ -27,7 +30,10 @@ pub async fn on_signals(token: CancellationToken) {
         _ = token.cancelled() => return,
     };
     systemd::stopping();
-    tracing::info!(signal = name, "shutting down: cancelling the run after its current batch");
+    tracing::info!(
+        signal = name,
+        "shutting down: cancelling the run after its current batch"
+    );
     token.cancel();
     tokio::select! {
         _ = term.recv() => {}

@@ -57,7 +57,10 @@ pub enum Activity {
 }
 
 /// Keeps the `STATUS=` line current: what the daemon does and whether the broker is up.
-pub async fn status_lines(mut activity: watch::Receiver<Activity>, mut broker_up: watch::Receiver<bool>) {
+pub async fn status_lines(
+    mut activity: watch::Receiver<Activity>,
+    mut broker_up: watch::Receiver<bool>,
+) {
     loop {
         let line = {
             let a = activity.borrow_and_update().clone();
@@ -85,9 +88,16 @@ pub async fn status_lines(mut activity: watch::Receiver<Activity>, mut broker_up
 /// Pings the watchdog at half its period, but only while `alive` answers: a
 /// `oneshot` sent through it must come back within the period. `alive` goes to
 /// the daemon's main loop, so a stuck loop (not just a live timer) stops the pings.
-pub async fn watchdog(period: Duration, alive: mpsc::Sender<oneshot::Sender<()>>, stop: CancellationToken) {
+pub async fn watchdog(
+    period: Duration,
+    alive: mpsc::Sender<oneshot::Sender<()>>,
+    stop: CancellationToken,
+) {
     let half = period / 2;
-    tracing::info!(period_ms = period.as_millis() as u64, "systemd watchdog enabled");
+    tracing::info!(
+        period_ms = period.as_millis() as u64,
+        "systemd watchdog enabled"
+    );
     let mut tick = tokio::time::interval(half);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {

@@ -47,7 +47,9 @@ impl Reference {
                         classes: Some(ck.meta.classes),
                     }
                 }
-                Err(e) => tracing::warn!(error = %e, "the current model is unreadable; new data is checked against the data folder"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "the current model is unreadable; new data is checked against the data folder")
+                }
             }
         }
         let classes = spec
@@ -58,7 +60,10 @@ impl Reference {
             .iter()
             .find_map(|f| data::read_file(f, spec).ok())
             .map(|s| s.sample_shape);
-        Self { sample_shape, classes }
+        Self {
+            sample_shape,
+            classes,
+        }
     }
 }
 
@@ -103,7 +108,10 @@ pub fn quarantine(path: &Path, data_dir: &Path, reason: &str) -> std::io::Result
     std::fs::rename(path, &target)?;
     let mut reason_path = target.clone().into_os_string();
     reason_path.push(".reason");
-    let text = format!("{reason}\nrejected at {}\n", crate::engine::run::now_rfc3339());
+    let text = format!(
+        "{reason}\nrejected at {}\n",
+        crate::engine::run::now_rfc3339()
+    );
     atomic_write(Path::new(&reason_path), text.as_bytes())?;
     Ok(target)
 }
@@ -229,7 +237,8 @@ impl Watcher {
         // A file that went away and comes back is new again.
         self.known.retain(|p| listed.contains(p));
         self.pending.retain(|p, _| listed.contains(p));
-        self.renamed.retain(|p| listed.contains(p) && !self.known.contains(p));
+        self.renamed
+            .retain(|p| listed.contains(p) && !self.known.contains(p));
         for path in listed {
             if !self.known.contains(&path) && !self.pending.contains_key(&path) {
                 let (size, mtime) = stat(&path);
@@ -277,7 +286,9 @@ impl Watcher {
         let checked = tokio::task::spawn_blocking(move || {
             let r = validate_file(&p, &spec, &reference);
             let shape = match &r {
-                Ok(_) if reference.sample_shape.is_none() => data::read_file(&p, &spec).ok().map(|s| s.sample_shape),
+                Ok(_) if reference.sample_shape.is_none() => {
+                    data::read_file(&p, &spec).ok().map(|s| s.sample_shape)
+                }
                 _ => None,
             };
             (r, shape)
@@ -313,8 +324,12 @@ impl Watcher {
                     Err(e) => (None, Some(e.to_string())),
                 };
                 match &move_error {
-                    None => tracing::warn!(file = %name, %reason, "new data rejected and quarantined"),
-                    Some(e) => tracing::error!(file = %name, %reason, error = %e, "new data rejected but cannot be moved to rejected/"),
+                    None => {
+                        tracing::warn!(file = %name, %reason, "new data rejected and quarantined")
+                    }
+                    Some(e) => {
+                        tracing::error!(file = %name, %reason, error = %e, "new data rejected but cannot be moved to rejected/")
+                    }
                 }
                 self.publisher.event(
                     Kind::Info,

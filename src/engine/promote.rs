@@ -126,7 +126,8 @@ pub struct PromoteRequest<'a> {
 /// trained with different loss settings compare fairly).
 fn score(req: &PromoteRequest, path: &Path, split: Split) -> Result<Score, String> {
     let loss = CrossEntropy::new(None, 0.0, req.device).map_err(|e| e.to_string())?;
-    let (rep, meta, _) = evaluate_checkpoint(path, req.data, split, req.device, req.batch_size, &loss)?;
+    let (rep, meta, _) =
+        evaluate_checkpoint(path, req.data, split, req.device, req.batch_size, &loss)?;
     Ok(Score {
         loss: rep.loss,
         accuracy: rep.accuracy,
@@ -154,13 +155,21 @@ pub fn promote(req: &PromoteRequest) -> Result<Promotion, PromoteError> {
         ),
         Err(e) => return Err(candidate_err(e)),
     };
-    let split_kind = if split == "test" { Split::Test } else { Split::Val };
+    let split_kind = if split == "test" {
+        Split::Test
+    } else {
+        Split::Val
+    };
     let current_path = req.output_dir.join(CURRENT_FILE);
     let metric = req.metric;
     let name = metric.name();
 
     let (current, promote, reason) = if !current_path.exists() {
-        (None, true, "no current model: the first model is promoted".to_string())
+        (
+            None,
+            true,
+            "no current model: the first model is promoted".to_string(),
+        )
     } else {
         match score(req, &current_path, split_kind) {
             Ok(cur) => {
@@ -168,7 +177,11 @@ pub fn promote(req: &PromoteRequest) -> Result<Promotion, PromoteError> {
                 let reason = format!(
                     "candidate {name} {:.6} {} current {:.6} on the {split} split ({} samples)",
                     metric.pick(&candidate),
-                    if better { "is at least as good as" } else { "is worse than" },
+                    if better {
+                        "is at least as good as"
+                    } else {
+                        "is worse than"
+                    },
                     metric.pick(&cur),
                     candidate.samples
                 );
@@ -176,7 +189,11 @@ pub fn promote(req: &PromoteRequest) -> Result<Promotion, PromoteError> {
             }
             Err(e) => {
                 tracing::warn!(current = %current_path.display(), error = %e, "the current model cannot be scored; replacing it");
-                (None, true, format!("the current model cannot be scored ({e}); it is replaced"))
+                (
+                    None,
+                    true,
+                    format!("the current model cannot be scored ({e}); it is replaced"),
+                )
             }
         }
     };

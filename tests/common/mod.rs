@@ -32,7 +32,11 @@ pub fn root() -> PathBuf {
 /// Panics when it is missing and `CI` is set.
 pub fn mosquitto() -> Option<PathBuf> {
     let mut candidates: Vec<PathBuf> = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).map(|d| d.join("mosquitto")).collect())
+        .map(|p| {
+            std::env::split_paths(&p)
+                .map(|d| d.join("mosquitto"))
+                .collect()
+        })
         .unwrap_or_default();
     candidates.push(PathBuf::from("/usr/sbin/mosquitto"));
     candidates.push(PathBuf::from("/usr/local/sbin/mosquitto"));
@@ -107,7 +111,11 @@ impl Mosquitto {
             .spawn()
             .expect("start mosquitto");
         self.child = Some(child);
-        assert!(wait_port(self.port, SHORT), "mosquitto did not open port {}", self.port);
+        assert!(
+            wait_port(self.port, SHORT),
+            "mosquitto did not open port {}",
+            self.port
+        );
     }
 
     /// Stops the broker (SIGTERM, so it saves its sessions) and waits for it.
@@ -144,7 +152,10 @@ impl Drop for Mosquitto {
 
 /// Sends a signal with kill(1): the tests need no libc binding.
 pub fn signal(pid: u32, sig: &str) {
-    let _ = Command::new("kill").arg(format!("-{sig}")).arg(pid.to_string()).status();
+    let _ = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status();
 }
 
 /// One message the dashboard received.
@@ -234,7 +245,12 @@ impl Dashboard {
     }
 
     /// Index of the first message at or after `from` matching `pred`, waiting up to `timeout`.
-    pub fn find_from(&mut self, from: usize, timeout: Duration, pred: impl Fn(&Msg) -> bool) -> Option<usize> {
+    pub fn find_from(
+        &mut self,
+        from: usize,
+        timeout: Duration,
+        pred: impl Fn(&Msg) -> bool,
+    ) -> Option<usize> {
         let t0 = Instant::now();
         loop {
             if let Some(i) = self.seen.iter().skip(from).position(&pred) {
@@ -254,14 +270,24 @@ impl Dashboard {
     /// Publishes a command (QoS 1, not retained).
     pub fn send(&self, cmd: &str, payload: impl Into<Vec<u8>>) {
         self.client
-            .publish(self.topic(&format!("cmd/{cmd}")), QoS::AtLeastOnce, false, payload.into())
+            .publish(
+                self.topic(&format!("cmd/{cmd}")),
+                QoS::AtLeastOnce,
+                false,
+                payload.into(),
+            )
             .expect("publish command");
     }
 
     /// Publishes a retained command.
     pub fn send_retained(&self, cmd: &str, payload: impl Into<Vec<u8>>) {
         self.client
-            .publish(self.topic(&format!("cmd/{cmd}")), QoS::AtLeastOnce, true, payload.into())
+            .publish(
+                self.topic(&format!("cmd/{cmd}")),
+                QoS::AtLeastOnce,
+                true,
+                payload.into(),
+            )
             .expect("publish command");
     }
 
@@ -330,6 +356,8 @@ hidden = [64]
 max_epochs = 60
 batch_size = 64
 eval_every = "epoch"
+[train.optimizer]
+lr = 0.01
 [train.early_stopping]
 patience = 3
 [retrain]
@@ -375,7 +403,10 @@ dir = {out}
 
     pub fn summary(&self, run_id: &str) -> Value {
         let p = self.run_dir(run_id).join("summary.json");
-        serde_json::from_slice(&std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))).unwrap()
+        serde_json::from_slice(
+            &std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display())),
+        )
+        .unwrap()
     }
 }
 
@@ -472,7 +503,9 @@ impl Harness {
             daemon,
             dash,
         };
-        h.wait("the daemon's first status", SHORT, |m| m.topic.ends_with("/status"));
+        h.wait("the daemon's first status", SHORT, |m| {
+            m.topic.ends_with("/status")
+        });
         Some(h)
     }
 
@@ -482,7 +515,16 @@ impl Harness {
             .dash
             .seen
             .iter()
-            .map(|m| format!("  {} {}", m.topic, String::from_utf8_lossy(&m.raw).chars().take(200).collect::<String>()))
+            .map(|m| {
+                format!(
+                    "  {} {}",
+                    m.topic,
+                    String::from_utf8_lossy(&m.raw)
+                        .chars()
+                        .take(200)
+                        .collect::<String>()
+                )
+            })
             .collect();
         panic!(
             "timed out waiting for {what}\n--- dashboard saw:\n{}\n--- daemon log:\n{}",
@@ -492,8 +534,13 @@ impl Harness {
     }
 
     /// The first message (from the start) matching `pred`.
-    pub fn wait(&mut self, what: &str, timeout: Duration, pred: impl Fn(&Msg) -> bool) -> Msg {
-        self.wait_from(0, what, timeout, pred).1
+    pub fn wait(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        pred: impl Fn(&Msg) -> bool,
+    ) -> (usize, Msg) {
+        self.wait_from(0, what, timeout, pred)
     }
 
     /// The first message at index `from` or later matching `pred`, with its index.
@@ -511,7 +558,12 @@ impl Harness {
     }
 
     /// Index and message of the first `events` message named `name` (for `run_id` if given).
-    pub fn wait_event(&mut self, name: &str, run_id: Option<&str>, timeout: Duration) -> (usize, Msg) {
+    pub fn wait_event(
+        &mut self,
+        name: &str,
+        run_id: Option<&str>,
+        timeout: Duration,
+    ) -> (usize, Msg) {
         let topic = self.dash.topic("events");
         let what = format!("event {name} (run {run_id:?})");
         self.wait_from(0, &what, timeout, |m| {
@@ -547,7 +599,8 @@ impl NotifySocket {
     pub fn bind(dir: &Path) -> Self {
         let path = dir.join("notify.sock");
         let sock = UnixDatagram::bind(&path).expect("bind notify socket");
-        sock.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
         Self {
             path,
             sock,
@@ -576,7 +629,9 @@ impl NotifySocket {
 
 /// Checks that `ts` is RFC 3339 UTC.
 pub fn assert_ts(m: &Msg) {
-    let ts = m.json["ts"].as_str().unwrap_or_else(|| panic!("no ts in {} {}", m.topic, m.json));
+    let ts = m.json["ts"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no ts in {} {}", m.topic, m.json));
     assert!(
         ts.ends_with('Z') && chrono::DateTime::parse_from_rfc3339(ts).is_ok(),
         "bad ts {ts:?} in {}",
