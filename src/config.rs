@@ -845,6 +845,34 @@ fn check_range(key: &str, v: f64, lo: f64, hi: f64, lo_incl: bool, hi_incl: bool
 }
 
 impl Settings {
+    /// Refuses secret files (`mqtt.password_file`, `mqtt.tls.client_key`) that
+    /// other users can read, or that are missing. Checked by the daemon at start
+    /// and by `check-config`.
+    pub fn check_secret_files(&self) -> Result<(), ConfigError> {
+        use std::os::unix::fs::PermissionsExt;
+        let secrets = [
+            ("mqtt.password_file", self.mqtt.password_file.as_ref()),
+            ("mqtt.tls.client_key", self.mqtt.tls.client_key.as_ref()),
+        ];
+        for (key, path) in secrets {
+            let Some(path) = path else { continue };
+            let meta = std::fs::metadata(path)
+                .map_err(|e| invalid(key, format!("cannot read {}: {e}", path.display())))?;
+            let mode = meta.permissions().mode() & 0o777;
+            if mode & 0o007 != 0 {
+                return Err(invalid(
+                    key,
+                    format!(
+                        "{} is accessible to every user (mode {mode:04o}); run `chmod 600 {}`",
+                        path.display(),
+                        path.display()
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// Checks ranges and cross-field rules; the error names the offending key.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let d = &self.data;
@@ -1524,6 +1552,24 @@ mod tests {
         )
         .unwrap();
         assert_eq!(s.train.optimizer.weight_decay, Some(0.0));
+    }
+
+    #[test]
+    fn world_readable_secrets_are_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("pw");
+        std::fs::write(&p, "secret").unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let mut s = Settings::default();
+        s.mqtt.password_file = Some(p.clone());
+        let e = s.check_secret_files().unwrap_err().to_string();
+        assert!(e.contains("mqtt.password_file") && e.contains("0644"), "{e}");
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+        s.check_secret_files().unwrap();
+        s.mqtt.tls.client_key = Some(dir.path().join("missing.key"));
+        let e = s.check_secret_files().unwrap_err().to_string();
+        assert!(e.contains("mqtt.tls.client_key"), "{e}");
     }
 
     #[test]

@@ -216,7 +216,10 @@ fn check_config(args: &ConfigArgs) -> ExitCode {
         Ok(s) => s,
         Err(code) => return code,
     };
-    if let Err(e) = settings.model_template() {
+    if let Err(e) = settings
+        .model_template()
+        .and_then(|_| settings.check_secret_files())
+    {
         eprintln!("error: {e}");
         return ExitCode::from(EXIT_USAGE);
     }
