@@ -129,8 +129,15 @@ pub fn parse(
             ))
         }
     };
-    // An empty message (`mosquitto_pub -n`) means `{}`.
+    // An empty message (`mosquitto_pub -n`) means `{}`, except for a train request:
+    // clearing a retained `cmd/train` sends an empty message, and must not train.
     let value: Value = if payload.iter().all(u8::is_ascii_whitespace) {
+        if name == "train" {
+            return Err(reject(
+                None,
+                "empty payload; send {} to train with the configured settings".into(),
+            ));
+        }
         Value::Object(Map::new())
     } else {
         let text = std::str::from_utf8(payload)
@@ -294,6 +301,10 @@ mod tests {
             parse("train", b" {} ", false, ok),
             Ok(Command::Train { .. })
         ));
+        assert!(parse("train", b"", false, ok)
+            .unwrap_err()
+            .reason
+            .contains("empty payload"));
     }
 
     #[test]

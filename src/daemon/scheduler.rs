@@ -46,7 +46,9 @@ struct ActiveRun {
     thread: Option<JoinHandle<()>>,
     triggers: Vec<String>,
     request_ids: Vec<Value>,
-    stop_reason: Option<String>,
+    /// `cmd/stop` or `shutdown`, once a stop was asked for.
+    stopped_by: Option<&'static str>,
+    stop_request_id: Option<Value>,
     max_epochs: u64,
     ended: bool,
 }
@@ -137,7 +139,7 @@ impl Scheduler {
             );
         }
         if let Some(run) = &mut self.running {
-            run.stop_reason = Some("the daemon is shutting down".into());
+            run.stopped_by = Some("shutdown");
             run.cancel.cancel();
         }
         let deadline = tokio::time::Instant::now() + SHUTDOWN_RUN_WAIT;
@@ -213,12 +215,8 @@ impl Scheduler {
             Ok(Command::Stop { request_id }) => match &mut self.running {
                 Some(run) if !run.ended => {
                     tracing::info!(run_id = %run.run_id, "stop requested");
-                    let by = match &request_id {
-                        Some(id) => format!("stopped by cmd/stop (request_id {id})"),
-                        None => "stopped by cmd/stop".to_string(),
-                    };
-                    run.stop_reason = Some(by);
-                    run.request_ids.extend(request_id);
+                    run.stopped_by = Some("cmd/stop");
+                    run.stop_request_id = request_id;
                     run.cancel.cancel();
                 }
                 _ => {
@@ -325,7 +323,8 @@ impl Scheduler {
             thread: Some(thread),
             triggers,
             request_ids: q.request_ids,
-            stop_reason: None,
+            stopped_by: None,
+            stop_request_id: None,
             max_epochs,
             ended: false,
         });
@@ -479,8 +478,11 @@ fn ended_event(s: &RunSummary, run: &ActiveRun) -> (&'static str, Value) {
         Outcome::Failed => "run_failed",
         Outcome::Cancelled => "run_cancelled",
     };
-    let reason = match (&run.stop_reason, s.outcome) {
-        (Some(by), Outcome::Cancelled) => format!("{}: {by}", s.reason),
+    let reason = match (run.stopped_by, s.outcome) {
+        (Some("shutdown"), Outcome::Cancelled) => {
+            format!("{}: the daemon is shutting down", s.reason)
+        }
+        (Some(by), Outcome::Cancelled) => format!("{}: stopped by {by}", s.reason),
         _ => s.reason.clone(),
     };
     let test = s.test.as_ref().map(|t| {
@@ -505,6 +507,8 @@ fn ended_event(s: &RunSummary, run: &ActiveRun) -> (&'static str, Value) {
             "wall_s": s.wall_s,
             "triggers": run.triggers,
             "request_ids": run.request_ids,
+            "stopped_by": run.stopped_by,
+            "stop_request_id": run.stop_request_id,
         }),
     )
 }

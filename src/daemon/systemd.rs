@@ -32,13 +32,22 @@ pub fn status(line: &str) {
     send(&[NotifyState::Status(line)]);
 }
 
-/// The watchdog period systemd asked for (`WatchdogSec=`), if any.
+/// The watchdog period systemd asked for (`WatchdogSec=`), if any: `WATCHDOG_USEC`,
+/// unless `WATCHDOG_PID` names another process (as `sd_watchdog_enabled(3)`).
 pub fn watchdog_period() -> Option<Duration> {
-    let mut usec = 0u64;
-    if sd_notify::watchdog_enabled(false, &mut usec) && usec > 0 {
-        Some(Duration::from_micros(usec))
-    } else {
-        None
+    parse_watchdog(
+        std::env::var("WATCHDOG_USEC").ok().as_deref(),
+        std::env::var("WATCHDOG_PID").ok().as_deref(),
+        std::process::id(),
+    )
+}
+
+fn parse_watchdog(usec: Option<&str>, pid: Option<&str>, me: u32) -> Option<Duration> {
+    let usec: u64 = usec?.trim().parse().ok().filter(|u| *u > 0)?;
+    match pid.map(|p| p.trim().parse::<u32>()) {
+        Some(Ok(p)) if p != me => None,
+        Some(Err(_)) => None,
+        _ => Some(Duration::from_micros(usec)),
     }
 }
 
@@ -114,5 +123,21 @@ pub async fn watchdog(
             Ok(Ok(())) => send(&[NotifyState::Watchdog]),
             _ => tracing::warn!("the main loop did not answer the watchdog probe"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn watchdog_follows_sd_watchdog_enabled() {
+        let d = Some(Duration::from_secs(2));
+        assert_eq!(parse_watchdog(Some("2000000"), None, 7), d);
+        assert_eq!(parse_watchdog(Some("2000000"), Some("7"), 7), d);
+        assert_eq!(parse_watchdog(Some("2000000"), Some("8"), 7), None);
+        assert_eq!(parse_watchdog(Some("0"), None, 7), None);
+        assert_eq!(parse_watchdog(Some("x"), None, 7), None);
+        assert_eq!(parse_watchdog(None, Some("7"), 7), None);
     }
 }

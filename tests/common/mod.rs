@@ -244,6 +244,13 @@ impl Dashboard {
         }
     }
 
+    /// Takes in whatever has arrived, without waiting.
+    pub fn pump_now(&mut self) {
+        while let Ok(m) = self.rx.try_recv() {
+            self.seen.push(m);
+        }
+    }
+
     /// Index of the first message at or after `from` matching `pred`, waiting up to `timeout`.
     pub fn find_from(
         &mut self,
