@@ -77,6 +77,12 @@ CASES = {
         spec=dict(arch="cnn", in_channels=1, input_size=[8, 8],
                   blocks=[block(3, 5, 1, 2, True, 2)], num_classes=2, activation="leaky_relu", dropout=0.0),
         batch=3, sample_shape=[8, 8]),
+    # LeNet-like: the flattened last feature map through a hidden layer.
+    "cnn_fc": dict(
+        spec=dict(arch="cnn", in_channels=1, input_size=[10, 10],
+                  blocks=[block(3, 3, 1, 0, False, 2), block(4, 3, 1, 1, True, 2)],
+                  num_classes=3, activation="relu", dropout=0.1, flatten=True, hidden=[6]),
+        batch=4, sample_shape=[1, 10, 10]),
     # Signals [2, 17]: pooled batch-norm block, then a stride-2 block.
     "cnn1d": dict(
         spec=dict(arch="cnn1d", in_channels=2, input_size=[17],

@@ -160,6 +160,7 @@ def signals():
 PREFIX = ["", "", "", "今日", "最新消息：", "据悉，", "快讯：", "记者获悉，", "昨晚", "本周"]
 PLACES = ["北京", "上海", "深圳", "广州", "杭州", "成都", "武汉", "南京"]
 SHARED_TAILS = ["引发关注", "记者现场报道", "各方反应不一", "详情见下文", "网友纷纷点赞"]
+SHARED_OBJ = ["合作协议", "年度计划", "新消息", "发布会", "最新进展", "重要决定"]
 WORDS = {
     "sports": dict(
         subj=["中国女排", "国足", "湖人队", "皇马", "北京国安", "上海申花", "中国乒乓球队", "男篮",
@@ -190,10 +191,18 @@ WORDS = {
 
 
 def headline(rng, w):
+    """One headline of the class with word lists `w`. A third of them borrow the
+    subject of another class (a company in sports news, a singer in finance
+    news), a third end with a tail every class uses, a fifth have an object any
+    class could have: the class shows in the verb and the object, sometimes
+    only in the verb (which classes share in part), so not every headline can
+    be told."""
     form = rng.randrange(4)
     pre = rng.choice(PREFIX)
-    tail = rng.choice(w["tail"]) if rng.random() < 0.8 else rng.choice(SHARED_TAILS)
-    s, v, o = rng.choice(w["subj"]), rng.choice(w["verb"]), rng.choice(w["obj"])
+    tail = rng.choice(w["tail"]) if rng.random() < 0.65 else rng.choice(SHARED_TAILS)
+    subj = w["subj"] if rng.random() < 0.65 else rng.choice(list(WORDS.values()))["subj"]
+    obj = w["obj"] if rng.random() < 0.8 else SHARED_OBJ
+    s, v, o = rng.choice(subj), rng.choice(w["verb"]), rng.choice(obj)
     if form == 0:
         return f"{pre}{s}{v}{o}"
     if form == 1:

@@ -87,13 +87,16 @@ class ConvBlock(nn.Module):
 
 class CNN(nn.Module):
     """`arch = "cnn"` (dim 2, input [B, C, H, W]) and `"cnn1d"` (dim 1, input [B, C, L]):
-    `features.{i}.conv.*`, `features.{i}.bn.*`, `head.*`.
+    `features.{i}.conv.*`, `features.{i}.bn.*`, `fc.{i}.*` (hidden layers, if any), `head.*`.
 
     `blocks`: dicts with out_channels, kernel_size, stride, padding, batch_norm, pool
-    (edge-trainer's resolved `blocks`).
+    (edge-trainer's resolved `blocks`). `flatten`: the whole last feature map goes
+    to the fully-connected part (its size is then `input_size` after the blocks)
+    instead of its global average; `hidden`: widths of hidden linear layers.
     """
 
-    def __init__(self, dim, in_channels, blocks, num_classes, activation="relu", dropout=0.0):
+    def __init__(self, dim, in_channels, blocks, num_classes, activation="relu", dropout=0.0,
+                 flatten=False, hidden=(), feature_size=None):
         super().__init__()
         mods, cin = [], in_channels
         for b in blocks:
@@ -104,16 +107,34 @@ class CNN(nn.Module):
             cin = b["out_channels"]
         self.dim = dim
         self.in_channels = in_channels
+        self.flatten = flatten
         self.features = nn.Sequential(*mods)
+        width = cin * (int(torch.tensor(feature_size).prod()) if flatten else 1)
+        dims = [width] + list(hidden)
+        self.fc = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims, dims[1:]))
+        self.act = ACTIVATIONS[activation]()
         self.drop = nn.Dropout(dropout)
-        self.head = nn.Linear(cin, num_classes)
+        self.head = nn.Linear(dims[-1], num_classes)
 
     def forward(self, x):
         if x.dim() == self.dim + 1:  # [B, H, W] or [B, L]: one channel
             x = x.unsqueeze(1)
         x = self.features(x)
-        x = x.mean(dim=tuple(range(2, x.dim())))  # global average pooling
+        if self.flatten:
+            x = x.flatten(1)
+        else:
+            x = x.mean(dim=tuple(range(2, x.dim())))  # global average pooling
+        for fc in self.fc:
+            x = self.act(fc(self.drop(x)))
         return self.head(self.drop(x))
+
+
+def feature_size(input_size, blocks):
+    """Spatial size after the conv blocks (floor mode, as the layers compute it)."""
+    size = list(input_size)
+    for b in blocks:
+        size = [((n + 2 * b["padding"] - b["kernel_size"]) // b["stride"] + 1) // b["pool"] for n in size]
+    return size
 
 
 class TextCNN(nn.Module):
@@ -141,7 +162,8 @@ def from_spec(spec):
                    spec.get("dropout", 0.0))
     if arch in ("cnn", "cnn1d"):
         return CNN(2 if arch == "cnn" else 1, spec["in_channels"], spec["blocks"], spec["num_classes"],
-                   spec.get("activation", "relu"), spec.get("dropout", 0.0))
+                   spec.get("activation", "relu"), spec.get("dropout", 0.0), spec.get("flatten", False),
+                   spec.get("hidden", []), feature_size(spec["input_size"], spec["blocks"]))
     if arch == "textcnn":
         return TextCNN(spec["vocab_size"], spec["pad_index"], spec["embed_dim"], spec["filter_sizes"],
                        spec["num_filters"], spec["num_classes"], spec["dropout"])

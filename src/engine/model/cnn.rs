@@ -41,6 +41,7 @@ use serde::{Deserialize, Serialize};
 
 use super::batchnorm::BatchNorm;
 use super::layers::{linear, Activation};
+use super::pool::max_first;
 use super::{Classifier, ForwardCtx};
 
 /// One conv block.
@@ -230,13 +231,13 @@ fn max_pool(x: &Tensor, p: usize) -> candle_core::Result<Tensor> {
         out.push(o);
     }
     match out.as_slice() {
-        [l] => x.reshape((b, c, *l, p))?.max(3),
+        [l] => max_first(&x.reshape((b, c, *l, p))?, 3),
         [h, w] => x
             .reshape((b, c, *h, p, *w, p))?
             .permute((0, 1, 2, 4, 3, 5))?
             .contiguous()?
-            .reshape((b, c, *h, *w, p * p))?
-            .max(4),
+            .reshape((b, c, *h, *w, p * p))
+            .and_then(|t| max_first(&t, 4)),
         _ => candle_core::bail!("max-pooling takes [B, C, L] or [B, C, H, W]"),
     }
 }

@@ -8,6 +8,7 @@ pub mod import;
 mod layers;
 mod mlp;
 pub mod params;
+pub mod pool;
 pub mod textcnn;
 
 use candle_core::{Device, Tensor};

@@ -28,6 +28,7 @@ use candle_nn::{Init, Linear, VarBuilder};
 use serde::{Deserialize, Serialize};
 
 use super::layers::linear;
+use super::pool::max_first;
 use super::{Classifier, ForwardCtx};
 
 /// Sizes of a TextCNN.
@@ -164,7 +165,7 @@ impl Classifier for TextCnn {
                 .broadcast_add(&conv.bias)?
                 .relu()?
                 .reshape((b, n, f))?;
-            pooled.push(out.max(1)?);
+            pooled.push(max_first(&out, 1)?);
         }
         let x = Tensor::cat(&pooled, 1)?;
         let x = ctx.dropout(&x, self.spec.dropout)?;
