@@ -11,8 +11,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::engine::data::DataSpec;
 use crate::engine::early_stop::EarlyStopConfig;
-use crate::engine::optim::{OptimizerConfig, OptimizerKind};
 use crate::engine::model::InitMapping;
+use crate::engine::optim::{OptimizerConfig, OptimizerKind};
 use crate::engine::run::{ConvTemplate, ModelTemplate, RunRequest, TrainSpec, WarmStart};
 use crate::engine::schedule::{Mode, PlateauConfig, ThresholdMode};
 
@@ -517,10 +517,12 @@ pub struct Override {
 impl Override {
     /// Parses `key=value` as given to `--set`.
     pub fn parse_set(arg: &str) -> Result<Self, ConfigError> {
-        let (key, raw) = arg.split_once('=').ok_or_else(|| ConfigError::BadOverride {
-            arg: arg.to_string(),
-            reason: "expected KEY=VALUE".into(),
-        })?;
+        let (key, raw) = arg
+            .split_once('=')
+            .ok_or_else(|| ConfigError::BadOverride {
+                arg: arg.to_string(),
+                reason: "expected KEY=VALUE".into(),
+            })?;
         let key = key.trim();
         if key.is_empty() {
             return Err(ConfigError::BadOverride {
@@ -536,7 +538,11 @@ impl Override {
     }
 
     /// Builds an override from a JSON value (as sent in an MQTT command).
-    pub fn from_json(key: &str, value: &serde_json::Value, origin: &str) -> Result<Self, ConfigError> {
+    pub fn from_json(
+        key: &str,
+        value: &serde_json::Value,
+        origin: &str,
+    ) -> Result<Self, ConfigError> {
         let value = json_to_toml(value).ok_or_else(|| ConfigError::BadOverride {
             arg: key.to_string(),
             reason: "null is not a value".into(),
@@ -554,7 +560,9 @@ impl Override {
 fn parse_literal(raw: &str) -> toml::Value {
     let doc = format!("v = {raw}");
     match toml::from_str::<toml::Table>(&doc) {
-        Ok(mut t) => t.remove("v").unwrap_or_else(|| toml::Value::String(raw.to_string())),
+        Ok(mut t) => t
+            .remove("v")
+            .unwrap_or_else(|| toml::Value::String(raw.to_string())),
         Err(_) => toml::Value::String(raw.to_string()),
     }
 }
@@ -821,18 +829,21 @@ fn type_error(e: config::ConfigError, overrides: &[Override], file_origin: &str)
                 .find(|o| resolve_alias(&o.key) == key || key.starts_with(&format!("{}.", o.key)))
                 .map(|o| o.origin.clone())
                 .unwrap_or_else(|| file_origin.to_string());
-            let reason = msg
-                .split(" for key `")
-                .next()
-                .unwrap_or(&msg)
-                .to_string();
+            let reason = msg.split(" for key `").next().unwrap_or(&msg).to_string();
             invalid(&key, format!("{reason} (from {origin})"))
         }
         None => ConfigError::Other(format!("{msg} (in {file_origin} or its overrides)")),
     }
 }
 
-fn check_range(key: &str, v: f64, lo: f64, hi: f64, lo_incl: bool, hi_incl: bool) -> Result<(), ConfigError> {
+fn check_range(
+    key: &str,
+    v: f64,
+    lo: f64,
+    hi: f64,
+    lo_incl: bool,
+    hi_incl: bool,
+) -> Result<(), ConfigError> {
     let ok_lo = if lo_incl { v >= lo } else { v > lo };
     let ok_hi = if hi_incl { v <= hi } else { v < hi };
     if v.is_finite() && ok_lo && ok_hi {
@@ -894,7 +905,10 @@ impl Settings {
             ));
         }
         if d.delimiter.len() != 1 {
-            return Err(invalid("data.delimiter", "must be a single ASCII character"));
+            return Err(invalid(
+                "data.delimiter",
+                "must be a single ASCII character",
+            ));
         }
         if d.x_key.is_empty() {
             return Err(invalid("data.x_key", "must not be empty"));
@@ -958,7 +972,10 @@ impl Settings {
             if let Some(&k) = m.filter_sizes.iter().find(|&&k| k > d.max_len) {
                 return Err(invalid(
                     "model.filter_sizes",
-                    format!("filter size {k} is longer than data.max_len = {}", d.max_len),
+                    format!(
+                        "filter size {k} is longer than data.max_len = {}",
+                        d.max_len
+                    ),
                 ));
             }
         }
@@ -966,7 +983,10 @@ impl Settings {
             return Err(invalid("data.max_vocab", "must be >= 1"));
         }
         if m.init_prefix.as_deref() == Some("") {
-            return Err(invalid("model.init_prefix", "must not be empty (omit it instead)"));
+            return Err(invalid(
+                "model.init_prefix",
+                "must not be empty (omit it instead)",
+            ));
         }
         for (from, to) in &m.rename {
             let wild = |s: &str| s.contains('*');
@@ -1001,7 +1021,10 @@ impl Settings {
             } else {
                 "model.reinit"
             };
-            return Err(invalid(key, "only applies to weights loaded with model.init; set model.init"));
+            return Err(invalid(
+                key,
+                "only applies to weights loaded with model.init; set model.init",
+            ));
         }
 
         let t = &self.train;
@@ -1009,12 +1032,22 @@ impl Settings {
             return Err(invalid("train.max_epochs", "must be >= 1"));
         }
         if t.max_steps == Some(0) {
-            return Err(invalid("train.max_steps", "must be >= 1 (omit it for no limit)"));
+            return Err(invalid(
+                "train.max_steps",
+                "must be >= 1 (omit it for no limit)",
+            ));
         }
         if t.batch_size == 0 {
             return Err(invalid("train.batch_size", "must be >= 1"));
         }
-        check_range("train.label_smoothing", t.label_smoothing, 0.0, 1.0, true, true)?;
+        check_range(
+            "train.label_smoothing",
+            t.label_smoothing,
+            0.0,
+            1.0,
+            true,
+            true,
+        )?;
         if let Some(w) = &t.class_weights {
             for (i, v) in w.iter().enumerate() {
                 if !(v.is_finite() && *v >= 0.0) {
@@ -1042,8 +1075,22 @@ impl Settings {
             true,
             true,
         )?;
-        check_range("train.optimizer.momentum", o.momentum, 0.0, f64::MAX, true, true)?;
-        check_range("train.optimizer.dampening", o.dampening, 0.0, 1.0, true, true)?;
+        check_range(
+            "train.optimizer.momentum",
+            o.momentum,
+            0.0,
+            f64::MAX,
+            true,
+            true,
+        )?;
+        check_range(
+            "train.optimizer.dampening",
+            o.dampening,
+            0.0,
+            1.0,
+            true,
+            true,
+        )?;
         if o.nesterov && (o.momentum <= 0.0 || o.dampening != 0.0) {
             return Err(invalid(
                 "train.optimizer.nesterov",
@@ -1053,19 +1100,38 @@ impl Settings {
 
         let s = &t.scheduler;
         check_range("train.scheduler.factor", s.factor, 0.0, 1.0, false, false)?;
-        check_range("train.scheduler.threshold", s.threshold, 0.0, f64::MAX, true, true)?;
-        check_range("train.scheduler.min_lr", s.min_lr, 0.0, f64::MAX, true, true)?;
+        check_range(
+            "train.scheduler.threshold",
+            s.threshold,
+            0.0,
+            f64::MAX,
+            true,
+            true,
+        )?;
+        check_range(
+            "train.scheduler.min_lr",
+            s.min_lr,
+            0.0,
+            f64::MAX,
+            true,
+            true,
+        )?;
         check_range("train.scheduler.eps", s.eps, 0.0, f64::MAX, true, true)?;
 
         let e = &t.early_stopping;
-        check_range("train.early_stopping.min_delta", e.min_delta, 0.0, f64::MAX, true, true)?;
+        check_range(
+            "train.early_stopping.min_delta",
+            e.min_delta,
+            0.0,
+            f64::MAX,
+            true,
+            true,
+        )?;
 
         if self.mqtt.host.trim().is_empty() {
             return Err(invalid("mqtt.host", "must not be empty"));
         }
-        if self.mqtt.topic_prefix.is_empty()
-            || self.mqtt.topic_prefix.contains(['#', '+'])
-        {
+        if self.mqtt.topic_prefix.is_empty() || self.mqtt.topic_prefix.contains(['#', '+']) {
             return Err(invalid(
                 "mqtt.topic_prefix",
                 "must be non-empty and contain no MQTT wildcards (# +)",
@@ -1082,7 +1148,14 @@ impl Settings {
         if self.mqtt.keep_alive_s == 0 {
             return Err(invalid("mqtt.keep_alive_s", "must be >= 1"));
         }
-        check_range("mqtt.reconnect_max_s", self.mqtt.reconnect_max_s, 0.1, 86_400.0, true, true)?;
+        check_range(
+            "mqtt.reconnect_max_s",
+            self.mqtt.reconnect_max_s,
+            0.1,
+            86_400.0,
+            true,
+            true,
+        )?;
         if self.mqtt.outbox_capacity < 10 {
             return Err(invalid("mqtt.outbox_capacity", "must be >= 10"));
         }
@@ -1103,7 +1176,14 @@ impl Settings {
             return Err(invalid("mqtt.password_file", "needs mqtt.username"));
         }
         let r = &self.retrain;
-        check_range("retrain.file_settle_s", r.file_settle_s, 0.0, 3_600.0, true, true)?;
+        check_range(
+            "retrain.file_settle_s",
+            r.file_settle_s,
+            0.0,
+            3_600.0,
+            true,
+            true,
+        )?;
         check_range("retrain.rescan_s", r.rescan_s, 0.1, 86_400.0, true, true)?;
         if self.output.dir.as_os_str().is_empty() {
             return Err(invalid("output.dir", "must not be empty"));
@@ -1217,7 +1297,10 @@ impl Settings {
             let lens = [
                 ("model.kernel_size", m.kernel_size.to_vec().len()),
                 ("model.stride", m.stride.to_vec().len()),
-                ("model.padding", m.padding.as_ref().map_or(1, |p| p.to_vec().len())),
+                (
+                    "model.padding",
+                    m.padding.as_ref().map_or(1, |p| p.to_vec().len()),
+                ),
                 ("model.batch_norm", m.batch_norm.to_vec().len()),
                 ("model.pool", m.pool.to_vec().len()),
             ];
@@ -1386,7 +1469,10 @@ mod tests {
     fn set_beats_env_beats_file() {
         let file = table("[train]\nbatch_size = 32\nseed = 1\nmax_epochs = 7\n");
         let mut ovs = env_overrides(vec![
-            ("EDGE_TRAINER__TRAIN__BATCH_SIZE".to_string(), "16".to_string()),
+            (
+                "EDGE_TRAINER__TRAIN__BATCH_SIZE".to_string(),
+                "16".to_string(),
+            ),
             ("EDGE_TRAINER__TRAIN__SEED".to_string(), "2".to_string()),
             ("UNRELATED".to_string(), "x".to_string()),
         ]);
@@ -1430,10 +1516,17 @@ mod tests {
         let err = load_layers(&table("[trian]\nx = 1\n"), "my.toml", &[])
             .unwrap_err()
             .to_string();
-        assert!(err.contains("`trian`") && err.contains("did you mean `train`"), "{err}");
-        let err = load_layers(&table(""), "f", &[Override::parse_set("train.nope=1").unwrap()])
-            .unwrap_err()
-            .to_string();
+        assert!(
+            err.contains("`trian`") && err.contains("did you mean `train`"),
+            "{err}"
+        );
+        let err = load_layers(
+            &table(""),
+            "f",
+            &[Override::parse_set("train.nope=1").unwrap()],
+        )
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("train.nope") && err.contains("--set"), "{err}");
     }
 
@@ -1454,7 +1547,11 @@ mod tests {
         let mut s = Settings::default();
         s.data.val_fraction = 0.6;
         s.data.test_fraction = 0.5;
-        assert!(s.validate().unwrap_err().to_string().contains("data.test_fraction"));
+        assert!(s
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("data.test_fraction"));
         let mut s = Settings::default();
         s.train.optimizer.nesterov = true;
         assert!(s.validate().unwrap_err().to_string().contains("nesterov"));
@@ -1484,7 +1581,10 @@ mod tests {
         )
         .unwrap();
         s.validate().unwrap();
-        assert_eq!(s.model.rename.get("classifier.*").map(String::as_str), Some("head.*"));
+        assert_eq!(
+            s.model.rename.get("classifier.*").map(String::as_str),
+            Some("head.*")
+        );
         assert_eq!(
             s.model.rename.get("Block.0.W").map(String::as_str),
             Some("features.0.conv.weight")
@@ -1498,7 +1598,11 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        assert!(s.masked_toml().contains("\"classifier.*\" = \"head.*\""), "{}", s.masked_toml());
+        assert!(
+            s.masked_toml().contains("\"classifier.*\" = \"head.*\""),
+            "{}",
+            s.masked_toml()
+        );
         // A list of the wrong length names the key.
         let ovs = vec![Override::parse_set("model.stride=[1, 2, 1]").unwrap()];
         let bad = load_layers(&table("[model]\narch = \"cnn1d\"\n"), "f", &ovs).unwrap();
@@ -1536,7 +1640,10 @@ mod tests {
             .validate()
             .unwrap_err()
             .to_string();
-        assert!(e.contains("model.reinit") && e.contains("model.init"), "{e}");
+        assert!(
+            e.contains("model.reinit") && e.contains("model.init"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -1564,7 +1671,10 @@ mod tests {
         let mut s = Settings::default();
         s.mqtt.password_file = Some(p.clone());
         let e = s.check_secret_files().unwrap_err().to_string();
-        assert!(e.contains("mqtt.password_file") && e.contains("0644"), "{e}");
+        assert!(
+            e.contains("mqtt.password_file") && e.contains("0644"),
+            "{e}"
+        );
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
         s.check_secret_files().unwrap();
         s.mqtt.tls.client_key = Some(dir.path().join("missing.key"));

@@ -116,7 +116,11 @@ fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("EDGE_TRAINER_LOG")
         .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
         // The embedded broker (rumqttd) logs every client disconnect as an error.
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rumqttd=warn,rumqttd::server=off,rumqttd::router=off,rumqttd::link=off"));
+        .unwrap_or_else(|_| {
+            tracing_subscriber::EnvFilter::new(
+                "info,rumqttd=warn,rumqttd::server=off,rumqttd::router=off,rumqttd::link=off",
+            )
+        });
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

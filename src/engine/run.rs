@@ -247,7 +247,9 @@ impl ModelTemplate {
                 activation: *activation,
                 dropout: *dropout,
             }),
-            ModelTemplate::Cnn(t) => ModelSpec::Cnn(t.resolve("cnn", 2, sample_shape, num_classes)?),
+            ModelTemplate::Cnn(t) => {
+                ModelSpec::Cnn(t.resolve("cnn", 2, sample_shape, num_classes)?)
+            }
             ModelTemplate::Cnn1d(t) => {
                 ModelSpec::Cnn1d(t.resolve("cnn1d", 1, sample_shape, num_classes)?)
             }
@@ -278,7 +280,8 @@ impl ModelTemplate {
                     num_classes,
                     dropout: *dropout,
                 };
-                spec.check().map_err(|e| format!("model.arch = \"textcnn\": {e}"))?;
+                spec.check()
+                    .map_err(|e| format!("model.arch = \"textcnn\": {e}"))?;
                 ModelSpec::TextCnn(spec)
             }
         })

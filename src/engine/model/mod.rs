@@ -16,12 +16,12 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-pub use layers::Activation;
 pub use cnn::{CnnSpec, ConvBlockSpec, ConvNet};
 pub use import::{load_init, InitMapping, InitReport};
+pub use layers::Activation;
 pub use mlp::{Mlp, MlpSpec};
-pub use textcnn::{TextCnn, TextCnnSpec};
 pub use params::{matches_pattern, LoadError, ParamStore};
+pub use textcnn::{TextCnn, TextCnnSpec};
 
 /// An architecture and its sizes: everything needed to rebuild the model.
 /// Stored as JSON in every checkpoint's metadata.
@@ -123,7 +123,13 @@ impl ForwardCtx {
         let scale = (1.0 / (1.0 - p)) as f32;
         let n = x.elem_count();
         let mask: Vec<f32> = (0..n)
-            .map(|_| if self.rng.random::<f64>() < p { 0.0 } else { scale })
+            .map(|_| {
+                if self.rng.random::<f64>() < p {
+                    0.0
+                } else {
+                    scale
+                }
+            })
             .collect();
         let mask = Tensor::from_vec(mask, x.shape(), x.device())?;
         x.mul(&mask)
@@ -142,7 +148,11 @@ pub fn build(spec: &ModelSpec, store: &ParamStore) -> candle_core::Result<Box<dy
     let net: Box<dyn Classifier> = match spec {
         ModelSpec::Mlp(s) => Box::new(Mlp::new(s, vb)?),
         ModelSpec::Cnn(s) | ModelSpec::Cnn1d(s) => {
-            let want = if matches!(spec, ModelSpec::Cnn(_)) { 2 } else { 1 };
+            let want = if matches!(spec, ModelSpec::Cnn(_)) {
+                2
+            } else {
+                1
+            };
             if s.input_size.len() != want {
                 candle_core::bail!(
                     "{} takes samples of {} but the spec has input size {:?}",

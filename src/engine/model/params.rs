@@ -159,7 +159,9 @@ impl ParamStore {
         }
         for name in names {
             if let Some(var) = g.vars.get(name).or_else(|| g.buffers.get(name)) {
-                let t = tensors[name].to_dtype(var.dtype())?.to_device(var.device())?;
+                let t = tensors[name]
+                    .to_dtype(var.dtype())?
+                    .to_device(var.device())?;
                 var.set(&t)?;
             }
         }
@@ -240,7 +242,12 @@ impl candle_nn::var_builder::SimpleBackend for ParamStore {
         Ok(out)
     }
 
-    fn get_unchecked(&self, name: &str, _dtype: DType, _dev: &Device) -> candle_core::Result<Tensor> {
+    fn get_unchecked(
+        &self,
+        name: &str,
+        _dtype: DType,
+        _dev: &Device,
+    ) -> candle_core::Result<Tensor> {
         let g = self.lock();
         match g.vars.get(name).or_else(|| g.buffers.get(name)) {
             Some(v) => Ok(v.as_tensor().clone()),
@@ -290,18 +297,31 @@ mod tests {
     fn strict_load_lists_every_problem() {
         let s = ParamStore::new(0, &Device::Cpu);
         let vb = s.var_builder();
-        vb.get_with_hints((2, 2), "a.weight", Init::Const(0.0)).unwrap();
+        vb.get_with_hints((2, 2), "a.weight", Init::Const(0.0))
+            .unwrap();
         vb.get_with_hints(2, "a.bias", Init::Const(0.0)).unwrap();
         let mut m = HashMap::new();
-        m.insert("a.weight".to_string(), Tensor::zeros((3, 2), DType::F32, &Device::Cpu).unwrap());
-        m.insert("b.weight".to_string(), Tensor::zeros(2, DType::F32, &Device::Cpu).unwrap());
+        m.insert(
+            "a.weight".to_string(),
+            Tensor::zeros((3, 2), DType::F32, &Device::Cpu).unwrap(),
+        );
+        m.insert(
+            "b.weight".to_string(),
+            Tensor::zeros(2, DType::F32, &Device::Cpu).unwrap(),
+        );
         let err = s.load(&m).unwrap_err().to_string();
         assert!(err.contains("missing tensor `a.bias`"), "{err}");
         assert!(err.contains("`a.weight` has shape [3, 2]"), "{err}");
         assert!(err.contains("unexpected tensor `b.weight`"), "{err}");
         m.remove("b.weight");
-        m.insert("a.weight".to_string(), Tensor::ones((2, 2), DType::F32, &Device::Cpu).unwrap());
-        m.insert("a.bias".to_string(), Tensor::ones(2, DType::F32, &Device::Cpu).unwrap());
+        m.insert(
+            "a.weight".to_string(),
+            Tensor::ones((2, 2), DType::F32, &Device::Cpu).unwrap(),
+        );
+        m.insert(
+            "a.bias".to_string(),
+            Tensor::ones(2, DType::F32, &Device::Cpu).unwrap(),
+        );
         s.load(&m).unwrap();
         let w = s.state_dict();
         assert_eq!(w[1].1.to_vec2::<f32>().unwrap(), vec![vec![1.0, 1.0]; 2]);
