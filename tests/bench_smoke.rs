@@ -65,9 +65,11 @@ fn export_writes_data_weights_and_settings() {
         serde_json::from_slice(&std::fs::read(dir.path().join("cnn.json")).unwrap()).unwrap();
     assert_eq!(settings["batch_size"], 64);
     assert_eq!(settings["spec"]["flatten"], true);
-    let tensors =
-        candle_core::safetensors::load(dir.path().join("cnn.safetensors"), &candle_core::Device::Cpu)
-            .unwrap();
+    let tensors = candle_core::safetensors::load(
+        dir.path().join("cnn.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
     assert_eq!(tensors["order"].dims(), &[3 * 64]);
     assert_eq!(tensors["param.fc.0.weight"].dims(), &[128, 4096]);
     assert_eq!(tensors["x"].dims()[1..], [3, 32, 32]);

@@ -9,6 +9,7 @@ pub mod device;
 pub mod early_stop;
 pub mod eval;
 pub mod fsutil;
+pub mod kernels;
 pub mod loss;
 pub mod model;
 pub mod optim;

@@ -12,9 +12,12 @@
 //! step count does not advance, and it has no state until its first update).
 //! Scalars are computed in `f64` and applied in the tensors' own dtype.
 //!
-//! Updates are computed out of place and written back with [`Var::set`]; state
-//! tensors are replaced, never mutated, so handles returned by
-//! [`AnyOptimizer::state_tensors`] stay valid after later steps.
+//! On the CPU with f32/f64 parameters each update runs as a few fused in-place
+//! kernels ([`crate::engine::kernels::elementwise`]): one pass per state tensor
+//! and one over the parameter, no temporaries, bit-identical to the generic
+//! path. Elsewhere (CUDA) updates are computed out of place with tensor ops and
+//! written back with [`Var::set`]. Either way [`AnyOptimizer::state_tensors`]
+//! returns copies, which later steps do not change.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
@@ -22,6 +25,8 @@ use std::fmt;
 use candle_core::backprop::GradStore;
 use candle_core::{Result, Tensor, Var};
 use serde::{Deserialize, Serialize};
+
+use super::kernels::elementwise::{self as fused, update};
 
 /// Which optimisation algorithm to use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -309,6 +314,10 @@ impl Core {
             let Some(grad) = grads.get(slot.var.as_tensor()) else {
                 continue;
             };
+            if fusable(&slot.var, grad) {
+                adam_fused(slot, grad, &self.cfg, decoupled)?;
+                continue;
+            }
             // Detached views: no backprop graph is kept alive through the state.
             let grad = grad.detach();
             let param = slot.var.as_tensor().detach();
@@ -384,6 +393,10 @@ impl Core {
             let Some(grad) = grads.get(slot.var.as_tensor()) else {
                 continue;
             };
+            if fusable(&slot.var, grad) {
+                sgd_fused(slot, grad, &self.cfg)?;
+                continue;
+            }
             let grad = grad.detach();
             let param = slot.var.as_tensor().detach();
             let d_p = if wd != 0.0 {
@@ -430,7 +443,8 @@ impl Core {
         self.slots.iter().map(|s| s.var.elem_count()).sum()
     }
 
-    fn state_tensors(&self) -> Vec<(String, Tensor)> {
+    /// Copies of the state tensors (the fused path updates them in place).
+    fn state_tensors(&self) -> Result<Vec<(String, Tensor)>> {
         let mut out = Vec::new();
         for slot in &self.slots {
             let st = &slot.state;
@@ -441,11 +455,11 @@ impl Core {
                 (MOMENTUM_BUFFER, &st.momentum_buffer),
             ] {
                 if let Some(t) = t {
-                    out.push((format!("{}.{key}", slot.name), t.clone()));
+                    out.push((format!("{}.{key}", slot.name), t.copy()?));
                 }
             }
         }
-        out
+        Ok(out)
     }
 
     fn state_meta(&self) -> OptimizerStateMeta {
@@ -506,10 +520,12 @@ impl Core {
                             found: t.dims().to_vec(),
                         });
                     }
+                    // A private copy: the fused path updates state in place.
                     let t = t
                         .detach()
                         .to_device(slot.var.device())
                         .and_then(|t| t.to_dtype(slot.var.dtype()))
+                        .and_then(|t| t.copy())
                         .map_err(|source| OptimStateError::Tensor {
                             name: name.clone(),
                             source,
@@ -531,6 +547,125 @@ impl Core {
         self.cfg.lr = meta.lr;
         Ok(())
     }
+}
+
+/// Whether a parameter's update can run as fused in-place kernels: a non-empty,
+/// contiguous f32/f64 CPU parameter and a gradient of its shape and dtype.
+fn fusable(var: &Var, grad: &Tensor) -> bool {
+    let p = var.as_tensor();
+    p.elem_count() > 0
+        && fused::supports(p)
+        && grad.device().is_cpu()
+        && grad.dtype() == p.dtype()
+        && grad.shape() == p.shape()
+}
+
+/// A state tensor that this optimiser owns and may update in place: the
+/// existing one, or zeros on the first step.
+fn owned_state(slot_state: &mut Option<Tensor>, param: &Tensor) -> Result<Tensor> {
+    match slot_state {
+        Some(t) if t.is_contiguous() && t.shape() == param.shape() => Ok(t.clone()),
+        _ => {
+            let t = param.zeros_like()?;
+            *slot_state = Some(t.clone());
+            Ok(t)
+        }
+    }
+}
+
+/// One Adam/AdamW step of one parameter with the fused in-place kernels; the
+/// same arithmetic as [`Core::adam_step`]'s generic path.
+fn adam_fused(
+    slot: &mut Slot,
+    grad: &Tensor,
+    cfg: &OptimizerConfig,
+    decoupled: bool,
+) -> Result<()> {
+    let OptimizerConfig {
+        lr,
+        betas: (beta1, beta2),
+        eps,
+        weight_decay: wd,
+        amsgrad,
+        ..
+    } = *cfg;
+    let grad = grad.contiguous()?;
+    let param = slot.var.as_tensor();
+    let l2 = if decoupled { 0.0 } else { wd };
+    let st = &mut slot.state;
+    let step = st.step + 1;
+    let exp_avg = owned_state(&mut st.exp_avg, param)?;
+    let exp_avg_sq = owned_state(&mut st.exp_avg_sq, param)?;
+    update(
+        &exp_avg,
+        &grad,
+        param,
+        fused::AdamExpAvg {
+            weight: 1.0 - beta1,
+            l2,
+        },
+    )?;
+    update(&exp_avg_sq, &grad, param, fused::AdamExpAvgSq { beta2, l2 })?;
+    let second = if amsgrad {
+        let mx = owned_state(&mut st.max_exp_avg_sq, param)?;
+        update(&mx, &exp_avg_sq, &exp_avg_sq, fused::Maximum)?;
+        mx
+    } else {
+        st.max_exp_avg_sq = None;
+        exp_avg_sq
+    };
+    let t = step as f64;
+    let bias_correction1 = 1.0 - beta1.powf(t);
+    let bias_correction2 = 1.0 - beta2.powf(t);
+    update(
+        param,
+        &exp_avg,
+        &second,
+        fused::AdamParam {
+            step_size: lr / bias_correction1,
+            inv_bc2_sqrt: 1.0 / bias_correction2.sqrt(),
+            eps,
+            decay: (decoupled && wd != 0.0).then_some(1.0 - lr * wd),
+        },
+    )?;
+    st.step = step;
+    st.momentum_buffer = None;
+    Ok(())
+}
+
+/// One SGD step of one parameter with the fused in-place kernels; the same
+/// arithmetic as [`Core::sgd_step`]'s generic path.
+fn sgd_fused(slot: &mut Slot, grad: &Tensor, cfg: &OptimizerConfig) -> Result<()> {
+    let grad = grad.contiguous()?;
+    let param = slot.var.as_tensor();
+    let st = &mut slot.state;
+    let sgd = fused::SgdParam {
+        lr: cfg.lr,
+        weight_decay: cfg.weight_decay,
+        momentum: cfg.momentum,
+        nesterov: cfg.nesterov,
+    };
+    if cfg.momentum != 0.0 {
+        let first = st.momentum_buffer.is_none();
+        let buf = owned_state(&mut st.momentum_buffer, param)?;
+        update(
+            &buf,
+            &grad,
+            param,
+            fused::SgdMomentum {
+                momentum: cfg.momentum,
+                dampening: cfg.dampening,
+                weight_decay: cfg.weight_decay,
+                first,
+            },
+        )?;
+        update(param, &grad, &buf, sgd)?;
+    } else {
+        st.momentum_buffer = None;
+        update(param, &grad, &grad, sgd)?;
+    }
+    st.step += 1;
+    Ok(())
 }
 
 /// torch's `lerp`: `start + weight * (end - start)`, computed the way torch
@@ -599,7 +734,7 @@ macro_rules! common_methods {
 
             /// The state tensors, named `{param}.{exp_avg|exp_avg_sq|max_exp_avg_sq|momentum_buffer}`.
             pub fn state_tensors(&self) -> Result<Vec<(String, Tensor)>> {
-                Ok(self.core.state_tensors())
+                self.core.state_tensors()
             }
 
             /// Step counts and learning rate, to save with [`Self::state_tensors`].
@@ -787,7 +922,7 @@ impl AnyOptimizer {
     /// `{param}.{exp_avg|exp_avg_sq|max_exp_avg_sq|momentum_buffer}`.
     /// A parameter that has never stepped has none.
     pub fn state_tensors(&self) -> Result<Vec<(String, Tensor)>> {
-        Ok(self.core().state_tensors())
+        self.core().state_tensors()
     }
 
     /// Step counts per parameter and the learning rate, to save next to

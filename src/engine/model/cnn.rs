@@ -35,14 +35,15 @@
 //!         return self.head(self.drop(x))
 //! ```
 
-use candle_core::{Module, Tensor};
-use candle_nn::{Init, Linear, VarBuilder};
+use candle_core::Tensor;
+use candle_nn::{Init, VarBuilder};
 use serde::{Deserialize, Serialize};
 
 use super::batchnorm::BatchNorm;
-use super::layers::{linear, Activation};
+use super::layers::{linear, Activation, Dense};
 use super::pool::max_first;
 use super::{Classifier, ForwardCtx};
+use crate::engine::kernels;
 
 /// One conv block.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -173,7 +174,17 @@ impl Conv {
     }
 
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        // Everything goes through conv2d (a signal is a 1-pixel-high image) with
+        // On the CPU: our im2col + gemm kernels (any stride and padding, exact
+        // gradients, none for the data, the bias fused in).
+        if kernels::on_cpu_f32(&[x, &self.weight]) {
+            let b = self.bias.as_ref();
+            return if self.dims == 2 {
+                kernels::conv2d(x, &self.weight, b, self.stride, self.padding)
+            } else {
+                kernels::conv1d(x, &self.weight, b, self.stride, self.padding)
+            };
+        }
+        // Elsewhere everything goes through conv2d (a signal is a 1-pixel-high image) with
         // explicit zero padding, and the input is cropped to exactly what the
         // windows cover: candle's conv backward derives an output padding from
         // the first spatial dim alone, and its strided conv1d kernel gradient is
@@ -246,8 +257,8 @@ fn max_pool(x: &Tensor, p: usize) -> candle_core::Result<Tensor> {
 pub struct ConvNet {
     spec: CnnSpec,
     blocks: Vec<Block>,
-    fc: Vec<Linear>,
-    head: Linear,
+    fc: Vec<Dense>,
+    head: Dense,
 }
 
 impl ConvNet {
@@ -303,6 +314,19 @@ impl Classifier for ConvNet {
             x = block.conv.forward(&x)?;
             if let Some(bn) = &block.bn {
                 x = bn.forward(&x, ctx)?;
+            }
+            if block.pool > 1 && kernels::on_cpu_f32(&[&x]) {
+                // ReLU and max-pool as one kernel on the CPU (same values and gradients).
+                let relu = self.spec.activation == Activation::Relu;
+                if !relu {
+                    x = self.spec.activation.apply(&x)?;
+                }
+                x = if two_d {
+                    kernels::max_pool2d(&x, block.pool, relu)?
+                } else {
+                    kernels::max_pool1d(&x, block.pool, relu)?
+                };
+                continue;
             }
             x = self.spec.activation.apply(&x)?;
             if block.pool > 1 {

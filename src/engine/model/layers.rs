@@ -1,7 +1,9 @@
 //! Building blocks shared by the architectures, laid out as PyTorch lays them out.
 
 use candle_core::Tensor;
-use candle_nn::{Init, Linear, VarBuilder};
+use candle_nn::{Init, VarBuilder};
+
+use crate::engine::kernels;
 use serde::{Deserialize, Serialize};
 
 /// Element-wise non-linearities (PyTorch's defaults for each).
@@ -34,9 +36,24 @@ impl Activation {
     }
 }
 
+/// A fully-connected layer, `nn.Linear`: `y = x Wᵀ + b` on `[B, in]` inputs,
+/// one fused kernel on the CPU ([`kernels::linear`]).
+#[derive(Debug, Clone)]
+pub struct Dense {
+    weight: Tensor,
+    bias: Tensor,
+}
+
+impl Dense {
+    /// Applies the layer to `x` of shape `[B, in]`.
+    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        kernels::linear(x, &self.weight, &self.bias)
+    }
+}
+
 /// `nn.Linear(in_dim, out_dim)`: `weight` [out, in] and `bias` [out], both
 /// initialised U(-1/sqrt(in), 1/sqrt(in)) as PyTorch does.
-pub fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> candle_core::Result<Linear> {
+pub fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> candle_core::Result<Dense> {
     let bound = 1.0 / (in_dim.max(1) as f64).sqrt();
     let init = Init::Uniform {
         lo: -bound,
@@ -44,5 +61,5 @@ pub fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> candle_core::Res
     };
     let w = vb.get_with_hints((out_dim, in_dim), "weight", init)?;
     let b = vb.get_with_hints(out_dim, "bias", init)?;
-    Ok(Linear::new(w, Some(b)))
+    Ok(Dense { weight: w, bias: b })
 }

@@ -16,11 +16,11 @@
 //!         return self.head(x)
 //! ```
 
-use candle_core::{Module, Tensor};
-use candle_nn::{Linear, VarBuilder};
+use candle_core::Tensor;
+use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
-use super::layers::{linear, Activation};
+use super::layers::{linear, Activation, Dense};
 use super::{Classifier, ForwardCtx};
 
 /// Sizes of an MLP.
@@ -38,8 +38,8 @@ pub struct MlpSpec {
 
 /// The MLP itself.
 pub struct Mlp {
-    layers: Vec<Linear>,
-    head: Linear,
+    layers: Vec<Dense>,
+    head: Dense,
     activation: Activation,
     dropout: f64,
 }

@@ -23,11 +23,11 @@
 //! The convolutions are computed as one matrix product over sliding windows,
 //! which is the same arithmetic as `Conv2d(1, F, (k, E))` and fast on a CPU.
 
-use candle_core::{DType, Module, Tensor, Var};
-use candle_nn::{Init, Linear, VarBuilder};
+use candle_core::{DType, Tensor, Var};
+use candle_nn::{Init, VarBuilder};
 use serde::{Deserialize, Serialize};
 
-use super::layers::linear;
+use super::layers::{linear, Dense};
 use super::pool::max_first;
 use super::{Classifier, ForwardCtx};
 
@@ -84,7 +84,7 @@ pub struct TextCnn {
     spec: TextCnnSpec,
     embedding: Tensor,
     convs: Vec<TextConv>,
-    fc: Linear,
+    fc: Dense,
 }
 
 impl TextCnn {

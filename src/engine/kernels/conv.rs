@@ -1,0 +1,677 @@
+//! Convolutions (2-D and 1-D, dilation 1, one group) as im2col + gemm, forward
+//! and backward, parallel over the batch:
+//! - forward: each sample's windows are unfolded into a `[Cin*kh*kw, Ho*Wo]`
+//!   matrix and multiplied by the weight `[Cout, Cin*kh*kw]`, bias pre-filled;
+//! - backward: the weight gradient is `dY * colsᵀ` summed over the batch (one
+//!   partial sum per thread), the bias gradient is the row sums of `dY` (the
+//!   same pass), and the input gradient `Wᵀ * dY` folded back (col2im) only
+//!   when the input needs one — images straight from the data need none.
+//!
+//! On a CPU with f32 tensors [`conv2d`] / [`conv1d`] use these kernels;
+//! elsewhere (CUDA, other dtypes) they call candle's own convolution.
+
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::gemm::{matmul, Parallelism, Strides};
+
+/// The sizes of one convolution; a 1-D one is a 2-D one with height 1.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Geom {
+    batch: usize,
+    cin: usize,
+    h: usize,
+    w: usize,
+    cout: usize,
+    kh: usize,
+    kw: usize,
+    sh: usize,
+    sw: usize,
+    ph: usize,
+    pw: usize,
+    ho: usize,
+    wo: usize,
+    /// The output is `[B, Cout, L]` rather than `[B, Cout, H, W]`.
+    one_d: bool,
+}
+
+impl Geom {
+    fn k(&self) -> usize {
+        self.cin * self.kh * self.kw
+    }
+    fn n(&self) -> usize {
+        self.ho * self.wo
+    }
+    fn in_len(&self) -> usize {
+        self.cin * self.h * self.w
+    }
+    fn out_len(&self) -> usize {
+        self.cout * self.n()
+    }
+    fn out_shape(&self) -> Shape {
+        if self.one_d {
+            Shape::from((self.batch, self.cout, self.wo))
+        } else {
+            Shape::from((self.batch, self.cout, self.ho, self.wo))
+        }
+    }
+}
+
+fn out_size(len: usize, k: usize, stride: usize, pad: usize) -> Result<usize> {
+    let padded = len + 2 * pad;
+    if stride == 0 || padded < k {
+        candle_core::bail!("conv: input of size {len} (padding {pad}) is smaller than kernel {k}");
+    }
+    Ok((padded - k) / stride + 1)
+}
+
+/// Unfolds sample `x` ([Cin, H, W]) into `cols` ([Cin*kh*kw, Ho*Wo]).
+fn im2col(g: &Geom, x: &[f32], cols: &mut [f32]) {
+    let n = g.n();
+    for c in 0..g.cin {
+        let plane = &x[c * g.h * g.w..(c + 1) * g.h * g.w];
+        for ki in 0..g.kh {
+            for kj in 0..g.kw {
+                let row = ((c * g.kh + ki) * g.kw + kj) * n;
+                let dst = &mut cols[row..row + n];
+                // Output columns whose input column is inside the image.
+                let lo = g.pw.saturating_sub(kj).div_ceil(g.sw).min(g.wo);
+                let hi = if g.w + g.pw > kj {
+                    ((g.w + g.pw - kj - 1) / g.sw + 1).min(g.wo)
+                } else {
+                    0
+                };
+                for oi in 0..g.ho {
+                    let d = &mut dst[oi * g.wo..(oi + 1) * g.wo];
+                    let ii = (oi * g.sh + ki) as isize - g.ph as isize;
+                    if ii < 0 || ii >= g.h as isize || lo >= hi {
+                        d.fill(0.0);
+                        continue;
+                    }
+                    let src = &plane[ii as usize * g.w..(ii as usize + 1) * g.w];
+                    d[..lo].fill(0.0);
+                    d[hi..].fill(0.0);
+                    let first = lo * g.sw + kj - g.pw;
+                    if g.sw == 1 {
+                        d[lo..hi].copy_from_slice(&src[first..first + (hi - lo)]);
+                    } else {
+                        for (o, v) in d[lo..hi].iter_mut().enumerate() {
+                            *v = src[first + o * g.sw];
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Folds `cols` ([Cin*kh*kw, Ho*Wo]) back onto sample `dx` ([Cin, H, W]), adding.
+fn col2im(g: &Geom, cols: &[f32], dx: &mut [f32]) {
+    let n = g.n();
+    for c in 0..g.cin {
+        let plane = &mut dx[c * g.h * g.w..(c + 1) * g.h * g.w];
+        for ki in 0..g.kh {
+            for kj in 0..g.kw {
+                let row = ((c * g.kh + ki) * g.kw + kj) * n;
+                let src = &cols[row..row + n];
+                let lo = g.pw.saturating_sub(kj).div_ceil(g.sw).min(g.wo);
+                let hi = if g.w + g.pw > kj {
+                    ((g.w + g.pw - kj - 1) / g.sw + 1).min(g.wo)
+                } else {
+                    0
+                };
+                if lo >= hi {
+                    continue;
+                }
+                for oi in 0..g.ho {
+                    let ii = (oi * g.sh + ki) as isize - g.ph as isize;
+                    if ii < 0 || ii >= g.h as isize {
+                        continue;
+                    }
+                    let d = &mut plane[ii as usize * g.w..(ii as usize + 1) * g.w];
+                    let s = &src[oi * g.wo + lo..oi * g.wo + hi];
+                    let first = lo * g.sw + kj - g.pw;
+                    if g.sw == 1 {
+                        for (d, s) in d[first..first + (hi - lo)].iter_mut().zip(s) {
+                            *d += s;
+                        }
+                    } else {
+                        for (o, s) in s.iter().enumerate() {
+                            d[first + o * g.sw] += s;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Splits `batch` samples into about one chunk per thread.
+fn chunk_size(batch: usize) -> usize {
+    batch.div_ceil(rayon::current_num_threads().max(1)).max(1)
+}
+
+fn forward(g: &Geom, x: &[f32], w: &[f32], b: Option<&[f32]>) -> Result<Vec<f32>> {
+    let (k, n, out_len) = (g.k(), g.n(), g.out_len());
+    let mut y = vec![0f32; g.batch * out_len];
+    let per = chunk_size(g.batch);
+    y.par_chunks_mut(per * out_len)
+        .enumerate()
+        .try_for_each(|(ci, ys)| -> Result<()> {
+            let mut cols = vec![0f32; k * n];
+            for (i, yn) in ys.chunks_mut(out_len).enumerate() {
+                let s = ci * per + i;
+                im2col(g, &x[s * g.in_len()..(s + 1) * g.in_len()], &mut cols);
+                if let Some(b) = b {
+                    for (row, &bias) in yn.chunks_mut(n).zip(b) {
+                        row.fill(bias);
+                    }
+                }
+                matmul(
+                    (g.cout, n, k),
+                    yn,
+                    Strides::rows(n),
+                    w,
+                    Strides::rows(k),
+                    &cols,
+                    Strides::rows(n),
+                    b.is_some(),
+                    Parallelism::None,
+                )?;
+            }
+            Ok(())
+        })?;
+    Ok(y)
+}
+
+/// Gradients of one chunk of samples: weight and bias partial sums; the input
+/// gradient is written into `dx` when given.
+fn backward_chunk(
+    g: &Geom,
+    first: usize,
+    count: usize,
+    x: &[f32],
+    w: &[f32],
+    dy: &[f32],
+    mut dx: Option<&mut [f32]>,
+) -> Result<(Vec<f32>, Vec<f32>)> {
+    let (k, n) = (g.k(), g.n());
+    let mut dw = vec![0f32; g.cout * k];
+    let mut db = vec![0f32; g.cout];
+    let mut cols = vec![0f32; k * n];
+    let mut dcols = if dx.is_some() {
+        vec![0f32; k * n]
+    } else {
+        Vec::new()
+    };
+    for i in 0..count {
+        let s = first + i;
+        let dyn_ = &dy[s * g.out_len()..(s + 1) * g.out_len()];
+        im2col(g, &x[s * g.in_len()..(s + 1) * g.in_len()], &mut cols);
+        // dW += dY [Cout, N] * colsᵀ [N, K]
+        matmul(
+            (g.cout, k, n),
+            &mut dw,
+            Strides::rows(k),
+            dyn_,
+            Strides::rows(n),
+            &cols,
+            Strides::transposed(n),
+            true,
+            Parallelism::None,
+        )?;
+        for (acc, row) in db.iter_mut().zip(dyn_.chunks(n)) {
+            *acc += row.iter().sum::<f32>();
+        }
+        if let Some(dx) = dx.as_deref_mut() {
+            // dcols = Wᵀ [K, Cout] * dY [Cout, N], folded back onto the input.
+            matmul(
+                (k, n, g.cout),
+                &mut dcols,
+                Strides::rows(n),
+                w,
+                Strides::transposed(k),
+                dyn_,
+                Strides::rows(n),
+                false,
+                Parallelism::None,
+            )?;
+            col2im(g, &dcols, &mut dx[i * g.in_len()..(i + 1) * g.in_len()]);
+        }
+    }
+    Ok((dw, db))
+}
+
+/// (dx, dw, db)
+type Grads = (Option<Vec<f32>>, Vec<f32>, Vec<f32>);
+
+fn backward(g: &Geom, x: &[f32], w: &[f32], dy: &[f32], need_dx: bool) -> Result<Grads> {
+    let per = chunk_size(g.batch);
+    let partials: Vec<(Vec<f32>, Vec<f32>)>;
+    let mut dx = None;
+    if need_dx {
+        let mut buf = vec![0f32; g.batch * g.in_len()];
+        partials = buf
+            .par_chunks_mut(per * g.in_len())
+            .enumerate()
+            .map(|(ci, d)| {
+                let count = d.len() / g.in_len();
+                backward_chunk(g, ci * per, count, x, w, dy, Some(d))
+            })
+            .collect::<Result<_>>()?;
+        dx = Some(buf);
+    } else {
+        let chunks = g.batch.div_ceil(per);
+        partials = (0..chunks)
+            .into_par_iter()
+            .map(|ci| {
+                let count = per.min(g.batch - ci * per);
+                backward_chunk(g, ci * per, count, x, w, dy, None)
+            })
+            .collect::<Result<_>>()?;
+    }
+    let mut it = partials.into_iter();
+    let (mut dw, mut db) = it
+        .next()
+        .unwrap_or_else(|| (vec![0f32; g.cout * g.k()], vec![0f32; g.cout]));
+    for (pw, pb) in it {
+        for (a, b) in dw.iter_mut().zip(&pw) {
+            *a += b;
+        }
+        for (a, b) in db.iter_mut().zip(&pb) {
+            *a += b;
+        }
+    }
+    Ok((dx, dw, db))
+}
+
+fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
+    let (a, b) = l
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg(format!("conv: {what} must be contiguous")))?;
+    match s {
+        CpuStorage::F32(v) => Ok(&v[a..b]),
+        _ => candle_core::bail!("conv: {what} must be f32"),
+    }
+}
+
+/// The convolution as a candle custom op over (input, weight[, bias]).
+struct ConvOp {
+    g: Geom,
+}
+
+impl ConvOp {
+    fn grads(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Tensor, Tensor)> {
+        let g = &self.g;
+        let grad = grad.contiguous()?;
+        let (dx, dw, db) = {
+            let (xs, xl) = x.storage_and_layout();
+            let (ws, wl) = w.storage_and_layout();
+            let (gs, gl) = grad.storage_and_layout();
+            let (xs, ws, gs) = match (&*xs, &*ws, &*gs) {
+                (
+                    candle_core::Storage::Cpu(a),
+                    candle_core::Storage::Cpu(b),
+                    candle_core::Storage::Cpu(c),
+                ) => (
+                    f32_slice(a, xl, "input")?,
+                    f32_slice(b, wl, "weight")?,
+                    f32_slice(c, gl, "gradient")?,
+                ),
+                _ => candle_core::bail!("conv: backward runs on the CPU only"),
+            };
+            backward(g, xs, ws, gs, x.track_op())?
+        };
+        let dev = x.device();
+        let dx = match dx {
+            Some(v) => Some(Tensor::from_vec(v, x.shape(), dev)?),
+            None => None,
+        };
+        Ok((
+            dx,
+            Tensor::from_vec(dw, w.shape(), dev)?,
+            Tensor::from_vec(db, g.cout, dev)?,
+        ))
+    }
+}
+
+impl CustomOp2 for ConvOp {
+    fn name(&self) -> &'static str {
+        "im2col-conv"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s1, l1, "input")?;
+        let w = f32_slice(s2, l2, "weight")?;
+        let y = forward(&self.g, x, w, None)?;
+        Ok((CpuStorage::F32(y), self.g.out_shape()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw, _) = self.grads(x, w, grad)?;
+        Ok((dx, Some(dw)))
+    }
+}
+
+impl CustomOp3 for ConvOp {
+    fn name(&self) -> &'static str {
+        "im2col-conv-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s1, l1, "input")?;
+        let w = f32_slice(s2, l2, "weight")?;
+        let b = f32_slice(s3, l3, "bias")?;
+        let y = forward(&self.g, x, w, Some(b))?;
+        Ok((CpuStorage::F32(y), self.g.out_shape()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw, db) = self.grads(x, w, grad)?;
+        Ok((dx, Some(dw), Some(db)))
+    }
+}
+
+fn use_kernels(ts: &[&Tensor]) -> bool {
+    ts.iter()
+        .all(|t| t.device().is_cpu() && t.dtype() == candle_core::DType::F32)
+}
+
+fn apply(x: &Tensor, w: &Tensor, b: Option<&Tensor>, g: Geom) -> Result<Tensor> {
+    let x = x.contiguous()?;
+    let w = w.contiguous()?;
+    let op = ConvOp { g };
+    match b {
+        Some(b) => x.apply_op3(&w, &b.contiguous()?, op),
+        None => x.apply_op2(&w, op),
+    }
+}
+
+fn check_bias(b: Option<&Tensor>, cout: usize) -> Result<()> {
+    if let Some(b) = b {
+        if b.dims() != [cout] {
+            candle_core::bail!("conv: bias of shape {:?} for {cout} channels", b.dims());
+        }
+    }
+    Ok(())
+}
+
+/// `F.conv2d(x, w, b, stride, padding)`: x `[B, Cin, H, W]`, w `[Cout, Cin, kh, kw]`.
+pub fn conv2d(
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    stride: usize,
+    padding: usize,
+) -> Result<Tensor> {
+    let (batch, cin, h, wd) = x.dims4()?;
+    let (cout, wcin, kh, kw) = w.dims4()?;
+    if cin != wcin {
+        candle_core::bail!("conv2d: input has {cin} channels, the weight expects {wcin}");
+    }
+    check_bias(b, cout)?;
+    let mut all = vec![x, w];
+    all.extend(b);
+    if !use_kernels(&all) {
+        let y = x.conv2d(w, padding, stride, 1, 1)?;
+        return match b {
+            Some(b) => y.broadcast_add(&b.reshape((1, cout, 1, 1))?),
+            None => Ok(y),
+        };
+    }
+    let g = Geom {
+        batch,
+        cin,
+        h,
+        w: wd,
+        cout,
+        kh,
+        kw,
+        sh: stride,
+        sw: stride,
+        ph: padding,
+        pw: padding,
+        ho: out_size(h, kh, stride, padding)?,
+        wo: out_size(wd, kw, stride, padding)?,
+        one_d: false,
+    };
+    apply(x, w, b, g)
+}
+
+/// `F.conv1d(x, w, b, stride, padding)`: x `[B, Cin, L]`, w `[Cout, Cin, k]`.
+pub fn conv1d(
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    stride: usize,
+    padding: usize,
+) -> Result<Tensor> {
+    let (batch, cin, len) = x.dims3()?;
+    let (cout, wcin, k) = w.dims3()?;
+    if cin != wcin {
+        candle_core::bail!("conv1d: input has {cin} channels, the weight expects {wcin}");
+    }
+    check_bias(b, cout)?;
+    let mut all = vec![x, w];
+    all.extend(b);
+    if !use_kernels(&all) {
+        let y = x.conv1d(w, padding, stride, 1, 1)?;
+        return match b {
+            Some(b) => y.broadcast_add(&b.reshape((1, cout, 1))?),
+            None => Ok(y),
+        };
+    }
+    let g = Geom {
+        batch,
+        cin,
+        h: 1,
+        w: len,
+        cout,
+        kh: 1,
+        kw: k,
+        sh: 1,
+        sw: stride,
+        ph: 0,
+        pw: padding,
+        ho: 1,
+        wo: out_size(len, k, stride, padding)?,
+        one_d: true,
+    };
+    apply(x, w, b, g)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn rand(shape: &[usize], seed: u64) -> Tensor {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n).map(|_| rng.random::<f32>() * 2.0 - 1.0).collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        assert_eq!(a.dims(), b.dims());
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
+    /// A reference convolution built from matrix products only (whose
+    /// gradients candle gets right): unfolding by a 0/1 selection matrix.
+    #[allow(clippy::too_many_arguments)]
+    fn reference(
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        (h, wd): (usize, usize),
+        (kh, kw): (usize, usize),
+        (sh, sw): (usize, usize),
+        (ph, pw): (usize, usize),
+    ) -> Tensor {
+        let (bsz, c) = (x.dim(0).unwrap(), x.dim(1).unwrap());
+        let cout = w.dim(0).unwrap();
+        let ho = (h + 2 * ph - kh) / sh + 1;
+        let wo = (wd + 2 * pw - kw) / sw + 1;
+        let cols_n = kh * kw * ho * wo;
+        let mut sel = vec![0f32; h * wd * cols_n];
+        for ki in 0..kh {
+            for kj in 0..kw {
+                for oi in 0..ho {
+                    for oj in 0..wo {
+                        let ii = (oi * sh + ki) as isize - ph as isize;
+                        let jj = (oj * sw + kj) as isize - pw as isize;
+                        if ii >= 0 && jj >= 0 && (ii as usize) < h && (jj as usize) < wd {
+                            let col = ((ki * kw + kj) * ho + oi) * wo + oj;
+                            sel[(ii as usize * wd + jj as usize) * cols_n + col] = 1.0;
+                        }
+                    }
+                }
+            }
+        }
+        let sel = Tensor::from_vec(sel, (h * wd, cols_n), &Device::Cpu).unwrap();
+        let cols = x
+            .reshape((bsz, c, h * wd))
+            .unwrap()
+            .broadcast_matmul(&sel)
+            .unwrap()
+            .reshape((bsz, c * kh * kw, ho * wo))
+            .unwrap();
+        let y = w
+            .reshape((cout, c * kh * kw))
+            .unwrap()
+            .broadcast_matmul(&cols)
+            .unwrap()
+            .broadcast_add(&b.reshape((1, cout, 1)).unwrap())
+            .unwrap();
+        let mut shape = x.dims().to_vec();
+        shape[1] = cout;
+        let r = shape.len();
+        shape[r - 1] = wo;
+        if r == 4 {
+            shape[2] = ho;
+        }
+        y.reshape(shape).unwrap()
+    }
+
+    /// Forward values and all three gradients against the reference, and
+    /// against candle's own convolution where its gradients are right (stride 1).
+    fn check(two_d: bool, xs: &[usize], ws: &[usize], stride: usize, padding: usize) {
+        let x = Var::from_tensor(&rand(xs, 1)).unwrap();
+        let w = Var::from_tensor(&rand(ws, 2)).unwrap();
+        let b = Var::from_tensor(&rand(&[ws[0]], 3)).unwrap();
+        let (h, wd, kh, kw, s, p) = if two_d {
+            (
+                xs[2],
+                xs[3],
+                ws[2],
+                ws[3],
+                (stride, stride),
+                (padding, padding),
+            )
+        } else {
+            (1, xs[2], 1, ws[2], (1, stride), (0, padding))
+        };
+        let reference = reference(&x, &w, &b, (h, wd), (kh, kw), s, p);
+        let ours = if two_d {
+            conv2d(&x, &w, Some(&b), stride, padding).unwrap()
+        } else {
+            conv1d(&x, &w, Some(&b), stride, padding).unwrap()
+        };
+        assert!(max_diff(&ours, &reference) < 1e-4);
+        if two_d && stride == 1 {
+            let candle = x
+                .conv2d(&w, padding, 1, 1, 1)
+                .unwrap()
+                .broadcast_add(&b.reshape((1, ws[0], 1, 1)).unwrap())
+                .unwrap();
+            assert!(max_diff(&ours, &candle) < 1e-4);
+        }
+        // A loss that weighs every output differently.
+        let weights = rand(reference.dims(), 4);
+        let gr = (&reference * &weights)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let go = (&ours * &weights)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for v in [&x, &w, &b] {
+            let d = max_diff(go.get(v).unwrap(), gr.get(v).unwrap());
+            assert!(d < 1e-3, "gradient differs by {d} for {:?}", v.dims());
+        }
+    }
+
+    #[test]
+    fn conv2d_matches_candle() {
+        check(true, &[3, 3, 9, 8], &[5, 3, 3, 3], 1, 1);
+        check(true, &[2, 2, 7, 9], &[4, 2, 3, 2], 2, 0);
+        check(true, &[2, 1, 6, 6], &[2, 1, 5, 5], 1, 2);
+        check(true, &[5, 4, 5, 5], &[3, 4, 1, 1], 1, 0);
+        check(true, &[1, 2, 8, 8], &[3, 2, 3, 3], 3, 1);
+    }
+
+    #[test]
+    fn conv1d_matches_candle() {
+        check(false, &[3, 2, 17], &[4, 2, 3], 1, 1);
+        check(false, &[2, 3, 12], &[2, 3, 5], 2, 2);
+        check(false, &[2, 2, 11], &[3, 2, 4], 3, 0);
+    }
+
+    #[test]
+    fn no_input_gradient_for_data() {
+        let x = rand(&[2, 3, 6, 6], 1);
+        let w = Var::from_tensor(&rand(&[4, 3, 3, 3], 2)).unwrap();
+        let y = conv2d(&x, &w, None, 1, 1).unwrap();
+        let g = y.sum_all().unwrap().backward().unwrap();
+        assert!(g.get(&x).is_none());
+        assert!(g.get(&w).is_some());
+    }
+}

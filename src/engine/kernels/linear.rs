@@ -1,0 +1,257 @@
+//! The fully-connected layer `y = x Wᵀ + b` (PyTorch's `F.linear`) as one
+//! custom op: the forward product writes onto the bias, and the backward pass
+//! computes `dW = dYᵀ x` straight into the weight's layout, `db` as column
+//! sums, and `dx = dY W` only when the input needs a gradient (the first layer's
+//! input is data and needs none). candle's generic path computes `dx` always,
+//! adds the bias in a second pass and accumulates a transposed `dW` through a
+//! strided copy.
+//!
+//! On a CPU with f32 tensors [`linear`] uses this kernel; elsewhere candle's
+//! `matmul` + `broadcast_add`.
+
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
+
+use super::gemm::{matmul, pool_parallelism, Parallelism, Strides};
+
+struct LinearOp {
+    batch: usize,
+    input: usize,
+    output: usize,
+}
+
+/// Products smaller than this many multiply-adds run on one thread.
+const PARALLEL_MIN_FLOPS: usize = 1 << 18;
+
+impl LinearOp {
+    fn parallelism(&self, flops: usize) -> Parallelism {
+        if flops >= PARALLEL_MIN_FLOPS {
+            pool_parallelism()
+        } else {
+            Parallelism::None
+        }
+    }
+}
+
+fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
+    let (a, b) = l
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg(format!("linear: {what} must be contiguous")))?;
+    match s {
+        CpuStorage::F32(v) => Ok(&v[a..b]),
+        _ => candle_core::bail!("linear: {what} must be f32"),
+    }
+}
+
+fn cpu<'a>(s: &'a candle_core::Storage, l: &Layout, what: &str) -> Result<&'a [f32]> {
+    match s {
+        candle_core::Storage::Cpu(c) => f32_slice(c, l, what),
+        _ => candle_core::bail!("linear: backward runs on the CPU only"),
+    }
+}
+
+impl CustomOp3 for LinearOp {
+    fn name(&self) -> &'static str {
+        "linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s1, l1, "input")?;
+        let w = f32_slice(s2, l2, "weight")?;
+        let b = f32_slice(s3, l3, "bias")?;
+        let (m, n, k) = (self.batch, self.output, self.input);
+        let mut y = Vec::with_capacity(m * n);
+        for _ in 0..m {
+            y.extend_from_slice(b);
+        }
+        matmul(
+            (m, n, k),
+            &mut y,
+            Strides::rows(n),
+            x,
+            Strides::rows(k),
+            w,
+            Strides::transposed(k),
+            true,
+            self.parallelism(m * n * k),
+        )?;
+        Ok((CpuStorage::F32(y), Shape::from((m, n))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (bsz, inp, out) = (self.batch, self.input, self.output);
+        let grad = grad.contiguous()?;
+        let need_dx = x.track_op();
+        let (dx, dw, db) = {
+            let (xs, xl) = x.storage_and_layout();
+            let (ws, wl) = w.storage_and_layout();
+            let (gs, gl) = grad.storage_and_layout();
+            let xv = cpu(&xs, xl, "input")?;
+            let wv = cpu(&ws, wl, "weight")?;
+            let gv = cpu(&gs, gl, "gradient")?;
+            let par = self.parallelism(bsz * inp * out);
+            let dx = if need_dx {
+                let mut dx = vec![0f32; bsz * inp];
+                matmul(
+                    (bsz, inp, out),
+                    &mut dx,
+                    Strides::rows(inp),
+                    gv,
+                    Strides::rows(out),
+                    wv,
+                    Strides::rows(inp),
+                    false,
+                    par,
+                )?;
+                Some(dx)
+            } else {
+                None
+            };
+            let mut dw = vec![0f32; out * inp];
+            matmul(
+                (out, inp, bsz),
+                &mut dw,
+                Strides::rows(inp),
+                gv,
+                Strides::transposed(out),
+                xv,
+                Strides::rows(inp),
+                false,
+                par,
+            )?;
+            let mut db = vec![0f32; out];
+            for row in gv.chunks(out) {
+                for (a, g) in db.iter_mut().zip(row) {
+                    *a += g;
+                }
+            }
+            (dx, dw, db)
+        };
+        let dev = x.device();
+        let dx = match dx {
+            Some(v) => Some(Tensor::from_vec(v, x.shape(), dev)?),
+            None => None,
+        };
+        Ok((
+            dx,
+            Some(Tensor::from_vec(dw, w.shape(), dev)?),
+            Some(Tensor::from_vec(db, out, dev)?),
+        ))
+    }
+}
+
+/// `F.linear(x, w, b)`: x `[B, in]`, w `[out, in]`, b `[out]` → `[B, out]`.
+pub fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let (batch, input) = x.dims2()?;
+    let (output, win) = w.dims2()?;
+    if win != input || b.dims() != [output] {
+        candle_core::bail!(
+            "linear: input {:?}, weight {:?} and bias {:?} do not fit",
+            x.dims(),
+            w.dims(),
+            b.dims()
+        );
+    }
+    let cpu_f32 = [x, w, b]
+        .iter()
+        .all(|t| t.device().is_cpu() && t.dtype() == candle_core::DType::F32);
+    if !cpu_f32 {
+        return x.matmul(&w.t()?)?.broadcast_add(b);
+    }
+    let op = LinearOp {
+        batch,
+        input,
+        output,
+    };
+    x.contiguous()?
+        .apply_op3(&w.contiguous()?, &b.contiguous()?, op)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn rand(shape: &[usize], seed: u64) -> Tensor {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n).map(|_| rng.random::<f32>() * 2.0 - 1.0).collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
+    #[test]
+    fn matches_candle_matmul_and_gradients() {
+        // Small (one thread) and large (parallel) products.
+        for (b, i, o) in [(3, 5, 4), (64, 300, 70)] {
+            let x = Var::from_tensor(&rand(&[b, i], 1)).unwrap();
+            let w = Var::from_tensor(&rand(&[o, i], 2)).unwrap();
+            let bias = Var::from_tensor(&rand(&[o], 3)).unwrap();
+            let reference = x
+                .matmul(&w.t().unwrap())
+                .unwrap()
+                .broadcast_add(&bias)
+                .unwrap();
+            let ours = linear(&x, &w, &bias).unwrap();
+            assert!(max_diff(&ours, &reference) < 1e-4);
+            let wts = rand(&[b, o], 4);
+            let gr = (&reference * &wts)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let go = (&ours * &wts)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            for v in [&x, &w, &bias] {
+                assert!(max_diff(go.get(v).unwrap(), gr.get(v).unwrap()) < 1e-3);
+            }
+        }
+    }
+
+    #[test]
+    fn data_input_gets_no_gradient() {
+        let x = rand(&[4, 3], 1);
+        let w = Var::from_tensor(&rand(&[2, 3], 2)).unwrap();
+        let b = Var::from_tensor(&rand(&[2], 3)).unwrap();
+        let g = linear(&x, &w, &b)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        assert!(g.get(&x).is_none());
+        assert!(g.get(&w).is_some() && g.get(&b).is_some());
+    }
+}

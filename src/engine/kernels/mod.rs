@@ -1,0 +1,24 @@
+//! CPU kernels of our own, as candle custom ops, where candle's generic ones
+//! are slow for training (measured with `edge-trainer bench`, see README
+//! "Performance"): convolutions as im2col + gemm with a fused bias gradient and
+//! no input gradient for data, max-pooling with first-maximum indices (fused
+//! with ReLU), the fully-connected layer, and the optimisers' fused in-place
+//! updates. Each public function checks the device and dtype and falls back to
+//! candle's own ops off the CPU (CUDA keeps candle's kernels) or for dtypes
+//! other than f32.
+
+pub mod conv;
+pub mod elementwise;
+pub mod gemm;
+pub mod linear;
+pub mod pool;
+
+pub use conv::{conv1d, conv2d};
+
+/// Whether every tensor is an f32 tensor on the CPU, where these kernels run.
+pub fn on_cpu_f32(ts: &[&candle_core::Tensor]) -> bool {
+    ts.iter()
+        .all(|t| t.device().is_cpu() && t.dtype() == candle_core::DType::F32)
+}
+pub use linear::linear;
+pub use pool::{max_pool1d, max_pool2d};
