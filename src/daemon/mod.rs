@@ -229,6 +229,9 @@ pub async fn serve(
         tracing::debug!("some tasks did not end in time");
     }
     tracing::info!("stopped");
+    tokio::task::spawn_blocking(|| systemd::flush(Duration::from_secs(2)))
+        .await
+        .ok();
     Ok(())
 }
 

@@ -1,35 +1,98 @@
 //! systemd integration (`Type=notify`): `READY=1`, `STATUS=` lines, `STOPPING=1`
 //! and the watchdog. Every call is a no-op when not started by systemd
 //! (`NOTIFY_SOCKET` unset), and failures are logged, never fatal.
+//!
+//! Sending to the notify socket can block (a datagram socket whose reader is
+//! slow), so the messages go through a bounded queue to a small thread of their
+//! own: no runtime worker ever waits on systemd.
 
+use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use sd_notify::NotifyState;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
-fn send(states: &[NotifyState]) {
-    if std::env::var_os("NOTIFY_SOCKET").is_none() {
-        return;
+/// One message for systemd.
+enum Note {
+    Ready,
+    Stopping,
+    Watchdog,
+    Status(String),
+    /// Answered once everything before it was sent.
+    Flush(SyncSender<()>),
+}
+
+fn notifier() -> Option<&'static SyncSender<Note>> {
+    static TX: OnceLock<Option<SyncSender<Note>>> = OnceLock::new();
+    TX.get_or_init(|| {
+        std::env::var_os("NOTIFY_SOCKET")?;
+        let (tx, rx) = sync_channel::<Note>(256);
+        let spawned = std::thread::Builder::new()
+            .name("sd-notify".into())
+            .spawn(move || {
+                for note in rx {
+                    let state = match &note {
+                        Note::Ready => NotifyState::Ready,
+                        Note::Stopping => NotifyState::Stopping,
+                        Note::Watchdog => NotifyState::Watchdog,
+                        Note::Status(s) => NotifyState::Status(s),
+                        Note::Flush(done) => {
+                            let _ = done.try_send(());
+                            continue;
+                        }
+                    };
+                    if let Err(e) = sd_notify::notify(false, &[state]) {
+                        tracing::debug!(error = %e, "sd_notify failed");
+                    }
+                }
+            });
+        match spawned {
+            Ok(_) => Some(tx),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot start the systemd notifier thread");
+                None
+            }
+        }
+    })
+    .as_ref()
+}
+
+fn send(note: Note) {
+    if let Some(tx) = notifier() {
+        match tx.try_send(note) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => {
+                tracing::debug!("systemd is not reading notifications; one dropped")
+            }
+            Err(TrySendError::Disconnected(_)) => {}
+        }
     }
-    if let Err(e) = sd_notify::notify(false, states) {
-        tracing::debug!(error = %e, "sd_notify failed");
+}
+
+/// Waits (up to `timeout`) until the notifications sent so far went out.
+pub fn flush(timeout: Duration) {
+    if notifier().is_some() {
+        let (tx, rx) = sync_channel(1);
+        send(Note::Flush(tx));
+        let _ = rx.recv_timeout(timeout);
     }
 }
 
 /// Tells systemd the service is ready.
 pub fn ready() {
-    send(&[NotifyState::Ready]);
+    send(Note::Ready);
 }
 
 /// Tells systemd the service is stopping.
 pub fn stopping() {
-    send(&[NotifyState::Stopping]);
+    send(Note::Stopping);
 }
 
 /// Sets the one-line status `systemctl status` shows.
 pub fn status(line: &str) {
-    send(&[NotifyState::Status(line)]);
+    send(Note::Status(line.to_string()));
 }
 
 /// The watchdog period systemd asked for (`WatchdogSec=`), if any: `WATCHDOG_USEC`,
@@ -120,7 +183,7 @@ pub async fn watchdog(
             continue;
         }
         match tokio::time::timeout(half, rx).await {
-            Ok(Ok(())) => send(&[NotifyState::Watchdog]),
+            Ok(Ok(())) => send(Note::Watchdog),
             _ => tracing::warn!("the main loop did not answer the watchdog probe"),
         }
     }

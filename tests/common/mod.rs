@@ -595,10 +595,11 @@ impl Harness {
     }
 }
 
-/// A Unix datagram socket standing in for systemd's `NOTIFY_SOCKET`.
+/// A Unix datagram socket standing in for systemd's `NOTIFY_SOCKET`, read
+/// continuously by a thread (as systemd would) into `lines`.
 pub struct NotifySocket {
     pub path: PathBuf,
-    sock: UnixDatagram,
+    rx: mpsc::Receiver<String>,
     pub lines: Vec<String>,
 }
 
@@ -606,30 +607,38 @@ impl NotifySocket {
     pub fn bind(dir: &Path) -> Self {
         let path = dir.join("notify.sock");
         let sock = UnixDatagram::bind(&path).expect("bind notify socket");
-        sock.set_read_timeout(Some(Duration::from_millis(100)))
-            .unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 4096];
+            while let Ok(n) = sock.recv(&mut buf) {
+                for line in String::from_utf8_lossy(&buf[..n]).lines() {
+                    if tx.send(line.to_string()).is_err() {
+                        return;
+                    }
+                }
+            }
+        });
         Self {
             path,
-            sock,
+            rx,
             lines: Vec::new(),
         }
     }
 
-    /// Reads what arrived; waits until `pred` holds for some line or `timeout`.
+    /// Waits until `pred` holds for some line received so far, or `timeout`.
     pub fn wait(&mut self, timeout: Duration, pred: impl Fn(&str) -> bool) -> bool {
         let t0 = Instant::now();
-        let mut buf = vec![0u8; 4096];
         loop {
+            while let Ok(l) = self.rx.try_recv() {
+                self.lines.push(l);
+            }
             if self.lines.iter().any(|l| pred(l)) {
                 return true;
             }
             if t0.elapsed() > timeout {
                 return false;
             }
-            if let Ok(n) = self.sock.recv(&mut buf) {
-                let text = String::from_utf8_lossy(&buf[..n]).to_string();
-                self.lines.extend(text.lines().map(str::to_string));
-            }
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 }
