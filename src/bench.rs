@@ -196,6 +196,13 @@ pub struct ModelReport {
     /// Loss of the first and of the last step (a cross-check with PyTorch).
     pub loss_first: f64,
     pub loss_last: f64,
+    /// CPU time (user + system, all threads) per timed step: less sensitive
+    /// than wall time to other load on the machine.
+    #[serde(default)]
+    pub cpu_ms_per_step: f64,
+    /// Minor page faults per timed step (allocator churn shows here).
+    #[serde(default)]
+    pub page_faults_per_step: f64,
 }
 
 /// The whole benchmark's result (`--json`).
@@ -442,6 +449,20 @@ fn ms(d: std::time::Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
+/// CPU time (ms, user + system) and minor page faults of this process so far.
+fn usage() -> (f64, f64) {
+    #[cfg(unix)]
+    {
+        // SAFETY: getrusage only writes into the zero-initialised struct we own.
+        let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+        if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) } == 0 {
+            let t = |tv: libc::timeval| tv.tv_sec as f64 * 1e3 + tv.tv_usec as f64 / 1e3;
+            return (t(ru.ru_utime) + t(ru.ru_stime), ru.ru_minflt as f64);
+        }
+    }
+    (0.0, 0.0)
+}
+
 /// Trains one model in this process and measures it.
 fn run_one(model: BenchModel, args: &BenchArgs) -> Result<ModelReport, BenchError> {
     let t_start = process_start_ns();
@@ -461,7 +482,11 @@ fn run_one(model: BenchModel, args: &BenchArgs) -> Result<ModelReport, BenchErro
     let mut first_step_self_ms = 0.0;
     let mut losses = Vec::with_capacity(warmup + steps);
     let mut timed = std::time::Duration::ZERO;
+    let mut usage_start = usage();
     for (i, chunk) in s.order.chunks(s.batch_size).enumerate() {
+        if i == warmup {
+            usage_start = usage();
+        }
         let t0 = Instant::now();
         let batch = batcher.batch(chunk)?;
         device.synchronize()?;
@@ -496,6 +521,7 @@ fn run_one(model: BenchModel, args: &BenchArgs) -> Result<ModelReport, BenchErro
             timed += t4 - t0;
         }
     }
+    let usage_end = usage();
     let n = steps as f64;
     let secs = timed.as_secs_f64().max(1e-9);
     Ok(ModelReport {
@@ -518,6 +544,8 @@ fn run_one(model: BenchModel, args: &BenchArgs) -> Result<ModelReport, BenchErro
         first_step_self_ms,
         loss_first: losses.first().copied().unwrap_or(f64::NAN),
         loss_last: losses.last().copied().unwrap_or(f64::NAN),
+        cpu_ms_per_step: (usage_end.0 - usage_start.0) / n,
+        page_faults_per_step: (usage_end.1 - usage_start.1) / n,
     })
 }
 
@@ -687,7 +715,7 @@ fn run(args: &BenchArgs) -> Result<(), BenchError> {
         models.push(r);
     }
     let report = BenchReport {
-        allocator: crate::ALLOCATOR.to_string(),
+        allocator: crate::allocator::name().to_string(),
         version: env!("CARGO_PKG_VERSION").to_string(),
         models,
     };

@@ -19,10 +19,8 @@ use edge_trainer::engine::run::{new_run_id, CancelFlag, Outcome, RunEvent, WarmS
 use edge_trainer::engine::trainer;
 use edge_trainer::report;
 
+mod allocator;
 mod bench;
-
-/// The memory allocator this binary ships with (reported by `bench`).
-pub(crate) const ALLOCATOR: &str = "glibc malloc (default settings)";
 
 /// Exit code of a run that failed.
 const EXIT_FAILED: u8 = 1;
@@ -145,6 +143,7 @@ fn load_settings(args: &ConfigArgs) -> Result<Settings, ExitCode> {
 }
 
 fn main() -> ExitCode {
+    allocator::init();
     let cli = Cli::parse();
     init_logging();
     match cli.command {

@@ -12,6 +12,7 @@ pub mod elementwise;
 pub mod gemm;
 pub mod linear;
 pub mod pool;
+pub mod text;
 
 pub use conv::{conv1d, conv2d};
 

@@ -30,6 +30,7 @@ use serde::{Deserialize, Serialize};
 use super::layers::{linear, Dense};
 use super::pool::max_first;
 use super::{Classifier, ForwardCtx};
+use crate::engine::kernels;
 
 /// Sizes of a TextCNN.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -137,6 +138,19 @@ impl TextCnn {
 
 impl Classifier for TextCnn {
     fn forward(&self, x: &Tensor, ctx: &mut ForwardCtx) -> candle_core::Result<Tensor> {
+        if kernels::on_cpu_f32(&[&self.embedding]) {
+            // On the CPU: the embedding gather and, per filter width, one fused
+            // convolution + ReLU + max-over-time kernel (same values and gradients).
+            let emb = kernels::text::embedding(&self.embedding, x, Some(self.spec.pad_index))?;
+            let pooled = self
+                .convs
+                .iter()
+                .map(|c| kernels::text::conv_relu_max_over_time(&emb, &c.weight, &c.bias))
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            let x = Tensor::cat(&pooled, 1)?;
+            let x = ctx.dropout(&x, self.spec.dropout)?;
+            return self.fc.forward(&x);
+        }
         let (b, l) = x.dims2()?;
         let e = self.spec.embed_dim;
         let ids = x.to_dtype(DType::U32)?.flatten_all()?;
