@@ -223,7 +223,7 @@ fn parse_overrides(obj: &Map<String, Value>) -> Result<Vec<Override>, String> {
             && !FORBIDDEN_KEYS.contains(&key.as_str());
         if !allowed {
             return Err(format!(
-                "`{key}` cannot be changed by a command (allowed: train.*, model.* except model.init, {})",
+                "`{key}` cannot be overridden remotely: a command may change train.*, model.* except model.init, {}; files, folders, the broker and the device come from the config file only",
                 ALLOWED_KEYS.join(", ")
             ));
         }
@@ -380,11 +380,11 @@ mod tests {
             (br#"{"overrides": {"train.lr": null}}"#, "null"),
             (
                 br#"{"overrides": {"output.dir": "/tmp"}}"#,
-                "cannot be changed",
+                "cannot be overridden remotely",
             ),
             (
                 br#"{"overrides": {"model.init": "/etc/passwd"}}"#,
-                "cannot be changed",
+                "cannot be overridden remotely",
             ),
         ] {
             let r = parse("train", payload, false, validate_with_base).unwrap_err();

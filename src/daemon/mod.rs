@@ -88,6 +88,10 @@ pub fn default_device_id() -> String {
 pub fn run(config: &Path, overrides: Vec<Override>) -> Result<(), DaemonError> {
     let (base, settings) = commands::ConfigBase::load(config, overrides)
         .map_err(|e| DaemonError::Config(e.to_string()))?;
+    // Secrets other users can read are refused before anything connects.
+    settings
+        .check_secret_files()
+        .map_err(|e| DaemonError::Config(e.to_string()))?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("edge-trainer-rt")
