@@ -75,9 +75,16 @@ impl BatchNorm {
         let mut bshape = vec![1usize; rank];
         bshape[1] = self.channels;
         let reduce: Vec<usize> = (0..rank).filter(|&d| d != 1).collect();
-        let weight = self.weight.reshape(bshape.as_slice())?;
-        let bias = self.bias.reshape(bshape.as_slice())?;
-        let normalised = if ctx.train && !ctx.is_frozen(&self.weight_name) {
+        // A frozen layer computes no gradient for its own parameters.
+        let frozen = ctx.train && ctx.is_frozen(&self.weight_name);
+        let (weight, bias) = if frozen {
+            (self.weight.detach(), self.bias.detach())
+        } else {
+            (self.weight.clone(), self.bias.clone())
+        };
+        let weight = weight.reshape(bshape.as_slice())?;
+        let bias = bias.reshape(bshape.as_slice())?;
+        let normalised = if ctx.train && !frozen {
             let n = x.elem_count() / self.channels;
             let mean = x.mean_keepdim(reduce.as_slice())?;
             let centred = x.broadcast_sub(&mean)?;

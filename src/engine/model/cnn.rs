@@ -139,6 +139,8 @@ struct Conv {
     stride: usize,
     padding: usize,
     dims: usize,
+    /// Full names of the weight and bias, to ask whether they are frozen.
+    names: [String; 2],
 }
 
 impl Conv {
@@ -164,24 +166,47 @@ impl Conv {
         } else {
             Some(vb.get_with_hints(block.out_channels, "bias", init)?)
         };
+        let prefix = vb.prefix();
         Ok(Self {
             weight,
             bias,
             stride: block.stride,
             padding: block.padding,
             dims,
+            names: [format!("{prefix}.weight"), format!("{prefix}.bias")],
         })
     }
 
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+    /// The weight and bias to compute with: detached where frozen in training,
+    /// so no gradient is computed for them (nor, when a whole feature
+    /// extractor is frozen, through it at all).
+    fn live(&self, ctx: &ForwardCtx) -> (Tensor, Option<Tensor>) {
+        let frozen = |n: &str| ctx.train && ctx.is_frozen(n);
+        let w = if frozen(&self.names[0]) {
+            self.weight.detach()
+        } else {
+            self.weight.clone()
+        };
+        let b = self.bias.as_ref().map(|b| {
+            if frozen(&self.names[1]) {
+                b.detach()
+            } else {
+                b.clone()
+            }
+        });
+        (w, b)
+    }
+
+    fn forward(&self, x: &Tensor, ctx: &ForwardCtx) -> candle_core::Result<Tensor> {
+        let (weight, bias) = self.live(ctx);
         // On the CPU: our im2col + gemm kernels (any stride and padding, exact
         // gradients, none for the data, the bias fused in).
-        if kernels::on_cpu_f32(&[x, &self.weight]) {
-            let b = self.bias.as_ref();
+        if kernels::on_cpu_f32(&[x, &weight]) {
+            let b = bias.as_ref();
             return if self.dims == 2 {
-                kernels::conv2d(x, &self.weight, b, self.stride, self.padding)
+                kernels::conv2d(x, &weight, b, self.stride, self.padding)
             } else {
-                kernels::conv1d(x, &self.weight, b, self.stride, self.padding)
+                kernels::conv1d(x, &weight, b, self.stride, self.padding)
             };
         }
         // Elsewhere everything goes through conv2d (a signal is a 1-pixel-high image) with
@@ -190,11 +215,11 @@ impl Conv {
         // the first spatial dim alone, and its strided conv1d kernel gradient is
         // wrong; with these shapes no output padding is ever needed.
         let (s, p) = (self.stride, self.padding);
-        let k = self.weight.dim(2)?;
+        let k = weight.dim(2)?;
         let (mut x, w) = if self.dims == 1 {
-            (x.unsqueeze(2)?, self.weight.unsqueeze(2)?)
+            (x.unsqueeze(2)?, weight.unsqueeze(2)?)
         } else {
-            (x.clone(), self.weight.clone())
+            (x.clone(), weight.clone())
         };
         let first = if self.dims == 1 { 3 } else { 2 };
         for d in first..4 {
@@ -209,7 +234,7 @@ impl Conv {
         }
         let y = x.conv2d(&w, 0, s, 1, 1)?;
         let y = if self.dims == 1 { y.squeeze(2)? } else { y };
-        match &self.bias {
+        match &bias {
             None => Ok(y),
             Some(b) => {
                 let mut shape = vec![1usize; y.rank()];
@@ -311,7 +336,7 @@ impl Classifier for ConvNet {
         let mut x = x.reshape(shape.as_slice())?;
         let two_d = self.spec.input_size.len() == 2;
         for block in &self.blocks {
-            x = block.conv.forward(&x)?;
+            x = block.conv.forward(&x, ctx)?;
             if let Some(bn) = &block.bn {
                 x = bn.forward(&x, ctx)?;
             }
@@ -469,6 +494,29 @@ mod tests {
         let x = Tensor::ones((3, 12), DType::F32, &Device::Cpu).unwrap();
         let y = m.forward(&x, &mut ForwardCtx::train(1)).unwrap();
         assert_eq!(y.dims(), &[3, 2]);
+    }
+
+    #[test]
+    fn frozen_features_compute_no_gradient() {
+        let spec = CnnSpec {
+            in_channels: 1,
+            input_size: vec![6, 6],
+            blocks: vec![block(3, true, 2), block(4, false, 1)],
+            num_classes: 2,
+            activation: Activation::Relu,
+            dropout: 0.0,
+            flatten: false,
+            hidden: Vec::new(),
+        };
+        let m = Model::new(ModelSpec::Cnn(spec), 1, &Device::Cpu).unwrap();
+        let x = Tensor::randn(0f32, 1., (4, 1, 6, 6), &Device::Cpu).unwrap();
+        let mut ctx = ForwardCtx::train(0).with_frozen(vec!["features.*".into()]);
+        let y = m.forward(&x, &mut ctx).unwrap();
+        let grads = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+        for (name, var) in m.params.trainable() {
+            let g = grads.get(var.as_tensor());
+            assert_eq!(g.is_some(), name.starts_with("head."), "{name}");
+        }
     }
 
     #[test]
