@@ -127,3 +127,35 @@ fn a_file_still_being_written_is_not_taken_early() {
     assert_eq!(m.event(), "data_accepted", "{}", m.json);
     assert_eq!(m.json["samples"], 449);
 }
+
+#[test]
+fn files_that_arrive_while_the_daemon_is_down_are_new_after_a_restart() {
+    let Some(mut h) = Harness::start("[retrain]\non_start = true\n", &["digits-3.safetensors"])
+    else {
+        return;
+    };
+    h.wait_event("model_promoted", None, LONG);
+    h.daemon.sigterm();
+    assert!(h.daemon.wait_exit(SHORT).is_some_and(|s| s.success()));
+
+    std::fs::copy(
+        root().join("examples/digits/digits-3.safetensors"),
+        h.env.data.join("while-down.safetensors"),
+    )
+    .unwrap();
+    let mark = h.dash.seen.len();
+    h.daemon = Daemon::start(&h.env, &[]);
+    let (_, m) = h.wait_from(mark, "data_accepted after the restart", SHORT, |m| {
+        m.event().starts_with("data_")
+    });
+    assert_eq!(m.event(), "data_accepted", "{}", m.json);
+    assert_eq!(m.json["file"], "while-down.safetensors");
+    // The files that were there at the last run are not announced again.
+    assert_eq!(
+        h.dash.seen[mark..]
+            .iter()
+            .filter(|m| m.event().starts_with("data_"))
+            .count(),
+        1
+    );
+}

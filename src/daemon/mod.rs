@@ -19,6 +19,7 @@ pub mod commands;
 pub mod mqtt;
 pub mod outbox;
 pub mod publisher;
+pub mod recovery;
 pub mod scheduler;
 pub mod shutdown;
 pub mod systemd;
@@ -145,10 +146,18 @@ pub async fn serve(
     let spec = settings.data_spec();
     let (existing, reference) = {
         let (spec, current) = (spec.clone(), current.clone());
+        let runs = settings.runs_dir();
         tokio::task::spawn_blocking(move || {
             let files = data::list_files(&spec).unwrap_or_default();
             let reference = watcher::Reference::discover(&spec, &current, &files);
-            (files, reference)
+            let (old, new) = watcher::split_existing(files, watcher::last_run_start(&runs));
+            if !new.is_empty() {
+                tracing::info!(
+                    files = new.len(),
+                    "data files arrived since the last run; checking them"
+                );
+            }
+            (old, reference)
         })
         .await
         .map_err(|e| DaemonError::Io(format!("cannot scan data.dir: {e}")))?

@@ -4,7 +4,7 @@
 //! `metrics` and `events` messages, promotes the run's best model, keeps the
 //! `status` current, and answers commands.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, VecDeque};
 use std::path::PathBuf;
 use std::sync::mpsc as std_mpsc;
 use std::thread::JoinHandle;
@@ -19,6 +19,7 @@ use super::commands::{self, Command, ConfigBase};
 use super::mqtt::RawCommand;
 use super::outbox::Kind;
 use super::publisher::Publisher;
+use super::recovery::{self, Interrupted};
 use super::systemd::Activity;
 use crate::config::{Override, Settings, WarmStartFrom};
 use crate::engine::promote::{self, PromoteRequest, Promotion, CURRENT_FILE};
@@ -83,6 +84,8 @@ pub struct Scheduler {
     run_tx: mpsc::UnboundedSender<(String, RunMsg)>,
     run_rx: mpsc::UnboundedReceiver<(String, RunMsg)>,
     shutting_down: bool,
+    /// Interrupted runs found at start, continued one after the other.
+    resumes: VecDeque<Interrupted>,
 }
 
 impl Scheduler {
@@ -107,6 +110,7 @@ impl Scheduler {
             run_tx,
             run_rx,
             shutting_down: false,
+            resumes: VecDeque::new(),
         }
     }
 
@@ -117,6 +121,17 @@ impl Scheduler {
     /// Runs until `shutdown` fires, then cancels the run, waits for it to end,
     /// and publishes the final events and the `offline` status.
     pub async fn run(mut self, mut inputs: Inputs, shutdown: CancellationToken) {
+        // What a crash or shutdown left behind: temporary files, runs to continue.
+        let out = self.settings.output.dir.clone();
+        let runs = self.settings.runs_dir();
+        let found = tokio::task::spawn_blocking(move || {
+            recovery::clean_stale_temps(&out);
+            recovery::find_interrupted(&runs)
+        })
+        .await
+        .unwrap_or_default();
+        self.resumes.extend(found);
+        self.next_resume();
         if self.settings.retrain.on_start {
             self.request("on_start", Vec::new(), None);
         }
@@ -301,6 +316,66 @@ impl Scheduler {
                 return;
             }
         };
+        self.launch(settings, req, triggers, q.request_ids);
+    }
+
+    /// Starts the next interrupted run found at start, if any; whether one started.
+    fn next_resume(&mut self) -> bool {
+        while let Some(r) = self.resumes.pop_front() {
+            let prepared = r.settings(&self.settings).and_then(|s| {
+                let warm = self.warm_start(&s);
+                s.run_request(r.run_id.clone(), self.device.clone(), warm)
+                    .map(|mut req| {
+                        req.resume = true;
+                        (s, req)
+                    })
+                    .map_err(|e| e.to_string())
+            });
+            let (settings, req) = match prepared {
+                Ok(x) => x,
+                Err(reason) => {
+                    tracing::error!(run_id = %r.run_id, %reason, "cannot resume the run");
+                    recovery::forget(&r.run_dir);
+                    self.publisher.event(
+                        Kind::Lifecycle,
+                        "run_failed",
+                        json!({"run_id": r.run_id, "outcome": "failed", "reason": format!("cannot resume: {reason}"), "triggers": ["resume"]}),
+                    );
+                    continue;
+                }
+            };
+            let (step, epoch) = match &r.meta {
+                Ok(m) => (m.step, m.next_epoch),
+                Err(_) => (0, 0),
+            };
+            tracing::info!(run_id = %r.run_id, step, cause = r.cause, "resuming the run");
+            self.publisher.event(
+                Kind::Lifecycle,
+                "run_resumed",
+                json!({
+                    "run_id": r.run_id,
+                    "step": step,
+                    "epoch": epoch,
+                    "cause": r.cause,
+                    "run_dir": r.run_dir,
+                }),
+            );
+            if self.launch(settings, req, vec!["resume".to_string()], Vec::new()) {
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Starts a prepared run on its own thread; whether it started.
+    fn launch(
+        &mut self,
+        settings: Settings,
+        req: RunRequest,
+        triggers: Vec<String>,
+        request_ids: Vec<Value>,
+    ) -> bool {
+        let run_id = req.run_id.clone();
         self.new_samples = 0;
         let max_epochs = req.train.max_epochs;
         let cancel = CancelFlag::new();
@@ -313,7 +388,7 @@ impl Scheduler {
                     "run_failed",
                     json!({"run_id": run_id, "outcome": "failed", "reason": format!("cannot start the training thread: {e}")}),
                 );
-                return;
+                return false;
             }
         };
         tracing::info!(%run_id, triggers = ?triggers, "run starting");
@@ -322,7 +397,7 @@ impl Scheduler {
             cancel,
             thread: Some(thread),
             triggers,
-            request_ids: q.request_ids,
+            request_ids,
             stopped_by: None,
             stop_request_id: None,
             max_epochs,
@@ -338,6 +413,7 @@ impl Scheduler {
             epoch: 0,
             max_epochs,
         });
+        true
     }
 
     fn on_run_msg(&mut self, id: &str, msg: RunMsg) {
@@ -383,6 +459,10 @@ impl Scheduler {
             }
             RunMsg::Event(RunEvent::Ended(summary)) => {
                 run.ended = true;
+                if summary.outcome == Outcome::Cancelled && run.stopped_by == Some("cmd/stop") {
+                    // Stopped on purpose: a restart must not continue it.
+                    recovery::forget(&self.settings.runs_dir().join(&run.run_id));
+                }
                 let (name, fields) = ended_event(&summary, run);
                 tracing::info!(run_id = %summary.run_id, outcome = ?summary.outcome, reason = %summary.reason, "run ended");
                 p.event(Kind::Lifecycle, name, fields);
@@ -452,6 +532,9 @@ impl Scheduler {
             }
         }
         if self.shutting_down {
+            return;
+        }
+        if self.next_resume() {
             return;
         }
         if let Some(q) = self.queued.take() {

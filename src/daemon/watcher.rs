@@ -67,6 +67,57 @@ impl Reference {
     }
 }
 
+/// When the newest run under `runs_dir` started: the `started` time in its
+/// `summary.json`, else the second in its run id (`20261126T073300Z-3fa2`)
+/// rounded up. `None` before the first run.
+pub fn last_run_start(runs_dir: &Path) -> Option<SystemTime> {
+    let (stamp, name) = std::fs::read_dir(runs_dir)
+        .ok()?
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().map(str::to_string))
+        .filter_map(|name| {
+            let stamp =
+                chrono::NaiveDateTime::parse_from_str(name.split('-').next()?, "%Y%m%dT%H%M%SZ")
+                    .ok()?;
+            Some((stamp, name))
+        })
+        .max()?;
+    let from_summary = std::fs::read(runs_dir.join(&name).join("summary.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .and_then(|v| {
+            v["started"]
+                .as_str()
+                .and_then(|s| chrono::DateTime::parse_from_rfc3339(s).ok())
+        })
+        .and_then(|t| u64::try_from(t.timestamp_millis()).ok())
+        .map(Duration::from_millis);
+    let from_id = || {
+        u64::try_from(stamp.and_utc().timestamp())
+            .ok()
+            .map(|s| Duration::from_secs(s + 1))
+    };
+    Some(SystemTime::UNIX_EPOCH + from_summary.or_else(from_id)?)
+}
+
+/// Splits the data folder's files into those already there at the last run
+/// (not new) and those that arrived since (new: validated and counted). Before
+/// the first run every file counts as already there.
+pub fn split_existing(
+    files: Vec<PathBuf>,
+    last_run: Option<SystemTime>,
+) -> (Vec<PathBuf>, Vec<PathBuf>) {
+    let Some(cutoff) = last_run else {
+        return (files, Vec::new());
+    };
+    files.into_iter().partition(|f| {
+        std::fs::metadata(f)
+            .and_then(|m| m.modified())
+            .map(|t| t <= cutoff)
+            .unwrap_or(true)
+    })
+}
+
 /// Checks one new file; returns its number of samples, or why it is rejected.
 pub fn validate_file(path: &Path, spec: &DataSpec, reference: &Reference) -> Result<usize, String> {
     let samples = data::read_file(path, spec)?;
@@ -179,7 +230,8 @@ impl Watcher {
             }
         };
         let mut next_rescan = Instant::now() + self.rescan;
-        let mut dirty = false;
+        // Look at once: files that arrived while the daemon was down are new.
+        let mut dirty = true;
         loop {
             let now = Instant::now();
             let wake = if dirty || !self.pending.is_empty() {
@@ -351,6 +403,46 @@ fn stat(path: &Path) -> (u64, Option<SystemTime>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn files_newer_than_the_last_run_are_new() {
+        let dir = tempfile::tempdir().unwrap();
+        let runs = dir.path().join("runs");
+        assert_eq!(last_run_start(&runs), None);
+        for id in ["20200101T000000Z-aaaa", "20200102T030405Z-bbbb", "notes"] {
+            std::fs::create_dir_all(runs.join(id)).unwrap();
+        }
+        let t = last_run_start(&runs).unwrap();
+        let want = chrono::NaiveDate::from_ymd_opt(2020, 1, 2)
+            .unwrap()
+            .and_hms_opt(3, 4, 5)
+            .unwrap()
+            .and_utc()
+            .timestamp();
+        assert_eq!(
+            t.duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs() as i64,
+            want + 1
+        );
+        std::fs::write(
+            runs.join("20200102T030405Z-bbbb/summary.json"),
+            r#"{"started": "2020-01-02T03:04:05.250Z"}"#,
+        )
+        .unwrap();
+        let precise = last_run_start(&runs).unwrap();
+        assert_eq!(
+            precise
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .unwrap()
+                .as_millis() as i64,
+            want * 1000 + 250
+        );
+        let f = dir.path().join("a.csv");
+        std::fs::write(&f, "x").unwrap();
+        let (old, new) = split_existing(vec![f.clone()], Some(t));
+        assert!(old.is_empty() && new == vec![f.clone()]);
+        let (old, new) = split_existing(vec![f.clone()], None);
+        assert!(old == vec![f] && new.is_empty());
+    }
 
     #[test]
     fn quarantine_moves_and_explains_without_clobbering() {
