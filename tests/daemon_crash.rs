@@ -270,3 +270,60 @@ fn sigkill_at_random_moments_loses_nothing_and_the_run_finishes() {
         steps.len()
     );
 }
+
+/// A run cancelled by a shutdown (SIGTERM) is continued after the restart; a run
+/// stopped with `cmd/stop` is not (its resume state is gone).
+#[test]
+fn sigterm_run_is_resumed_but_cmd_stop_run_is_not() {
+    let Some(mut h) = Harness::start(CRASH, &[]) else {
+        return;
+    };
+    let events = h.dash.topic("events");
+    let run_id = h.train("crash", TRAIN);
+    h.wait_event("checkpoint_saved", Some(&run_id), LONG);
+    h.daemon.sigterm();
+    assert!(h.daemon.wait_exit(LONG).is_some_and(|s| s.success()));
+    assert_eq!(h.env.summary(&run_id)["outcome"], "cancelled");
+    assert!(h.env.run_dir(&run_id).join("resume.safetensors").is_file());
+
+    let from = h.dash.seen.len();
+    h.daemon = Daemon::start(&h.env, &[]);
+    let (_, resumed) = h.wait_from(from, "run_resumed after SIGTERM", LONG, |m| {
+        m.topic == events && m.event() == "run_resumed"
+    });
+    assert_eq!(resumed.run_id(), run_id);
+    assert_eq!(resumed.json["cause"], "shutdown");
+    assert!(resumed.json["step"].as_u64().unwrap() > 0);
+    h.wait_from(from, "the resumed run_started", LONG, |m| {
+        m.topic == events && m.event() == "run_started" && m.run_id() == run_id
+    });
+
+    h.dash.send("stop", r#"{"request_id": "halt"}"#);
+    let (i, _) = h.wait_from(from, "run_cancelled by cmd/stop", LONG, |m| {
+        m.topic == events
+            && m.event() == "run_cancelled"
+            && m.run_id() == run_id
+            && m.json["stopped_by"] == "cmd/stop"
+    });
+    h.wait_from(i, "idle", LONG, |m| {
+        m.topic.ends_with("/status") && m.json["state"] == "idle"
+    });
+    assert!(!h.env.run_dir(&run_id).join("resume.safetensors").exists());
+    h.daemon.sigterm();
+    assert!(h.daemon.wait_exit(LONG).is_some_and(|s| s.success()));
+    let status = h.dash.topic("status");
+    h.wait_from(i, "offline", LONG, |m| {
+        m.topic == status && m.json["state"] == "offline"
+    });
+
+    let from = h.dash.seen.len();
+    h.daemon = Daemon::start(&h.env, &[]);
+    wait_commandable(&mut h, from);
+    h.dash.pump_now();
+    assert!(
+        !h.dash.seen[from..]
+            .iter()
+            .any(|m| m.event() == "run_resumed" || m.event() == "run_started"),
+        "a run stopped with cmd/stop was continued"
+    );
+}
