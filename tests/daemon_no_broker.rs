@@ -17,6 +17,10 @@ fn trains_without_a_broker_and_delivers_everything_once_one_appears() {
     let mut broker = Mosquitto::start(&bin, &env.dir.path().join("broker"), port);
     let mut dash = Dashboard::connect(port, &env.base_topic(), Some(&session));
     broker.stop();
+    assert!(
+        broker.saved_sessions(),
+        "mosquitto must keep the dashboard's session"
+    );
 
     let sock_dir = tempfile::tempdir().unwrap();
     let mut notify = NotifySocket::bind(sock_dir.path());

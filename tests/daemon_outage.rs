@@ -35,6 +35,10 @@ fn broker_outage_mid_run_loses_no_metrics() {
 
     let broker = h.broker.as_mut().unwrap();
     broker.stop();
+    assert!(
+        broker.saved_sessions(),
+        "mosquitto must keep the dashboard's session"
+    );
     let before = h.env.metrics_lines(&run_id).len();
     // Training goes on without the broker.
     let went_on = eventually(LONG, || {

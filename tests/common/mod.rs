@@ -86,6 +86,7 @@ impl Mosquitto {
             &conf,
             format!(
                 "listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {}/\n\
+                 user root\n\
                  max_queued_messages 100000\nlog_dest file {}/mosquitto.log\n",
                 dir.display(),
                 dir.display()
@@ -132,6 +133,11 @@ impl Mosquitto {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+
+    /// Whether the broker saved its sessions to disk.
+    pub fn saved_sessions(&self) -> bool {
+        self.dir.join("mosquitto.db").is_file()
     }
 
     /// Starts it again on the same port with the saved sessions.
@@ -192,8 +198,13 @@ impl Dashboard {
             .map(str::to_string)
             .unwrap_or_else(|| format!("dash-{}", rand::random::<u32>()));
         let mut o = MqttOptions::new(id, "127.0.0.1", port);
-        o.set_keep_alive(Duration::from_secs(5));
         o.set_clean_session(session.is_none());
+        Self::connect_with(o, base)
+    }
+
+    /// Connects with the given options (TLS, credentials) and subscribes.
+    pub fn connect_with(mut o: MqttOptions, base: &str) -> Self {
+        o.set_keep_alive(Duration::from_secs(5));
         o.set_max_packet_size(4 * 1024 * 1024, 4 * 1024 * 1024);
         let (client, mut conn) = Client::new(o, 64);
         let (tx, rx) = mpsc::channel();
@@ -201,6 +212,7 @@ impl Dashboard {
         let filter = format!("{base}/#");
         let c2 = client.clone();
         std::thread::spawn(move || {
+            let mut errors: u64 = 0;
             for ev in conn.iter() {
                 match ev {
                     Ok(Event::Incoming(Packet::ConnAck(_))) => {
@@ -222,7 +234,13 @@ impl Dashboard {
                         }
                     }
                     Ok(_) => {}
-                    Err(_) => std::thread::sleep(Duration::from_millis(100)),
+                    Err(e) => {
+                        errors += 1;
+                        if errors.is_power_of_two() {
+                            eprintln!("dashboard connection error #{errors}: {e}");
+                        }
+                        std::thread::sleep(Duration::from_millis(100))
+                    }
                 }
             }
         });
