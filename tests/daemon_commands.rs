@@ -52,7 +52,7 @@ fn malformed_commands_are_rejected_and_the_daemon_keeps_answering() {
             "train",
             r#"{"request_id": "t6", "overrides": {"output.dir": "/etc"}}"#.into(),
             Some("t6"),
-            "cannot be changed",
+            "cannot be overridden remotely",
         ),
         (
             "train",
