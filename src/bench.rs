@@ -715,7 +715,7 @@ fn run(args: &BenchArgs) -> Result<(), BenchError> {
         models.push(r);
     }
     let report = BenchReport {
-        allocator: crate::allocator::name().to_string(),
+        allocator: crate::runtime::allocator_name().to_string(),
         version: env!("CARGO_PKG_VERSION").to_string(),
         models,
     };

@@ -19,7 +19,7 @@ use edge_trainer::engine::run::{new_run_id, CancelFlag, Outcome, RunEvent, WarmS
 use edge_trainer::engine::trainer;
 use edge_trainer::report;
 
-mod allocator;
+mod runtime;
 mod bench;
 
 /// Exit code of a run that failed.
@@ -143,7 +143,7 @@ fn load_settings(args: &ConfigArgs) -> Result<Settings, ExitCode> {
 }
 
 fn main() -> ExitCode {
-    allocator::init();
+    runtime::init();
     let cli = Cli::parse();
     init_logging();
     match cli.command {

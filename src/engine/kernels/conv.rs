@@ -366,7 +366,7 @@ impl CustomOp2 for ConvOp {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let (dx, dw, _) = self.grads(x, w, grad)?;
-        Ok((dx, Some(dw)))
+        Ok((dx, w.track_op().then_some(dw)))
     }
 }
 
@@ -395,12 +395,13 @@ impl CustomOp3 for ConvOp {
         &self,
         x: &Tensor,
         w: &Tensor,
-        _b: &Tensor,
+        b: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        // Frozen (detached) weights get no gradient.
         let (dx, dw, db) = self.grads(x, w, grad)?;
-        Ok((dx, Some(dw), Some(db)))
+        Ok((dx, w.track_op().then_some(dw), b.track_op().then_some(db)))
     }
 }
 

@@ -66,17 +66,29 @@ pub trait Update: Sync {
     const NAME: &'static str;
     /// Updates one element.
     fn apply<T: Real>(&self, dst: T, a: T, b: T) -> T;
+    /// Updates a run of elements. Implementations pick a branch-free loop for
+    /// their settings (so that it vectorises); the default applies
+    /// [`Update::apply`] element by element.
+    fn run<T: Real>(&self, dst: &mut [T], a: &[T], b: &[T]) {
+        zip3(dst, a, b, |d, a, b| self.apply(d, a, b));
+    }
+}
+
+/// `dst[i] = f(dst[i], a[i], b[i])` over equal-length slices.
+#[inline(always)]
+fn zip3<T: Real, F: Fn(T, T, T) -> T>(dst: &mut [T], a: &[T], b: &[T], f: F) {
+    let n = dst.len().min(a.len()).min(b.len());
+    let (dst, a, b) = (&mut dst[..n], &a[..n], &b[..n]);
+    for i in 0..n {
+        dst[i] = f(dst[i], a[i], b[i]);
+    }
 }
 
 /// Below this many elements an update runs on one thread.
 const PARALLEL_MIN: usize = 1 << 15;
 
 fn run<U: Update, T: Real>(u: &U, dst: &mut [T], a: &[T], b: &[T]) {
-    let body = |(d, (a, b)): (&mut [T], (&[T], &[T]))| {
-        for ((d, &a), &b) in d.iter_mut().zip(a).zip(b) {
-            *d = u.apply(*d, a, b);
-        }
-    };
+    let body = |(d, (a, b)): (&mut [T], (&[T], &[T]))| u.run(d, a, b);
     if dst.len() >= PARALLEL_MIN {
         let chunk = dst.len().div_ceil(rayon::current_num_threads().max(1) * 4);
         dst.par_chunks_mut(chunk)
@@ -171,6 +183,25 @@ impl Update for AdamExpAvg {
             g - (diff * T::from_f64(1.0 - self.weight) + T::zero())
         }
     }
+
+    fn run<T: Real>(&self, m: &mut [T], g: &[T], p: &[T]) {
+        let z = T::zero();
+        let l2 = T::from_f64(self.l2);
+        let near = self.weight.abs() < 0.5;
+        let w = T::from_f64(if near { self.weight } else { 1.0 - self.weight });
+        match (self.l2 != 0.0, near) {
+            (false, true) => zip3(m, g, p, |m, g, _| m + ((g - m) * w + z)),
+            (false, false) => zip3(m, g, p, |m, g, _| g - ((g - m) * w + z)),
+            (true, true) => zip3(m, g, p, |m, g, p| {
+                let g = g + (p * l2 + z);
+                m + ((g - m) * w + z)
+            }),
+            (true, false) => zip3(m, g, p, |m, g, p| {
+                let g = g + (p * l2 + z);
+                g - ((g - m) * w + z)
+            }),
+        }
+    }
 }
 
 /// Adam's second moment: `v = beta2 * v + (1 - beta2) * g'^2`.
@@ -188,6 +219,23 @@ impl Update for AdamExpAvgSq {
         let g = decayed(g, p, self.l2);
         (v * T::from_f64(self.beta2) + T::zero())
             + ((g * g) * T::from_f64(1.0 - self.beta2) + T::zero())
+    }
+
+    fn run<T: Real>(&self, v: &mut [T], g: &[T], p: &[T]) {
+        let (z, b2, c2) = (
+            T::zero(),
+            T::from_f64(self.beta2),
+            T::from_f64(1.0 - self.beta2),
+        );
+        if self.l2 != 0.0 {
+            let l2 = T::from_f64(self.l2);
+            zip3(v, g, p, |v, g, p| {
+                let g = g + (p * l2 + z);
+                (v * b2 + z) + ((g * g) * c2 + z)
+            });
+        } else {
+            zip3(v, g, p, |v, g, _| (v * b2 + z) + ((g * g) * c2 + z));
+        }
     }
 }
 
@@ -230,6 +278,26 @@ impl Update for AdamParam {
             None => p,
         };
         base + update
+    }
+
+    fn run<T: Real>(&self, p: &mut [T], m: &[T], v: &[T]) {
+        let (z, inv, eps, step) = (
+            T::zero(),
+            T::from_f64(self.inv_bc2_sqrt),
+            T::from_f64(self.eps),
+            T::from_f64(-self.step_size),
+        );
+        match self.decay {
+            Some(d) => {
+                let d = T::from_f64(d);
+                zip3(p, m, v, |p, m, v| {
+                    (p * d + z) + ((m * step + z) / (v.sqrt() * inv + eps))
+                });
+            }
+            None => zip3(p, m, v, |p, m, v| {
+                p + ((m * step + z) / (v.sqrt() * inv + eps))
+            }),
+        }
     }
 }
 

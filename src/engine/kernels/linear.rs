@@ -89,11 +89,13 @@ impl CustomOp3 for LinearOp {
         &self,
         x: &Tensor,
         w: &Tensor,
-        _b: &Tensor,
+        b: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (bsz, inp, out) = (self.batch, self.input, self.output);
+        // Frozen (detached) parameters and data get no gradient.
+        let (need_dw, need_db) = (w.track_op(), b.track_op());
         let grad = grad.contiguous()?;
         let need_dx = x.track_op();
         let (dx, dw, db) = {
@@ -121,35 +123,42 @@ impl CustomOp3 for LinearOp {
             } else {
                 None
             };
-            let mut dw = vec![0f32; out * inp];
-            matmul(
-                (out, inp, bsz),
-                &mut dw,
-                Strides::rows(inp),
-                gv,
-                Strides::transposed(out),
-                xv,
-                Strides::rows(inp),
-                false,
-                par,
-            )?;
-            let mut db = vec![0f32; out];
-            for row in gv.chunks(out) {
-                for (a, g) in db.iter_mut().zip(row) {
-                    *a += g;
+            let dw = if need_dw {
+                let mut dw = vec![0f32; out * inp];
+                matmul(
+                    (out, inp, bsz),
+                    &mut dw,
+                    Strides::rows(inp),
+                    gv,
+                    Strides::transposed(out),
+                    xv,
+                    Strides::rows(inp),
+                    false,
+                    par,
+                )?;
+                Some(dw)
+            } else {
+                None
+            };
+            let db = need_db.then(|| {
+                let mut db = vec![0f32; out];
+                for row in gv.chunks(out) {
+                    for (a, g) in db.iter_mut().zip(row) {
+                        *a += g;
+                    }
                 }
-            }
+                db
+            });
             (dx, dw, db)
         };
         let dev = x.device();
-        let dx = match dx {
-            Some(v) => Some(Tensor::from_vec(v, x.shape(), dev)?),
-            None => None,
+        let tensor = |v: Option<Vec<f32>>, shape: &Shape| -> Result<Option<Tensor>> {
+            v.map(|v| Tensor::from_vec(v, shape, dev)).transpose()
         };
         Ok((
-            dx,
-            Some(Tensor::from_vec(dw, w.shape(), dev)?),
-            Some(Tensor::from_vec(db, out, dev)?),
+            tensor(dx, x.shape())?,
+            tensor(dw, w.shape())?,
+            tensor(db, b.shape())?,
         ))
     }
 }

@@ -1,17 +1,22 @@
 //! Max-pooling with window = stride (PyTorch's `MaxPool2d(k)` / `MaxPool1d(k)`
 //! defaults), optionally fused with a preceding ReLU (`relu` then pool equals
-//! pool then `relu`), parallel over planes. The backward pass sends each
-//! window's gradient to the first position holding the maximum (PyTorch's
-//! choice of index), found again from the input instead of stored, and — when
-//! fused — only where that maximum is positive, as the ReLU's gradient does.
+//! pool then `relu`), parallel over planes. The forward pass keeps, for each
+//! window, the position of its first maximum (PyTorch's choice of index); the
+//! backward pass sends the window's gradient there — when fused, only where
+//! that maximum is positive, as the ReLU's gradient does.
 //!
 //! On a CPU with f32 tensors [`max_pool2d`] / [`max_pool1d`] use this kernel;
 //! elsewhere they fall back to candle's ops.
 
+use std::sync::OnceLock;
+
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-#[derive(Debug, Clone, Copy)]
+/// Marks a window that passes no gradient (fused ReLU, maximum not positive).
+const NONE: u32 = u32::MAX;
+
+#[derive(Debug)]
 struct PoolOp {
     planes: usize,
     h: usize,
@@ -20,6 +25,9 @@ struct PoolOp {
     kw: usize,
     relu: bool,
     one_d: bool,
+    /// Per output: the position of the window's maximum within its input
+    /// plane, or [`NONE`]; set by the forward pass.
+    argmax: OnceLock<Vec<u32>>,
 }
 
 impl PoolOp {
@@ -41,24 +49,57 @@ impl PoolOp {
         Shape::from(d)
     }
 
-    /// Index (within the plane) of the first maximum of window (oi, oj) and its value.
-    #[inline(always)]
-    fn argmax(&self, plane: &[f32], oi: usize, oj: usize) -> (usize, f32) {
-        let mut best = f32::NEG_INFINITY;
-        let mut at = oi * self.kh * self.w + oj * self.kw;
-        for di in 0..self.kh {
-            let row = (oi * self.kh + di) * self.w + oj * self.kw;
-            for (dj, &v) in plane[row..row + self.kw].iter().enumerate() {
-                if v > best || v.is_nan() {
-                    best = v;
-                    at = row + dj;
-                    if v.is_nan() {
-                        return (at, v);
+    /// Pools one plane: the output values and the position of each window's
+    /// first maximum (scanning rows, then columns; strictly greater wins).
+    fn plane(&self, x: &[f32], y: &mut [f32], at: &mut [u32]) {
+        let (w, wo) = (self.w, self.wo());
+        for oi in 0..self.ho() {
+            let base = oi * self.kh * w;
+            let ys = &mut y[oi * wo..(oi + 1) * wo];
+            let ats = &mut at[oi * wo..(oi + 1) * wo];
+            if self.kh == 2 && self.kw == 2 {
+                // The common 2x2 window, without the inner loops.
+                let (r0, r1) = (&x[base..base + w], &x[base + w..base + 2 * w]);
+                for oj in 0..wo {
+                    let c = 2 * oj;
+                    let (mut best, mut pos) = (r0[c], c);
+                    if r0[c + 1] > best {
+                        (best, pos) = (r0[c + 1], c + 1);
+                    }
+                    if r1[c] > best {
+                        (best, pos) = (r1[c], w + c);
+                    }
+                    if r1[c + 1] > best {
+                        (best, pos) = (r1[c + 1], w + c + 1);
+                    }
+                    ys[oj] = best;
+                    ats[oj] = (base + pos) as u32;
+                }
+            } else {
+                for oj in 0..wo {
+                    let first = base + oj * self.kw;
+                    let (mut best, mut pos) = (x[first], first);
+                    for di in 0..self.kh {
+                        let row = first + di * w;
+                        for (dj, &v) in x[row..row + self.kw].iter().enumerate() {
+                            if v > best {
+                                (best, pos) = (v, row + dj);
+                            }
+                        }
+                    }
+                    ys[oj] = best;
+                    ats[oj] = pos as u32;
+                }
+            }
+            if self.relu {
+                for (y, a) in ys.iter_mut().zip(ats.iter_mut()) {
+                    if !(*y > 0.0 || y.is_nan()) {
+                        *y = 0.0;
+                        *a = NONE;
                     }
                 }
             }
         }
-        (at, best)
     }
 }
 
@@ -83,49 +124,39 @@ impl CustomOp1 for PoolOp {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = f32_slice(s, l)?;
-        let (ho, wo) = (self.ho(), self.wo());
-        let plane_in = self.h * self.w;
-        let mut y = vec![0f32; self.planes * ho * wo];
-        y.par_chunks_mut(ho * wo)
+        let (out, plane_in) = (self.ho() * self.wo(), self.h * self.w);
+        if plane_in > NONE as usize {
+            candle_core::bail!("max-pool: planes of {plane_in} values are too large");
+        }
+        let mut y = vec![0f32; self.planes * out];
+        let mut at = vec![0u32; self.planes * out];
+        y.par_chunks_mut(out)
+            .zip(at.par_chunks_mut(out))
             .zip(x.par_chunks(plane_in))
-            .for_each(|(yp, xp)| {
-                for oi in 0..ho {
-                    for oj in 0..wo {
-                        let (_, m) = self.argmax(xp, oi, oj);
-                        yp[oi * wo + oj] = if self.relu && !(m > 0.0 || m.is_nan()) {
-                            0.0
-                        } else {
-                            m
-                        };
-                    }
-                }
-            });
+            .for_each(|((yp, ap), xp)| self.plane(xp, yp, ap));
+        let _ = self.argmax.set(at);
         Ok((CpuStorage::F32(y), self.out_shape(l.dims())))
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let Some(argmax) = self.argmax.get() else {
+            candle_core::bail!("max-pool: backward before forward");
+        };
         let grad = grad.contiguous()?;
-        let (ho, wo) = (self.ho(), self.wo());
-        let plane_in = self.h * self.w;
+        let (out, plane_in) = (self.ho() * self.wo(), self.h * self.w);
         let mut dx = vec![0f32; self.planes * plane_in];
         {
-            let (xs, xl) = arg.storage_and_layout();
             let (gs, gl) = grad.storage_and_layout();
-            let (x, g) = match (&*xs, &*gs) {
-                (candle_core::Storage::Cpu(a), candle_core::Storage::Cpu(b)) => {
-                    (f32_slice(a, xl)?, f32_slice(b, gl)?)
-                }
+            let g = match &*gs {
+                candle_core::Storage::Cpu(c) => f32_slice(c, gl)?,
                 _ => candle_core::bail!("max-pool: backward runs on the CPU only"),
             };
             dx.par_chunks_mut(plane_in)
-                .zip(x.par_chunks(plane_in).zip(g.par_chunks(ho * wo)))
-                .for_each(|(dp, (xp, gp))| {
-                    for oi in 0..ho {
-                        for oj in 0..wo {
-                            let (at, m) = self.argmax(xp, oi, oj);
-                            if !self.relu || m > 0.0 {
-                                dp[at] += gp[oi * wo + oj];
-                            }
+                .zip(argmax.par_chunks(out).zip(g.par_chunks(out)))
+                .for_each(|(dp, (ap, gp))| {
+                    for (&a, &g) in ap.iter().zip(gp) {
+                        if a != NONE {
+                            dp[a as usize] = g;
                         }
                     }
                 });
@@ -156,6 +187,7 @@ pub fn max_pool2d(x: &Tensor, k: usize, relu: bool) -> Result<Tensor> {
         kw: k,
         relu,
         one_d: false,
+        argmax: OnceLock::new(),
     };
     x.contiguous()?.apply_op1(op)
 }
@@ -178,6 +210,7 @@ pub fn max_pool1d(x: &Tensor, k: usize, relu: bool) -> Result<Tensor> {
         kw: k,
         relu,
         one_d: true,
+        argmax: OnceLock::new(),
     };
     x.contiguous()?.apply_op1(op)
 }

@@ -204,7 +204,7 @@ impl CustomOp3 for ConvMaxOp {
         &self,
         x: &Tensor,
         w: &Tensor,
-        _b: &Tensor,
+        b: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
@@ -274,10 +274,15 @@ impl CustomOp3 for ConvMaxOp {
             Some(v) => Some(Tensor::from_vec(v, x.shape(), dev)?),
             None => None,
         };
+        // Frozen (detached) parameters get no gradient.
         Ok((
             dx,
-            Some(Tensor::from_vec(dw, w.shape(), dev)?),
-            Some(Tensor::from_vec(db, f, dev)?),
+            w.track_op()
+                .then(|| Tensor::from_vec(dw, w.shape(), dev))
+                .transpose()?,
+            b.track_op()
+                .then(|| Tensor::from_vec(db, f, dev))
+                .transpose()?,
         ))
     }
 }
