@@ -19,8 +19,8 @@ use edge_trainer::engine::run::{new_run_id, CancelFlag, Outcome, RunEvent, WarmS
 use edge_trainer::engine::trainer;
 use edge_trainer::report;
 
-mod runtime;
 mod bench;
+mod runtime;
 
 /// Exit code of a run that failed.
 const EXIT_FAILED: u8 = 1;
