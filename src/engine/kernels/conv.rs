@@ -10,10 +10,13 @@
 //! On a CPU with f32 tensors [`conv2d`] / [`conv1d`] use these kernels;
 //! elsewhere (CUDA, other dtypes) they call candle's own convolution.
 
+use std::sync::OnceLock;
+
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::gemm::{matmul, Parallelism, Strides};
+use super::pool::{pool_plane, NONE};
 
 /// The sizes of one convolution; a 1-D one is a 2-D one with height 1.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -270,6 +273,12 @@ fn backward(g: &Geom, x: &[f32], w: &[f32], dy: &[f32], need_dx: bool) -> Result
             })
             .collect::<Result<_>>()?;
     }
+    let (dw, db) = sum_partials(partials, g);
+    Ok((dx, dw, db))
+}
+
+/// Sums the per-thread (dw, db) partial sums.
+fn sum_partials(partials: Vec<(Vec<f32>, Vec<f32>)>, g: &Geom) -> (Vec<f32>, Vec<f32>) {
     let mut it = partials.into_iter();
     let (mut dw, mut db) = it
         .next()
@@ -282,7 +291,7 @@ fn backward(g: &Geom, x: &[f32], w: &[f32], dy: &[f32], need_dx: bool) -> Result
             *a += b;
         }
     }
-    Ok((dx, dw, db))
+    (dw, db)
 }
 
 fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
@@ -405,6 +414,345 @@ impl CustomOp3 for ConvOp {
     }
 }
 
+/// Convolution, bias, ReLU and max-pooling as one op ([`conv_relu_pool2d`],
+/// [`conv_relu_pool1d`]): the convolution's output lives only in a per-thread
+/// buffer, and its gradient — nonzero only at each window's maximum — is
+/// rebuilt per sample in the backward pass instead of being a tensor of its own.
+struct ConvPoolOp {
+    g: Geom,
+    /// Pooling window (height, width); height 1 for 1-D.
+    pool: (usize, usize),
+    /// Per pooled output: position of the maximum within its conv-output
+    /// plane, or [`NONE`]; set by the forward pass.
+    argmax: OnceLock<Vec<u32>>,
+}
+
+impl ConvPoolOp {
+    fn pooled(&self) -> (usize, usize) {
+        (self.g.ho / self.pool.0, self.g.wo / self.pool.1)
+    }
+
+    fn out_len(&self) -> usize {
+        let (ph, pw) = self.pooled();
+        self.g.cout * ph * pw
+    }
+
+    fn out_shape(&self) -> Shape {
+        let (ph, pw) = self.pooled();
+        if self.g.one_d {
+            Shape::from((self.g.batch, self.g.cout, pw))
+        } else {
+            Shape::from((self.g.batch, self.g.cout, ph, pw))
+        }
+    }
+
+    fn forward(&self, x: &[f32], w: &[f32], b: Option<&[f32]>) -> Result<Vec<f32>> {
+        let g = &self.g;
+        let (k, n, out_len) = (g.k(), g.n(), self.out_len());
+        let plane_out = out_len / g.cout.max(1);
+        let mut y = vec![0f32; g.batch * out_len];
+        let mut at = vec![0u32; g.batch * out_len];
+        let per = chunk_size(g.batch);
+        y.par_chunks_mut(per * out_len)
+            .zip(at.par_chunks_mut(per * out_len))
+            .enumerate()
+            .try_for_each(|(ci, (ys, ats))| -> Result<()> {
+                let mut cols = vec![0f32; k * n];
+                let mut conv = vec![0f32; g.cout * n];
+                for (i, (yn, an)) in ys
+                    .chunks_mut(out_len)
+                    .zip(ats.chunks_mut(out_len))
+                    .enumerate()
+                {
+                    let s = ci * per + i;
+                    im2col(g, &x[s * g.in_len()..(s + 1) * g.in_len()], &mut cols);
+                    if let Some(b) = b {
+                        for (row, &bias) in conv.chunks_mut(n).zip(b) {
+                            row.fill(bias);
+                        }
+                    }
+                    matmul(
+                        (g.cout, n, k),
+                        &mut conv,
+                        Strides::rows(n),
+                        w,
+                        Strides::rows(k),
+                        &cols,
+                        Strides::rows(n),
+                        b.is_some(),
+                        Parallelism::None,
+                    )?;
+                    for ((cp, yp), ap) in conv
+                        .chunks(n)
+                        .zip(yn.chunks_mut(plane_out))
+                        .zip(an.chunks_mut(plane_out))
+                    {
+                        pool_plane(cp, (g.ho, g.wo), self.pool, true, yp, ap);
+                    }
+                }
+                Ok(())
+            })?;
+        let _ = self.argmax.set(at);
+        Ok(y)
+    }
+
+    /// (dx, dw, db) from the pooled output's gradient.
+    fn backward(&self, x: &[f32], w: &[f32], dy: &[f32], need_dx: bool) -> Result<Grads> {
+        let Some(argmax) = self.argmax.get() else {
+            candle_core::bail!("conv-relu-pool: backward before forward");
+        };
+        let g = &self.g;
+        let (k, n, out_len) = (g.k(), g.n(), self.out_len());
+        let plane_out = out_len / g.cout.max(1);
+        let per = chunk_size(g.batch);
+        let chunk = |first: usize, count: usize, mut dx: Option<&mut [f32]>| {
+            let mut dw = vec![0f32; g.cout * k];
+            let mut db = vec![0f32; g.cout];
+            let mut cols = vec![0f32; k * n];
+            let mut dconv = vec![0f32; g.cout * n];
+            let mut dcols = if dx.is_some() {
+                vec![0f32; k * n]
+            } else {
+                Vec::new()
+            };
+            for i in 0..count {
+                let s = first + i;
+                // The conv output's gradient: each window's at its maximum.
+                dconv.fill(0.0);
+                let (ats, gs) = (
+                    &argmax[s * out_len..(s + 1) * out_len],
+                    &dy[s * out_len..(s + 1) * out_len],
+                );
+                for (c, (ap, gp)) in ats.chunks(plane_out).zip(gs.chunks(plane_out)).enumerate() {
+                    let plane = &mut dconv[c * n..(c + 1) * n];
+                    for (&a, &gv) in ap.iter().zip(gp) {
+                        if a != NONE {
+                            plane[a as usize] = gv;
+                            db[c] += gv;
+                        }
+                    }
+                }
+                im2col(g, &x[s * g.in_len()..(s + 1) * g.in_len()], &mut cols);
+                matmul(
+                    (g.cout, k, n),
+                    &mut dw,
+                    Strides::rows(k),
+                    &dconv,
+                    Strides::rows(n),
+                    &cols,
+                    Strides::transposed(n),
+                    true,
+                    Parallelism::None,
+                )?;
+                if let Some(dx) = dx.as_deref_mut() {
+                    matmul(
+                        (k, n, g.cout),
+                        &mut dcols,
+                        Strides::rows(n),
+                        w,
+                        Strides::transposed(k),
+                        &dconv,
+                        Strides::rows(n),
+                        false,
+                        Parallelism::None,
+                    )?;
+                    col2im(g, &dcols, &mut dx[i * g.in_len()..(i + 1) * g.in_len()]);
+                }
+            }
+            Ok((dw, db))
+        };
+        let partials: Vec<(Vec<f32>, Vec<f32>)>;
+        let mut dx = None;
+        if need_dx {
+            let mut buf = vec![0f32; g.batch * g.in_len()];
+            partials = buf
+                .par_chunks_mut(per * g.in_len())
+                .enumerate()
+                .map(|(ci, d)| chunk(ci * per, d.len() / g.in_len(), Some(d)))
+                .collect::<Result<_>>()?;
+            dx = Some(buf);
+        } else {
+            partials = (0..g.batch.div_ceil(per))
+                .into_par_iter()
+                .map(|ci| chunk(ci * per, per.min(g.batch - ci * per), None))
+                .collect::<Result<_>>()?;
+        }
+        let (dw, db) = sum_partials(partials, g);
+        Ok((dx, dw, db))
+    }
+
+    fn grads(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Tensor, Tensor)> {
+        let grad = grad.contiguous()?;
+        let (dx, dw, db) = {
+            let (xs, xl) = x.storage_and_layout();
+            let (ws, wl) = w.storage_and_layout();
+            let (gs, gl) = grad.storage_and_layout();
+            let (xs, ws, gs) = match (&*xs, &*ws, &*gs) {
+                (
+                    candle_core::Storage::Cpu(a),
+                    candle_core::Storage::Cpu(b),
+                    candle_core::Storage::Cpu(c),
+                ) => (
+                    f32_slice(a, xl, "input")?,
+                    f32_slice(b, wl, "weight")?,
+                    f32_slice(c, gl, "gradient")?,
+                ),
+                _ => candle_core::bail!("conv-relu-pool: backward runs on the CPU only"),
+            };
+            self.backward(xs, ws, gs, x.track_op())?
+        };
+        let dev = x.device();
+        let dx = match dx {
+            Some(v) => Some(Tensor::from_vec(v, x.shape(), dev)?),
+            None => None,
+        };
+        Ok((
+            dx,
+            Tensor::from_vec(dw, w.shape(), dev)?,
+            Tensor::from_vec(db, self.g.cout, dev)?,
+        ))
+    }
+}
+
+impl CustomOp2 for ConvPoolOp {
+    fn name(&self) -> &'static str {
+        "conv-relu-pool"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s1, l1, "input")?;
+        let w = f32_slice(s2, l2, "weight")?;
+        Ok((CpuStorage::F32(self.forward(x, w, None)?), self.out_shape()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw, _) = self.grads(x, w, grad)?;
+        Ok((dx, w.track_op().then_some(dw)))
+    }
+}
+
+impl CustomOp3 for ConvPoolOp {
+    fn name(&self) -> &'static str {
+        "conv-bias-relu-pool"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s1, l1, "input")?;
+        let w = f32_slice(s2, l2, "weight")?;
+        let b = f32_slice(s3, l3, "bias")?;
+        Ok((
+            CpuStorage::F32(self.forward(x, w, Some(b))?),
+            self.out_shape(),
+        ))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw, db) = self.grads(x, w, grad)?;
+        Ok((dx, w.track_op().then_some(dw), b.track_op().then_some(db)))
+    }
+}
+
+fn apply_pool(x: &Tensor, w: &Tensor, b: Option<&Tensor>, op: ConvPoolOp) -> Result<Tensor> {
+    let (ph, pw) = op.pooled();
+    if op.pool.0 == 0 || op.pool.1 == 0 || ph == 0 || pw == 0 {
+        candle_core::bail!(
+            "conv-relu-pool: pool {:?} does not fit a {}x{} feature map",
+            op.pool,
+            op.g.ho,
+            op.g.wo
+        );
+    }
+    if op.g.ho * op.g.wo > NONE as usize {
+        candle_core::bail!("conv-relu-pool: feature maps are too large");
+    }
+    let x = x.contiguous()?;
+    let w = w.contiguous()?;
+    match b {
+        Some(b) => x.apply_op3(&w, &b.contiguous()?, op),
+        None => x.apply_op2(&w, op),
+    }
+}
+
+/// `max_pool2d(relu(conv2d(x, w, b, stride, padding)), pool)` as one op:
+/// x `[B, Cin, H, W]` → `[B, Cout, Ho/pool, Wo/pool]`. CPU and f32 only.
+pub fn conv_relu_pool2d(
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    stride: usize,
+    padding: usize,
+    pool: usize,
+) -> Result<Tensor> {
+    let g = geom2d(x, w, b, stride, padding)?;
+    let mut all = vec![x, w];
+    all.extend(b);
+    if !use_kernels(&all) {
+        candle_core::bail!("conv-relu-pool: runs on f32 CPU tensors only");
+    }
+    let op = ConvPoolOp {
+        g,
+        pool: (pool, pool),
+        argmax: OnceLock::new(),
+    };
+    apply_pool(x, w, b, op)
+}
+
+/// `max_pool1d(relu(conv1d(x, w, b, stride, padding)), pool)` as one op:
+/// x `[B, Cin, L]` → `[B, Cout, Lo/pool]`. CPU and f32 only.
+pub fn conv_relu_pool1d(
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    stride: usize,
+    padding: usize,
+    pool: usize,
+) -> Result<Tensor> {
+    let g = geom1d(x, w, b, stride, padding)?;
+    let mut all = vec![x, w];
+    all.extend(b);
+    if !use_kernels(&all) {
+        candle_core::bail!("conv-relu-pool: runs on f32 CPU tensors only");
+    }
+    let op = ConvPoolOp {
+        g,
+        pool: (1, pool),
+        argmax: OnceLock::new(),
+    };
+    apply_pool(x, w, b, op)
+}
+
 fn use_kernels(ts: &[&Tensor]) -> bool {
     ts.iter()
         .all(|t| t.device().is_cpu() && t.dtype() == candle_core::DType::F32)
@@ -437,22 +785,32 @@ pub fn conv2d(
     stride: usize,
     padding: usize,
 ) -> Result<Tensor> {
+    let mut all = vec![x, w];
+    all.extend(b);
+    if !use_kernels(&all) {
+        let y = x.conv2d(w, padding, stride, 1, 1)?;
+        return match b {
+            Some(b) => y.broadcast_add(&b.reshape((1, w.dim(0)?, 1, 1))?),
+            None => Ok(y),
+        };
+    }
+    apply(x, w, b, geom2d(x, w, b, stride, padding)?)
+}
+
+fn geom2d(
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    stride: usize,
+    padding: usize,
+) -> Result<Geom> {
     let (batch, cin, h, wd) = x.dims4()?;
     let (cout, wcin, kh, kw) = w.dims4()?;
     if cin != wcin {
         candle_core::bail!("conv2d: input has {cin} channels, the weight expects {wcin}");
     }
     check_bias(b, cout)?;
-    let mut all = vec![x, w];
-    all.extend(b);
-    if !use_kernels(&all) {
-        let y = x.conv2d(w, padding, stride, 1, 1)?;
-        return match b {
-            Some(b) => y.broadcast_add(&b.reshape((1, cout, 1, 1))?),
-            None => Ok(y),
-        };
-    }
-    let g = Geom {
+    Ok(Geom {
         batch,
         cin,
         h,
@@ -467,8 +825,7 @@ pub fn conv2d(
         ho: out_size(h, kh, stride, padding)?,
         wo: out_size(wd, kw, stride, padding)?,
         one_d: false,
-    };
-    apply(x, w, b, g)
+    })
 }
 
 /// `F.conv1d(x, w, b, stride, padding)`: x `[B, Cin, L]`, w `[Cout, Cin, k]`.
@@ -479,22 +836,32 @@ pub fn conv1d(
     stride: usize,
     padding: usize,
 ) -> Result<Tensor> {
+    let mut all = vec![x, w];
+    all.extend(b);
+    if !use_kernels(&all) {
+        let y = x.conv1d(w, padding, stride, 1, 1)?;
+        return match b {
+            Some(b) => y.broadcast_add(&b.reshape((1, w.dim(0)?, 1))?),
+            None => Ok(y),
+        };
+    }
+    apply(x, w, b, geom1d(x, w, b, stride, padding)?)
+}
+
+fn geom1d(
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    stride: usize,
+    padding: usize,
+) -> Result<Geom> {
     let (batch, cin, len) = x.dims3()?;
     let (cout, wcin, k) = w.dims3()?;
     if cin != wcin {
         candle_core::bail!("conv1d: input has {cin} channels, the weight expects {wcin}");
     }
     check_bias(b, cout)?;
-    let mut all = vec![x, w];
-    all.extend(b);
-    if !use_kernels(&all) {
-        let y = x.conv1d(w, padding, stride, 1, 1)?;
-        return match b {
-            Some(b) => y.broadcast_add(&b.reshape((1, cout, 1))?),
-            None => Ok(y),
-        };
-    }
-    let g = Geom {
+    Ok(Geom {
         batch,
         cin,
         h: 1,
@@ -509,8 +876,7 @@ pub fn conv1d(
         ho: 1,
         wo: out_size(len, k, stride, padding)?,
         one_d: true,
-    };
-    apply(x, w, b, g)
+    })
 }
 
 #[cfg(test)]
@@ -664,6 +1030,53 @@ mod tests {
         check(false, &[3, 2, 17], &[4, 2, 3], 1, 1);
         check(false, &[2, 3, 12], &[2, 3, 5], 2, 2);
         check(false, &[2, 2, 11], &[3, 2, 4], 3, 0);
+    }
+
+    #[test]
+    fn fused_conv_relu_pool_matches_the_separate_kernels() {
+        for (xs, ws, stride, padding, pool) in [
+            (vec![3, 2, 9, 8], vec![4, 2, 3, 3], 1, 1, 2),
+            (vec![2, 3, 11, 10], vec![5, 3, 3, 2], 2, 0, 2),
+            (vec![2, 1, 9, 9], vec![3, 1, 2, 2], 1, 1, 3),
+        ] {
+            let x = Var::from_tensor(&rand(&xs, 1)).unwrap();
+            let w = Var::from_tensor(&rand(&ws, 2)).unwrap();
+            let b = Var::from_tensor(&rand(&[ws[0]], 3)).unwrap();
+            let sep = super::super::max_pool2d(
+                &conv2d(&x, &w, Some(&b), stride, padding).unwrap(),
+                pool,
+                true,
+            )
+            .unwrap();
+            let fused = conv_relu_pool2d(&x, &w, Some(&b), stride, padding, pool).unwrap();
+            assert!(max_diff(&fused, &sep) < 1e-5);
+            let wts = rand(sep.dims(), 4);
+            let gs = (&sep * &wts)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let gf = (&fused * &wts)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            for v in [&x, &w, &b] {
+                assert!(max_diff(gf.get(v).unwrap(), gs.get(v).unwrap()) < 1e-4);
+            }
+        }
+        let x = Var::from_tensor(&rand(&[2, 3, 13], 1)).unwrap();
+        let w = Var::from_tensor(&rand(&[4, 3, 3], 2)).unwrap();
+        let sep = super::super::max_pool1d(&conv1d(&x, &w, None, 1, 1).unwrap(), 2, true).unwrap();
+        let fused = conv_relu_pool1d(&x, &w, None, 1, 1, 2).unwrap();
+        assert!(max_diff(&fused, &sep) < 1e-5);
+        let gs = sep.sum_all().unwrap().backward().unwrap();
+        let gf = fused.sum_all().unwrap().backward().unwrap();
+        for v in [&x, &w] {
+            assert!(max_diff(gf.get(v).unwrap(), gs.get(v).unwrap()) < 1e-4);
+        }
     }
 
     #[test]

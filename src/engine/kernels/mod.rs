@@ -14,7 +14,7 @@ pub mod linear;
 pub mod pool;
 pub mod text;
 
-pub use conv::{conv1d, conv2d};
+pub use conv::{conv1d, conv2d, conv_relu_pool1d, conv_relu_pool2d};
 
 /// Whether every tensor is an f32 tensor on the CPU, where these kernels run.
 pub fn on_cpu_f32(ts: &[&candle_core::Tensor]) -> bool {

@@ -14,7 +14,7 @@ use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 /// Marks a window that passes no gradient (fused ReLU, maximum not positive).
-const NONE: u32 = u32::MAX;
+pub(crate) const NONE: u32 = u32::MAX;
 
 #[derive(Debug)]
 struct PoolOp {
@@ -49,54 +49,70 @@ impl PoolOp {
         Shape::from(d)
     }
 
-    /// Pools one plane: the output values and the position of each window's
-    /// first maximum (scanning rows, then columns; strictly greater wins).
+    /// Pools one plane (see [`pool_plane`]).
     fn plane(&self, x: &[f32], y: &mut [f32], at: &mut [u32]) {
-        let (w, wo) = (self.w, self.wo());
-        for oi in 0..self.ho() {
-            let base = oi * self.kh * w;
-            let ys = &mut y[oi * wo..(oi + 1) * wo];
-            let ats = &mut at[oi * wo..(oi + 1) * wo];
-            if self.kh == 2 && self.kw == 2 {
-                // The common 2x2 window, without the inner loops.
-                let (r0, r1) = (&x[base..base + w], &x[base + w..base + 2 * w]);
-                for oj in 0..wo {
-                    let c = 2 * oj;
-                    let (mut best, mut pos) = (r0[c], c);
-                    if r0[c + 1] > best {
-                        (best, pos) = (r0[c + 1], c + 1);
-                    }
-                    if r1[c] > best {
-                        (best, pos) = (r1[c], w + c);
-                    }
-                    if r1[c + 1] > best {
-                        (best, pos) = (r1[c + 1], w + c + 1);
-                    }
-                    ys[oj] = best;
-                    ats[oj] = (base + pos) as u32;
+        pool_plane(x, (self.h, self.w), (self.kh, self.kw), self.relu, y, at);
+    }
+}
+
+/// Max-pools one `[h, w]` plane with `(kh, kw)` windows (stride = window,
+/// floor mode) into `y`, and writes the position (within the plane) of each
+/// window's first maximum into `at` (scanning rows, then columns; strictly
+/// greater wins). With `relu`, a maximum that is not positive gives 0 and the
+/// position [`NONE`] (no gradient).
+pub(crate) fn pool_plane(
+    x: &[f32],
+    (_h, w): (usize, usize),
+    (kh, kw): (usize, usize),
+    relu: bool,
+    y: &mut [f32],
+    at: &mut [u32],
+) {
+    let wo = w / kw;
+    let ho = if wo == 0 { 0 } else { y.len() / wo };
+    for oi in 0..ho {
+        let base = oi * kh * w;
+        let ys = &mut y[oi * wo..(oi + 1) * wo];
+        let ats = &mut at[oi * wo..(oi + 1) * wo];
+        if kh == 2 && kw == 2 {
+            // The common 2x2 window, without the inner loops.
+            let (r0, r1) = (&x[base..base + w], &x[base + w..base + 2 * w]);
+            for oj in 0..wo {
+                let c = 2 * oj;
+                let (mut best, mut pos) = (r0[c], c);
+                if r0[c + 1] > best {
+                    (best, pos) = (r0[c + 1], c + 1);
                 }
-            } else {
-                for oj in 0..wo {
-                    let first = base + oj * self.kw;
-                    let (mut best, mut pos) = (x[first], first);
-                    for di in 0..self.kh {
-                        let row = first + di * w;
-                        for (dj, &v) in x[row..row + self.kw].iter().enumerate() {
-                            if v > best {
-                                (best, pos) = (v, row + dj);
-                            }
+                if r1[c] > best {
+                    (best, pos) = (r1[c], w + c);
+                }
+                if r1[c + 1] > best {
+                    (best, pos) = (r1[c + 1], w + c + 1);
+                }
+                ys[oj] = best;
+                ats[oj] = (base + pos) as u32;
+            }
+        } else {
+            for oj in 0..wo {
+                let first = base + oj * kw;
+                let (mut best, mut pos) = (x[first], first);
+                for di in 0..kh {
+                    let row = first + di * w;
+                    for (dj, &v) in x[row..row + kw].iter().enumerate() {
+                        if v > best {
+                            (best, pos) = (v, row + dj);
                         }
                     }
-                    ys[oj] = best;
-                    ats[oj] = pos as u32;
                 }
+                ys[oj] = best;
+                ats[oj] = pos as u32;
             }
-            if self.relu {
-                for (y, a) in ys.iter_mut().zip(ats.iter_mut()) {
-                    if !(*y > 0.0 || y.is_nan()) {
-                        *y = 0.0;
-                        *a = NONE;
-                    }
+        }
+        if relu {
+            for (y, a) in ys.iter_mut().zip(ats.iter_mut()) {
+                if !(*y > 0.0 || y.is_nan()) {
+                    *y = 0.0;
+                    *a = NONE;
                 }
             }
         }

@@ -197,6 +197,28 @@ impl Conv {
         (w, b)
     }
 
+    /// Convolution, ReLU and max-pooling as one CPU kernel (the convolution's
+    /// output and its gradient never become tensors); `None` where it does not
+    /// apply (not on an f32 CPU tensor).
+    fn forward_relu_pool(
+        &self,
+        x: &Tensor,
+        pool: usize,
+        ctx: &ForwardCtx,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let (weight, bias) = self.live(ctx);
+        if !kernels::on_cpu_f32(&[x, &weight]) {
+            return Ok(None);
+        }
+        let b = bias.as_ref();
+        let (s, p) = (self.stride, self.padding);
+        Ok(Some(if self.dims == 2 {
+            kernels::conv_relu_pool2d(x, &weight, b, s, p, pool)?
+        } else {
+            kernels::conv_relu_pool1d(x, &weight, b, s, p, pool)?
+        }))
+    }
+
     fn forward(&self, x: &Tensor, ctx: &ForwardCtx) -> candle_core::Result<Tensor> {
         let (weight, bias) = self.live(ctx);
         // On the CPU: our im2col + gemm kernels (any stride and padding, exact
@@ -335,14 +357,20 @@ impl Classifier for ConvNet {
         shape.extend_from_slice(&self.spec.input_size);
         let mut x = x.reshape(shape.as_slice())?;
         let two_d = self.spec.input_size.len() == 2;
+        let relu = self.spec.activation == Activation::Relu;
         for block in &self.blocks {
+            if block.bn.is_none() && relu && block.pool > 1 {
+                if let Some(y) = block.conv.forward_relu_pool(&x, block.pool, ctx)? {
+                    x = y;
+                    continue;
+                }
+            }
             x = block.conv.forward(&x, ctx)?;
             if let Some(bn) = &block.bn {
                 x = bn.forward(&x, ctx)?;
             }
             if block.pool > 1 && kernels::on_cpu_f32(&[&x]) {
                 // ReLU and max-pool as one kernel on the CPU (same values and gradients).
-                let relu = self.spec.activation == Activation::Relu;
                 if !relu {
                     x = self.spec.activation.apply(&x)?;
                 }
