@@ -69,7 +69,7 @@ pub(crate) fn pool_plane(
     at: &mut [u32],
 ) {
     let wo = w / kw;
-    let ho = if wo == 0 { 0 } else { y.len() / wo };
+    let ho = y.len().checked_div(wo).unwrap_or(0);
     for oi in 0..ho {
         let base = oi * kh * w;
         let ys = &mut y[oi * wo..(oi + 1) * wo];
