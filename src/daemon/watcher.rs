@@ -242,7 +242,15 @@ impl Watcher {
             tokio::select! {
                 _ = stop.cancelled() => break,
                 ev = events.recv() => match ev {
-                    Some(Ok(ev)) => { self.note(&ev); dirty = true; continue; }
+                    Some(Ok(ev)) => {
+                        // Opening and reading files (our own rescans among them)
+                        // changes nothing; only these can bring a new file.
+                        if changes_files(&ev.kind) {
+                            self.note(&ev);
+                            dirty = true;
+                        }
+                        continue;
+                    }
                     Some(Err(e)) => tracing::debug!(error = %e, "file watch error"),
                     None => {}
                 },
@@ -307,6 +315,8 @@ impl Watcher {
     }
 
     async fn take_settled(&mut self) {
+        // A file that went away before it was taken is forgotten, not rejected.
+        self.pending.retain(|p, _| p.exists());
         let mut ready = Vec::new();
         for (path, c) in self.pending.iter_mut() {
             if self.renamed.contains(path) {
@@ -393,6 +403,16 @@ impl Watcher {
     }
 }
 
+/// Whether a file-system event can mean a new or changed data file.
+fn changes_files(kind: &EventKind) -> bool {
+    use notify::event::{AccessKind, AccessMode};
+    match kind {
+        EventKind::Create(_) | EventKind::Modify(_) | EventKind::Remove(_) | EventKind::Any => true,
+        EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
+        EventKind::Access(_) | EventKind::Other => false,
+    }
+}
+
 fn stat(path: &Path) -> (u64, Option<SystemTime>) {
     match std::fs::metadata(path) {
         Ok(m) => (m.len(), m.modified().ok()),
@@ -403,6 +423,24 @@ fn stat(path: &Path) -> (u64, Option<SystemTime>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reading_files_is_not_a_change() {
+        use notify::event::{AccessKind, AccessMode, CreateKind};
+        assert!(!changes_files(&EventKind::Access(AccessKind::Open(
+            AccessMode::Any
+        ))));
+        assert!(!changes_files(&EventKind::Access(AccessKind::Close(
+            AccessMode::Read
+        ))));
+        assert!(changes_files(&EventKind::Access(AccessKind::Close(
+            AccessMode::Write
+        ))));
+        assert!(changes_files(&EventKind::Create(CreateKind::File)));
+        assert!(changes_files(&EventKind::Modify(ModifyKind::Name(
+            RenameMode::To
+        ))));
+    }
 
     #[test]
     fn files_newer_than_the_last_run_are_new() {
