@@ -282,7 +282,9 @@ mod tests {
         assert_eq!(&v[2..], &[0.0, 0.0]);
         // Per-feature normalisation keeps its old serialised form.
         let plain = Normalization::identity(2);
-        assert!(!serde_json::to_string(&plain).unwrap().contains("per_channel"));
+        assert!(!serde_json::to_string(&plain)
+            .unwrap()
+            .contains("per_channel"));
     }
 
     #[test]

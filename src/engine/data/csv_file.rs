@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use super::{FileSamples, Features, RawLabels};
+use super::{Features, FileSamples, RawLabels};
 
 /// Reads one CSV file; the error is a reason fit for a user.
 pub fn read(path: &Path, label_column: &str, delimiter: u8) -> Result<FileSamples, String> {
@@ -103,10 +103,16 @@ mod tests {
         let s = read(f.path(), "class", b';').unwrap();
         assert_eq!(s.labels, RawLabels::Name(vec!["cat".into()]));
         let f = write("a,label\nfoo,1\n");
-        assert!(read(f.path(), "label", b',').unwrap_err().contains("not a number"));
+        assert!(read(f.path(), "label", b',')
+            .unwrap_err()
+            .contains("not a number"));
         let f = write("a,label\nNaN,1\n");
-        assert!(read(f.path(), "label", b',').unwrap_err().contains("non-finite"));
+        assert!(read(f.path(), "label", b',')
+            .unwrap_err()
+            .contains("non-finite"));
         let f = write("a,b\n1,2\n");
-        assert!(read(f.path(), "label", b',').unwrap_err().contains("no label column"));
+        assert!(read(f.path(), "label", b',')
+            .unwrap_err()
+            .contains("no label column"));
     }
 }

@@ -4,12 +4,13 @@ use std::path::Path;
 
 use safetensors::{Dtype, SafeTensors};
 
-use super::{FileSamples, Features, RawLabels};
+use super::{Features, FileSamples, RawLabels};
 
 /// Reads one shard; the error is a reason fit for a user.
 pub fn read(path: &Path, x_key: &str, y_key: &str) -> Result<FileSamples, String> {
     let bytes = std::fs::read(path).map_err(|e| format!("cannot read: {e}"))?;
-    let st = SafeTensors::deserialize(&bytes).map_err(|e| format!("not a valid safetensors file: {e}"))?;
+    let st = SafeTensors::deserialize(&bytes)
+        .map_err(|e| format!("not a valid safetensors file: {e}"))?;
     let x = st
         .tensor(x_key)
         .map_err(|_| format!("no tensor named {x_key:?} (has: {})", names(&st)))?;
@@ -58,12 +59,20 @@ pub fn read(path: &Path, x_key: &str, y_key: &str) -> Result<FileSamples, String
     };
     let labels: Vec<i64> = match y.dtype() {
         Dtype::I64 => le_chunks::<8>(y.data()).map(i64::from_le_bytes).collect(),
-        Dtype::I32 => le_chunks::<4>(y.data()).map(|b| i32::from_le_bytes(b) as i64).collect(),
-        Dtype::I16 => le_chunks::<2>(y.data()).map(|b| i16::from_le_bytes(b) as i64).collect(),
+        Dtype::I32 => le_chunks::<4>(y.data())
+            .map(|b| i32::from_le_bytes(b) as i64)
+            .collect(),
+        Dtype::I16 => le_chunks::<2>(y.data())
+            .map(|b| i16::from_le_bytes(b) as i64)
+            .collect(),
         Dtype::I8 => y.data().iter().map(|&b| b as i8 as i64).collect(),
         Dtype::U8 => y.data().iter().map(|&b| b as i64).collect(),
-        Dtype::U16 => le_chunks::<2>(y.data()).map(|b| u16::from_le_bytes(b) as i64).collect(),
-        Dtype::U32 => le_chunks::<4>(y.data()).map(|b| u32::from_le_bytes(b) as i64).collect(),
+        Dtype::U16 => le_chunks::<2>(y.data())
+            .map(|b| u16::from_le_bytes(b) as i64)
+            .collect(),
+        Dtype::U32 => le_chunks::<4>(y.data())
+            .map(|b| u32::from_le_bytes(b) as i64)
+            .collect(),
         Dtype::U64 => le_chunks::<8>(y.data())
             .map(|b| i64::try_from(u64::from_le_bytes(b)).unwrap_or(i64::MAX))
             .collect(),

@@ -86,8 +86,14 @@ mod tests {
             counts[s as usize] += 1;
         }
         let frac = |c: usize| c as f64 / n as f64;
-        assert!((frac(counts[Split::Val as usize]) - 0.1).abs() < 0.01, "{counts:?}");
-        assert!((frac(counts[Split::Test as usize]) - 0.2).abs() < 0.01, "{counts:?}");
+        assert!(
+            (frac(counts[Split::Val as usize]) - 0.1).abs() < 0.01,
+            "{counts:?}"
+        );
+        assert!(
+            (frac(counts[Split::Test as usize]) - 0.2).abs() < 0.01,
+            "{counts:?}"
+        );
     }
 
     #[test]
