@@ -178,12 +178,12 @@ impl ParamStore {
         let n = shape.elem_count();
         match init {
             Init::Const(v) => vec![v as f32; n],
-            Init::Uniform { lo, up } => (0..n)
-                .map(|_| (lo + (up - lo) * rng.random::<f64>()) as f32)
-                .collect(),
-            Init::Randn { mean, stdev } => (0..n)
-                .map(|_| (mean + stdev * standard_normal(rng)) as f32)
-                .collect(),
+            Init::Uniform { lo, up } => draw(rng, n, UNIFORM_WORDS, |r| {
+                (lo + (up - lo) * r.random::<f64>()) as f32
+            }),
+            Init::Randn { mean, stdev } => draw(rng, n, NORMAL_WORDS, |r| {
+                (mean + stdev * standard_normal(r)) as f32
+            }),
             Init::Kaiming {
                 dist,
                 fan,
@@ -205,6 +205,40 @@ impl ParamStore {
             }
         }
     }
+}
+
+/// 32-bit generator words one uniform f64 draw consumes (one `next_u64`).
+const UNIFORM_WORDS: u128 = 2;
+/// Words one [`standard_normal`] draw consumes (two uniform draws).
+const NORMAL_WORDS: u128 = 4;
+
+/// `n` values of `f`, each consuming exactly `words` words of the generator.
+/// Large tensors are drawn in parallel chunks, each on a copy of the generator
+/// moved to the chunk's first word (ChaCha can seek), so the values and the
+/// generator's position afterwards are exactly those of a sequential loop —
+/// only faster (a TextCNN embedding is 1.5 million normal draws).
+fn draw<F>(rng: &mut ChaCha8Rng, n: usize, words: u128, f: F) -> Vec<f32>
+where
+    F: Fn(&mut ChaCha8Rng) -> f32 + Sync,
+{
+    const PARALLEL_MIN: usize = 1 << 16;
+    if n < PARALLEL_MIN {
+        return (0..n).map(|_| f(rng)).collect();
+    }
+    use rayon::prelude::*;
+    let start = rng.get_word_pos();
+    let base = rng.clone();
+    let per = n.div_ceil(rayon::current_num_threads().max(1) * 4);
+    let mut out = vec![0f32; n];
+    out.par_chunks_mut(per).enumerate().for_each(|(i, chunk)| {
+        let mut r = base.clone();
+        r.set_word_pos(start + (i * per) as u128 * words);
+        for v in chunk.iter_mut() {
+            *v = f(&mut r);
+        }
+    });
+    rng.set_word_pos(start + n as u128 * words);
+    out
 }
 
 /// One draw from N(0, 1) (Box-Muller).
@@ -325,6 +359,31 @@ mod tests {
         s.load(&m).unwrap();
         let w = s.state_dict();
         assert_eq!(w[1].1.to_vec2::<f32>().unwrap(), vec![vec![1.0, 1.0]; 2]);
+    }
+
+    #[test]
+    fn parallel_draws_equal_sequential_ones() {
+        let shape = Shape::from(100_003);
+        for init in [
+            Init::Uniform { lo: -0.5, up: 0.5 },
+            Init::Randn {
+                mean: 0.0,
+                stdev: 1.0,
+            },
+        ] {
+            let mut a = ChaCha8Rng::seed_from_u64(9);
+            let mut b = ChaCha8Rng::seed_from_u64(9);
+            let got = ParamStore::sample(&mut a, &shape, init);
+            let want: Vec<f32> = (0..shape.elem_count())
+                .map(|_| match init {
+                    Init::Uniform { lo, up } => (lo + (up - lo) * b.random::<f64>()) as f32,
+                    _ => standard_normal(&mut b) as f32,
+                })
+                .collect();
+            assert_eq!(got, want);
+            // The generator continues where the sequential loop would.
+            assert_eq!(a.random::<u64>(), b.random::<u64>());
+        }
     }
 
     #[test]
