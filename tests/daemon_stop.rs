@@ -47,6 +47,10 @@ fn cmd_stop_cancels_within_a_few_batches_and_keeps_the_best_checkpoint() {
     let (i_c, c) = h.wait_event("run_cancelled", Some(&run_id), SHORT);
     let waited = t0.elapsed();
     let steps = c.json["steps"].as_u64().unwrap();
+    eprintln!(
+        "cancelled at step {steps}, {} steps after the last evaluation seen before the stop, {waited:?} after it was sent",
+        steps - last_seen
+    );
     assert!(
         steps <= last_seen + 40,
         "cancelled at step {steps}, last evaluation seen before the stop at {last_seen}"
