@@ -889,7 +889,7 @@ impl AnyOptimizer {
 
     /// Back-propagates `loss` and applies one update.
     pub fn backward_step(&mut self, loss: &Tensor) -> Result<()> {
-        let grads = loss.backward()?;
+        let grads = crate::engine::kernels::direct_grads::backward(loss)?;
         self.step(&grads)
     }
 

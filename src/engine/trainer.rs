@@ -660,7 +660,7 @@ fn train(
                     optimizer.learning_rate()
                 )));
             }
-            let grads = parts.loss.backward()?;
+            let grads = super::kernels::direct_grads::backward(&parts.loss)?;
             optimizer.step(&grads)?;
             step += 1;
             summary.steps = step;

@@ -216,17 +216,21 @@ impl<'a> Batcher<'a> {
         let mut labels = Vec::with_capacity(indices.len());
         for &i in indices {
             let base = i * d;
+            // Zipped iterators (no indexing) so that the loop vectorises.
+            let stats = self.mean.iter().zip(&self.inv_std);
             match &self.data.features {
-                super::Features::F32(v) => {
-                    for (j, &val) in v[base..base + d].iter().enumerate() {
-                        x.push((val - self.mean[j]) * self.inv_std[j]);
-                    }
-                }
-                super::Features::U8(v) => {
-                    for (j, &val) in v[base..base + d].iter().enumerate() {
-                        x.push((f32::from(val) - self.mean[j]) * self.inv_std[j]);
-                    }
-                }
+                super::Features::F32(v) => x.extend(
+                    v[base..base + d]
+                        .iter()
+                        .zip(stats)
+                        .map(|(&val, (&m, &s))| (val - m) * s),
+                ),
+                super::Features::U8(v) => x.extend(
+                    v[base..base + d]
+                        .iter()
+                        .zip(stats)
+                        .map(|(&val, (&m, &s))| (f32::from(val) - m) * s),
+                ),
             }
             labels.push(self.data.labels[i]);
         }

@@ -15,6 +15,7 @@ use std::sync::OnceLock;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::direct_grads;
 use super::gemm::{matmul, Parallelism, Strides};
 use super::pool::{pool_plane, NONE};
 
@@ -375,7 +376,7 @@ impl CustomOp2 for ConvOp {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let (dx, dw, _) = self.grads(x, w, grad)?;
-        Ok((dx, w.track_op().then_some(dw)))
+        Ok((dx, direct_grads::param(w, || Ok(dw))?))
     }
 }
 
@@ -410,7 +411,11 @@ impl CustomOp3 for ConvOp {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         // Frozen (detached) weights get no gradient.
         let (dx, dw, db) = self.grads(x, w, grad)?;
-        Ok((dx, w.track_op().then_some(dw), b.track_op().then_some(db)))
+        Ok((
+            dx,
+            direct_grads::param(w, || Ok(dw))?,
+            direct_grads::param(b, || Ok(db))?,
+        ))
     }
 }
 
@@ -644,7 +649,7 @@ impl CustomOp2 for ConvPoolOp {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let (dx, dw, _) = self.grads(x, w, grad)?;
-        Ok((dx, w.track_op().then_some(dw)))
+        Ok((dx, direct_grads::param(w, || Ok(dw))?))
     }
 }
 
@@ -680,7 +685,11 @@ impl CustomOp3 for ConvPoolOp {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (dx, dw, db) = self.grads(x, w, grad)?;
-        Ok((dx, w.track_op().then_some(dw), b.track_op().then_some(db)))
+        Ok((
+            dx,
+            direct_grads::param(w, || Ok(dw))?,
+            direct_grads::param(b, || Ok(db))?,
+        ))
     }
 }
 

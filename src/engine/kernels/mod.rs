@@ -8,6 +8,7 @@
 //! other than f32.
 
 pub mod conv;
+pub mod direct_grads;
 pub mod elementwise;
 pub mod gemm;
 pub mod linear;
@@ -21,5 +22,5 @@ pub fn on_cpu_f32(ts: &[&candle_core::Tensor]) -> bool {
     ts.iter()
         .all(|t| t.device().is_cpu() && t.dtype() == candle_core::DType::F32)
 }
-pub use linear::linear;
+pub use linear::{linear, linear_relu};
 pub use pool::{max_pool1d, max_pool2d};

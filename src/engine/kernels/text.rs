@@ -16,6 +16,7 @@ use std::sync::{Arc, OnceLock};
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::direct_grads;
 use super::gemm::{matmul, pool_parallelism, Strides};
 
 fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
@@ -79,7 +80,7 @@ impl CustomOp1 for EmbeddingOp {
                 }
             }
         }
-        Ok(Some(Tensor::from_vec(dw, arg.shape(), arg.device())?))
+        direct_grads::deliver(arg, Tensor::from_vec(dw, arg.shape(), arg.device())?)
     }
 }
 
@@ -277,12 +278,8 @@ impl CustomOp3 for ConvMaxOp {
         // Frozen (detached) parameters get no gradient.
         Ok((
             dx,
-            w.track_op()
-                .then(|| Tensor::from_vec(dw, w.shape(), dev))
-                .transpose()?,
-            b.track_op()
-                .then(|| Tensor::from_vec(db, f, dev))
-                .transpose()?,
+            direct_grads::param(w, || Tensor::from_vec(dw, w.shape(), dev))?,
+            direct_grads::param(b, || Tensor::from_vec(db, f, dev))?,
         ))
     }
 }

@@ -395,7 +395,7 @@ impl Classifier for ConvNet {
         };
         for fc in &self.fc {
             x = ctx.dropout(&x, self.spec.dropout)?;
-            x = self.spec.activation.apply(&fc.forward(&x)?)?;
+            x = fc.forward_activated(&x, self.spec.activation)?;
         }
         let x = ctx.dropout(&x, self.spec.dropout)?;
         self.head.forward(&x)

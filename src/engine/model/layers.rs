@@ -49,6 +49,23 @@ impl Dense {
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         kernels::linear(x, &self.weight, &self.bias)
     }
+
+    /// `relu(forward(x))` as one fused kernel on the CPU ([`kernels::linear_relu`]).
+    pub fn forward_relu(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        kernels::linear_relu(x, &self.weight, &self.bias)
+    }
+
+    /// `activation(forward(x))`, fused where the activation is ReLU.
+    pub fn forward_activated(
+        &self,
+        x: &Tensor,
+        activation: Activation,
+    ) -> candle_core::Result<Tensor> {
+        match activation {
+            Activation::Relu => self.forward_relu(x),
+            other => other.apply(&self.forward(x)?),
+        }
+    }
 }
 
 /// `nn.Linear(in_dim, out_dim)`: `weight` [out, in] and `bias` [out], both

@@ -68,7 +68,7 @@ impl Classifier for Mlp {
     fn forward(&self, x: &Tensor, ctx: &mut ForwardCtx) -> candle_core::Result<Tensor> {
         let mut x = x.flatten_from(1)?;
         for layer in &self.layers {
-            x = self.activation.apply(&layer.forward(&x)?)?;
+            x = layer.forward_activated(&x, self.activation)?;
             x = ctx.dropout(&x, self.dropout)?;
         }
         self.head.forward(&x)
