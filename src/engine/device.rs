@@ -30,7 +30,12 @@ pub fn select(kind: DeviceKind, ordinal: usize) -> Result<Device, DeviceError> {
         DeviceKind::Cuda => open_cuda(ordinal),
         DeviceKind::Auto => {
             if cfg!(feature = "cuda") && candle_core::utils::cuda_is_available() {
-                open_cuda(ordinal).or(Ok(Device::Cpu))
+                // A CUDA build on a machine whose driver or GPU is not usable
+                // trains on the CPU; the log says why.
+                open_cuda(ordinal).or_else(|e| {
+                    tracing::warn!("device.kind = \"auto\": {e}; training on the CPU");
+                    Ok(Device::Cpu)
+                })
             } else {
                 Ok(Device::Cpu)
             }

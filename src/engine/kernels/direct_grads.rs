@@ -91,6 +91,7 @@ pub fn param(p: &Tensor, make: impl FnOnce() -> Result<Tensor>) -> Result<Option
 
 #[cfg(test)]
 mod tests {
+    use super::super::test_util::max_diff;
     use super::*;
     use candle_core::{Device, Var};
 
@@ -112,15 +113,7 @@ mod tests {
         let direct = backward(&loss(&x)).unwrap();
         for v in [w.as_tensor(), b.as_tensor()] {
             let (p, d) = (plain.get(v).unwrap(), direct.get(v).unwrap());
-            let diff = (p - d)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap();
-            assert!(diff.to_scalar::<f32>().unwrap() < 1e-5, "{p} vs {d}");
+            assert!(max_diff(p, d) < 1e-5, "{p} vs {d}");
         }
         // The data gets no gradient either way; the capture has ended.
         assert!(direct.get(&x).is_none());

@@ -259,29 +259,9 @@ fn linear_with(x: &Tensor, w: &Tensor, b: &Tensor, relu: bool) -> Result<Tensor>
 
 #[cfg(test)]
 mod tests {
+    use super::super::test_util::{max_diff, rand};
     use super::*;
-    use candle_core::{Device, Var};
-
-    fn rand(shape: &[usize], seed: u64) -> Tensor {
-        use rand::{Rng, SeedableRng};
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-        let n: usize = shape.iter().product();
-        let v: Vec<f32> = (0..n).map(|_| rng.random::<f32>() * 2.0 - 1.0).collect();
-        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-    }
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    }
+    use candle_core::Var;
 
     #[test]
     fn matches_candle_matmul_and_gradients() {

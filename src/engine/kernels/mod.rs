@@ -24,3 +24,33 @@ pub fn on_cpu_f32(ts: &[&candle_core::Tensor]) -> bool {
 }
 pub use linear::{linear, linear_relu};
 pub use pool::{max_pool1d, max_pool2d};
+
+/// Helpers shared by the kernels' tests.
+#[cfg(test)]
+pub(crate) mod test_util {
+    use candle_core::{Device, Tensor};
+
+    /// A tensor of values uniform in [-1, 1), seeded.
+    pub fn rand(shape: &[usize], seed: u64) -> Tensor {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n).map(|_| rng.random::<f32>() * 2.0 - 1.0).collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    /// The largest absolute difference between two tensors of the same shape.
+    pub fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        assert_eq!(a.dims(), b.dims());
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+}

@@ -316,29 +316,9 @@ pub fn conv_relu_max_over_time(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Ten
 
 #[cfg(test)]
 mod tests {
+    use super::super::test_util::{max_diff, rand};
     use super::*;
     use candle_core::{Device, Var};
-
-    fn rand(shape: &[usize], seed: u64) -> Tensor {
-        use rand::{Rng, SeedableRng};
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-        let n: usize = shape.iter().product();
-        let v: Vec<f32> = (0..n).map(|_| rng.random::<f32>() * 2.0 - 1.0).collect();
-        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-    }
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    }
 
     /// The same function from generic ops: unfolded windows, matmul, ReLU, and
     /// a max whose gradient goes to the first maximum.
