@@ -57,21 +57,15 @@ impl LinearOp {
     }
 }
 
+/// Names the kernel in errors.
+const OP: &str = "linear";
+
 fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
-    let (a, b) = l
-        .contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::Msg(format!("linear: {what} must be contiguous")))?;
-    match s {
-        CpuStorage::F32(v) => Ok(&v[a..b]),
-        _ => candle_core::bail!("linear: {what} must be f32"),
-    }
+    super::f32_slice(OP, s, l, what)
 }
 
 fn cpu<'a>(s: &'a candle_core::Storage, l: &Layout, what: &str) -> Result<&'a [f32]> {
-    match s {
-        candle_core::Storage::Cpu(c) => f32_slice(c, l, what),
-        _ => candle_core::bail!("linear: backward runs on the CPU only"),
-    }
+    super::cpu_f32_slice(OP, s, l, what)
 }
 
 impl CustomOp3 for LinearOp {
@@ -240,10 +234,7 @@ fn linear_with(x: &Tensor, w: &Tensor, b: &Tensor, relu: bool) -> Result<Tensor>
             b.dims()
         );
     }
-    let cpu_f32 = [x, w, b]
-        .iter()
-        .all(|t| t.device().is_cpu() && t.dtype() == candle_core::DType::F32);
-    if !cpu_f32 {
+    if !super::on_cpu_f32(&[x, w, b]) {
         let y = x.matmul(&w.t()?)?.broadcast_add(b)?;
         return if relu { y.relu() } else { Ok(y) };
     }

@@ -22,6 +22,37 @@ pub fn on_cpu_f32(ts: &[&candle_core::Tensor]) -> bool {
     ts.iter()
         .all(|t| t.device().is_cpu() && t.dtype() == candle_core::DType::F32)
 }
+
+/// The contiguous f32 values of an operand in a kernel's forward pass; errors
+/// name the kernel (`op`) and the operand (`what`).
+pub(crate) fn f32_slice<'a>(
+    op: &str,
+    s: &'a candle_core::CpuStorage,
+    l: &candle_core::Layout,
+    what: &str,
+) -> candle_core::Result<&'a [f32]> {
+    let (a, b) = l
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg(format!("{op}: {what} must be contiguous")))?;
+    match s {
+        candle_core::CpuStorage::F32(v) => Ok(&v[a..b]),
+        _ => candle_core::bail!("{op}: {what} must be f32"),
+    }
+}
+
+/// [`f32_slice`] of a tensor's storage in a backward pass, which runs on the
+/// CPU only.
+pub(crate) fn cpu_f32_slice<'a>(
+    op: &str,
+    s: &'a candle_core::Storage,
+    l: &candle_core::Layout,
+    what: &str,
+) -> candle_core::Result<&'a [f32]> {
+    match s {
+        candle_core::Storage::Cpu(c) => f32_slice(op, c, l, what),
+        _ => candle_core::bail!("{op}: backward runs on the CPU only"),
+    }
+}
 pub use linear::{linear, linear_relu};
 pub use pool::{max_pool1d, max_pool2d};
 

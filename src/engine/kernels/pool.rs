@@ -120,13 +120,7 @@ pub(crate) fn pool_plane(
 }
 
 fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
-    let (a, b) = l
-        .contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::Msg("max-pool: input must be contiguous".into()))?;
-    match s {
-        CpuStorage::F32(v) => Ok(&v[a..b]),
-        _ => candle_core::bail!("max-pool: input must be f32"),
-    }
+    super::f32_slice("max-pool", s, l, "input")
 }
 
 impl CustomOp1 for PoolOp {
@@ -163,10 +157,7 @@ impl CustomOp1 for PoolOp {
         let mut dx = vec![0f32; self.planes * plane_in];
         {
             let (gs, gl) = grad.storage_and_layout();
-            let g = match &*gs {
-                candle_core::Storage::Cpu(c) => f32_slice(c, gl)?,
-                _ => candle_core::bail!("max-pool: backward runs on the CPU only"),
-            };
+            let g = super::cpu_f32_slice("max-pool", &gs, gl, "gradient")?;
             dx.par_chunks_mut(plane_in)
                 .zip(argmax.par_chunks(out).zip(g.par_chunks(out)))
                 .for_each(|(dp, (ap, gp))| {
@@ -181,17 +172,13 @@ impl CustomOp1 for PoolOp {
     }
 }
 
-fn use_kernel(x: &Tensor) -> bool {
-    x.device().is_cpu() && x.dtype() == candle_core::DType::F32
-}
-
 /// `MaxPool2d(k)` on `[B, C, H, W]`, after a ReLU when `relu`.
 pub fn max_pool2d(x: &Tensor, k: usize, relu: bool) -> Result<Tensor> {
     let (b, c, h, w) = x.dims4()?;
     if k == 0 || h < k || w < k {
         candle_core::bail!("max-pool: window {k} does not fit a {h}x{w} input");
     }
-    if !use_kernel(x) {
+    if !super::on_cpu_f32(&[x]) {
         let x = if relu { x.relu()? } else { x.clone() };
         return x.max_pool2d(k);
     }
@@ -214,7 +201,7 @@ pub fn max_pool1d(x: &Tensor, k: usize, relu: bool) -> Result<Tensor> {
     if k == 0 || l < k {
         candle_core::bail!("max-pool: window {k} does not fit an input of length {l}");
     }
-    if !use_kernel(x) {
+    if !super::on_cpu_f32(&[x]) {
         let x = if relu { x.relu()? } else { x.clone() };
         return x.unsqueeze(2)?.max_pool2d((1, k))?.squeeze(2);
     }

@@ -19,21 +19,15 @@ use rayon::prelude::*;
 use super::direct_grads;
 use super::gemm::{matmul, pool_parallelism, Strides};
 
+/// Names the kernels in errors.
+const OP: &str = "text kernels";
+
 fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
-    let (a, b) = l.contiguous_offsets().ok_or_else(|| {
-        candle_core::Error::Msg(format!("text kernels: {what} must be contiguous"))
-    })?;
-    match s {
-        CpuStorage::F32(v) => Ok(&v[a..b]),
-        _ => candle_core::bail!("text kernels: {what} must be f32"),
-    }
+    super::f32_slice(OP, s, l, what)
 }
 
 fn cpu<'a>(s: &'a candle_core::Storage, l: &Layout, what: &str) -> Result<&'a [f32]> {
-    match s {
-        candle_core::Storage::Cpu(c) => f32_slice(c, l, what),
-        _ => candle_core::bail!("text kernels: backward runs on the CPU only"),
-    }
+    super::cpu_f32_slice(OP, s, l, what)
 }
 
 struct EmbeddingOp {
@@ -92,7 +86,7 @@ pub fn embedding(weight: &Tensor, ids: &Tensor, pad: Option<usize>) -> Result<Te
     let mut out_dims = ids.dims().to_vec();
     out_dims.push(e);
     let flat = ids.to_dtype(candle_core::DType::U32)?.flatten_all()?;
-    if !(weight.device().is_cpu() && weight.dtype() == candle_core::DType::F32) {
+    if !super::on_cpu_f32(&[weight]) {
         let rows = weight.index_select(&flat, 0)?;
         let Some(pad) = pad else {
             return rows.reshape(out_dims);
