@@ -155,6 +155,36 @@ fn chunk_size(batch: usize) -> usize {
     batch.div_ceil(rayon::current_num_threads().max(1)).max(1)
 }
 
+/// One sample's convolution into `out` ([Cout, N]): unfolds `xs` into `cols`,
+/// pre-fills the bias and multiplies by the weight.
+fn conv_sample(
+    g: &Geom,
+    xs: &[f32],
+    w: &[f32],
+    b: Option<&[f32]>,
+    cols: &mut [f32],
+    out: &mut [f32],
+) -> Result<()> {
+    let (k, n) = (g.k(), g.n());
+    im2col(g, xs, cols);
+    if let Some(b) = b {
+        for (row, &bias) in out.chunks_mut(n).zip(b) {
+            row.fill(bias);
+        }
+    }
+    matmul(
+        (g.cout, n, k),
+        out,
+        Strides::rows(n),
+        w,
+        Strides::rows(k),
+        cols,
+        Strides::rows(n),
+        b.is_some(),
+        Parallelism::None,
+    )
+}
+
 fn forward(g: &Geom, x: &[f32], w: &[f32], b: Option<&[f32]>) -> Result<Vec<f32>> {
     let (k, n, out_len) = (g.k(), g.n(), g.out_len());
     let mut y = vec![0f32; g.batch * out_len];
@@ -165,27 +195,72 @@ fn forward(g: &Geom, x: &[f32], w: &[f32], b: Option<&[f32]>) -> Result<Vec<f32>
             let mut cols = vec![0f32; k * n];
             for (i, yn) in ys.chunks_mut(out_len).enumerate() {
                 let s = ci * per + i;
-                im2col(g, &x[s * g.in_len()..(s + 1) * g.in_len()], &mut cols);
-                if let Some(b) = b {
-                    for (row, &bias) in yn.chunks_mut(n).zip(b) {
-                        row.fill(bias);
-                    }
-                }
-                matmul(
-                    (g.cout, n, k),
-                    yn,
-                    Strides::rows(n),
-                    w,
-                    Strides::rows(k),
-                    &cols,
-                    Strides::rows(n),
-                    b.is_some(),
-                    Parallelism::None,
-                )?;
+                let xs = &x[s * g.in_len()..(s + 1) * g.in_len()];
+                conv_sample(g, xs, w, b, &mut cols, yn)?;
             }
             Ok(())
         })?;
     Ok(y)
+}
+
+/// Where the gradient of the convolution's output comes from in the backward
+/// pass.
+enum ConvOutGrad<'a> {
+    /// It is the op's output gradient, `[B, Cout, N]`.
+    Dense(&'a [f32]),
+    /// The op max-pooled its output: the pooled output's gradient `dy` goes
+    /// to each window's maximum (`argmax`, per pooled value, or [`NONE`]).
+    Pooled {
+        argmax: &'a [u32],
+        dy: &'a [f32],
+        /// Pooled values per sample.
+        out_len: usize,
+    },
+}
+
+impl ConvOutGrad<'_> {
+    /// Sample `s`'s gradient of the convolution's output ([Cout, N]), built
+    /// in `scratch` where needed; adds the sample's bias gradient to `db`.
+    fn sample<'b>(
+        &'b self,
+        g: &Geom,
+        s: usize,
+        scratch: &'b mut [f32],
+        db: &mut [f32],
+    ) -> &'b [f32] {
+        let n = g.n();
+        match *self {
+            ConvOutGrad::Dense(dy) => {
+                let dyn_ = &dy[s * g.out_len()..(s + 1) * g.out_len()];
+                for (acc, row) in db.iter_mut().zip(dyn_.chunks(n)) {
+                    *acc += row.iter().sum::<f32>();
+                }
+                dyn_
+            }
+            ConvOutGrad::Pooled {
+                argmax,
+                dy,
+                out_len,
+            } => {
+                let plane_out = out_len / g.cout.max(1);
+                scratch.fill(0.0);
+                let (ats, gs) = (
+                    &argmax[s * out_len..(s + 1) * out_len],
+                    &dy[s * out_len..(s + 1) * out_len],
+                );
+                for (c, (ap, gp)) in ats.chunks(plane_out).zip(gs.chunks(plane_out)).enumerate() {
+                    let plane = &mut scratch[c * n..(c + 1) * n];
+                    for (&a, &gv) in ap.iter().zip(gp) {
+                        if a != NONE {
+                            plane[a as usize] = gv;
+                            db[c] += gv;
+                        }
+                    }
+                }
+                scratch
+            }
+        }
+    }
 }
 
 /// Gradients of one chunk of samples: weight and bias partial sums; the input
@@ -196,13 +271,17 @@ fn backward_chunk(
     count: usize,
     x: &[f32],
     w: &[f32],
-    dy: &[f32],
+    dy: &ConvOutGrad,
     mut dx: Option<&mut [f32]>,
 ) -> Result<(Vec<f32>, Vec<f32>)> {
     let (k, n) = (g.k(), g.n());
     let mut dw = vec![0f32; g.cout * k];
     let mut db = vec![0f32; g.cout];
     let mut cols = vec![0f32; k * n];
+    let mut scratch = match dy {
+        ConvOutGrad::Dense(_) => Vec::new(),
+        ConvOutGrad::Pooled { .. } => vec![0f32; g.cout * n],
+    };
     let mut dcols = if dx.is_some() {
         vec![0f32; k * n]
     } else {
@@ -210,7 +289,7 @@ fn backward_chunk(
     };
     for i in 0..count {
         let s = first + i;
-        let dyn_ = &dy[s * g.out_len()..(s + 1) * g.out_len()];
+        let dyn_ = dy.sample(g, s, &mut scratch, &mut db);
         im2col(g, &x[s * g.in_len()..(s + 1) * g.in_len()], &mut cols);
         // dW += dY [Cout, N] * colsᵀ [N, K]
         matmul(
@@ -224,9 +303,6 @@ fn backward_chunk(
             true,
             Parallelism::None,
         )?;
-        for (acc, row) in db.iter_mut().zip(dyn_.chunks(n)) {
-            *acc += row.iter().sum::<f32>();
-        }
         if let Some(dx) = dx.as_deref_mut() {
             // dcols = Wᵀ [K, Cout] * dY [Cout, N], folded back onto the input.
             matmul(
@@ -249,7 +325,7 @@ fn backward_chunk(
 /// (dx, dw, db)
 type Grads = (Option<Vec<f32>>, Vec<f32>, Vec<f32>);
 
-fn backward(g: &Geom, x: &[f32], w: &[f32], dy: &[f32], need_dx: bool) -> Result<Grads> {
+fn backward(g: &Geom, x: &[f32], w: &[f32], dy: &ConvOutGrad, need_dx: bool) -> Result<Grads> {
     let per = chunk_size(g.batch);
     let partials: Vec<(Vec<f32>, Vec<f32>)>;
     let mut dx = None;
@@ -295,47 +371,53 @@ fn sum_partials(partials: Vec<(Vec<f32>, Vec<f32>)>, g: &Geom) -> (Vec<f32>, Vec
     (dw, db)
 }
 
-fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
-    let (a, b) = l
-        .contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::Msg(format!("conv: {what} must be contiguous")))?;
-    match s {
-        CpuStorage::F32(v) => Ok(&v[a..b]),
-        _ => candle_core::bail!("conv: {what} must be f32"),
+/// A convolution kernel over (input, weight[, bias]), made a candle custom op
+/// by [`Op`].
+trait ConvKernel: Send + Sync {
+    /// The op's names without and with a bias.
+    const NAMES: [&'static str; 2];
+    fn geom(&self) -> &Geom;
+    fn forward(&self, x: &[f32], w: &[f32], b: Option<&[f32]>) -> Result<(Vec<f32>, Shape)>;
+    /// (dx, dw, db) from the gradient of the op's output.
+    fn backward(&self, x: &[f32], w: &[f32], dy: &[f32], need_dx: bool) -> Result<Grads>;
+}
+
+/// The candle custom op of a [`ConvKernel`].
+struct Op<K>(K);
+
+impl<K: ConvKernel> Op<K> {
+    fn forward(
+        &self,
+        x: (&CpuStorage, &Layout),
+        w: (&CpuStorage, &Layout),
+        b: Option<(&CpuStorage, &Layout)>,
+    ) -> Result<(CpuStorage, Shape)> {
+        let name = K::NAMES[usize::from(b.is_some())];
+        let x = super::f32_slice(name, x.0, x.1, "input")?;
+        let w = super::f32_slice(name, w.0, w.1, "weight")?;
+        let b = b
+            .map(|(s, l)| super::f32_slice(name, s, l, "bias"))
+            .transpose()?;
+        let (y, shape) = self.0.forward(x, w, b)?;
+        Ok((CpuStorage::F32(y), shape))
     }
-}
 
-/// The convolution as a candle custom op over (input, weight[, bias]).
-struct ConvOp {
-    g: Geom,
-}
-
-impl ConvOp {
     fn grads(
         &self,
         x: &Tensor,
         w: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Tensor, Tensor)> {
-        let g = &self.g;
+        let name = K::NAMES[0];
         let grad = grad.contiguous()?;
         let (dx, dw, db) = {
             let (xs, xl) = x.storage_and_layout();
             let (ws, wl) = w.storage_and_layout();
             let (gs, gl) = grad.storage_and_layout();
-            let (xs, ws, gs) = match (&*xs, &*ws, &*gs) {
-                (
-                    candle_core::Storage::Cpu(a),
-                    candle_core::Storage::Cpu(b),
-                    candle_core::Storage::Cpu(c),
-                ) => (
-                    f32_slice(a, xl, "input")?,
-                    f32_slice(b, wl, "weight")?,
-                    f32_slice(c, gl, "gradient")?,
-                ),
-                _ => candle_core::bail!("conv: backward runs on the CPU only"),
-            };
-            backward(g, xs, ws, gs, x.track_op())?
+            let xs = super::cpu_f32_slice(name, &xs, xl, "input")?;
+            let ws = super::cpu_f32_slice(name, &ws, wl, "weight")?;
+            let gs = super::cpu_f32_slice(name, &gs, gl, "gradient")?;
+            self.0.backward(xs, ws, gs, x.track_op())?
         };
         let dev = x.device();
         let dx = match dx {
@@ -345,14 +427,14 @@ impl ConvOp {
         Ok((
             dx,
             Tensor::from_vec(dw, w.shape(), dev)?,
-            Tensor::from_vec(db, g.cout, dev)?,
+            Tensor::from_vec(db, self.0.geom().cout, dev)?,
         ))
     }
 }
 
-impl CustomOp2 for ConvOp {
+impl<K: ConvKernel> CustomOp2 for Op<K> {
     fn name(&self) -> &'static str {
-        "im2col-conv"
+        K::NAMES[0]
     }
 
     fn cpu_fwd(
@@ -362,10 +444,7 @@ impl CustomOp2 for ConvOp {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let x = f32_slice(s1, l1, "input")?;
-        let w = f32_slice(s2, l2, "weight")?;
-        let y = forward(&self.g, x, w, None)?;
-        Ok((CpuStorage::F32(y), self.g.out_shape()))
+        self.forward((s1, l1), (s2, l2), None)
     }
 
     fn bwd(
@@ -380,9 +459,9 @@ impl CustomOp2 for ConvOp {
     }
 }
 
-impl CustomOp3 for ConvOp {
+impl<K: ConvKernel> CustomOp3 for Op<K> {
     fn name(&self) -> &'static str {
-        "im2col-conv-bias"
+        K::NAMES[1]
     }
 
     fn cpu_fwd(
@@ -394,11 +473,7 @@ impl CustomOp3 for ConvOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let x = f32_slice(s1, l1, "input")?;
-        let w = f32_slice(s2, l2, "weight")?;
-        let b = f32_slice(s3, l3, "bias")?;
-        let y = forward(&self.g, x, w, Some(b))?;
-        Ok((CpuStorage::F32(y), self.g.out_shape()))
+        self.forward((s1, l1), (s2, l2), Some((s3, l3)))
     }
 
     fn bwd(
@@ -416,6 +491,42 @@ impl CustomOp3 for ConvOp {
             direct_grads::param(w, || Ok(dw))?,
             direct_grads::param(b, || Ok(db))?,
         ))
+    }
+}
+
+/// Applies kernel `k` to contiguous operands.
+fn apply<K: ConvKernel + 'static>(
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    k: K,
+) -> Result<Tensor> {
+    let x = x.contiguous()?;
+    let w = w.contiguous()?;
+    match b {
+        Some(b) => x.apply_op3(&w, &b.contiguous()?, Op(k)),
+        None => x.apply_op2(&w, Op(k)),
+    }
+}
+
+/// The convolution.
+struct ConvOp {
+    g: Geom,
+}
+
+impl ConvKernel for ConvOp {
+    const NAMES: [&'static str; 2] = ["im2col-conv", "im2col-conv-bias"];
+
+    fn geom(&self) -> &Geom {
+        &self.g
+    }
+
+    fn forward(&self, x: &[f32], w: &[f32], b: Option<&[f32]>) -> Result<(Vec<f32>, Shape)> {
+        Ok((forward(&self.g, x, w, b)?, self.g.out_shape()))
+    }
+
+    fn backward(&self, x: &[f32], w: &[f32], dy: &[f32], need_dx: bool) -> Result<Grads> {
+        backward(&self.g, x, w, &ConvOutGrad::Dense(dy), need_dx)
     }
 }
 
@@ -450,8 +561,16 @@ impl ConvPoolOp {
             Shape::from((self.g.batch, self.g.cout, ph, pw))
         }
     }
+}
 
-    fn forward(&self, x: &[f32], w: &[f32], b: Option<&[f32]>) -> Result<Vec<f32>> {
+impl ConvKernel for ConvPoolOp {
+    const NAMES: [&'static str; 2] = ["conv-relu-pool", "conv-bias-relu-pool"];
+
+    fn geom(&self) -> &Geom {
+        &self.g
+    }
+
+    fn forward(&self, x: &[f32], w: &[f32], b: Option<&[f32]>) -> Result<(Vec<f32>, Shape)> {
         let g = &self.g;
         let (k, n, out_len) = (g.k(), g.n(), self.out_len());
         let plane_out = out_len / g.cout.max(1);
@@ -470,23 +589,8 @@ impl ConvPoolOp {
                     .enumerate()
                 {
                     let s = ci * per + i;
-                    im2col(g, &x[s * g.in_len()..(s + 1) * g.in_len()], &mut cols);
-                    if let Some(b) = b {
-                        for (row, &bias) in conv.chunks_mut(n).zip(b) {
-                            row.fill(bias);
-                        }
-                    }
-                    matmul(
-                        (g.cout, n, k),
-                        &mut conv,
-                        Strides::rows(n),
-                        w,
-                        Strides::rows(k),
-                        &cols,
-                        Strides::rows(n),
-                        b.is_some(),
-                        Parallelism::None,
-                    )?;
+                    let xs = &x[s * g.in_len()..(s + 1) * g.in_len()];
+                    conv_sample(g, xs, w, b, &mut cols, &mut conv)?;
                     for ((cp, yp), ap) in conv
                         .chunks(n)
                         .zip(yn.chunks_mut(plane_out))
@@ -498,198 +602,19 @@ impl ConvPoolOp {
                 Ok(())
             })?;
         let _ = self.argmax.set(at);
-        Ok(y)
+        Ok((y, self.out_shape()))
     }
 
-    /// (dx, dw, db) from the pooled output's gradient.
     fn backward(&self, x: &[f32], w: &[f32], dy: &[f32], need_dx: bool) -> Result<Grads> {
         let Some(argmax) = self.argmax.get() else {
             candle_core::bail!("conv-relu-pool: backward before forward");
         };
-        let g = &self.g;
-        let (k, n, out_len) = (g.k(), g.n(), self.out_len());
-        let plane_out = out_len / g.cout.max(1);
-        let per = chunk_size(g.batch);
-        let chunk = |first: usize, count: usize, mut dx: Option<&mut [f32]>| {
-            let mut dw = vec![0f32; g.cout * k];
-            let mut db = vec![0f32; g.cout];
-            let mut cols = vec![0f32; k * n];
-            let mut dconv = vec![0f32; g.cout * n];
-            let mut dcols = if dx.is_some() {
-                vec![0f32; k * n]
-            } else {
-                Vec::new()
-            };
-            for i in 0..count {
-                let s = first + i;
-                // The conv output's gradient: each window's at its maximum.
-                dconv.fill(0.0);
-                let (ats, gs) = (
-                    &argmax[s * out_len..(s + 1) * out_len],
-                    &dy[s * out_len..(s + 1) * out_len],
-                );
-                for (c, (ap, gp)) in ats.chunks(plane_out).zip(gs.chunks(plane_out)).enumerate() {
-                    let plane = &mut dconv[c * n..(c + 1) * n];
-                    for (&a, &gv) in ap.iter().zip(gp) {
-                        if a != NONE {
-                            plane[a as usize] = gv;
-                            db[c] += gv;
-                        }
-                    }
-                }
-                im2col(g, &x[s * g.in_len()..(s + 1) * g.in_len()], &mut cols);
-                matmul(
-                    (g.cout, k, n),
-                    &mut dw,
-                    Strides::rows(k),
-                    &dconv,
-                    Strides::rows(n),
-                    &cols,
-                    Strides::transposed(n),
-                    true,
-                    Parallelism::None,
-                )?;
-                if let Some(dx) = dx.as_deref_mut() {
-                    matmul(
-                        (k, n, g.cout),
-                        &mut dcols,
-                        Strides::rows(n),
-                        w,
-                        Strides::transposed(k),
-                        &dconv,
-                        Strides::rows(n),
-                        false,
-                        Parallelism::None,
-                    )?;
-                    col2im(g, &dcols, &mut dx[i * g.in_len()..(i + 1) * g.in_len()]);
-                }
-            }
-            Ok((dw, db))
+        let dy = ConvOutGrad::Pooled {
+            argmax,
+            dy,
+            out_len: self.out_len(),
         };
-        let partials: Vec<(Vec<f32>, Vec<f32>)>;
-        let mut dx = None;
-        if need_dx {
-            let mut buf = vec![0f32; g.batch * g.in_len()];
-            partials = buf
-                .par_chunks_mut(per * g.in_len())
-                .enumerate()
-                .map(|(ci, d)| chunk(ci * per, d.len() / g.in_len(), Some(d)))
-                .collect::<Result<_>>()?;
-            dx = Some(buf);
-        } else {
-            partials = (0..g.batch.div_ceil(per))
-                .into_par_iter()
-                .map(|ci| chunk(ci * per, per.min(g.batch - ci * per), None))
-                .collect::<Result<_>>()?;
-        }
-        let (dw, db) = sum_partials(partials, g);
-        Ok((dx, dw, db))
-    }
-
-    fn grads(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Tensor, Tensor)> {
-        let grad = grad.contiguous()?;
-        let (dx, dw, db) = {
-            let (xs, xl) = x.storage_and_layout();
-            let (ws, wl) = w.storage_and_layout();
-            let (gs, gl) = grad.storage_and_layout();
-            let (xs, ws, gs) = match (&*xs, &*ws, &*gs) {
-                (
-                    candle_core::Storage::Cpu(a),
-                    candle_core::Storage::Cpu(b),
-                    candle_core::Storage::Cpu(c),
-                ) => (
-                    f32_slice(a, xl, "input")?,
-                    f32_slice(b, wl, "weight")?,
-                    f32_slice(c, gl, "gradient")?,
-                ),
-                _ => candle_core::bail!("conv-relu-pool: backward runs on the CPU only"),
-            };
-            self.backward(xs, ws, gs, x.track_op())?
-        };
-        let dev = x.device();
-        let dx = match dx {
-            Some(v) => Some(Tensor::from_vec(v, x.shape(), dev)?),
-            None => None,
-        };
-        Ok((
-            dx,
-            Tensor::from_vec(dw, w.shape(), dev)?,
-            Tensor::from_vec(db, self.g.cout, dev)?,
-        ))
-    }
-}
-
-impl CustomOp2 for ConvPoolOp {
-    fn name(&self) -> &'static str {
-        "conv-relu-pool"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let x = f32_slice(s1, l1, "input")?;
-        let w = f32_slice(s2, l2, "weight")?;
-        Ok((CpuStorage::F32(self.forward(x, w, None)?), self.out_shape()))
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (dx, dw, _) = self.grads(x, w, grad)?;
-        Ok((dx, direct_grads::param(w, || Ok(dw))?))
-    }
-}
-
-impl CustomOp3 for ConvPoolOp {
-    fn name(&self) -> &'static str {
-        "conv-bias-relu-pool"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let x = f32_slice(s1, l1, "input")?;
-        let w = f32_slice(s2, l2, "weight")?;
-        let b = f32_slice(s3, l3, "bias")?;
-        Ok((
-            CpuStorage::F32(self.forward(x, w, Some(b))?),
-            self.out_shape(),
-        ))
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        b: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (dx, dw, db) = self.grads(x, w, grad)?;
-        Ok((
-            dx,
-            direct_grads::param(w, || Ok(dw))?,
-            direct_grads::param(b, || Ok(db))?,
-        ))
+        backward(&self.g, x, w, &dy, need_dx)
     }
 }
 
@@ -706,12 +631,7 @@ fn apply_pool(x: &Tensor, w: &Tensor, b: Option<&Tensor>, op: ConvPoolOp) -> Res
     if op.g.ho * op.g.wo > NONE as usize {
         candle_core::bail!("conv-relu-pool: feature maps are too large");
     }
-    let x = x.contiguous()?;
-    let w = w.contiguous()?;
-    match b {
-        Some(b) => x.apply_op3(&w, &b.contiguous()?, op),
-        None => x.apply_op2(&w, op),
-    }
+    apply(x, w, b, op)
 }
 
 /// `max_pool2d(relu(conv2d(x, w, b, stride, padding)), pool)` as one op:
@@ -727,7 +647,7 @@ pub fn conv_relu_pool2d(
     let g = geom2d(x, w, b, stride, padding)?;
     let mut all = vec![x, w];
     all.extend(b);
-    if !use_kernels(&all) {
+    if !super::on_cpu_f32(&all) {
         candle_core::bail!("conv-relu-pool: runs on f32 CPU tensors only");
     }
     let op = ConvPoolOp {
@@ -751,7 +671,7 @@ pub fn conv_relu_pool1d(
     let g = geom1d(x, w, b, stride, padding)?;
     let mut all = vec![x, w];
     all.extend(b);
-    if !use_kernels(&all) {
+    if !super::on_cpu_f32(&all) {
         candle_core::bail!("conv-relu-pool: runs on f32 CPU tensors only");
     }
     let op = ConvPoolOp {
@@ -760,21 +680,6 @@ pub fn conv_relu_pool1d(
         argmax: OnceLock::new(),
     };
     apply_pool(x, w, b, op)
-}
-
-fn use_kernels(ts: &[&Tensor]) -> bool {
-    ts.iter()
-        .all(|t| t.device().is_cpu() && t.dtype() == candle_core::DType::F32)
-}
-
-fn apply(x: &Tensor, w: &Tensor, b: Option<&Tensor>, g: Geom) -> Result<Tensor> {
-    let x = x.contiguous()?;
-    let w = w.contiguous()?;
-    let op = ConvOp { g };
-    match b {
-        Some(b) => x.apply_op3(&w, &b.contiguous()?, op),
-        None => x.apply_op2(&w, op),
-    }
 }
 
 fn check_bias(b: Option<&Tensor>, cout: usize) -> Result<()> {
@@ -796,14 +701,21 @@ pub fn conv2d(
 ) -> Result<Tensor> {
     let mut all = vec![x, w];
     all.extend(b);
-    if !use_kernels(&all) {
+    if !super::on_cpu_f32(&all) {
         let y = x.conv2d(w, padding, stride, 1, 1)?;
         return match b {
             Some(b) => y.broadcast_add(&b.reshape((1, w.dim(0)?, 1, 1))?),
             None => Ok(y),
         };
     }
-    apply(x, w, b, geom2d(x, w, b, stride, padding)?)
+    apply(
+        x,
+        w,
+        b,
+        ConvOp {
+            g: geom2d(x, w, b, stride, padding)?,
+        },
+    )
 }
 
 fn geom2d(
@@ -847,14 +759,21 @@ pub fn conv1d(
 ) -> Result<Tensor> {
     let mut all = vec![x, w];
     all.extend(b);
-    if !use_kernels(&all) {
+    if !super::on_cpu_f32(&all) {
         let y = x.conv1d(w, padding, stride, 1, 1)?;
         return match b {
             Some(b) => y.broadcast_add(&b.reshape((1, w.dim(0)?, 1))?),
             None => Ok(y),
         };
     }
-    apply(x, w, b, geom1d(x, w, b, stride, padding)?)
+    apply(
+        x,
+        w,
+        b,
+        ConvOp {
+            g: geom1d(x, w, b, stride, padding)?,
+        },
+    )
 }
 
 fn geom1d(
