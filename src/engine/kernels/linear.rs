@@ -31,17 +31,15 @@ struct LinearOp {
 /// it, waking the pool costs more than the pass).
 const PARALLEL_MIN_ELEMS: usize = 1 << 18;
 
-/// Applies `f` to `dst` chunk by chunk, across the thread pool when it is large.
-fn for_chunks(dst: &mut [f32], f: impl Fn(usize, &mut [f32]) + Sync) {
+/// `f` applied to every value of `src` (zipped with `other`) into a new
+/// vector, across the thread pool when it is large.
+fn map2(src: &[f32], other: &[f32], f: impl Fn(f32, f32) -> f32 + Sync) -> Vec<f32> {
     use rayon::prelude::*;
-    if dst.len() < PARALLEL_MIN_ELEMS {
-        f(0, dst);
-        return;
+    if src.len() < PARALLEL_MIN_ELEMS {
+        src.iter().zip(other).map(|(&a, &b)| f(a, b)).collect()
+    } else {
+        src.par_iter().zip(other).map(|(&a, &b)| f(a, b)).collect()
     }
-    let chunk = dst.len().div_ceil(rayon::current_num_threads().max(1) * 4);
-    dst.par_chunks_mut(chunk)
-        .enumerate()
-        .for_each(|(i, c)| f(i * chunk, c));
 }
 
 /// Products smaller than this many multiply-adds run on one thread.
@@ -102,13 +100,16 @@ impl CustomOp3 for LinearOp {
             self.parallelism(m * n * k),
         )?;
         if self.relu {
-            // `v < 0` keeps NaN as NaN, as torch.relu does.
-            for_chunks(&mut y, |_, c| {
-                // A select, not a conditional store: it vectorises, and half
-                // the values being negative costs no branch misses.
-                c.iter_mut()
-                    .for_each(|v| *v = if *v < 0.0 { 0.0 } else { *v })
-            });
+            // `v < 0` keeps NaN as NaN, as torch.relu does. A select, not a
+            // conditional store: it vectorises, and half the values being
+            // negative costs no branch misses.
+            let relu = |v: &mut f32| *v = if *v < 0.0 { 0.0 } else { *v };
+            if y.len() < PARALLEL_MIN_ELEMS {
+                y.iter_mut().for_each(relu);
+            } else {
+                use rayon::prelude::*;
+                y.par_iter_mut().for_each(relu);
+            }
         }
         Ok((CpuStorage::F32(y), Shape::from((m, n))))
     }
@@ -141,14 +142,7 @@ impl CustomOp3 for LinearOp {
                 if yv.len() != gv.len() {
                     candle_core::bail!("linear: output and gradient sizes differ");
                 }
-                let mut m = gv.to_vec();
-                for_chunks(&mut m, |at, c| {
-                    let n = c.len();
-                    for (g, &y) in c.iter_mut().zip(&yv[at..at + n]) {
-                        *g = if y <= 0.0 { 0.0 } else { *g };
-                    }
-                });
-                masked = m;
+                masked = map2(gv, yv, |g, y| if y <= 0.0 { 0.0 } else { g });
                 &masked[..]
             } else {
                 gv
