@@ -194,13 +194,13 @@ impl ParamStore {
                 match dist {
                     candle_nn::init::NormalOrUniform::Uniform => {
                         let bound = 3f64.sqrt() * std;
-                        (0..n)
-                            .map(|_| (-bound + 2.0 * bound * rng.random::<f64>()) as f32)
-                            .collect()
+                        draw(rng, n, UNIFORM_WORDS, |r| {
+                            (-bound + 2.0 * bound * r.random::<f64>()) as f32
+                        })
                     }
-                    candle_nn::init::NormalOrUniform::Normal => (0..n)
-                        .map(|_| (std * standard_normal(rng)) as f32)
-                        .collect(),
+                    candle_nn::init::NormalOrUniform::Normal => {
+                        draw(rng, n, NORMAL_WORDS, |r| (std * standard_normal(r)) as f32)
+                    }
                 }
             }
         }
@@ -382,6 +382,29 @@ mod tests {
                 .collect();
             assert_eq!(got, want);
             // The generator continues where the sequential loop would.
+            assert_eq!(a.random::<u64>(), b.random::<u64>());
+        }
+        // Kaiming (conv and linear defaults elsewhere), both distributions.
+        use candle_nn::init::{FanInOut, NonLinearity, NormalOrUniform};
+        let shape = Shape::from((1000, 101));
+        let std = NonLinearity::ReLU.gain() / 101f64.sqrt();
+        for dist in [NormalOrUniform::Uniform, NormalOrUniform::Normal] {
+            let init = Init::Kaiming {
+                dist,
+                fan: FanInOut::FanIn,
+                non_linearity: NonLinearity::ReLU,
+            };
+            let mut a = ChaCha8Rng::seed_from_u64(3);
+            let mut b = ChaCha8Rng::seed_from_u64(3);
+            let got = ParamStore::sample(&mut a, &shape, init);
+            let bound = 3f64.sqrt() * std;
+            let want: Vec<f32> = (0..shape.elem_count())
+                .map(|_| match dist {
+                    NormalOrUniform::Uniform => (-bound + 2.0 * bound * b.random::<f64>()) as f32,
+                    NormalOrUniform::Normal => (std * standard_normal(&mut b)) as f32,
+                })
+                .collect();
+            assert_eq!(got, want);
             assert_eq!(a.random::<u64>(), b.random::<u64>());
         }
     }
