@@ -618,7 +618,25 @@ impl ConvKernel for ConvPoolOp {
     }
 }
 
-fn apply_pool(x: &Tensor, w: &Tensor, b: Option<&Tensor>, op: ConvPoolOp) -> Result<Tensor> {
+/// The fused op with pooling window `pool` on geometry `g`, after checking
+/// that the operands are f32 CPU tensors and that the window fits.
+fn apply_pool(
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    g: Geom,
+    pool: (usize, usize),
+) -> Result<Tensor> {
+    let mut all = vec![x, w];
+    all.extend(b);
+    if !super::on_cpu_f32(&all) {
+        candle_core::bail!("conv-relu-pool: runs on f32 CPU tensors only");
+    }
+    let op = ConvPoolOp {
+        g,
+        pool,
+        argmax: OnceLock::new(),
+    };
     let (ph, pw) = op.pooled();
     if op.pool.0 == 0 || op.pool.1 == 0 || ph == 0 || pw == 0 {
         candle_core::bail!(
@@ -644,18 +662,7 @@ pub fn conv_relu_pool2d(
     padding: usize,
     pool: usize,
 ) -> Result<Tensor> {
-    let g = geom2d(x, w, b, stride, padding)?;
-    let mut all = vec![x, w];
-    all.extend(b);
-    if !super::on_cpu_f32(&all) {
-        candle_core::bail!("conv-relu-pool: runs on f32 CPU tensors only");
-    }
-    let op = ConvPoolOp {
-        g,
-        pool: (pool, pool),
-        argmax: OnceLock::new(),
-    };
-    apply_pool(x, w, b, op)
+    apply_pool(x, w, b, geom2d(x, w, b, stride, padding)?, (pool, pool))
 }
 
 /// `max_pool1d(relu(conv1d(x, w, b, stride, padding)), pool)` as one op:
@@ -668,18 +675,7 @@ pub fn conv_relu_pool1d(
     padding: usize,
     pool: usize,
 ) -> Result<Tensor> {
-    let g = geom1d(x, w, b, stride, padding)?;
-    let mut all = vec![x, w];
-    all.extend(b);
-    if !super::on_cpu_f32(&all) {
-        candle_core::bail!("conv-relu-pool: runs on f32 CPU tensors only");
-    }
-    let op = ConvPoolOp {
-        g,
-        pool: (1, pool),
-        argmax: OnceLock::new(),
-    };
-    apply_pool(x, w, b, op)
+    apply_pool(x, w, b, geom1d(x, w, b, stride, padding)?, (1, pool))
 }
 
 fn check_bias(b: Option<&Tensor>, cout: usize) -> Result<()> {
