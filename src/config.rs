@@ -16,6 +16,8 @@ use crate::engine::optim::{OptimizerConfig, OptimizerKind};
 use crate::engine::run::{ConvTemplate, ModelTemplate, RunRequest, TrainSpec, WarmStart};
 use crate::engine::schedule::{Mode, PlateauConfig, ThresholdMode};
 
+pub mod run;
+
 /// Prefix of environment variables that override the config file.
 pub const ENV_PREFIX: &str = "EDGE_TRAINER__";
 

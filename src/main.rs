@@ -11,11 +11,12 @@ use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
+use edge_trainer::config::run::Starter;
 use edge_trainer::config::{self, Override, Settings};
 use edge_trainer::engine::data::Split;
 use edge_trainer::engine::device;
 use edge_trainer::engine::loss::CrossEntropy;
-use edge_trainer::engine::run::{new_run_id, CancelFlag, Outcome, RunEvent, WarmStart};
+use edge_trainer::engine::run::{new_run_id, CancelFlag, Outcome, RunEvent};
 use edge_trainer::engine::trainer;
 use edge_trainer::report;
 
@@ -243,10 +244,7 @@ fn train(settings: &Settings, no_progress: bool, resume: Option<&Path>) -> ExitC
             return ExitCode::from(EXIT_USAGE);
         }
     };
-    let warm = match &settings.model.init {
-        Some(p) => WarmStart::StateDict(p.clone()),
-        None => WarmStart::Scratch,
-    };
+    let warm = settings.run_settings().warm_start(Starter::TrainCommand);
     let run_id = match resume {
         Some(dir) => match dir.file_name() {
             Some(id) if dir.is_dir() => id.to_string_lossy().into_owned(),
@@ -390,17 +388,7 @@ fn train(settings: &Settings, no_progress: bool, resume: Option<&Path>) -> ExitC
 
 /// Promotes the run's best model as the daemon would, and says what happened.
 fn print_promotion(settings: &Settings, best: &Path, dev: &candle_core::Device) {
-    use edge_trainer::engine::promote::{promote, PromoteRequest};
-    let data = settings.data_spec();
-    let result = promote(&PromoteRequest {
-        candidate: best,
-        output_dir: &settings.output.dir,
-        data: &data,
-        device: dev,
-        batch_size: settings.train.batch_size,
-        metric: settings.retrain.promote_metric,
-    });
-    match result {
+    match settings.run_settings().promote(best, dev) {
         Ok(p) if p.promoted => println!("Promoted to {}: {}", p.current_path.display(), p.reason),
         Ok(p) => println!(
             "Kept the current model {}: {}",

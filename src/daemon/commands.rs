@@ -4,21 +4,17 @@
 
 use std::path::Path;
 
+use serde::{Deserialize, Deserializer};
 use serde_json::{Map, Value};
 
-use crate::config::{self, ConfigError, Override, Settings};
+use super::messages::Event;
+use crate::config::{self, run, ConfigError, Override, Settings};
 
 /// Largest command payload accepted, in bytes.
 pub const MAX_COMMAND_BYTES: usize = 64 * 1024;
 
 /// Most overrides one `cmd/train` may carry.
 const MAX_OVERRIDES: usize = 64;
-
-/// Config keys a `cmd/train` may override: training hyper-parameters and the
-/// model, never where data, models or the broker live.
-const ALLOWED_PREFIXES: &[&str] = &["train.", "model."];
-const ALLOWED_KEYS: &[&str] = &["retrain.warm_start", "retrain.promote_metric"];
-const FORBIDDEN_KEYS: &[&str] = &["model.init"];
 
 /// A valid command.
 #[derive(Debug, Clone)]
@@ -44,16 +40,57 @@ pub struct Rejection {
 }
 
 impl Rejection {
-    /// The `command_rejected` event's fields.
-    pub fn to_fields(&self) -> Value {
-        let mut m = Map::new();
-        m.insert("command".into(), Value::String(self.command.clone()));
-        m.insert(
-            "request_id".into(),
-            self.request_id.clone().unwrap_or(Value::Null),
-        );
-        m.insert("reason".into(), Value::String(self.reason.clone()));
-        Value::Object(m)
+    /// The `command_rejected` event.
+    pub fn to_event(&self) -> Event {
+        Event::CommandRejected {
+            command: Some(self.command.clone()),
+            request_id: self.request_id.clone(),
+            reason: self.reason.clone(),
+        }
+    }
+}
+
+/// A `request_id`: a JSON string or number (null counts as none).
+struct RequestId(Value);
+
+impl<'de> Deserialize<'de> for RequestId {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        match Value::deserialize(d)? {
+            v @ (Value::String(_) | Value::Number(_)) => Ok(RequestId(v)),
+            other => Err(serde::de::Error::custom(format!(
+                "request_id must be a string or a number, got {}",
+                json_kind(&other)
+            ))),
+        }
+    }
+}
+
+/// The `cmd/train` payload.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TrainPayload {
+    /// Checked after the retained flag, with its own message: any JSON here.
+    #[serde(default)]
+    overrides: Option<Value>,
+    #[serde(default)]
+    request_id: Option<RequestId>,
+}
+
+/// The `cmd/stop` and `cmd/status` payload.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PlainPayload {
+    #[serde(default)]
+    request_id: Option<RequestId>,
+}
+
+/// The payload's `request_id`, read before the payload's shape is checked.
+fn request_id(obj: &Map<String, Value>) -> Result<Option<Value>, String> {
+    match obj.get("request_id") {
+        None => Ok(None),
+        Some(v) => Option::<RequestId>::deserialize(v)
+            .map(|r| r.map(|r| r.0))
+            .map_err(|e| e.to_string()),
     }
 }
 
@@ -119,16 +156,12 @@ pub fn parse(
             ),
         ));
     }
-    let allowed: &[&str] = match name {
-        "train" => &["overrides", "request_id"],
-        "stop" | "status" => &["request_id"],
-        other => {
-            return Err(reject(
-                None,
-                format!("unknown command `{other}`; commands are cmd/train, cmd/stop, cmd/status"),
-            ))
-        }
-    };
+    if !matches!(name, "train" | "stop" | "status") {
+        return Err(reject(
+            None,
+            format!("unknown command `{name}`; commands are cmd/train, cmd/stop, cmd/status"),
+        ));
+    }
     // An empty message (`mosquitto_pub -n`) means `{}`, except for a train request:
     // clearing a retained `cmd/train` sends an empty message, and must not train.
     let value: Value = if payload.iter().all(u8::is_ascii_whitespace) {
@@ -151,28 +184,19 @@ pub fn parse(
             format!("payload must be a JSON object, got {}", json_kind(&value)),
         ));
     };
-    let request_id = match obj.get("request_id") {
-        None | Some(Value::Null) => None,
-        Some(v @ (Value::String(_) | Value::Number(_))) => Some(v.clone()),
-        Some(other) => {
-            return Err(reject(
-                None,
-                format!(
-                    "request_id must be a string or a number, got {}",
-                    json_kind(other)
-                ),
-            ))
-        }
+    // The request id first, so that every later rejection can echo it.
+    let request_id = request_id(&obj).map_err(|r| reject(None, r))?;
+    // Then the payload's shape: unknown fields are refused.
+    let payload = Value::Object(obj);
+    let shape = |e: serde_json::Error| reject(request_id.clone(), format!("cmd/{name}: {e}"));
+    let (overrides, request_id) = if name == "train" {
+        let p = TrainPayload::deserialize(&payload).map_err(shape)?;
+        (p.overrides, p.request_id)
+    } else {
+        let p = PlainPayload::deserialize(&payload).map_err(shape)?;
+        (None, p.request_id)
     };
-    if let Some(unknown) = obj.keys().find(|k| !allowed.contains(&k.as_str())) {
-        return Err(reject(
-            request_id,
-            format!(
-                "unknown field `{unknown}` in cmd/{name}; allowed: {}",
-                allowed.join(", ")
-            ),
-        ));
-    }
+    let request_id = request_id.map(|r| r.0);
     if retained {
         return Err(reject(
             request_id,
@@ -181,15 +205,17 @@ pub fn parse(
     }
     match name {
         "train" => {
-            let overrides = match obj.get("overrides") {
+            let overrides = match overrides {
                 None | Some(Value::Null) => Vec::new(),
-                Some(Value::Object(o)) => parse_overrides(o).map_err(|r| reject(request_id.clone(), r))?,
+                Some(Value::Object(o)) => {
+                    parse_overrides(&o).map_err(|r| reject(request_id.clone(), r))?
+                }
                 Some(other) => {
                     return Err(reject(
                         request_id,
                         format!(
                             "overrides must be an object of config keys, e.g. {{\"train.lr\": 0.001}}, got {}",
-                            json_kind(other)
+                            json_kind(&other)
                         ),
                     ))
                 }
@@ -218,13 +244,10 @@ fn parse_overrides(obj: &Map<String, Value>) -> Result<Vec<Override>, String> {
     }
     let mut out = Vec::with_capacity(flat.len());
     for (key, value) in flat {
-        let allowed = (ALLOWED_PREFIXES.iter().any(|p| key.starts_with(p))
-            || ALLOWED_KEYS.contains(&key.as_str()))
-            && !FORBIDDEN_KEYS.contains(&key.as_str());
-        if !allowed {
+        if !run::remote_overridable(&key) {
             return Err(format!(
-                "`{key}` cannot be overridden remotely: a command may change train.*, model.* except model.init, {}; files, folders, the broker and the device come from the config file only",
-                ALLOWED_KEYS.join(", ")
+                "`{key}` cannot be overridden remotely: a command may change {}; files, folders, the broker and the device come from the config file only",
+                run::remote_description()
             ));
         }
         let ov = Override::from_json(&key, &value, &format!("cmd/train override `{key}`"))

@@ -4,11 +4,12 @@
 //! - [`mqtt`]: the only task polling rumqttc's event loop (connection, acks,
 //!   commands in, reconnection with backoff);
 //! - [`publisher`]: the only task handing messages to the client, from the
-//!   [`outbox`] that survives broker outages;
+//!   [`outbox`] that survives broker outages; [`messages`]: every payload;
 //! - [`scheduler`]: the main loop; one training run at a time on its own OS
 //!   thread, queued and coalesced triggers, promotion, status;
 //! - [`watcher`]: new data files in `data.dir`;
-//! - [`systemd`]: readiness, status lines, watchdog; [`shutdown`]: signals.
+//! - [`systemd`]: readiness, status lines, watchdog; [`shutdown`]: signals and
+//!   the stop budget.
 //!
 //! The engine knows none of this: it gets a run request and a cancel flag and
 //! reports on a channel.
@@ -16,6 +17,7 @@
 #[cfg(feature = "embedded-broker")]
 pub mod broker;
 pub mod commands;
+pub mod messages;
 pub mod mqtt;
 pub mod outbox;
 pub mod publisher;
@@ -32,13 +34,11 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use self::shutdown::STOP_BUDGET;
 use crate::config::{Override, Settings};
 use crate::engine::data;
 use crate::engine::device;
 use crate::engine::promote::{current_model_run_id, CURRENT_FILE};
-
-/// How long the publisher may spend delivering the last messages at shutdown.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Why the daemon could not start or run.
 #[derive(Debug, thiserror::Error)]
@@ -195,7 +195,7 @@ pub async fn serve(
         publisher.clone(),
         client,
         finish.clone(),
-        DRAIN_TIMEOUT,
+        STOP_BUDGET.drain,
     ));
     let stop_watching = CancellationToken::new();
     tasks.spawn(
@@ -232,17 +232,15 @@ pub async fn serve(
     // The scheduler published its last messages; deliver them and disconnect.
     stop_watching.cancel();
     finish.cancel();
-    let _ = tokio::time::timeout(DRAIN_TIMEOUT + Duration::from_secs(2), publisher_task).await;
-    let _ = tokio::time::timeout(Duration::from_secs(3), driver).await;
+    let b = STOP_BUDGET;
+    let _ = tokio::time::timeout(b.drain + b.publisher_exit, publisher_task).await;
+    let _ = tokio::time::timeout(b.disconnect, driver).await;
     tasks.close();
-    if tokio::time::timeout(Duration::from_secs(2), tasks.wait())
-        .await
-        .is_err()
-    {
+    if tokio::time::timeout(b.tasks, tasks.wait()).await.is_err() {
         tracing::debug!("some tasks did not end in time");
     }
     tracing::info!("stopped");
-    tokio::task::spawn_blocking(|| systemd::flush(Duration::from_secs(2)))
+    tokio::task::spawn_blocking(move || systemd::flush(b.notify_flush))
         .await
         .ok();
     Ok(())

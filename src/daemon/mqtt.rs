@@ -10,15 +10,13 @@ use rumqttc::{
     AsyncClient, ConnectionError, Event, EventLoop, LastWill, MqttOptions, Outgoing, Packet, QoS,
     StateError, TlsConfiguration, Transport,
 };
-use serde_json::json;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-use super::outbox::Kind;
+use super::messages;
 use super::publisher::Publisher;
 use super::DaemonError;
 use crate::config::MqttSettings;
-use crate::engine::run::now_rfc3339;
 
 /// Largest MQTT packet the client reads or writes. Commands above
 /// [`super::commands::MAX_COMMAND_BYTES`] are rejected politely; packets above
@@ -61,16 +59,9 @@ pub fn connection(
     o.set_clean_session(true);
     o.set_max_packet_size(MAX_PACKET_BYTES, MAX_PACKET_BYTES);
     o.set_inflight(100);
-    let will = json!({
-        "state": "offline",
-        "version": env!("CARGO_PKG_VERSION"),
-        "device_id": device_id,
-        "reason": "connection lost",
-        "ts": now_rfc3339(),
-    });
     o.set_last_will(LastWill::new(
         status_topic,
-        will.to_string(),
+        messages::last_will_payload(device_id),
         QoS::AtLeastOnce,
         true,
     ));
@@ -242,11 +233,11 @@ impl Driver {
                         retained: p.retain,
                     };
                     if self.commands.try_send(cmd).is_err() {
-                        self.publisher.event(
-                            Kind::Info,
-                            "command_rejected",
-                            json!({"command": name, "request_id": null, "reason": "the daemon is busy or shutting down"}),
-                        );
+                        self.publisher.event(messages::Event::CommandRejected {
+                            command: Some(name.to_string()),
+                            request_id: None,
+                            reason: "the daemon is busy or shutting down".into(),
+                        });
                     }
                 }
                 Ok(_) => {}
@@ -268,15 +259,11 @@ impl Driver {
                         rumqttc::mqttbytes::Error::PayloadSizeLimitExceeded(n),
                     )) = &e
                     {
-                        self.publisher.event(
-                            Kind::Info,
-                            "command_rejected",
-                            json!({
-                                "command": null,
-                                "request_id": null,
-                                "reason": format!("a message of {n} bytes exceeds the {MAX_PACKET_BYTES}-byte packet limit; it was dropped"),
-                            }),
-                        );
+                        self.publisher.event(messages::Event::CommandRejected {
+                            command: None,
+                            request_id: None,
+                            reason: format!("a message of {n} bytes exceeds the {MAX_PACKET_BYTES}-byte packet limit; it was dropped"),
+                        });
                     }
                     if self.finish.is_cancelled() {
                         break;

@@ -7,13 +7,13 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use rumqttc::{AsyncClient, QoS};
-use serde::Serialize;
-use serde_json::{json, Map, Value};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use super::messages::{self, Event};
+pub use super::messages::{State, StatusInfo};
 use super::outbox::{Kind, Message, Outbox};
-use crate::engine::run::{now_rfc3339, Metrics};
+use crate::engine::run::Metrics;
 
 /// The daemon's topics: `{topic_prefix}/{device_id}/...`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -54,32 +54,6 @@ impl Topics {
         topic
             .strip_prefix(self.base.as_str())
             .and_then(|rest| rest.strip_prefix("/cmd/"))
-    }
-}
-
-/// What the retained `status` message says.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct StatusInfo {
-    /// `idle`, `training` or `offline`.
-    pub state: &'static str,
-    /// The run in progress.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub run_id: Option<String>,
-    /// Run id of the model in `current.safetensors`.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub current_model: Option<String>,
-    /// Train requests waiting for the running run (0 or 1: they coalesce).
-    pub queued: usize,
-}
-
-impl Default for StatusInfo {
-    fn default() -> Self {
-        Self {
-            state: "idle",
-            run_id: None,
-            current_model: None,
-            queued: 0,
-        }
     }
 }
 
@@ -133,38 +107,34 @@ impl Publisher {
         self.shared.wake.notify_one();
     }
 
+    /// Waits until a message was queued since the last wait (tests stand in
+    /// for the publisher task, which is the only other waiter).
+    #[cfg(test)]
+    pub(crate) async fn pushed(&self) {
+        self.shared.wake.notified().await;
+    }
+
     fn push(&self, msg: Message) {
         self.with_outbox(|o| o.push(msg));
         self.wake();
     }
 
-    /// Queues an `events` message `{"event": name, "ts", ...fields}`; `fields`
-    /// should be a JSON object.
-    pub fn event(&self, kind: Kind, name: &str, fields: Value) {
-        let mut obj = Map::new();
-        obj.insert("event".into(), Value::String(name.to_string()));
-        obj.insert("ts".into(), Value::String(now_rfc3339()));
-        if let Value::Object(f) = fields {
-            obj.extend(f);
-        }
-        tracing::debug!(event = name, "queued event");
+    /// Queues an `events` message (its payload is built by [`Event::payload`]).
+    pub fn event(&self, event: Event) {
+        tracing::debug!(event = event.name(), "queued event");
         self.push(Message {
             topic: self.shared.topics.events(),
-            payload: Value::Object(obj).to_string().into_bytes(),
+            payload: event.payload(),
             retain: false,
-            kind,
+            kind: event.kind(),
         });
     }
 
     /// Queues a `metrics` message.
     pub fn metrics(&self, m: &Metrics) {
-        let mut v = serde_json::to_value(m).unwrap_or_else(|_| json!({}));
-        if let Value::Object(o) = &mut v {
-            o.insert("ts".into(), Value::String(now_rfc3339()));
-        }
         self.push(Message {
             topic: self.shared.topics.metrics(),
-            payload: v.to_string().into_bytes(),
+            payload: messages::metrics_payload(m),
             retain: false,
             kind: Kind::Metrics,
         });
@@ -191,16 +161,9 @@ impl Publisher {
     pub fn status_message(&self) -> Message {
         let info = self.status_info();
         let dropped = self.with_outbox(|o| o.dropped());
-        let mut v = serde_json::to_value(&info).unwrap_or_else(|_| json!({}));
-        if let Value::Object(o) = &mut v {
-            o.insert("version".into(), json!(env!("CARGO_PKG_VERSION")));
-            o.insert("device_id".into(), json!(self.shared.device_id));
-            o.insert("dropped_messages".into(), json!(dropped));
-            o.insert("ts".into(), json!(now_rfc3339()));
-        }
         Message {
             topic: self.shared.topics.status(),
-            payload: v.to_string().into_bytes(),
+            payload: messages::status_payload(&info, &self.shared.device_id, dropped),
             retain: true,
             kind: Kind::Status,
         }
@@ -266,6 +229,7 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::Value;
 
     #[test]
     fn topics_and_command_names() {
@@ -281,7 +245,7 @@ mod tests {
     fn status_payload_has_version_and_state() {
         let p = Publisher::new(Topics::new("p", "d"), "d", 10);
         p.update_status(|s| {
-            s.state = "training";
+            s.state = State::Training;
             s.run_id = Some("r1".into());
         });
         let msg = p.status_message();

@@ -10,6 +10,7 @@
 
 use std::path::{Path, PathBuf};
 
+use super::messages::ResumeCause;
 use crate::config::Settings;
 use crate::engine::resume::{self, ResumeMeta, RESUME_FILE};
 use crate::engine::trainer::SUMMARY_FILE;
@@ -19,15 +20,16 @@ use crate::engine::trainer::SUMMARY_FILE;
 pub struct Interrupted {
     pub run_id: String,
     pub run_dir: PathBuf,
-    /// `"interrupted"` (no summary: the daemon died) or `"shutdown"`.
-    pub cause: &'static str,
+    /// The daemon died (no summary), or a shutdown cancelled the run.
+    pub cause: ResumeCause,
     /// The resume state's metadata, or why it cannot be read.
     pub meta: Result<ResumeMeta, String>,
 }
 
 impl Interrupted {
-    /// The settings the run started with (data, model, train, retrain) on top of
-    /// the daemon's own (`base`: broker, device, folders).
+    /// The settings the run started with (its run settings, see
+    /// [`crate::config::run::RUN_SETTINGS`]) on top of the daemon's own (`base`:
+    /// broker, device, folders).
     pub fn settings(&self, base: &Settings) -> Result<Settings, String> {
         let meta = self.meta.as_ref().map_err(Clone::clone)?;
         let stored: Settings = serde_json::from_value(meta.config.clone()).map_err(|e| {
@@ -36,13 +38,7 @@ impl Interrupted {
                 self.run_id
             )
         })?;
-        let mut s = base.clone();
-        s.data = stored.data;
-        s.model = stored.model;
-        s.train = stored.train;
-        s.retrain.warm_start = stored.retrain.warm_start;
-        s.retrain.promote_metric = stored.retrain.promote_metric;
-        Ok(s)
+        stored.run_settings().onto(base).map_err(|e| e.to_string())
     }
 }
 
@@ -124,8 +120,8 @@ pub fn find_interrupted(runs_dir: &Path) -> Vec<Interrupted> {
             continue;
         };
         let cause = match summary_outcome(&run_dir).as_deref() {
-            None => "interrupted",
-            Some("cancelled") => "shutdown",
+            None => ResumeCause::Interrupted,
+            Some("cancelled") => ResumeCause::Shutdown,
             // Ended for good; the resume state is a leftover.
             Some(_) => continue,
         };
@@ -209,8 +205,15 @@ mod tests {
         }
         std::fs::create_dir_all(d.path().join("d")).unwrap();
         let found = find_interrupted(d.path());
-        let ids: Vec<(&str, &str)> = found.iter().map(|f| (f.run_id.as_str(), f.cause)).collect();
-        assert_eq!(ids, [("a", "interrupted"), ("b", "shutdown")]);
+        let ids: Vec<(&str, ResumeCause)> =
+            found.iter().map(|f| (f.run_id.as_str(), f.cause)).collect();
+        assert_eq!(
+            ids,
+            [
+                ("a", ResumeCause::Interrupted),
+                ("b", ResumeCause::Shutdown)
+            ]
+        );
         assert!(found.iter().all(|f| f.meta.is_err()));
         forget(&d.path().join("a"));
         assert!(!d.path().join("a").join(RESUME_FILE).exists());

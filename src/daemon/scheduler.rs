@@ -2,34 +2,67 @@
 //! thread with its own cancel flag; train requests that arrive during a run are
 //! queued and coalesce into one. It turns the engine's [`RunEvent`]s into
 //! `metrics` and `events` messages, promotes the run's best model, keeps the
-//! `status` current, and answers commands.
+//! `status` current, and answers commands. What trains a run is injected
+//! ([`Runner`]): the engine, or a fake in the in-process tests.
 
 use std::collections::{BTreeSet, VecDeque};
-use std::path::PathBuf;
 use std::sync::mpsc as std_mpsc;
+use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
 
 use candle_core::Device;
-use serde_json::{json, Value};
+use serde_json::Value;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::commands::{self, Command, ConfigBase};
+use super::messages::{Event, FailureKind, RunOrigin, State, StopCause, Trigger};
 use super::mqtt::RawCommand;
-use super::outbox::Kind;
 use super::publisher::Publisher;
 use super::recovery::{self, Interrupted};
+use super::shutdown::STOP_BUDGET;
 use super::systemd::Activity;
-use crate::config::{Override, Settings, WarmStartFrom};
-use crate::engine::promote::{self, PromoteRequest, Promotion, CURRENT_FILE};
-use crate::engine::run::{
-    new_run_id, CancelFlag, Outcome, RunEvent, RunRequest, RunSummary, WarmStart,
-};
+use crate::config::run::Starter;
+use crate::config::{Override, Settings};
+use crate::engine::promote::Promotion;
+use crate::engine::run::{new_run_id, CancelFlag, Outcome, RunEvent, RunRequest, RunSummary};
 use crate::engine::trainer;
 
-/// Longest wait at shutdown for the run to finish its batch and end.
-const SHUTDOWN_RUN_WAIT: Duration = Duration::from_secs(60);
+/// Trains one run to its end and returns its summary, reporting on the channel
+/// as it goes (its last event is [`RunEvent::Ended`]): the engine's
+/// [`trainer::run`], or a fake in tests.
+pub type TrainFn =
+    Arc<dyn Fn(&RunRequest, &std_mpsc::Sender<RunEvent>, &CancelFlag) -> RunSummary + Send + Sync>;
+
+/// What trains the scheduler's runs, and on which thread.
+#[derive(Clone)]
+pub struct Runner {
+    train: TrainFn,
+    blocking_pool: bool,
+}
+
+impl Runner {
+    /// The engine's trainer, one OS thread per run.
+    pub fn engine() -> Self {
+        Self::new(Arc::new(trainer::run))
+    }
+
+    /// `train` instead of the engine, one OS thread per run.
+    pub fn new(train: TrainFn) -> Self {
+        Self {
+            train,
+            blocking_pool: false,
+        }
+    }
+
+    /// Runs on tokio's blocking pool instead of threads of their own. For tests
+    /// with paused time: tokio does not auto-advance its clock while a blocking
+    /// task runs, so a run in progress is never mistaken for a stuck one.
+    pub fn on_blocking_pool(mut self) -> Self {
+        self.blocking_pool = true;
+        self
+    }
+}
 
 /// What the run thread reports.
 enum RunMsg {
@@ -44,12 +77,10 @@ enum RunMsg {
 struct ActiveRun {
     run_id: String,
     cancel: CancelFlag,
+    /// The run's own thread (none on the blocking pool).
     thread: Option<JoinHandle<()>>,
-    triggers: Vec<String>,
-    request_ids: Vec<Value>,
-    /// `cmd/stop` or `shutdown`, once a stop was asked for.
-    stopped_by: Option<&'static str>,
-    stop_request_id: Option<Value>,
+    /// What asked for the run, and who stopped it once a stop was asked for.
+    origin: RunOrigin,
     max_epochs: u64,
     ended: bool,
 }
@@ -58,7 +89,18 @@ struct ActiveRun {
 struct Queued {
     overrides: Vec<Override>,
     request_ids: Vec<Value>,
-    triggers: BTreeSet<String>,
+    triggers: BTreeSet<Trigger>,
+}
+
+impl Queued {
+    fn origin(&self) -> RunOrigin {
+        RunOrigin {
+            triggers: self.triggers.iter().copied().collect(),
+            request_ids: self.request_ids.clone(),
+            stopped_by: None,
+            stop_request_id: None,
+        }
+    }
 }
 
 /// Where the scheduler's inputs come from.
@@ -78,6 +120,7 @@ pub struct Scheduler {
     device: Device,
     publisher: Publisher,
     activity: watch::Sender<Activity>,
+    runner: Runner,
     running: Option<ActiveRun>,
     queued: Option<Queued>,
     new_samples: u64,
@@ -104,6 +147,7 @@ impl Scheduler {
             device,
             publisher,
             activity,
+            runner: Runner::engine(),
             running: None,
             queued: None,
             new_samples: 0,
@@ -114,8 +158,10 @@ impl Scheduler {
         }
     }
 
-    fn current_path(&self) -> PathBuf {
-        self.settings.output.dir.join(CURRENT_FILE)
+    /// Trains with `runner` instead of the engine.
+    pub fn with_runner(mut self, runner: Runner) -> Self {
+        self.runner = runner;
+        self
     }
 
     /// Runs until `shutdown` fires, then cancels the run, waits for it to end,
@@ -133,7 +179,7 @@ impl Scheduler {
         self.resumes.extend(found);
         self.next_resume();
         if self.settings.retrain.on_start {
-            self.request("on_start", Vec::new(), None);
+            self.request(Trigger::OnStart, Vec::new(), None);
         }
         loop {
             tokio::select! {
@@ -154,10 +200,10 @@ impl Scheduler {
             );
         }
         if let Some(run) = &mut self.running {
-            run.stopped_by = Some("shutdown");
+            run.origin.stopped_by = Some(StopCause::Shutdown);
             run.cancel.cancel();
         }
-        let deadline = tokio::time::Instant::now() + SHUTDOWN_RUN_WAIT;
+        let deadline = tokio::time::Instant::now() + STOP_BUDGET.run;
         while self.running.is_some() {
             tokio::select! {
                 Some((id, msg)) = self.run_rx.recv() => self.on_run_msg(&id, msg),
@@ -169,7 +215,7 @@ impl Scheduler {
             }
         }
         self.publisher.update_status(|s| {
-            s.state = "offline";
+            s.state = State::Offline;
             s.run_id = None;
             s.queued = 0;
         });
@@ -182,14 +228,14 @@ impl Scheduler {
             let queued_data = self
                 .queued
                 .as_ref()
-                .is_some_and(|q| q.triggers.contains("new_data"));
+                .is_some_and(|q| q.triggers.contains(&Trigger::NewData));
             if !queued_data {
                 tracing::info!(
                     new_samples = self.new_samples,
                     threshold,
                     "enough new data: training"
                 );
-                self.request("new_data", Vec::new(), None);
+                self.request(Trigger::NewData, Vec::new(), None);
             }
         }
     }
@@ -217,21 +263,20 @@ impl Scheduler {
         match parsed {
             Err(rej) => {
                 tracing::warn!(command = %rej.command, reason = %rej.reason, "command rejected");
-                self.publisher
-                    .event(Kind::Info, "command_rejected", rej.to_fields());
+                self.publisher.event(rej.to_event());
             }
             Ok(Command::Train {
                 overrides,
                 request_id,
             }) => {
                 tracing::info!(overrides = overrides.len(), "train requested");
-                self.request("command", overrides, request_id);
+                self.request(Trigger::Command, overrides, request_id);
             }
             Ok(Command::Stop { request_id }) => match &mut self.running {
                 Some(run) if !run.ended => {
                     tracing::info!(run_id = %run.run_id, "stop requested");
-                    run.stopped_by = Some("cmd/stop");
-                    run.stop_request_id = request_id;
+                    run.origin.stopped_by = Some(StopCause::Command);
+                    run.origin.stop_request_id = request_id;
                     run.cancel.cancel();
                 }
                 _ => {
@@ -240,8 +285,7 @@ impl Scheduler {
                         request_id,
                         reason: "no run in progress".into(),
                     };
-                    self.publisher
-                        .event(Kind::Info, "command_rejected", rej.to_fields());
+                    self.publisher.event(rej.to_event());
                 }
             },
             Ok(Command::Status { .. }) => self.publisher.publish_status(),
@@ -249,12 +293,12 @@ impl Scheduler {
     }
 
     /// Starts a run now, or queues it (coalescing with what is queued).
-    fn request(&mut self, trigger: &str, overrides: Vec<Override>, request_id: Option<Value>) {
+    fn request(&mut self, trigger: Trigger, overrides: Vec<Override>, request_id: Option<Value>) {
         if self.running.is_none() {
             self.start(Queued {
                 overrides,
                 request_ids: request_id.into_iter().collect(),
-                triggers: BTreeSet::from([trigger.to_string()]),
+                triggers: BTreeSet::from([trigger]),
             });
             return;
         }
@@ -262,68 +306,51 @@ impl Scheduler {
         let q = self.queued.get_or_insert_with(Queued::default);
         q.overrides.extend(overrides);
         q.request_ids.extend(request_id.clone());
-        q.triggers.insert(trigger.to_string());
+        q.triggers.insert(trigger);
         let running = self.running.as_ref().map(|r| r.run_id.clone());
-        self.publisher.event(
-            Kind::Info,
-            "run_queued",
-            json!({
-                "request_id": request_id,
-                "trigger": trigger,
-                "behind_run_id": running,
-                "coalesced": coalesced,
-            }),
-        );
+        self.publisher.event(Event::RunQueued {
+            request_id,
+            trigger,
+            behind_run_id: running,
+            coalesced,
+        });
         self.publisher.update_status(|s| s.queued = 1);
     }
 
-    fn warm_start(&self, settings: &Settings) -> WarmStart {
-        let init = || match &settings.model.init {
-            Some(p) => WarmStart::StateDict(p.clone()),
-            None => WarmStart::Scratch,
-        };
-        match settings.retrain.warm_start {
-            WarmStartFrom::Current if self.current_path().is_file() => {
-                WarmStart::Checkpoint(self.current_path())
-            }
-            WarmStartFrom::Current | WarmStartFrom::Init => init(),
-            WarmStartFrom::Scratch => WarmStart::Scratch,
-        }
-    }
-
     fn start(&mut self, q: Queued) {
-        let triggers: Vec<String> = q.triggers.into_iter().collect();
+        let origin = q.origin();
         let run_id = new_run_id();
-        let prepared = self
-            .base
-            .resolve(&q.overrides)
-            .map_err(|e| e.to_string())
-            .and_then(|s| {
-                let warm = self.warm_start(&s);
-                s.run_request(run_id.clone(), self.device.clone(), warm)
-                    .map(|r| (s, r))
-                    .map_err(|e| e.to_string())
-            });
+        let prepared = self.base.resolve(&q.overrides).and_then(|s| {
+            let warm = s.run_settings().warm_start(Starter::Daemon);
+            s.run_request(run_id.clone(), self.device.clone(), warm)
+                .map(|r| (s, r))
+        });
         let (settings, req) = match prepared {
             Ok(x) => x,
-            Err(reason) => {
+            Err(e) => {
+                let reason = e.to_string();
                 tracing::error!(%reason, "cannot start a run");
-                self.publisher.event(
-                    Kind::Lifecycle,
-                    "run_failed",
-                    json!({"run_id": run_id, "outcome": "failed", "reason": reason, "triggers": triggers, "request_ids": q.request_ids}),
-                );
+                self.publisher.event(Event::run_failed(
+                    &run_id,
+                    reason,
+                    FailureKind::BadConfig,
+                    &origin,
+                ));
                 return;
             }
         };
-        self.launch(settings, req, triggers, q.request_ids);
+        self.launch(settings, req, origin);
     }
 
     /// Starts the next interrupted run found at start, if any; whether one started.
     fn next_resume(&mut self) -> bool {
         while let Some(r) = self.resumes.pop_front() {
+            let origin = RunOrigin {
+                triggers: vec![Trigger::Resume],
+                ..RunOrigin::default()
+            };
             let prepared = r.settings(&self.settings).and_then(|s| {
-                let warm = self.warm_start(&s);
+                let warm = s.run_settings().warm_start(Starter::Daemon);
                 s.run_request(r.run_id.clone(), self.device.clone(), warm)
                     .map(|mut req| {
                         req.resume = true;
@@ -336,11 +363,17 @@ impl Scheduler {
                 Err(reason) => {
                     tracing::error!(run_id = %r.run_id, %reason, "cannot resume the run");
                     recovery::forget(&r.run_dir);
-                    self.publisher.event(
-                        Kind::Lifecycle,
-                        "run_failed",
-                        json!({"run_id": r.run_id, "outcome": "failed", "reason": format!("cannot resume: {reason}"), "triggers": ["resume"]}),
-                    );
+                    // An unreadable resume state, or settings this version refuses.
+                    let kind = match &r.meta {
+                        Err(_) => FailureKind::Io,
+                        Ok(_) => FailureKind::BadConfig,
+                    };
+                    self.publisher.event(Event::run_failed(
+                        &r.run_id,
+                        format!("cannot resume: {reason}"),
+                        kind,
+                        &origin,
+                    ));
                     continue;
                 }
             };
@@ -348,19 +381,15 @@ impl Scheduler {
                 Ok(m) => (m.step, m.next_epoch),
                 Err(_) => (0, 0),
             };
-            tracing::info!(run_id = %r.run_id, step, cause = r.cause, "resuming the run");
-            self.publisher.event(
-                Kind::Lifecycle,
-                "run_resumed",
-                json!({
-                    "run_id": r.run_id,
-                    "step": step,
-                    "epoch": epoch,
-                    "cause": r.cause,
-                    "run_dir": r.run_dir,
-                }),
-            );
-            if self.launch(settings, req, vec!["resume".to_string()], Vec::new()) {
+            tracing::info!(run_id = %r.run_id, step, cause = ?r.cause, "resuming the run");
+            self.publisher.event(Event::RunResumed {
+                run_id: r.run_id.clone(),
+                step,
+                epoch,
+                cause: r.cause,
+                run_dir: r.run_dir.clone(),
+            });
+            if self.launch(settings, req, origin) {
                 return true;
             }
         }
@@ -368,43 +397,41 @@ impl Scheduler {
     }
 
     /// Starts a prepared run on its own thread; whether it started.
-    fn launch(
-        &mut self,
-        settings: Settings,
-        req: RunRequest,
-        triggers: Vec<String>,
-        request_ids: Vec<Value>,
-    ) -> bool {
+    fn launch(&mut self, settings: Settings, req: RunRequest, origin: RunOrigin) -> bool {
         let run_id = req.run_id.clone();
         self.new_samples = 0;
         let max_epochs = req.train.max_epochs;
         let cancel = CancelFlag::new();
-        let thread = spawn_run(req, settings, cancel.clone(), self.run_tx.clone());
+        let thread = spawn_run(
+            req,
+            settings,
+            cancel.clone(),
+            self.run_tx.clone(),
+            &self.runner,
+        );
         let thread = match thread {
             Ok(t) => t,
             Err(e) => {
-                self.publisher.event(
-                    Kind::Lifecycle,
-                    "run_failed",
-                    json!({"run_id": run_id, "outcome": "failed", "reason": format!("cannot start the training thread: {e}")}),
-                );
+                self.publisher.event(Event::run_failed(
+                    &run_id,
+                    format!("cannot start the training thread: {e}"),
+                    FailureKind::Internal,
+                    &origin,
+                ));
                 return false;
             }
         };
-        tracing::info!(%run_id, triggers = ?triggers, "run starting");
+        tracing::info!(%run_id, triggers = ?origin.triggers, "run starting");
         self.running = Some(ActiveRun {
             run_id: run_id.clone(),
             cancel,
-            thread: Some(thread),
-            triggers,
-            request_ids,
-            stopped_by: None,
-            stop_request_id: None,
+            thread,
+            origin,
             max_epochs,
             ended: false,
         });
         self.publisher.update_status(|s| {
-            s.state = "training";
+            s.state = State::Training;
             s.run_id = Some(run_id.clone());
             s.queued = 0;
         });
@@ -422,26 +449,7 @@ impl Scheduler {
         };
         let p = &self.publisher;
         match msg {
-            RunMsg::Event(RunEvent::Started(s)) => {
-                p.event(
-                    Kind::Lifecycle,
-                    "run_started",
-                    json!({
-                        "run_id": s.run_id,
-                        "triggers": run.triggers,
-                        "request_ids": run.request_ids,
-                        "warm_start": s.warm_start,
-                        "device": s.device,
-                        "samples": s.samples,
-                        "classes": s.classes,
-                        "trainable_params": s.trainable_params,
-                        "steps_per_epoch": s.steps_per_epoch,
-                        "max_epochs": s.max_epochs,
-                        "run_dir": s.run_dir,
-                        "skipped_files": s.skipped_files,
-                    }),
-                );
-            }
+            RunMsg::Event(RunEvent::Started(s)) => p.event(Event::run_started(&s, &run.origin)),
             RunMsg::Event(RunEvent::EpochStarted { epoch, .. }) => {
                 self.activity.send_replace(Activity::Training {
                     run_id: run.run_id.clone(),
@@ -451,30 +459,28 @@ impl Scheduler {
             }
             RunMsg::Event(RunEvent::Step { .. }) => {}
             RunMsg::Event(RunEvent::Evaluated(m)) => p.metrics(&m),
-            RunMsg::Event(RunEvent::CheckpointSaved(c)) => {
-                p.event(Kind::Lifecycle, "checkpoint_saved", json!(c));
-            }
-            RunMsg::Event(RunEvent::EarlyStopped(e)) => {
-                p.event(Kind::Lifecycle, "early_stopped", json!(e));
-            }
+            RunMsg::Event(RunEvent::CheckpointSaved(c)) => p.event(Event::checkpoint_saved(&c)),
+            RunMsg::Event(RunEvent::EarlyStopped(e)) => p.event(Event::early_stopped(&e)),
             RunMsg::Event(RunEvent::Ended(summary)) => {
                 run.ended = true;
-                if summary.outcome == Outcome::Cancelled && run.stopped_by == Some("cmd/stop") {
+                if summary.outcome == Outcome::Cancelled
+                    && run.origin.stopped_by == Some(StopCause::Command)
+                {
                     // Stopped on purpose: a restart must not continue it.
                     recovery::forget(&self.settings.runs_dir().join(&run.run_id));
                 }
-                let (name, fields) = ended_event(&summary, run);
                 tracing::info!(run_id = %summary.run_id, outcome = ?summary.outcome, reason = %summary.reason, "run ended");
-                p.event(Kind::Lifecycle, name, fields);
+                p.event(Event::run_ended(&summary, &run.origin));
             }
             RunMsg::Crashed(reason) => {
                 run.ended = true;
                 tracing::error!(run_id = %run.run_id, %reason, "the training thread crashed");
-                p.event(
-                    Kind::Lifecycle,
-                    "run_failed",
-                    json!({"run_id": run.run_id, "outcome": "failed", "reason": format!("the training thread crashed: {reason}"), "request_ids": run.request_ids}),
-                );
+                p.event(Event::run_failed(
+                    &run.run_id,
+                    format!("the training thread crashed: {reason}"),
+                    FailureKind::Internal,
+                    &run.origin,
+                ));
             }
             RunMsg::Promotion(result) => {
                 let run_id = run.run_id.clone();
@@ -487,26 +493,8 @@ impl Scheduler {
     fn on_promotion(&mut self, run_id: &str, result: Result<Promotion, String>) {
         match result {
             Ok(pr) => {
-                let name = if pr.promoted {
-                    "model_promoted"
-                } else {
-                    "model_kept"
-                };
                 tracing::info!(%run_id, promoted = pr.promoted, reason = %pr.reason, "promotion decided");
-                self.publisher.event(
-                    Kind::Lifecycle,
-                    name,
-                    json!({
-                        "run_id": run_id,
-                        "metric": pr.metric.name(),
-                        "split": pr.split,
-                        "candidate": pr.candidate,
-                        "current": pr.current,
-                        "reason": pr.reason,
-                        "path": pr.current_path,
-                        "previous_path": pr.previous_path,
-                    }),
-                );
+                self.publisher.event(Event::promotion(run_id, &pr));
                 if pr.promoted {
                     let id = pr.candidate.run_id.clone();
                     self.publisher.update_status(|s| s.current_model = Some(id));
@@ -514,11 +502,7 @@ impl Scheduler {
             }
             Err(e) => {
                 tracing::error!(%run_id, error = %e, "promotion failed; the current model stays");
-                self.publisher.event(
-                    Kind::Lifecycle,
-                    "model_kept",
-                    json!({"run_id": run_id, "reason": format!("promotion failed: {e}"), "error": e}),
-                );
+                self.publisher.event(Event::promotion_failed(run_id, e));
             }
         }
     }
@@ -542,123 +526,95 @@ impl Scheduler {
             return;
         }
         self.publisher.update_status(|s| {
-            s.state = "idle";
+            s.state = State::Idle;
             s.run_id = None;
             s.queued = 0;
         });
         self.activity.send_replace(Activity::Idle);
         let threshold = self.settings.retrain.min_new_samples;
         if threshold > 0 && self.new_samples >= threshold {
-            self.request("new_data", Vec::new(), None);
+            self.request(Trigger::NewData, Vec::new(), None);
         }
     }
 }
 
-/// The `run_*` event that ends a run.
-fn ended_event(s: &RunSummary, run: &ActiveRun) -> (&'static str, Value) {
-    let name = match s.outcome {
-        Outcome::Finished | Outcome::EarlyStopped => "run_finished",
-        Outcome::Failed => "run_failed",
-        Outcome::Cancelled => "run_cancelled",
-    };
-    let reason = match (run.stopped_by, s.outcome) {
-        (Some("shutdown"), Outcome::Cancelled) => {
-            format!("{}: the daemon is shutting down", s.reason)
-        }
-        (Some(by), Outcome::Cancelled) => format!("{}: stopped by {by}", s.reason),
-        _ => s.reason.clone(),
-    };
-    let test = s.test.as_ref().map(|t| {
-        json!({"loss": t.loss, "accuracy": t.accuracy, "macro_f1": t.macro_f1, "samples": t.samples})
-    });
-    let run_dir = s
-        .best_checkpoint
-        .as_ref()
-        .and_then(|p| p.parent().map(|d| d.to_path_buf()));
-    (
-        name,
-        json!({
-            "run_id": s.run_id,
-            "outcome": s.outcome,
-            "reason": reason,
-            "epochs": s.epochs,
-            "steps": s.steps,
-            "best": s.best,
-            "test": test,
-            "best_checkpoint": s.best_checkpoint,
-            "run_dir": run_dir,
-            "wall_s": s.wall_s,
-            "triggers": run.triggers,
-            "request_ids": run.request_ids,
-            "stopped_by": run.stopped_by,
-            "stop_request_id": run.stop_request_id,
-        }),
-    )
-}
-
-/// Starts the run's OS thread: trains, then promotes, reporting through `out`.
+/// Starts the run's thread (its own, or one of the blocking pool's): trains
+/// with the runner, then promotes, reporting through `out`.
 fn spawn_run(
     req: RunRequest,
     settings: Settings,
     cancel: CancelFlag,
     out: mpsc::UnboundedSender<(String, RunMsg)>,
-) -> std::io::Result<JoinHandle<()>> {
+    runner: &Runner,
+) -> std::io::Result<Option<JoinHandle<()>>> {
     let run_id = req.run_id.clone();
+    let train = runner.train.clone();
+    let body = move || run_body(req, settings, cancel, out, train);
+    if runner.blocking_pool {
+        // Detached: `Done` is its last word, as for a thread of its own.
+        drop(tokio::task::spawn_blocking(body));
+        return Ok(None);
+    }
     std::thread::Builder::new()
         .name(format!("train-{run_id}"))
-        .spawn(move || {
-            let send = |m: RunMsg| {
-                let _ = out.send((run_id.clone(), m));
-            };
-            let (tx, rx) = std_mpsc::channel::<RunEvent>();
-            // Bridges the engine's std channel into the async world, in order.
-            let bridge = {
-                let out = out.clone();
-                let run_id = run_id.clone();
-                std::thread::Builder::new()
-                    .name("run-events".into())
-                    .spawn(move || {
-                        for ev in rx {
-                            if matches!(ev, RunEvent::Step { .. }) {
-                                continue;
-                            }
-                            let _ = out.send((run_id.clone(), RunMsg::Event(ev)));
-                        }
-                    })
-            };
-            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                trainer::run(&req, &tx, &cancel)
-            }));
-            drop(tx);
-            if let Ok(b) = bridge {
-                let _ = b.join();
-            }
-            match result {
-                Ok(summary) => {
-                    if summary.outcome.is_success() {
-                        if let Some(best) = &summary.best_checkpoint {
-                            let data = settings.data_spec();
-                            let pr = promote::promote(&PromoteRequest {
-                                candidate: best,
-                                output_dir: &settings.output.dir,
-                                data: &data,
-                                device: &req.device,
-                                batch_size: settings.train.batch_size,
-                                metric: settings.retrain.promote_metric,
-                            });
-                            send(RunMsg::Promotion(pr.map_err(|e| e.to_string())));
-                        }
-                    }
-                }
-                Err(panic) => {
-                    let reason = panic
-                        .downcast_ref::<&str>()
-                        .map(|s| s.to_string())
-                        .or_else(|| panic.downcast_ref::<String>().cloned())
-                        .unwrap_or_else(|| "unknown panic".into());
-                    send(RunMsg::Crashed(reason));
-                }
-            }
-            send(RunMsg::Done);
-        })
+        .spawn(body)
+        .map(Some)
 }
+
+/// A run from start to `Done`: trains, then promotes a successful run's best model.
+fn run_body(
+    req: RunRequest,
+    settings: Settings,
+    cancel: CancelFlag,
+    out: mpsc::UnboundedSender<(String, RunMsg)>,
+    train: TrainFn,
+) {
+    let run_id = req.run_id.clone();
+    let send = |m: RunMsg| {
+        let _ = out.send((run_id.clone(), m));
+    };
+    let (tx, rx) = std_mpsc::channel::<RunEvent>();
+    // Bridges the engine's std channel into the async world, in order.
+    let bridge = {
+        let out = out.clone();
+        let run_id = run_id.clone();
+        std::thread::Builder::new()
+            .name("run-events".into())
+            .spawn(move || {
+                for ev in rx {
+                    if matches!(ev, RunEvent::Step { .. }) {
+                        continue;
+                    }
+                    let _ = out.send((run_id.clone(), RunMsg::Event(ev)));
+                }
+            })
+    };
+    let result =
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| train(&req, &tx, &cancel)));
+    drop(tx);
+    if let Ok(b) = bridge {
+        let _ = b.join();
+    }
+    match result {
+        Ok(summary) => {
+            if summary.outcome.is_success() {
+                if let Some(best) = &summary.best_checkpoint {
+                    let pr = settings.run_settings().promote(best, &req.device);
+                    send(RunMsg::Promotion(pr.map_err(|e| e.to_string())));
+                }
+            }
+        }
+        Err(panic) => {
+            let reason = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".into());
+            send(RunMsg::Crashed(reason));
+        }
+    }
+    send(RunMsg::Done);
+}
+
+#[cfg(test)]
+mod tests;

@@ -13,11 +13,10 @@ use std::time::{Duration, Instant, SystemTime};
 
 use notify::event::{EventKind, ModifyKind, RenameMode};
 use notify::{RecursiveMode, Watcher as _};
-use serde_json::json;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::outbox::Kind;
+use super::messages::Event;
 use super::publisher::Publisher;
 use crate::engine::data::{self, DataFormat, DataSpec};
 use crate::engine::fsutil::atomic_write;
@@ -369,11 +368,10 @@ impl Watcher {
         match result {
             Ok(samples) => {
                 tracing::info!(file = %name, samples, "new data accepted");
-                self.publisher.event(
-                    Kind::Info,
-                    "data_accepted",
-                    json!({"file": name, "samples": samples}),
-                );
+                self.publisher.event(Event::DataAccepted {
+                    file: name,
+                    samples,
+                });
                 let _ = self.new_samples.send(samples as u64);
             }
             Err(reason) => {
@@ -393,11 +391,12 @@ impl Watcher {
                         tracing::error!(file = %name, %reason, error = %e, "new data rejected but cannot be moved to rejected/")
                     }
                 }
-                self.publisher.event(
-                    Kind::Info,
-                    "data_rejected",
-                    json!({"file": name, "reason": reason, "moved_to": moved_to, "move_error": move_error}),
-                );
+                self.publisher.event(Event::DataRejected {
+                    file: name,
+                    reason,
+                    moved_to,
+                    move_error,
+                });
             }
         }
     }
