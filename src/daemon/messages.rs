@@ -72,7 +72,8 @@ pub enum State {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum FailureKind {
-    /// The settings of the run are invalid (checked when it was launched).
+    /// The run's settings are refused (at launch, or by the engine: a
+    /// `model.freeze` pattern that matches nothing).
     BadConfig,
     /// No usable data: an empty training or validation split.
     NoData,
@@ -128,7 +129,9 @@ pub fn failure_kind(summary: &RunSummary) -> FailureKind {
         "i/o error",
     ]) {
         FailureKind::Io
-    } else if has(&["checkpoint", "model.init", "model.freeze"]) {
+    } else if has(&["model.freeze"]) {
+        FailureKind::BadConfig
+    } else if has(&["checkpoint", "model.init"]) {
         FailureKind::ModelMismatch
     } else {
         FailureKind::Internal
@@ -1016,6 +1019,7 @@ mod tests {
             ("cannot write checkpoint /x: Permission denied (os error 13)", FailureKind::Io),
             ("cannot create run folder /x: Permission denied (os error 13)", FailureKind::Io),
             ("cannot write /o/runs/r/best.safetensors: No space left on device (os error 28)", FailureKind::DiskFull),
+            ("model.freeze pattern \"x\" matches no parameter", FailureKind::BadConfig),
             ("something else", FailureKind::Internal),
         ] {
             assert_eq!(failure_kind(&summary(Outcome::Failed, reason)), kind, "{reason}");
