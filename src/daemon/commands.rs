@@ -334,7 +334,25 @@ mod tests {
     fn request_id_is_echoed_even_when_rejected() {
         let r = parse("stop", br#"{"request_id": "a1", "x": 1}"#, false, ok).unwrap_err();
         assert_eq!(r.request_id, Some(Value::String("a1".into())));
+        assert_eq!(
+            r.reason,
+            "cmd/stop: unknown field `x`, expected `request_id`"
+        );
+        let r = parse("train", br#"{"x": 1, "request_id": 2}"#, false, ok).unwrap_err();
+        assert_eq!(r.request_id, Some(Value::from(2)));
         assert!(r.reason.contains("unknown field `x`"), "{}", r.reason);
+        // A bad request id is reported first, without an id to echo.
+        let r = parse("train", br#"{"x": 1, "request_id": true}"#, false, ok).unwrap_err();
+        assert_eq!(r.request_id, None);
+        assert!(r.reason.contains("request_id must be"), "{}", r.reason);
+        // A null request id is no request id.
+        assert!(matches!(
+            parse("status", br#"{"request_id": null}"#, false, ok),
+            Ok(Command::Status { request_id: None })
+        ));
+        // A retained command is refused before its overrides are read.
+        let r = parse("train", br#"{"overrides": 5}"#, true, ok).unwrap_err();
+        assert!(r.reason.contains("retained"), "{}", r.reason);
     }
 
     #[test]
