@@ -376,7 +376,7 @@ fn train(settings: &Settings, no_progress: bool, resume: Option<&Path>) -> ExitC
     }
     if summary.outcome.is_success() {
         if let Some(best) = &summary.best_checkpoint {
-            print_promotion(settings, best, &req.device);
+            print_promotion(settings, best, &req.device, &cancel);
         }
     }
     let run_dir = req.runs_dir.join(&req.run_id);
@@ -389,17 +389,25 @@ fn train(settings: &Settings, no_progress: bool, resume: Option<&Path>) -> ExitC
 }
 
 /// Promotes the run's best model as the daemon would, and says what happened.
-fn print_promotion(settings: &Settings, best: &Path, dev: &candle_core::Device) {
+fn print_promotion(
+    settings: &Settings,
+    best: &Path,
+    dev: &candle_core::Device,
+    cancel: &CancelFlag,
+) {
     use edge_trainer::engine::promote::{promote, PromoteRequest};
     let data = settings.data_spec();
-    let result = promote(&PromoteRequest {
-        candidate: best,
-        output_dir: &settings.output.dir,
-        data: &data,
-        device: dev,
-        batch_size: settings.train.batch_size,
-        metric: settings.retrain.promote_metric,
-    });
+    let result = promote(
+        &PromoteRequest {
+            candidate: best,
+            output_dir: &settings.output.dir,
+            data: &data,
+            device: dev,
+            batch_size: settings.train.batch_size,
+            metric: settings.retrain.promote_metric,
+        },
+        cancel,
+    );
     match result {
         Ok(p) if p.promoted => println!("Promoted to {}: {}", p.current_path.display(), p.reason),
         Ok(p) => println!(
@@ -423,15 +431,15 @@ fn eval(settings: &Settings, checkpoint: &Path, split: SplitArg, json: bool) -> 
         settings.train.label_smoothing,
         &dev,
     )?;
-    let (rep, meta, skipped) = trainer::evaluate_checkpoint(
+    let (rep, meta, skipped) = edge_trainer::engine::eval::evaluate_checkpoint(
         checkpoint,
         &settings.data_spec(),
         split,
         &dev,
         settings.train.batch_size,
         &loss,
+        &CancelFlag::new(),
     )
-    .map_err(anyhow::Error::msg)
     .with_context(|| format!("evaluating {}", checkpoint.display()))?;
     let split_name = format!("{split:?}").to_lowercase();
     if json {

@@ -6,7 +6,6 @@
 
 use std::collections::{BTreeSet, VecDeque};
 use std::path::PathBuf;
-use std::sync::mpsc as std_mpsc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -610,42 +609,32 @@ fn spawn_run(
             let send = |m: RunMsg| {
                 let _ = out.send((run_id.clone(), m));
             };
-            let (tx, rx) = std_mpsc::channel::<RunEvent>();
-            // Bridges the engine's std channel into the async world, in order.
-            let bridge = {
-                let out = out.clone();
-                let run_id = run_id.clone();
-                std::thread::Builder::new()
-                    .name("run-events".into())
-                    .spawn(move || {
-                        for ev in rx {
-                            if matches!(ev, RunEvent::Step { .. }) {
-                                continue;
-                            }
-                            let _ = out.send((run_id.clone(), RunMsg::Event(ev)));
-                        }
-                    })
+            // The engine's events go straight into the scheduler's channel
+            // (tokio's unbounded `send` is synchronous), in order; steps are dropped.
+            let sink = |ev: RunEvent| {
+                if !matches!(ev, RunEvent::Step { .. }) {
+                    send(RunMsg::Event(ev));
+                }
             };
             let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                trainer::run(&req, &tx, &cancel)
+                trainer::run(&req, &sink, &cancel)
             }));
-            drop(tx);
-            if let Ok(b) = bridge {
-                let _ = b.join();
-            }
             match result {
                 Ok(summary) => {
                     if summary.outcome.is_success() {
                         if let Some(best) = &summary.best_checkpoint {
                             let data = settings.data_spec();
-                            let pr = promote::promote(&PromoteRequest {
-                                candidate: best,
-                                output_dir: &settings.output.dir,
-                                data: &data,
-                                device: &req.device,
-                                batch_size: settings.train.batch_size,
-                                metric: settings.retrain.promote_metric,
-                            });
+                            let pr = promote::promote(
+                                &PromoteRequest {
+                                    candidate: best,
+                                    output_dir: &settings.output.dir,
+                                    data: &data,
+                                    device: &req.device,
+                                    batch_size: settings.train.batch_size,
+                                    metric: settings.retrain.promote_metric,
+                                },
+                                &cancel,
+                            );
                             send(RunMsg::Promotion(pr.map_err(|e| e.to_string())));
                         }
                     }
