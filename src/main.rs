@@ -440,6 +440,8 @@ fn eval(settings: &Settings, checkpoint: &Path, split: SplitArg, json: bool) -> 
         &loss,
         &CancelFlag::new(),
     )
+    // The message already names its cause; `{:#}` must not repeat the source chain.
+    .map_err(|e| anyhow::Error::msg(e.to_string()))
     .with_context(|| format!("evaluating {}", checkpoint.display()))?;
     let split_name = format!("{split:?}").to_lowercase();
     if json {
