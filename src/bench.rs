@@ -1,7 +1,7 @@
 //! `edge-trainer bench`: trains the models of the performance comparison
 //! (README "Performance") through the real engine components — [`Model`],
-//! [`Batcher`], [`CrossEntropy`], [`AnyOptimizer`], the same calls as the
-//! trainer's loop — for a fixed number of steps, and reports samples/s, the
+//! [`Batcher`], [`CrossEntropy`], [`AnyOptimizer`] and the trainer's own
+//! [`train_step`] — for a fixed number of steps, and reports samples/s, the
 //! time of each phase of a step, peak RSS and the time from process start to
 //! the first finished step.
 //!
@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use candle_core::{Device, Tensor, D};
+use candle_core::{Device, Tensor};
 use clap::{Args, ValueEnum};
 use rand::{Rng, RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -31,6 +31,7 @@ use edge_trainer::engine::model::{
     Activation, CnnSpec, ConvBlockSpec, ForwardCtx, MlpSpec, Model, ModelSpec, TextCnnSpec,
 };
 use edge_trainer::engine::optim::{AnyOptimizer, OptimizerConfig, OptimizerKind};
+use edge_trainer::engine::trainer::{train_step, Phase, StepError, StepObserver};
 
 /// Environment variable through which the parent passes the wall-clock time
 /// (Unix nanoseconds) at which it started a child; the child's time to the
@@ -142,6 +143,8 @@ impl BenchArgs {
 pub enum BenchError {
     #[error("{0}")]
     Candle(#[from] candle_core::Error),
+    #[error("{0}")]
+    Step(#[from] StepError),
     #[error("data: {0}")]
     Data(String),
     #[error("device: {0}")]
@@ -481,6 +484,32 @@ fn usage() -> (f64, f64) {
     (0.0, 0.0)
 }
 
+/// Records when each phase of a step ends; waits for the device after the
+/// backward pass and the update, so the time is spent in the phase that caused it.
+struct PhaseMarks<'a> {
+    device: &'a Device,
+    /// End of forward, backward, update.
+    at: [Instant; 3],
+}
+
+impl StepObserver for PhaseMarks<'_> {
+    fn phase_done(&mut self, phase: Phase) -> candle_core::Result<()> {
+        let i = match phase {
+            Phase::Forward => 0,
+            Phase::Backward => {
+                self.device.synchronize()?;
+                1
+            }
+            Phase::Update => {
+                self.device.synchronize()?;
+                2
+            }
+        };
+        self.at[i] = Instant::now();
+        Ok(())
+    }
+}
+
 /// Trains one model in this process and measures it.
 fn run_one(model: BenchModel, args: &BenchArgs) -> Result<ModelReport, BenchError> {
     let t_start = process_start_ns();
@@ -510,24 +539,14 @@ fn run_one(model: BenchModel, args: &BenchArgs) -> Result<ModelReport, BenchErro
         let batch = batcher.batch(chunk)?;
         device.synchronize()?;
         let t1 = Instant::now();
-        let logits = m.forward(&batch.x, &mut ctx)?;
-        let parts = loss_fn.forward(&logits, &batch.y)?;
-        let loss = f64::from(parts.loss.to_scalar::<f32>()?);
-        // The trainer's per-batch accuracy.
-        let preds = logits.detach().argmax(D::Minus1)?.to_vec1::<u32>()?;
-        let _correct = preds
-            .iter()
-            .zip(&batch.labels)
-            .filter(|(p, t)| p == t)
-            .count();
-        let t2 = Instant::now();
-        let grads = edge_trainer::engine::kernels::direct_grads::backward(&parts.loss)?;
-        device.synchronize()?;
-        let t3 = Instant::now();
-        opt.step(&grads)?;
-        drop(grads);
-        device.synchronize()?;
-        let t4 = Instant::now();
+        let mut marks = PhaseMarks {
+            device: &device,
+            at: [t1; 3],
+        };
+        // The trainer's step, exactly (forward, loss, accuracy, backward, update).
+        let out = train_step(&m, &batch, &loss_fn, &mut opt, &mut ctx, &mut marks)?;
+        let loss = out.loss;
+        let [t2, t3, t4] = marks.at;
         losses.push(loss);
         if i == 0 {
             first_step_ms = (unix_ns().saturating_sub(t_start)) as f64 / 1e6;

@@ -374,7 +374,7 @@ fn train(settings: &Settings, no_progress: bool, resume: Option<&Path>) -> ExitC
     }
     if summary.outcome.is_success() {
         if let Some(best) = &summary.best_checkpoint {
-            print_promotion(settings, best, &req.device);
+            print_promotion(settings, best, &req.device, &cancel);
         }
     }
     let run_dir = req.runs_dir.join(&req.run_id);
@@ -387,8 +387,13 @@ fn train(settings: &Settings, no_progress: bool, resume: Option<&Path>) -> ExitC
 }
 
 /// Promotes the run's best model as the daemon would, and says what happened.
-fn print_promotion(settings: &Settings, best: &Path, dev: &candle_core::Device) {
-    match settings.run_settings().promote(best, dev) {
+fn print_promotion(
+    settings: &Settings,
+    best: &Path,
+    dev: &candle_core::Device,
+    cancel: &CancelFlag,
+) {
+    match settings.run_settings().promote(best, dev, cancel) {
         Ok(p) if p.promoted => println!("Promoted to {}: {}", p.current_path.display(), p.reason),
         Ok(p) => println!(
             "Kept the current model {}: {}",
@@ -411,15 +416,17 @@ fn eval(settings: &Settings, checkpoint: &Path, split: SplitArg, json: bool) -> 
         settings.train.label_smoothing,
         &dev,
     )?;
-    let (rep, meta, skipped) = trainer::evaluate_checkpoint(
+    let (rep, meta, skipped) = edge_trainer::engine::eval::evaluate_checkpoint(
         checkpoint,
         &settings.data_spec(),
         split,
         &dev,
         settings.train.batch_size,
         &loss,
+        &CancelFlag::new(),
     )
-    .map_err(anyhow::Error::msg)
+    // The message already names its cause; `{:#}` must not repeat the source chain.
+    .map_err(|e| anyhow::Error::msg(e.to_string()))
     .with_context(|| format!("evaluating {}", checkpoint.display()))?;
     let split_name = format!("{split:?}").to_lowercase();
     if json {

@@ -354,6 +354,7 @@ fn diverging_run_fails_with_a_clear_reason() {
     assert!(err.contains("training loss became"), "{err}");
     let summary = read_json(&run_dir.join("summary.json"));
     assert_eq!(summary["outcome"], "failed");
+    assert_eq!(summary["failure"], "diverged");
 }
 
 #[test]

@@ -65,6 +65,7 @@ ls -a "$run"
         "the reason names the file and the error: {all}"
     );
     assert!(stdout.contains("\"outcome\": \"failed\""), "{all}");
+    assert!(stdout.contains("\"failure\": \"disk_full\""), "{all}");
     // The best checkpoint written before the failure still loads and evaluates.
     assert!(stdout.contains("EVAL_EXIT=0"), "{all}");
     assert!(stdout.contains("\"accuracy\""), "{all}");

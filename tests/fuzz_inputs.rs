@@ -76,7 +76,9 @@ fn read_as(format: DataFormat, name: &str, bytes: &[u8]) -> Result<usize, String
     let path = dir.path().join(name);
     std::fs::write(&path, bytes).unwrap();
     let spec = DataSpec::new(dir.path(), format);
-    read_file(&path, &spec).map(|s| s.len())
+    read_file(&path, &spec)
+        .map(|s| s.len())
+        .map_err(String::from)
 }
 
 proptest! {

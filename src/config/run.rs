@@ -13,6 +13,7 @@ use serde_json::Value;
 
 use super::{ConfigError, Settings, WarmStartFrom};
 use crate::engine::promote::{self, PromoteError, PromoteRequest, Promotion, CURRENT_FILE};
+use crate::engine::run::CancelFlag;
 use crate::engine::run::WarmStart;
 
 /// One entry of [`RUN_SETTINGS`]: a config section (`train`: every key under
@@ -193,17 +194,26 @@ impl RunSettings<'_> {
 
     /// Promotes the run's best model (`best`) if it is at least as good as the
     /// one in service, scored on this run's data with `retrain.promote_metric`.
-    pub fn promote(&self, best: &Path, device: &Device) -> Result<Promotion, PromoteError> {
+    /// A set `cancel` stops the scoring between batches and keeps the current model.
+    pub fn promote(
+        &self,
+        best: &Path,
+        device: &Device,
+        cancel: &CancelFlag,
+    ) -> Result<Promotion, PromoteError> {
         let s = self.settings;
         let data = s.data_spec();
-        promote::promote(&PromoteRequest {
-            candidate: best,
-            output_dir: &s.output.dir,
-            data: &data,
-            device,
-            batch_size: s.train.batch_size,
-            metric: s.retrain.promote_metric,
-        })
+        promote::promote(
+            &PromoteRequest {
+                candidate: best,
+                output_dir: &s.output.dir,
+                data: &data,
+                device,
+                batch_size: s.train.batch_size,
+                metric: s.retrain.promote_metric,
+            },
+            cancel,
+        )
     }
 }
 

@@ -65,77 +65,13 @@ pub enum State {
     Offline,
 }
 
-/// Why a run failed, for machines (`run_failed.kind`).
-///
-/// Mirrors the engine's failure kinds; until the engine reports one with its
-/// summary, [`failure_kind`] derives it from what the daemon knows.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum FailureKind {
-    /// The run's settings are refused (at launch, or by the engine: a
-    /// `model.freeze` pattern that matches nothing).
-    BadConfig,
-    /// No usable data: an empty training or validation split.
-    NoData,
-    /// Data that cannot be used with this model (shape, classes, vocabulary).
-    DataInvalid,
-    /// A write failed because the disk is full.
-    DiskFull,
-    /// The loss or the validation metric stopped being finite.
-    Diverged,
-    /// A checkpoint or state dict does not fit the model.
-    ModelMismatch,
-    /// Any other file-system error.
-    Io,
-    /// A bug: a crashed training thread, or a failure without a known kind.
-    Internal,
-}
+/// Why a run failed, for machines (`run_failed.kind`): the engine's kinds.
+pub use crate::engine::error::FailureKind;
 
-/// The kind of a run that ended `failed`.
-///
-/// THE single conversion point from the engine's report to [`FailureKind`]. The
-/// engine's summary carries no typed failure yet, so its reason text is read
-/// here; once `RunSummary` has one, this becomes a plain mapping of it.
+/// The kind of a run that ended `failed`: the engine's typed failure, or
+/// `internal` for a failed summary that carries none (a bug).
 pub fn failure_kind(summary: &RunSummary) -> FailureKind {
-    let r = summary.reason.to_lowercase();
-    let has = |words: &[&str]| words.iter().any(|w| r.contains(w));
-    if has(&[
-        "no space left",
-        "enospc",
-        "disk full",
-        "storage full",
-        "quota exceeded",
-    ]) {
-        FailureKind::DiskFull
-    } else if has(&["loss became", "diverg", "no evaluation produced a finite"]) {
-        FailureKind::Diverged
-    } else if has(&["split is empty", "no data", "no usable"]) {
-        FailureKind::NoData
-    } else if has(&[
-        "expects samples of shape",
-        "does not fit samples",
-        "vocabulary has",
-        "class_weights has",
-        "data files it trained on",
-    ]) {
-        FailureKind::DataInvalid
-    } else if has(&[
-        "cannot create",
-        "cannot append",
-        "cannot rewrite",
-        "cannot write",
-        "cannot read",
-        "permission denied",
-        "i/o error",
-    ]) {
-        FailureKind::Io
-    } else if has(&["model.freeze"]) {
-        FailureKind::BadConfig
-    } else if has(&["checkpoint", "model.init"]) {
-        FailureKind::ModelMismatch
-    } else {
-        FailureKind::Internal
-    }
+    summary.failure.unwrap_or(FailureKind::Internal)
 }
 
 /// The end of a run: the body of `run_finished`, `run_failed` and `run_cancelled`.
@@ -587,6 +523,7 @@ mod tests {
     fn summary(outcome: Outcome, reason: &str) -> RunSummary {
         RunSummary {
             run_id: "r1".into(),
+            failure: None,
             outcome,
             reason: reason.into(),
             epochs: 3,
@@ -1009,21 +946,12 @@ mod tests {
     }
 
     #[test]
-    fn failure_kinds_from_reasons() {
-        for (reason, kind) in [
-            ("the training split is empty (0 samples in all)", FailureKind::NoData),
-            ("the validation split is empty (3 samples, data.val_fraction = 0.1): add data or raise it", FailureKind::NoData),
-            ("training loss became NaN at epoch 1, step 3; the learning rate (10) may be too high", FailureKind::Diverged),
-            ("checkpoint /x expects samples of shape [8] but the data has [4]", FailureKind::DataInvalid),
-            ("model.init /x: missing tensor fc.weight", FailureKind::ModelMismatch),
-            ("cannot write checkpoint /x: Permission denied (os error 13)", FailureKind::Io),
-            ("cannot create run folder /x: Permission denied (os error 13)", FailureKind::Io),
-            ("cannot write /o/runs/r/best.safetensors: No space left on device (os error 28)", FailureKind::DiskFull),
-            ("model.freeze pattern \"x\" matches no parameter", FailureKind::BadConfig),
-            ("something else", FailureKind::Internal),
-        ] {
-            assert_eq!(failure_kind(&summary(Outcome::Failed, reason)), kind, "{reason}");
-        }
+    fn failure_kind_is_the_engines() {
+        let mut s = summary(Outcome::Failed, "no space");
+        s.failure = Some(FailureKind::DiskFull);
+        assert_eq!(failure_kind(&s), FailureKind::DiskFull);
+        s.failure = None;
+        assert_eq!(failure_kind(&s), FailureKind::Internal);
         assert_eq!(json!(FailureKind::DiskFull), json!("disk_full"));
     }
 

@@ -6,7 +6,6 @@
 //! ([`Runner`]): the engine, or a fake in the in-process tests.
 
 use std::collections::{BTreeSet, VecDeque};
-use std::sync::mpsc as std_mpsc;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -25,14 +24,16 @@ use super::systemd::Activity;
 use crate::config::run::Starter;
 use crate::config::{Override, Settings};
 use crate::engine::promote::Promotion;
-use crate::engine::run::{new_run_id, CancelFlag, Outcome, RunEvent, RunRequest, RunSummary};
+use crate::engine::run::{
+    new_run_id, CancelFlag, EventSink, Outcome, RunEvent, RunRequest, RunSummary,
+};
 use crate::engine::trainer;
 
 /// Trains one run to its end and returns its summary, reporting on the channel
 /// as it goes (its last event is [`RunEvent::Ended`]): the engine's
 /// [`trainer::run`], or a fake in tests.
 pub type TrainFn =
-    Arc<dyn Fn(&RunRequest, &std_mpsc::Sender<RunEvent>, &CancelFlag) -> RunSummary + Send + Sync>;
+    Arc<dyn Fn(&RunRequest, &dyn EventSink, &CancelFlag) -> RunSummary + Send + Sync>;
 
 /// What trains the scheduler's runs, and on which thread.
 #[derive(Clone)]
@@ -573,33 +574,20 @@ fn run_body(
     let send = |m: RunMsg| {
         let _ = out.send((run_id.clone(), m));
     };
-    let (tx, rx) = std_mpsc::channel::<RunEvent>();
-    // Bridges the engine's std channel into the async world, in order.
-    let bridge = {
-        let out = out.clone();
-        let run_id = run_id.clone();
-        std::thread::Builder::new()
-            .name("run-events".into())
-            .spawn(move || {
-                for ev in rx {
-                    if matches!(ev, RunEvent::Step { .. }) {
-                        continue;
-                    }
-                    let _ = out.send((run_id.clone(), RunMsg::Event(ev)));
-                }
-            })
+    // The engine's events go straight into the scheduler's channel (tokio's
+    // unbounded `send` is synchronous), in order; steps are dropped.
+    let sink = |ev: RunEvent| {
+        if !matches!(ev, RunEvent::Step { .. }) {
+            send(RunMsg::Event(ev));
+        }
     };
     let result =
-        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| train(&req, &tx, &cancel)));
-    drop(tx);
-    if let Ok(b) = bridge {
-        let _ = b.join();
-    }
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| train(&req, &sink, &cancel)));
     match result {
         Ok(summary) => {
             if summary.outcome.is_success() {
                 if let Some(best) = &summary.best_checkpoint {
-                    let pr = settings.run_settings().promote(best, &req.device);
+                    let pr = settings.run_settings().promote(best, &req.device, &cancel);
                     send(RunMsg::Promotion(pr.map_err(|e| e.to_string())));
                 }
             }

@@ -23,12 +23,69 @@ pub type Metadata = HashMap<String, String>;
 pub const FORMAT: &str = "edge-trainer/1";
 
 /// Why a checkpoint could not be written or read.
+/// The I/O variants keep their `io::Error`, so a full disk is recognisable.
 #[derive(Debug, thiserror::Error)]
 pub enum CheckpointError {
+    /// The content could not be serialised.
     #[error("cannot write checkpoint {path}: {reason}")]
     Write { path: PathBuf, reason: String },
+    /// The file could not be written.
+    #[error("cannot write checkpoint {path}: {source}")]
+    WriteIo {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not a valid checkpoint.
     #[error("cannot read checkpoint {path}: {reason}")]
     Read { path: PathBuf, reason: String },
+    /// The file could not be read.
+    #[error("cannot read checkpoint {path}: {source}")]
+    ReadIo {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// What is wrong with the content of a checkpoint (its path is added by
+/// [`CheckpointError`]).
+#[derive(Debug, thiserror::Error)]
+pub enum FormatError {
+    #[error("metadata has no `{0}`")]
+    MissingKey(String),
+    #[error("unsupported checkpoint format {0:?} (expected {FORMAT:?})")]
+    UnsupportedFormat(String),
+    #[error("no edge-trainer metadata: this looks like a plain state dict; use it as model.init instead")]
+    PlainStateDict,
+    #[error("metadata `{key}` is not valid JSON: {source}")]
+    NotJson {
+        key: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("metadata `{0}` is not a number")]
+    NotANumber(String),
+    #[error("metadata `{key}`: {source}")]
+    Field {
+        key: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("tensor `{name}`: {source}")]
+    Tensor {
+        name: String,
+        #[source]
+        source: candle_core::Error,
+    },
+    #[error("tensor `{name}`: {source}")]
+    View {
+        name: String,
+        #[source]
+        source: safetensors::SafeTensorError,
+    },
+    #[error(transparent)]
+    Safetensors(#[from] safetensors::SafeTensorError),
 }
 
 /// Validation metrics of the model in a checkpoint.
@@ -95,39 +152,44 @@ impl CheckpointMeta {
         Ok(m)
     }
 
-    fn from_map(m: &HashMap<String, String>) -> Result<Self, String> {
-        let get = |k: &str| m.get(k).ok_or_else(|| format!("metadata has no `{k}`"));
+    fn from_map(m: &HashMap<String, String>) -> Result<Self, FormatError> {
+        let get = |k: &str| {
+            m.get(k)
+                .ok_or_else(|| FormatError::MissingKey(k.to_string()))
+        };
         match m.get("format") {
             Some(f) if f == FORMAT => {}
-            Some(f) => return Err(format!("unsupported checkpoint format {f:?} (expected {FORMAT:?})")),
-            None => {
-                return Err(
-                    "no edge-trainer metadata: this looks like a plain state dict; use it as model.init instead"
-                        .into(),
-                )
-            }
+            Some(f) => return Err(FormatError::UnsupportedFormat(f.clone())),
+            None => return Err(FormatError::PlainStateDict),
         }
-        let json = |k: &str| -> Result<serde_json::Value, String> {
-            serde_json::from_str(get(k)?)
-                .map_err(|e| format!("metadata `{k}` is not valid JSON: {e}"))
+        let json = |k: &str| -> Result<serde_json::Value, FormatError> {
+            serde_json::from_str(get(k)?).map_err(|source| FormatError::NotJson {
+                key: k.to_string(),
+                source,
+            })
         };
-        let parse = |k: &str| -> Result<u64, String> {
+        let parse = |k: &str| -> Result<u64, FormatError> {
             get(k)?
                 .parse()
-                .map_err(|_| format!("metadata `{k}` is not a number"))
+                .map_err(|_| FormatError::NotANumber(k.to_string()))
         };
+        fn field<T: serde::de::DeserializeOwned>(
+            key: &str,
+            v: serde_json::Value,
+        ) -> Result<T, FormatError> {
+            serde_json::from_value(v).map_err(|source| FormatError::Field {
+                key: key.to_string(),
+                source,
+            })
+        }
         Ok(Self {
-            model: serde_json::from_value(json("model")?)
-                .map_err(|e| format!("metadata `model`: {e}"))?,
-            classes: serde_json::from_value(json("classes")?)
-                .map_err(|e| format!("metadata `classes`: {e}"))?,
-            input: serde_json::from_value(json("input")?)
-                .map_err(|e| format!("metadata `input`: {e}"))?,
+            model: field("model", json("model")?)?,
+            classes: field("classes", json("classes")?)?,
+            input: field("input", json("input")?)?,
             run_id: get("run_id")?.clone(),
             epoch: parse("epoch")?,
             step: parse("step")?,
-            metrics: serde_json::from_value(json("metrics")?)
-                .map_err(|e| format!("metadata `metrics`: {e}"))?,
+            metrics: field("metrics", json("metrics")?)?,
             version: get("version")?.clone(),
             created: get("created")?.clone(),
         })
@@ -138,7 +200,7 @@ impl CheckpointMeta {
 pub fn to_safetensors_bytes(
     tensors: &[(String, Tensor)],
     metadata: Option<HashMap<String, String>>,
-) -> Result<Vec<u8>, String> {
+) -> Result<Vec<u8>, FormatError> {
     let mut buffers: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::with_capacity(tensors.len());
     for (name, t) in tensors {
         let shape = t.dims().to_vec();
@@ -146,7 +208,10 @@ pub fn to_safetensors_bytes(
             .to_dtype(candle_core::DType::F32)
             .and_then(|t| t.flatten_all())
             .and_then(|t| t.to_vec1::<f32>())
-            .map_err(|e| format!("tensor `{name}`: {e}"))?;
+            .map_err(|source| FormatError::Tensor {
+                name: name.clone(),
+                source,
+            })?;
         let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
         buffers.push((name.clone(), shape, bytes));
     }
@@ -155,10 +220,13 @@ pub fn to_safetensors_bytes(
         .map(|(n, s, b)| {
             TensorView::new(Dtype::F32, s.clone(), b)
                 .map(|v| (n.clone(), v))
-                .map_err(|e| format!("tensor `{n}`: {e}"))
+                .map_err(|source| FormatError::View {
+                    name: n.clone(),
+                    source,
+                })
         })
         .collect::<Result<_, _>>()?;
-    safetensors::tensor::serialize(views, metadata).map_err(|e| e.to_string())
+    Ok(safetensors::tensor::serialize(views, metadata)?)
 }
 
 /// Writes a checkpoint atomically.
@@ -172,8 +240,11 @@ pub fn save(
         reason,
     };
     let map = meta.to_map().map_err(|e| err(e.to_string()))?;
-    let bytes = to_safetensors_bytes(tensors, Some(map)).map_err(err)?;
-    atomic_write(path, &bytes).map_err(|e| err(e.to_string()))
+    let bytes = to_safetensors_bytes(tensors, Some(map)).map_err(|e| err(e.to_string()))?;
+    atomic_write(path, &bytes).map_err(|source| CheckpointError::WriteIo {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 /// Reads every tensor of a safetensors file as f32 on `device`, plus its metadata map.
@@ -185,7 +256,10 @@ pub fn read_tensors(
         path: path.to_path_buf(),
         reason,
     };
-    let bytes = std::fs::read(path).map_err(|e| err(e.to_string()))?;
+    let bytes = std::fs::read(path).map_err(|source| CheckpointError::ReadIo {
+        path: path.to_path_buf(),
+        source,
+    })?;
     let (_, header) = SafeTensors::read_metadata(&bytes)
         .map_err(|e| err(format!("not a valid safetensors file: {e}")))?;
     let st = SafeTensors::deserialize(&bytes)
@@ -199,7 +273,7 @@ pub fn read_tensors(
     Ok((out, meta))
 }
 
-fn view_to_tensor(view: &TensorView, device: &Device) -> Result<Tensor, String> {
+fn view_to_tensor(view: &TensorView, device: &Device) -> candle_core::Result<Tensor> {
     let data = view.data();
     let values: Vec<f32> = match view.dtype() {
         Dtype::F32 => data
@@ -226,9 +300,13 @@ fn view_to_tensor(view: &TensorView, device: &Device) -> Result<Tensor, String> 
             .chunks_exact(2)
             .map(|c| f32::from_bits(u32::from(u16::from_le_bytes([c[0], c[1]])) << 16))
             .collect(),
-        other => return Err(format!("unsupported dtype {other:?}")),
+        other => {
+            return Err(candle_core::Error::Msg(format!(
+                "unsupported dtype {other:?}"
+            )))
+        }
     };
-    Tensor::from_vec(values, view.shape(), device).map_err(|e| e.to_string())
+    Tensor::from_vec(values, view.shape(), device)
 }
 
 /// A checkpoint read back: weights and metadata.
@@ -240,9 +318,9 @@ pub struct Checkpoint {
 /// Reads a checkpoint written by [`save`]; the error says what is wrong with it.
 pub fn load(path: &Path, device: &Device) -> Result<Checkpoint, CheckpointError> {
     let (tensors, map) = read_tensors(path, device)?;
-    let meta = CheckpointMeta::from_map(&map).map_err(|reason| CheckpointError::Read {
+    let meta = CheckpointMeta::from_map(&map).map_err(|e| CheckpointError::Read {
         path: path.to_path_buf(),
-        reason,
+        reason: e.to_string(),
     })?;
     Ok(Checkpoint { tensors, meta })
 }

@@ -1,12 +1,19 @@
 //! Evaluation: loss, accuracy, per-class precision/recall/F1 and the confusion
-//! matrix of a model over a split, in evaluation mode.
+//! matrix of a model over a split, in evaluation mode. Stops between batches
+//! when its cancel flag is raised.
 
-use candle_core::D;
+use std::path::Path;
+
+use candle_core::{Device, D};
 use serde::{Deserialize, Serialize};
 
-use super::data::Batcher;
+use super::checkpoint::CheckpointMeta;
+use super::data::{Batcher, DataSpec, SkippedFile, Split};
+use super::error::RunError;
 use super::loss::CrossEntropy;
 use super::model::{ForwardCtx, Model};
+use super::run::CancelFlag;
+use super::trainer::{open_with_data, split_indices};
 
 /// Precision, recall and F1 of one class.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -110,6 +117,7 @@ impl Confusion {
 }
 
 /// Evaluates `model` on the samples `indices` (eval mode, no gradients kept).
+/// Returns [`RunError::Cancelled`] between batches once `cancel` is raised.
 pub fn evaluate(
     model: &Model,
     batcher: &Batcher,
@@ -117,12 +125,16 @@ pub fn evaluate(
     loss_fn: &CrossEntropy,
     batch_size: usize,
     classes: &[String],
-) -> candle_core::Result<EvalReport> {
+    cancel: &CancelFlag,
+) -> Result<EvalReport, RunError> {
     let mut confusion = Confusion::new(model.spec.num_classes());
     let mut loss_num = 0f64;
     let mut loss_den = 0f64;
     let mut ctx = ForwardCtx::eval();
     for chunk in indices.chunks(batch_size.max(1)) {
+        if cancel.is_cancelled() {
+            return Err(RunError::Cancelled);
+        }
         let batch = batcher.batch(chunk)?;
         let logits = model.forward(&batch.x, &mut ctx)?.detach();
         let parts = loss_fn.forward(&logits, &batch.y)?;
@@ -151,6 +163,42 @@ pub fn evaluate(
         confusion_matrix: confusion.matrix().to_vec(),
         macro_f1,
     })
+}
+
+/// Evaluates a checkpoint on one split of the data it describes (for `eval`
+/// and promotion): the data is read with the checkpoint's classes and
+/// tokenisation, and normalised as the checkpoint says.
+pub fn evaluate_checkpoint(
+    path: &Path,
+    data: &DataSpec,
+    split: Split,
+    device: &Device,
+    batch_size: usize,
+    loss: &CrossEntropy,
+    cancel: &CancelFlag,
+) -> Result<(EvalReport, CheckpointMeta, Vec<SkippedFile>), RunError> {
+    let o = open_with_data(path, data, device, 0)?;
+    let split_idx = o.data.split(&o.spec);
+    let indices = split_indices(&split_idx, split);
+    if indices.is_empty() {
+        return Err(RunError::EmptySplit {
+            split,
+            samples: o.data.len(),
+            dir: o.spec.dir.clone(),
+            val_fraction: o.spec.val_fraction,
+        });
+    }
+    let batcher = Batcher::new(&o.data, &o.meta.input.normalization, device);
+    let rep = evaluate(
+        &o.model,
+        &batcher,
+        indices,
+        loss,
+        batch_size,
+        &o.meta.classes,
+        cancel,
+    )?;
+    Ok((rep, o.meta, o.data.skipped))
 }
 
 #[cfg(test)]

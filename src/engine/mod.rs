@@ -1,12 +1,14 @@
 //! The training engine: data, models, optimisers, schedules, evaluation,
 //! checkpoints and the training loop. Synchronous and free of any transport:
-//! drivers hand it a [`run::RunRequest`] and a [`run::CancelFlag`] and read
-//! [`run::RunEvent`]s from a channel.
+//! drivers hand it a [`run::RunRequest`] and a [`run::CancelFlag`] and receive
+//! [`run::RunEvent`]s through a [`run::EventSink`]. Failures stay typed
+//! ([`error::RunError`]) and carry a machine-readable [`error::FailureKind`].
 
 pub mod checkpoint;
 pub mod data;
 pub mod device;
 pub mod early_stop;
+pub mod error;
 pub mod eval;
 pub mod fsutil;
 pub mod kernels;

@@ -10,9 +10,11 @@ use serde::{Deserialize, Serialize};
 
 use super::checkpoint;
 use super::data::{DataSpec, Split};
+use super::error::{FailureKind, RunError};
+use super::eval::evaluate_checkpoint;
 use super::fsutil::atomic_write;
 use super::loss::CrossEntropy;
-use super::trainer::evaluate_checkpoint;
+use super::run::CancelFlag;
 
 /// The model in service, under `output.dir`.
 pub const CURRENT_FILE: &str = "current.safetensors";
@@ -101,11 +103,42 @@ pub struct Promotion {
 #[derive(Debug, thiserror::Error)]
 pub enum PromoteError {
     /// The candidate checkpoint cannot be read or scored.
-    #[error("cannot score the candidate {path}: {reason}")]
-    Candidate { path: PathBuf, reason: String },
+    #[error("cannot score the candidate {path}: {source}")]
+    Candidate {
+        path: PathBuf,
+        #[source]
+        source: Box<RunError>,
+    },
+    /// The candidate checkpoint cannot be read for copying.
+    #[error("cannot read the candidate {path}: {source}")]
+    ReadCandidate {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     /// Writing `current.safetensors` or `previous.safetensors` failed.
-    #[error("cannot write {path}: {reason}")]
-    Write { path: PathBuf, reason: String },
+    #[error("cannot write {path}: {source}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// Stopped on request before anything was replaced: the current model stays.
+    #[error("the promotion was cancelled; the current model is kept")]
+    Cancelled,
+}
+
+impl PromoteError {
+    /// The failure's class, for machines (`disk_full` when a write hit ENOSPC).
+    pub fn kind(&self) -> FailureKind {
+        match self {
+            PromoteError::Candidate { source, .. } => source.kind(),
+            PromoteError::ReadCandidate { source, .. } | PromoteError::Write { source, .. } => {
+                FailureKind::of_io(source)
+            }
+            PromoteError::Cancelled => FailureKind::Cancelled,
+        }
+    }
 }
 
 /// Inputs of a promotion.
@@ -124,10 +157,22 @@ pub struct PromoteRequest<'a> {
 
 /// Scores a checkpoint on `split` (plain cross-entropy, so scores of models
 /// trained with different loss settings compare fairly).
-fn score(req: &PromoteRequest, path: &Path, split: Split) -> Result<Score, String> {
-    let loss = CrossEntropy::new(None, 0.0, req.device).map_err(|e| e.to_string())?;
-    let (rep, meta, _) =
-        evaluate_checkpoint(path, req.data, split, req.device, req.batch_size, &loss)?;
+fn score(
+    req: &PromoteRequest,
+    path: &Path,
+    split: Split,
+    cancel: &CancelFlag,
+) -> Result<Score, RunError> {
+    let loss = CrossEntropy::new(None, 0.0, req.device)?;
+    let (rep, meta, _) = evaluate_checkpoint(
+        path,
+        req.data,
+        split,
+        req.device,
+        req.batch_size,
+        &loss,
+        cancel,
+    )?;
     Ok(Score {
         loss: rep.loss,
         accuracy: rep.accuracy,
@@ -140,18 +185,22 @@ fn score(req: &PromoteRequest, path: &Path, split: Split) -> Result<Score, Strin
 /// Scores the candidate and the current model on the same split and, if the
 /// candidate is at least as good on `metric` (or there is no usable current
 /// model), makes it `current.safetensors` atomically, keeping the old one as
-/// `previous.safetensors`.
-pub fn promote(req: &PromoteRequest) -> Result<Promotion, PromoteError> {
-    let candidate_err = |reason: String| PromoteError::Candidate {
-        path: req.candidate.to_path_buf(),
-        reason,
+/// `previous.safetensors`. Scoring stops between batches once `cancel` is
+/// raised: the promotion is then [`PromoteError::Cancelled`] and nothing changes.
+pub fn promote(req: &PromoteRequest, cancel: &CancelFlag) -> Result<Promotion, PromoteError> {
+    let candidate_err = |e: RunError| match e {
+        RunError::Cancelled => PromoteError::Cancelled,
+        e => PromoteError::Candidate {
+            path: req.candidate.to_path_buf(),
+            source: Box::new(e),
+        },
     };
-    let (split, candidate) = match score(req, req.candidate, Split::Test) {
+    let (split, candidate) = match score(req, req.candidate, Split::Test, cancel) {
         Ok(s) => ("test", s),
         // A data set too small for a test split is compared on validation data.
-        Err(e) if e.contains("split") && e.contains("empty") => (
+        Err(e) if e.is_empty_split(Split::Test) => (
             "val",
-            score(req, req.candidate, Split::Val).map_err(candidate_err)?,
+            score(req, req.candidate, Split::Val, cancel).map_err(candidate_err)?,
         ),
         Err(e) => return Err(candidate_err(e)),
     };
@@ -171,7 +220,7 @@ pub fn promote(req: &PromoteRequest) -> Result<Promotion, PromoteError> {
             "no current model: the first model is promoted".to_string(),
         )
     } else {
-        match score(req, &current_path, split_kind) {
+        match score(req, &current_path, split_kind, cancel) {
             Ok(cur) => {
                 let better = metric.at_least_as_good(&candidate, &cur);
                 let reason = format!(
@@ -187,6 +236,7 @@ pub fn promote(req: &PromoteRequest) -> Result<Promotion, PromoteError> {
                 );
                 (Some(cur), better, reason)
             }
+            Err(RunError::Cancelled) => return Err(PromoteError::Cancelled),
             Err(e) => {
                 tracing::warn!(current = %current_path.display(), error = %e, "the current model cannot be scored; replacing it");
                 (
@@ -200,11 +250,17 @@ pub fn promote(req: &PromoteRequest) -> Result<Promotion, PromoteError> {
 
     let mut previous_path = None;
     if promote {
-        let write_err = |path: &Path, e: std::io::Error| PromoteError::Write {
+        if cancel.is_cancelled() {
+            return Err(PromoteError::Cancelled);
+        }
+        let write_err = |path: &Path, source: std::io::Error| PromoteError::Write {
             path: path.to_path_buf(),
-            reason: e.to_string(),
+            source,
         };
-        let bytes = std::fs::read(req.candidate).map_err(|e| candidate_err(e.to_string()))?;
+        let bytes = std::fs::read(req.candidate).map_err(|source| PromoteError::ReadCandidate {
+            path: req.candidate.to_path_buf(),
+            source,
+        })?;
         if current_path.exists() {
             let prev = req.output_dir.join(PREVIOUS_FILE);
             let old = std::fs::read(&current_path).map_err(|e| write_err(&current_path, e))?;
@@ -262,6 +318,119 @@ mod tests {
         let m = PromoteMetric::Loss;
         assert!(m.at_least_as_good(&s(0.5, 0.1), &s(0.5, 0.9)));
         assert!(!m.at_least_as_good(&s(0.6, 1.0), &s(0.5, 0.9)));
+    }
+
+    /// A 2-feature CSV data set in `dir` (`rows` rows, label = x1 > x2)
+    /// and an MLP checkpoint for it at `path`.
+    fn fixture(dir: &Path, rows: usize, path: &Path) -> DataSpec {
+        use crate::engine::checkpoint::{CheckpointMeta, CheckpointMetrics, InputSpec};
+        use crate::engine::data::{DataFormat, Normalization};
+        use crate::engine::model::{Model, ModelSpec};
+        let data_dir = dir.join("data");
+        std::fs::create_dir_all(&data_dir).unwrap();
+        let mut csv = String::from("x1,x2,label\n");
+        for i in 0..rows {
+            let (a, b) = ((i * 7 % 10) as f32, (i * 3 % 10) as f32);
+            csv.push_str(&format!("{a},{b},{}\n", if a > b { "hi" } else { "lo" }));
+        }
+        std::fs::write(data_dir.join("d.csv"), csv).unwrap();
+        let spec: ModelSpec = serde_json::from_value(serde_json::json!({
+            "arch": "mlp", "input_dim": 2, "hidden": [4], "num_classes": 2
+        }))
+        .unwrap();
+        let model = Model::new(spec.clone(), 1, &Device::Cpu).unwrap();
+        let meta = CheckpointMeta {
+            model: spec,
+            classes: vec!["hi".into(), "lo".into()],
+            input: InputSpec {
+                format: DataFormat::Csv,
+                sample_shape: vec![2],
+                normalization: Normalization::identity(2),
+                text: None,
+            },
+            run_id: "cand".into(),
+            epoch: 1,
+            step: 1,
+            metrics: CheckpointMetrics::default(),
+            version: "test".into(),
+            created: "2026-01-01T00:00:00Z".into(),
+        };
+        checkpoint::save(path, &model.params.snapshot().unwrap(), &meta).unwrap();
+        DataSpec::new(data_dir, DataFormat::Csv)
+    }
+
+    fn request<'a>(cand: &'a Path, out: &'a Path, data: &'a DataSpec) -> PromoteRequest<'a> {
+        PromoteRequest {
+            candidate: cand,
+            output_dir: out,
+            data,
+            device: &Device::Cpu,
+            batch_size: 4,
+            metric: PromoteMetric::Accuracy,
+        }
+    }
+
+    #[test]
+    fn a_cancelled_promotion_keeps_the_current_model() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cand = tmp.path().join("cand.safetensors");
+        let data = fixture(tmp.path(), 60, &cand);
+        let out = tmp.path().join("out");
+        std::fs::create_dir_all(&out).unwrap();
+        let cancel = CancelFlag::new();
+        cancel.cancel();
+        let r = promote(&request(&cand, &out, &data), &cancel);
+        assert!(matches!(r, Err(PromoteError::Cancelled)), "{r:?}");
+        assert_eq!(r.unwrap_err().kind(), FailureKind::Cancelled);
+        assert!(!out.join(CURRENT_FILE).exists());
+
+        let p = promote(&request(&cand, &out, &data), &CancelFlag::new()).unwrap();
+        assert!(p.promoted);
+        let before = std::fs::read(out.join(CURRENT_FILE)).unwrap();
+        let r = promote(&request(&cand, &out, &data), &cancel);
+        assert!(matches!(r, Err(PromoteError::Cancelled)), "{r:?}");
+        assert_eq!(std::fs::read(out.join(CURRENT_FILE)).unwrap(), before);
+        assert!(!out.join(PREVIOUS_FILE).exists());
+    }
+
+    #[test]
+    fn an_empty_test_split_compares_on_validation_data() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cand = tmp.path().join("cand.safetensors");
+        let mut data = fixture(tmp.path(), 40, &cand);
+        data.test_fraction = 0.0;
+        data.val_fraction = 0.5;
+        let loss = CrossEntropy::new(None, 0.0, &Device::Cpu).unwrap();
+        let e = evaluate_checkpoint(
+            &cand,
+            &data,
+            Split::Test,
+            &Device::Cpu,
+            4,
+            &loss,
+            &CancelFlag::new(),
+        )
+        .unwrap_err();
+        assert!(e.is_empty_split(Split::Test), "{e}");
+        assert_eq!(e.kind(), FailureKind::NoData);
+        let out = tmp.path().join("out");
+        std::fs::create_dir_all(&out).unwrap();
+        let p = promote(&request(&cand, &out, &data), &CancelFlag::new()).unwrap();
+        assert_eq!(p.split, "val");
+        assert!(p.promoted);
+        assert!(p.candidate.samples > 0);
+    }
+
+    #[test]
+    fn an_unreadable_candidate_is_a_typed_failure() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cand = tmp.path().join("cand.safetensors");
+        let data = fixture(tmp.path(), 20, &cand);
+        std::fs::write(&cand, b"not a checkpoint").unwrap();
+        let out = tmp.path().join("out");
+        let e = promote(&request(&cand, &out, &data), &CancelFlag::new()).unwrap_err();
+        assert_eq!(e.kind(), FailureKind::CheckpointInvalid, "{e}");
+        assert!(e.to_string().contains("cannot score the candidate"), "{e}");
     }
 
     #[test]

@@ -31,6 +31,34 @@ pub struct IntervalState {
     pub seen: u64,
 }
 
+impl IntervalState {
+    /// Adds one batch: its mean loss (weighted by `denom`) and its correct/seen counts.
+    pub fn add(&mut self, loss: f64, denom: f64, correct: u64, seen: u64) {
+        self.loss_sum += loss * denom;
+        self.loss_den += denom;
+        self.correct += correct;
+        self.seen += seen;
+    }
+
+    /// Mean training loss of the interval (NaN when empty).
+    pub fn loss(&self) -> f64 {
+        if self.loss_den > 0.0 {
+            self.loss_sum / self.loss_den
+        } else {
+            f64::NAN
+        }
+    }
+
+    /// Training accuracy of the interval (NaN when empty).
+    pub fn acc(&self) -> f64 {
+        if self.seen > 0 {
+            self.correct as f64 / self.seen as f64
+        } else {
+            f64::NAN
+        }
+    }
+}
+
 /// The non-tensor part of the resume state.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ResumeMeta {
@@ -96,8 +124,11 @@ pub fn save(
     }
     let json = serde_json::to_string(meta).map_err(|e| err(e.to_string()))?;
     let metadata = HashMap::from([("resume".to_string(), json)]);
-    let bytes = to_safetensors_bytes(&all, Some(metadata)).map_err(err)?;
-    atomic_write(path, &bytes).map_err(|e| err(e.to_string()))
+    let bytes = to_safetensors_bytes(&all, Some(metadata)).map_err(|e| err(e.to_string()))?;
+    atomic_write(path, &bytes).map_err(|source| CheckpointError::WriteIo {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 /// Reads a resume state; the error says what is wrong with the file.

@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use super::data::{DataSpec, SkippedFile, Vocab};
 use super::early_stop::EarlyStopConfig;
+use super::error::FailureKind;
 use super::eval::ClassMetrics;
 use super::model::{
     Activation, CnnSpec, ConvBlockSpec, InitMapping, MlpSpec, ModelSpec, TextCnnSpec,
@@ -462,6 +463,9 @@ pub struct RunSummary {
     pub started: String,
     pub ended: String,
     pub wall_s: f64,
+    /// The class of the failure, when `outcome` is `failed`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure: Option<FailureKind>,
 }
 
 /// Facts known once a run has loaded its data and built its model.
@@ -520,4 +524,27 @@ pub enum RunEvent {
     EarlyStopped(EarlyStopped),
     /// The run is over (always the last event).
     Ended(Box<RunSummary>),
+}
+
+/// Where a run's events go. A receiver that stopped listening is not an error.
+pub trait EventSink {
+    /// Hands one event to the driver.
+    fn emit(&self, ev: RunEvent);
+}
+
+impl EventSink for std::sync::mpsc::Sender<RunEvent> {
+    fn emit(&self, ev: RunEvent) {
+        let _ = self.send(ev);
+    }
+}
+
+impl<F: Fn(RunEvent)> EventSink for F {
+    fn emit(&self, ev: RunEvent) {
+        self(ev)
+    }
+}
+
+/// Drops every event.
+impl EventSink for () {
+    fn emit(&self, _: RunEvent) {}
 }

@@ -10,6 +10,7 @@ use serde_json::json;
 
 use super::*;
 use crate::daemon::publisher::Topics;
+use crate::engine::error::FailureKind;
 use crate::engine::run::{RunStarted, SplitSizes};
 
 /// What the fake trainer does, set by the test.
@@ -42,6 +43,7 @@ impl Control {
 fn summary(req: &RunRequest, outcome: Outcome, reason: String) -> RunSummary {
     RunSummary {
         run_id: req.run_id.clone(),
+        failure: (outcome == Outcome::Failed).then_some(FailureKind::NoData),
         outcome,
         reason,
         epochs: 1,
@@ -68,7 +70,7 @@ fn fake(ctl: Arc<Control>) -> Runner {
         if ctl.panic.load(Ordering::SeqCst) {
             panic!("a bug in the fake trainer");
         }
-        let _ = tx.send(RunEvent::Started(RunStarted {
+        tx.emit(RunEvent::Started(RunStarted {
             run_id: req.run_id.clone(),
             run_dir: req.runs_dir.join(&req.run_id),
             samples: SplitSizes::default(),
@@ -101,7 +103,7 @@ fn fake(ctl: Arc<Control>) -> Runner {
             }
         };
         let s = summary(req, outcome, reason);
-        let _ = tx.send(RunEvent::Ended(Box::new(s.clone())));
+        tx.emit(RunEvent::Ended(Box::new(s.clone())));
         s
     }))
     .on_blocking_pool()

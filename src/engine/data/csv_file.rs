@@ -2,10 +2,10 @@
 
 use std::path::Path;
 
-use super::{Features, FileSamples, RawLabels};
+use super::{Features, FileError, FileSamples, RawLabels};
 
 /// Reads one CSV file; the error is a reason fit for a user.
-pub fn read(path: &Path, label_column: &str, delimiter: u8) -> Result<FileSamples, String> {
+pub fn read(path: &Path, label_column: &str, delimiter: u8) -> Result<FileSamples, FileError> {
     let mut reader = csv::ReaderBuilder::new()
         .delimiter(delimiter)
         .has_headers(true)
@@ -39,12 +39,13 @@ pub fn read(path: &Path, label_column: &str, delimiter: u8) -> Result<FileSample
                 "line {line} has {} fields, the header has {}",
                 record.len(),
                 headers.len()
-            ));
+            )
+            .into());
         }
         for (col, field) in record.iter().enumerate() {
             if col == label_idx {
                 if field.is_empty() {
-                    return Err(format!("line {line}: empty label"));
+                    return Err(format!("line {line}: empty label").into());
                 }
                 names.push(field.to_string());
                 continue;
@@ -59,7 +60,8 @@ pub fn read(path: &Path, label_column: &str, delimiter: u8) -> Result<FileSample
                 return Err(format!(
                     "line {line}, column {:?}: non-finite value {field}",
                     &headers[col]
-                ));
+                )
+                .into());
             }
             features.push(v);
         }

@@ -15,7 +15,7 @@ const MAX_IMAGE_SIDE: u32 = 8192;
 /// Most memory one image decode may allocate.
 const MAX_IMAGE_ALLOC: u64 = 256 << 20;
 
-use super::{relative_name, DataError, Features, FileSamples, RawLabels};
+use super::{relative_name, DataError, Features, FileError, FileSamples, RawLabels};
 
 /// File extensions read as images (case-insensitive).
 pub const EXTENSIONS: [&str; 3] = ["png", "jpg", "jpeg"];
@@ -61,7 +61,7 @@ pub fn list(dir: &Path) -> Result<Vec<PathBuf>, DataError> {
 
 /// The class of an image from its path relative to the data folder: the folder
 /// right under the data folder, or under a split folder (`train/cat/x.png`).
-pub fn class_of(relative: &str) -> Result<String, String> {
+pub fn class_of(relative: &str) -> Result<String, FileError> {
     let parts: Vec<&str> = relative.split('/').collect();
     match parts.as_slice() {
         [split, class, _, ..] if SPLIT_DIRS.contains(split) => Ok(class.to_string()),
@@ -76,7 +76,7 @@ pub fn read(
     dir: &Path,
     size: [usize; 2],
     channels: usize,
-) -> Result<FileSamples, String> {
+) -> Result<FileSamples, FileError> {
     let class = class_of(&relative_name(dir, path))?;
     let mut reader = image::ImageReader::open(path)
         .map_err(|e| format!("cannot read: {e}"))?

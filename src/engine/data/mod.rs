@@ -125,14 +125,15 @@ pub const DEFAULT_MAX_FILE_BYTES: u64 = 512 << 20;
 
 /// Refuses a file that is too large, or a link that leads out of the data folder,
 /// before anything is read from it.
-fn check_file(path: &Path, spec: &DataSpec) -> Result<(), String> {
+fn check_file(path: &Path, spec: &DataSpec) -> Result<(), FileError> {
     let meta = std::fs::metadata(path).map_err(|e| format!("cannot read: {e}"))?;
     if meta.len() > spec.max_file_bytes {
         return Err(format!(
             "the file has {} bytes, more than the limit of {} (data.max_file_mb)",
             meta.len(),
             spec.max_file_bytes
-        ));
+        )
+        .into());
     }
     let is_link = std::fs::symlink_metadata(path)
         .map(|m| m.file_type().is_symlink())
@@ -146,10 +147,7 @@ fn check_file(path: &Path, spec: &DataSpec) -> Result<(), String> {
             .canonicalize()
             .map_err(|e| format!("cannot resolve the data folder: {e}"))?;
         if !target.starts_with(&dir) {
-            return Err(format!(
-                "a link to {}, outside the data folder",
-                target.display()
-            ));
+            return Err(format!("a link to {}, outside the data folder", target.display()).into());
         }
     }
     Ok(())
@@ -167,7 +165,46 @@ pub enum DataError {
     #[error("{file}: {reason}")]
     ClassFile { file: PathBuf, reason: String },
     #[error("{0}")]
-    Vocab(String),
+    Vocab(FileError),
+}
+
+/// Why one data file (or a part of it) cannot be used. Its text is the reason
+/// recorded for a skipped or rejected file.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct FileError(pub String);
+
+impl FileError {
+    /// The reason, for a [`SkippedFile`].
+    pub fn reason(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::ops::Deref for FileError {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<String> for FileError {
+    fn from(reason: String) -> Self {
+        FileError(reason)
+    }
+}
+
+impl From<&str> for FileError {
+    fn from(reason: &str) -> Self {
+        FileError(reason.to_string())
+    }
+}
+
+impl From<FileError> for String {
+    fn from(e: FileError) -> Self {
+        e.0
+    }
 }
 
 /// A data file that was left out, and why.
@@ -251,7 +288,7 @@ impl FileSamples {
 
 /// Reads and checks one data file on its own: format, dtype, shapes, finite values.
 /// The error is a reason fit for a user (the caller adds the file name).
-pub fn read_file(path: &Path, spec: &DataSpec) -> Result<FileSamples, String> {
+pub fn read_file(path: &Path, spec: &DataSpec) -> Result<FileSamples, FileError> {
     check_file(path, spec)?;
     let samples = match spec.format {
         DataFormat::Safetensors => safetensors_file::read(path, &spec.x_key, &spec.y_key)?,
@@ -266,7 +303,7 @@ pub fn read_file(path: &Path, spec: &DataSpec) -> Result<FileSamples, String> {
     }
     let per = samples.sample_shape.iter().product::<usize>();
     if per == 0 {
-        return Err(format!("empty sample shape {:?}", samples.sample_shape));
+        return Err(format!("empty sample shape {:?}", samples.sample_shape).into());
     }
     if samples.features.len() != per * samples.len() {
         return Err(format!(
@@ -274,27 +311,24 @@ pub fn read_file(path: &Path, spec: &DataSpec) -> Result<FileSamples, String> {
             samples.features.len(),
             samples.len(),
             samples.sample_shape
-        ));
+        )
+        .into());
     }
     if let Features::F32(v) = &samples.features {
         if let Some(pos) = v.iter().position(|x| !x.is_finite()) {
-            return Err(format!(
-                "sample {} has a non-finite value ({})",
-                pos / per,
-                v[pos]
-            ));
+            return Err(format!("sample {} has a non-finite value ({})", pos / per, v[pos]).into());
         }
     }
     if let RawLabels::Index(v) = &samples.labels {
         if let Some((i, l)) = v.iter().enumerate().find(|(_, l)| **l < 0) {
-            return Err(format!("sample {i} has negative label {l}"));
+            return Err(format!("sample {i} has negative label {l}").into());
         }
     }
     Ok(samples)
 }
 
 /// Resolves the labels of one file to class indices, given the class list.
-pub fn resolve_labels(labels: &RawLabels, classes: &[String]) -> Result<Vec<u32>, String> {
+pub fn resolve_labels(labels: &RawLabels, classes: &[String]) -> Result<Vec<u32>, FileError> {
     match labels {
         RawLabels::Index(v) => v
             .iter()
@@ -307,7 +341,8 @@ pub fn resolve_labels(labels: &RawLabels, classes: &[String]) -> Result<Vec<u32>
                         "sample {i} has label {l}, outside the {} classes [0, {})",
                         classes.len(),
                         classes.len()
-                    ))
+                    )
+                    .into())
                 }
             })
             .collect(),
@@ -321,7 +356,9 @@ pub fn resolve_labels(labels: &RawLabels, classes: &[String]) -> Result<Vec<u32>
                 .enumerate()
                 .map(|(i, name)| {
                     index.get(name.as_str()).copied().ok_or_else(|| {
-                        format!("sample {i} has label {name:?}, which is not a known class")
+                        FileError(format!(
+                            "sample {i} has label {name:?}, which is not a known class"
+                        ))
                     })
                 })
                 .collect()
@@ -496,7 +533,10 @@ pub fn load_dataset(spec: &DataSpec) -> Result<Dataset, DataError> {
             Ok(s) => good.push((name, s)),
             Err(reason) => {
                 tracing::warn!(file = %path.display(), %reason, "skipping data file");
-                skipped.push(SkippedFile { file: name, reason });
+                skipped.push(SkippedFile {
+                    file: name,
+                    reason: reason.into(),
+                });
             }
         }
     }
@@ -558,7 +598,10 @@ pub fn load_dataset(spec: &DataSpec) -> Result<Dataset, DataError> {
             Ok(l) => l,
             Err(reason) => {
                 tracing::warn!(file = %name, %reason, "skipping data file");
-                skipped.push(SkippedFile { file: name, reason });
+                skipped.push(SkippedFile {
+                    file: name,
+                    reason: reason.into(),
+                });
                 continue;
             }
         };

@@ -4,10 +4,10 @@ use std::path::Path;
 
 use safetensors::{Dtype, SafeTensors};
 
-use super::{Features, FileSamples, RawLabels};
+use super::{Features, FileError, FileSamples, RawLabels};
 
 /// Reads one shard; the error is a reason fit for a user.
-pub fn read(path: &Path, x_key: &str, y_key: &str) -> Result<FileSamples, String> {
+pub fn read(path: &Path, x_key: &str, y_key: &str) -> Result<FileSamples, FileError> {
     let bytes = std::fs::read(path).map_err(|e| format!("cannot read: {e}"))?;
     let st = SafeTensors::deserialize(&bytes)
         .map_err(|e| format!("not a valid safetensors file: {e}"))?;
@@ -21,17 +21,19 @@ pub fn read(path: &Path, x_key: &str, y_key: &str) -> Result<FileSamples, String
     if xs.len() < 2 {
         return Err(format!(
             "{x_key:?} has shape {xs:?}; expected [N, features...] with at least 2 dimensions"
-        ));
+        )
+        .into());
     }
     if y.shape().len() != 1 {
-        return Err(format!("{y_key:?} has shape {:?}; expected [N]", y.shape()));
+        return Err(format!("{y_key:?} has shape {:?}; expected [N]", y.shape()).into());
     }
     if y.shape()[0] != xs[0] {
         return Err(format!(
             "{x_key:?} has {} samples but {y_key:?} has {} labels",
             xs[0],
             y.shape()[0]
-        ));
+        )
+        .into());
     }
     let features = match x.dtype() {
         Dtype::U8 => Features::U8(x.data().to_vec()),
@@ -54,7 +56,8 @@ pub fn read(path: &Path, x_key: &str, y_key: &str) -> Result<FileSamples, String
         other => {
             return Err(format!(
                 "{x_key:?} has dtype {other:?}; supported: F32, F64, F16, BF16, U8"
-            ))
+            )
+            .into())
         }
     };
     let labels: Vec<i64> = match y.dtype() {
@@ -77,9 +80,9 @@ pub fn read(path: &Path, x_key: &str, y_key: &str) -> Result<FileSamples, String
             .map(|b| i64::try_from(u64::from_le_bytes(b)).unwrap_or(i64::MAX))
             .collect(),
         other => {
-            return Err(format!(
-                "{y_key:?} has dtype {other:?}; labels must be an integer type"
-            ))
+            return Err(
+                format!("{y_key:?} has dtype {other:?}; labels must be an integer type").into(),
+            )
         }
     };
     Ok(FileSamples {

@@ -10,7 +10,7 @@ use std::path::Path;
 use super::vocab::Vocab;
 use super::{
     infer_classes, list_files, read_class_file, relative_name, resolve_labels, split_indices,
-    DataError, DataSpec, Dataset, Features, FileSamples, RawLabels, SkippedFile,
+    DataError, DataSpec, Dataset, Features, FileError, FileSamples, RawLabels, SkippedFile,
 };
 
 /// File names in a text data folder that are not data.
@@ -24,7 +24,7 @@ pub struct TextFile {
 }
 
 /// Reads and checks one file; the error is a reason fit for a user.
-pub fn read(path: &Path) -> Result<TextFile, String> {
+pub fn read(path: &Path) -> Result<TextFile, FileError> {
     let bytes = std::fs::read(path).map_err(|e| format!("cannot read: {e}"))?;
     let text = String::from_utf8(bytes).map_err(|e| {
         format!(
@@ -44,11 +44,12 @@ pub fn read(path: &Path) -> Result<TextFile, String> {
             return Err(format!(
                 "line {}: no TAB between text and label (expected `text<TAB>label`)",
                 i + 1
-            ));
+            )
+            .into());
         };
         let label = label.trim();
         if label.is_empty() {
-            return Err(format!("line {}: empty label", i + 1));
+            return Err(format!("line {}: empty label", i + 1).into());
         }
         texts.push(content.to_string());
         labels.push(label.to_string());
@@ -60,7 +61,7 @@ pub fn read(path: &Path) -> Result<TextFile, String> {
     let labels = match indices {
         Some(v) => {
             if let Some((i, l)) = v.iter().enumerate().find(|(_, l)| **l < 0) {
-                return Err(format!("sample {i} has negative label {l}"));
+                return Err(format!("sample {i} has negative label {l}").into());
             }
             RawLabels::Index(v)
         }
@@ -70,7 +71,7 @@ pub fn read(path: &Path) -> Result<TextFile, String> {
 }
 
 /// One file as samples of token ids, with `vocab` (every token unknown without one).
-pub fn read_samples(path: &Path, spec: &DataSpec) -> Result<FileSamples, String> {
+pub fn read_samples(path: &Path, spec: &DataSpec) -> Result<FileSamples, FileError> {
     let file = read(path)?;
     let empty;
     let vocab = match &spec.vocab {
@@ -108,7 +109,10 @@ pub fn load(spec: &DataSpec) -> Result<Dataset, DataError> {
             Ok(f) => good.push((name, f)),
             Err(reason) => {
                 tracing::warn!(file = %path.display(), %reason, "skipping data file");
-                skipped.push(SkippedFile { file: name, reason });
+                skipped.push(SkippedFile {
+                    file: name,
+                    reason: reason.into(),
+                });
             }
         }
     }
@@ -136,7 +140,10 @@ pub fn load(spec: &DataSpec) -> Result<Dataset, DataError> {
             Ok(l) => l,
             Err(reason) => {
                 tracing::warn!(file = %name, %reason, "skipping data file");
-                skipped.push(SkippedFile { file: name, reason });
+                skipped.push(SkippedFile {
+                    file: name,
+                    reason: reason.into(),
+                });
                 continue;
             }
         };

@@ -9,7 +9,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use super::TokenizerKind;
+use super::{FileError, TokenizerKind};
 
 /// The token that stands for any token outside the vocabulary.
 pub const UNK: &str = "<UNK>";
@@ -64,25 +64,26 @@ impl From<Vocab> for VocabRepr {
 }
 
 impl TryFrom<VocabRepr> for Vocab {
-    type Error = String;
-    fn try_from(r: VocabRepr) -> Result<Self, String> {
+    type Error = FileError;
+    fn try_from(r: VocabRepr) -> Result<Self, FileError> {
         Vocab::new(r.tokens, r.pad, r.unk)
     }
 }
 
 impl Vocab {
     /// A vocabulary of `tokens` (in id order) with the given padding and unknown ids.
-    pub fn new(tokens: Vec<String>, pad: usize, unk: usize) -> Result<Self, String> {
+    pub fn new(tokens: Vec<String>, pad: usize, unk: usize) -> Result<Self, FileError> {
         if pad >= tokens.len() || unk >= tokens.len() || pad == unk {
             return Err(format!(
                 "padding id {pad} and unknown id {unk} must be two different ids below {}",
                 tokens.len()
-            ));
+            )
+            .into());
         }
         let mut index = HashMap::with_capacity(tokens.len());
         for (i, t) in tokens.iter().enumerate() {
             if index.insert(t.clone(), i as u32).is_some() {
-                return Err(format!("token {t:?} appears twice"));
+                return Err(format!("token {t:?} appears twice").into());
             }
         }
         Ok(Self {
@@ -137,7 +138,7 @@ impl Vocab {
 
     /// Reads a vocabulary file: one token per line, line N holding id N (UTF-8).
     /// `<UNK>` and `<PAD>` are appended when the file lacks them.
-    pub fn read(path: &Path) -> Result<Self, String> {
+    pub fn read(path: &Path) -> Result<Self, FileError> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| format!("cannot read vocabulary {}: {e}", path.display()))?;
         let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
@@ -150,7 +151,8 @@ impl Vocab {
                     "vocabulary {}: line {} is empty (one token per line)",
                     path.display(),
                     i + 1
-                ));
+                )
+                .into());
             }
             tokens.push(tok.to_string());
         }
@@ -161,7 +163,8 @@ impl Vocab {
         }
         let pad = tokens.iter().position(|t| t == PAD).unwrap_or(0);
         let unk = tokens.iter().position(|t| t == UNK).unwrap_or(0);
-        Self::new(tokens, pad, unk).map_err(|e| format!("vocabulary {}: {e}", path.display()))
+        Self::new(tokens, pad, unk)
+            .map_err(|e| FileError(format!("vocabulary {}: {e}", path.display())))
     }
 
     /// Number of tokens, special ones included.
