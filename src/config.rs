@@ -11,9 +11,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::engine::data::DataSpec;
 use crate::engine::early_stop::EarlyStopConfig;
+use crate::engine::model::registry::{ArchConfigs, ConfigContext, ConfigVisitor, KeyError};
 use crate::engine::model::InitMapping;
 use crate::engine::optim::{OptimizerConfig, OptimizerKind};
-use crate::engine::run::{ConvTemplate, ModelTemplate, RunRequest, TrainSpec, WarmStart};
+use crate::engine::run::{ModelTemplate, RunRequest, TrainSpec, WarmStart};
 use crate::engine::schedule::{Mode, PlateauConfig, ThresholdMode};
 
 /// Prefix of environment variables that override the config file.
@@ -47,6 +48,14 @@ pub enum ConfigError {
     /// The layered values could not be turned into settings.
     #[error("invalid configuration: {0}")]
     Other(String),
+}
+
+/// An architecture's key error as a config error.
+fn key_error(e: KeyError) -> ConfigError {
+    ConfigError::Invalid {
+        key: e.key,
+        reason: e.reason,
+    }
 }
 
 fn invalid(key: &str, reason: impl Into<String>) -> ConfigError {
@@ -189,74 +198,30 @@ impl Default for DataSettings {
     }
 }
 
-/// Model architectures.
-#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum ArchKind {
-    #[default]
-    Mlp,
-    Cnn,
-    Cnn1d,
-    Textcnn,
-}
+/// Model architectures (`model.arch`): the list lives in the model registry.
+pub use crate::engine::model::ArchKind;
 
-pub use crate::engine::model::Activation;
+pub use crate::engine::model::{Activation, PerBlock};
 
-/// A conv-block setting: one value for every block, or a list with one per block.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(untagged)]
-pub enum PerBlock<T> {
-    One(T),
-    Each(Vec<T>),
-}
-
-impl<T: Clone> PerBlock<T> {
-    /// The values as a list (one value, or one per block).
-    pub fn to_vec(&self) -> Vec<T> {
-        match self {
-            PerBlock::One(v) => vec![v.clone()],
-            PerBlock::Each(v) => v.clone(),
-        }
-    }
-}
-
-/// Dropout when `model.dropout` is not set: the seed's 0.5 for textcnn, else none.
+/// Dropout when `model.dropout` is not set: the architecture's own default.
 pub fn default_dropout(arch: ArchKind) -> f64 {
-    match arch {
-        ArchKind::Textcnn => 0.5,
-        _ => 0.0,
-    }
+    arch.default_dropout()
 }
 
-/// `[model]`
+/// `[model]`: the keys every architecture shares, and each architecture's
+/// own keys (flattened in, so they stay `model.hidden`, `model.conv_channels`,
+/// `model.embed_dim`, ...). Unknown keys are refused by the schema walk.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(default, deny_unknown_fields)]
+#[serde(default)]
 pub struct ModelSettings {
     pub arch: ArchKind,
-    /// Hidden layer widths of the MLP.
-    pub hidden: Vec<usize>,
     pub activation: Activation,
-    /// Dropout before the classifier head (and between MLP layers); unset: 0.5
-    /// for textcnn, 0 otherwise.
+    /// Dropout before the classifier head (and between MLP layers); unset: the
+    /// architecture's default (0.5 for textcnn, 0 otherwise).
     pub dropout: Option<f64>,
-    /// cnn / cnn1d: output channels of each conv block (one block per entry).
-    pub conv_channels: Vec<usize>,
-    /// cnn / cnn1d: kernel size, one for all blocks or one per block.
-    pub kernel_size: PerBlock<usize>,
-    /// cnn / cnn1d: convolution stride.
-    pub stride: PerBlock<usize>,
-    /// cnn / cnn1d: zero padding; unset: `kernel_size / 2` ("same" for odd kernels).
-    pub padding: Option<PerBlock<usize>>,
-    /// cnn / cnn1d: batch-norm after each convolution.
-    pub batch_norm: PerBlock<bool>,
-    /// cnn / cnn1d: max-pool window after each block (1: no pooling).
-    pub pool: PerBlock<usize>,
-    /// textcnn: embedding size.
-    pub embed_dim: usize,
-    /// textcnn: widths of the parallel convolutions.
-    pub filter_sizes: Vec<usize>,
-    /// textcnn: filters per width.
-    pub num_filters: usize,
+    /// Each architecture's own keys (see `engine::model::registry`).
+    #[serde(flatten)]
+    pub archs: ArchConfigs,
     /// Safetensors weights to start from (e.g. a PyTorch `state_dict`).
     pub init: Option<PathBuf>,
     /// Only tensors of `init` under this prefix are used, with it removed
@@ -276,18 +241,9 @@ impl Default for ModelSettings {
     fn default() -> Self {
         Self {
             arch: ArchKind::Mlp,
-            hidden: vec![128, 64],
             activation: Activation::Relu,
             dropout: None,
-            conv_channels: vec![16, 32],
-            kernel_size: PerBlock::One(3),
-            stride: PerBlock::One(1),
-            padding: None,
-            batch_norm: PerBlock::One(true),
-            pool: PerBlock::One(2),
-            embed_dim: 300,
-            filter_sizes: vec![2, 3, 4],
-            num_filters: 256,
+            archs: ArchConfigs::default(),
             init: None,
             init_prefix: None,
             rename: BTreeMap::new(),
@@ -775,9 +731,19 @@ pub fn load_layers(
     let cfg = builder
         .build()
         .map_err(|e| ConfigError::Other(e.to_string()))?;
+    // The architectures' keys are flattened into [model], where a wrong type
+    // would be reported without its key: check them first, key by key.
+    ArchConfigs::visit(&mut ModelKeys {
+        model: cfg
+            .get_table("model")
+            .map(|t| config::Value::new(None, config::ValueKind::Table(t)))
+            .ok(),
+        overrides,
+        file_origin,
+    })?;
     let mut settings = cfg
         .try_deserialize::<Settings>()
-        .map_err(|e| type_error(e, overrides, file_origin))?;
+        .map_err(|e| type_error(&e.to_string(), overrides, file_origin))?;
     let o = &mut settings.train.optimizer;
     o.weight_decay = Some(o.effective_weight_decay());
     Ok(settings)
@@ -812,9 +778,35 @@ fn rename_aliases(table: &toml::Table) -> toml::Table {
     out
 }
 
+/// Deserialises each architecture's keys from the layered `[model]` table.
+struct ModelKeys<'a> {
+    model: Option<config::Value>,
+    overrides: &'a [Override],
+    file_origin: &'a str,
+}
+
+impl ConfigVisitor for ModelKeys<'_> {
+    type Error = ConfigError;
+
+    fn visit<T: serde::de::DeserializeOwned>(&mut self) -> Result<(), ConfigError> {
+        let Some(model) = &self.model else {
+            return Ok(());
+        };
+        match T::deserialize(model.clone()) {
+            Ok(_) => Ok(()),
+            // The keys are relative to [model].
+            Err(e) => Err(type_error(
+                &e.to_string().replacen("for key `", "for key `model.", 1),
+                self.overrides,
+                self.file_origin,
+            )),
+        }
+    }
+}
+
 /// Turns a deserialisation error into one that names the key and its origin.
-fn type_error(e: config::ConfigError, overrides: &[Override], file_origin: &str) -> ConfigError {
-    let msg = e.to_string();
+fn type_error(msg: &str, overrides: &[Override], file_origin: &str) -> ConfigError {
+    let msg = msg.to_string();
     // config's messages end with "for key `a.b`" (sometimes "in <source>").
     let key = msg
         .split("for key `")
@@ -935,50 +927,15 @@ impl Settings {
         }
 
         let m = &self.model;
-        if m.hidden.contains(&0) {
-            return Err(invalid("model.hidden", "every layer width must be > 0"));
-        }
         if let Some(d) = m.dropout {
             check_range("model.dropout", d, 0.0, 1.0, true, false)?;
         }
-        if m.conv_channels.is_empty() || m.conv_channels.contains(&0) {
-            return Err(invalid(
-                "model.conv_channels",
-                "needs at least one block, each with >= 1 channel",
-            ));
-        }
-        for (key, values) in [
-            ("model.kernel_size", m.kernel_size.to_vec()),
-            ("model.stride", m.stride.to_vec()),
-            ("model.pool", m.pool.to_vec()),
-        ] {
-            if values.is_empty() || values.contains(&0) {
-                return Err(invalid(key, "every value must be >= 1"));
-            }
-        }
-        if m.embed_dim == 0 {
-            return Err(invalid("model.embed_dim", "must be >= 1"));
-        }
-        if m.num_filters == 0 {
-            return Err(invalid("model.num_filters", "must be >= 1"));
-        }
-        if m.filter_sizes.is_empty() || m.filter_sizes.contains(&0) {
-            return Err(invalid(
-                "model.filter_sizes",
-                "needs at least one width, each >= 1",
-            ));
-        }
-        if m.arch == ArchKind::Textcnn {
-            if let Some(&k) = m.filter_sizes.iter().find(|&&k| k > d.max_len) {
-                return Err(invalid(
-                    "model.filter_sizes",
-                    format!(
-                        "filter size {k} is longer than data.max_len = {}",
-                        d.max_len
-                    ),
-                ));
-            }
-        }
+        m.archs
+            .validate(&ConfigContext {
+                arch: m.arch,
+                max_len: d.max_len,
+            })
+            .map_err(key_error)?;
         if d.max_vocab == 0 {
             return Err(invalid("data.max_vocab", "must be >= 1"));
         }
@@ -1062,41 +1019,10 @@ impl Settings {
             }
         }
 
-        let o = &t.optimizer;
-        check_range("train.optimizer.lr", o.lr, 0.0, f64::MAX, false, true)?;
-        check_range("train.optimizer.betas", o.betas[0], 0.0, 1.0, true, false)?;
-        check_range("train.optimizer.betas", o.betas[1], 0.0, 1.0, true, false)?;
-        check_range("train.optimizer.eps", o.eps, 0.0, f64::MAX, true, true)?;
-        check_range(
-            "train.optimizer.weight_decay",
-            o.effective_weight_decay(),
-            0.0,
-            f64::MAX,
-            true,
-            true,
-        )?;
-        check_range(
-            "train.optimizer.momentum",
-            o.momentum,
-            0.0,
-            f64::MAX,
-            true,
-            true,
-        )?;
-        check_range(
-            "train.optimizer.dampening",
-            o.dampening,
-            0.0,
-            1.0,
-            true,
-            true,
-        )?;
-        if o.nesterov && (o.momentum <= 0.0 || o.dampening != 0.0) {
-            return Err(invalid(
-                "train.optimizer.nesterov",
-                "nesterov needs momentum > 0 and dampening = 0 (as torch.optim.SGD)",
-            ));
-        }
+        // The optimiser's value rules are the engine's; its error names the field.
+        self.optimizer_config()
+            .validate_all()
+            .map_err(|e| invalid(&format!("train.optimizer.{}", e.field), e.reason))?;
 
         let s = &t.scheduler;
         check_range("train.scheduler.factor", s.factor, 0.0, 1.0, false, false)?;
@@ -1281,69 +1207,14 @@ impl Settings {
     /// The model section as the engine's template (sizes from the data come later).
     pub fn model_template(&self) -> Result<ModelTemplate, ConfigError> {
         let m = &self.model;
-        let dropout = m.dropout.unwrap_or(default_dropout(m.arch));
-        let conv = || ConvTemplate {
-            channels: m.conv_channels.clone(),
-            kernel_size: m.kernel_size.to_vec(),
-            stride: m.stride.to_vec(),
-            padding: m.padding.as_ref().map(PerBlock::to_vec),
-            batch_norm: m.batch_norm.to_vec(),
-            pool: m.pool.to_vec(),
-            activation: m.activation,
-            dropout,
-        };
-        let blocks = m.conv_channels.len();
-        if matches!(m.arch, ArchKind::Cnn | ArchKind::Cnn1d) {
-            let lens = [
-                ("model.kernel_size", m.kernel_size.to_vec().len()),
-                ("model.stride", m.stride.to_vec().len()),
-                (
-                    "model.padding",
-                    m.padding.as_ref().map_or(1, |p| p.to_vec().len()),
-                ),
-                ("model.batch_norm", m.batch_norm.to_vec().len()),
-                ("model.pool", m.pool.to_vec().len()),
-            ];
-            if let Some((key, n)) = lens.iter().find(|(_, n)| *n != 1 && *n != blocks) {
-                return Err(invalid(
-                    key,
-                    format!(
-                        "has {n} values but model.conv_channels makes {blocks} blocks; give one value or {blocks}"
-                    ),
-                ));
-            }
-        }
-        let text = self.data.format == DataFormat::TextTsv;
-        match (m.arch, text) {
-            (ArchKind::Textcnn, false) => {
-                return Err(invalid(
-                    "model.arch",
-                    "\"textcnn\" reads text: set data.format = \"text-tsv\"",
-                ))
-            }
-            (ArchKind::Mlp | ArchKind::Cnn | ArchKind::Cnn1d, true) => {
-                return Err(invalid(
-                    "model.arch",
-                    "text data (data.format = \"text-tsv\") needs model.arch = \"textcnn\"",
-                ))
-            }
-            _ => {}
-        }
-        Ok(match m.arch {
-            ArchKind::Mlp => ModelTemplate::Mlp {
-                hidden: m.hidden.clone(),
-                activation: m.activation,
-                dropout,
-            },
-            ArchKind::Cnn => ModelTemplate::Cnn(conv()),
-            ArchKind::Cnn1d => ModelTemplate::Cnn1d(conv()),
-            ArchKind::Textcnn => ModelTemplate::TextCnn {
-                embed_dim: m.embed_dim,
-                filter_sizes: m.filter_sizes.clone(),
-                num_filters: m.num_filters,
-                dropout,
-            },
-        })
+        ModelTemplate::new(
+            m.arch,
+            m.activation,
+            m.dropout,
+            m.archs.clone(),
+            self.data.format == DataFormat::TextTsv,
+        )
+        .map_err(key_error)
     }
 
     /// The train section as the engine's spec.
@@ -1500,7 +1371,7 @@ mod tests {
             Override::parse_set("data.dir=some/where").unwrap(),
         ];
         let s = load_layers(&table(""), "f", &ovs).unwrap();
-        assert_eq!(s.model.hidden, vec![32, 16]);
+        assert_eq!(s.model.archs.mlp.hidden, vec![32, 16]);
         assert_eq!(s.train.eval_every, EvalEvery::Steps(50));
         assert_eq!(s.data.dir, PathBuf::from("some/where"));
     }
@@ -1589,15 +1460,20 @@ mod tests {
             s.model.rename.get("Block.0.W").map(String::as_str),
             Some("features.0.conv.weight")
         );
-        assert_eq!(s.model.kernel_size, PerBlock::Each(vec![5, 3, 3]));
-        assert_eq!(s.model.pool, PerBlock::One(2));
-        match s.model_template().unwrap() {
-            ModelTemplate::Cnn(c) => {
-                assert_eq!(c.kernel_size, vec![5, 3, 3]);
-                assert_eq!(c.dropout, 0.0);
-            }
-            other => panic!("{other:?}"),
-        }
+        assert_eq!(s.model.archs.cnn.kernel_size, PerBlock::Each(vec![5, 3, 3]));
+        assert_eq!(s.model.archs.cnn.pool, PerBlock::One(2));
+        let c = s.model_template().unwrap();
+        assert_eq!(c.arch, ArchKind::Cnn);
+        let kernels: Vec<usize> = c
+            .archs
+            .cnn
+            .blocks()
+            .unwrap()
+            .iter()
+            .map(|b| b.kernel_size)
+            .collect();
+        assert_eq!(kernels, vec![5, 3, 3]);
+        assert_eq!(c.dropout, 0.0);
         assert!(
             s.masked_toml().contains("\"classifier.*\" = \"head.*\""),
             "{}",
@@ -1615,18 +1491,11 @@ mod tests {
             &[],
         )
         .unwrap();
-        match t.model_template().unwrap() {
-            ModelTemplate::TextCnn {
-                embed_dim,
-                filter_sizes,
-                num_filters,
-                dropout,
-            } => {
-                assert_eq!((embed_dim, num_filters, dropout), (300, 256, 0.5));
-                assert_eq!(filter_sizes, vec![2, 3, 4]);
-            }
-            other => panic!("{other:?}"),
-        }
+        let tt = t.model_template().unwrap();
+        assert_eq!(tt.arch, ArchKind::Textcnn);
+        let tc = &tt.archs.textcnn;
+        assert_eq!((tc.embed_dim, tc.num_filters, tt.dropout), (300, 256, 0.5));
+        assert_eq!(tc.filter_sizes, vec![2, 3, 4]);
         assert_eq!(t.data.max_len, 32);
         let e = load_layers(&table("[model]\narch = \"textcnn\"\n"), "f", &[])
             .unwrap()
