@@ -150,14 +150,14 @@ impl OptimizerConfig {
             } else {
                 Err(InvalidOptimizerConfig::new(
                     name,
-                    format!("must be finite and >= 0, got {v}"),
+                    format!("{v} is outside [0, inf)"),
                 ))
             }
         }
         if !(self.lr.is_finite() && self.lr > 0.0) {
             return Err(InvalidOptimizerConfig::new(
                 "lr",
-                format!("must be finite and > 0, got {}", self.lr),
+                format!("{} is outside (0, inf)", self.lr),
             ));
         }
         let adam = kind.is_none_or(|k| matches!(k, OptimizerKind::Adam | OptimizerKind::AdamW));
@@ -167,7 +167,7 @@ impl OptimizerConfig {
                 if !(0.0..1.0).contains(&beta) {
                     return Err(InvalidOptimizerConfig::new(
                         "betas",
-                        format!("[{i}] must be in [0, 1), got {beta}"),
+                        format!("[{i}] = {beta} is outside [0, 1)"),
                     ));
                 }
             }
@@ -179,7 +179,7 @@ impl OptimizerConfig {
             if !(0.0..=1.0).contains(&self.dampening) {
                 return Err(InvalidOptimizerConfig::new(
                     "dampening",
-                    format!("must be in [0, 1], got {}", self.dampening),
+                    format!("{} is outside [0, 1]", self.dampening),
                 ));
             }
             if self.nesterov && (self.momentum <= 0.0 || self.dampening != 0.0) {
