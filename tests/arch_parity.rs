@@ -1,7 +1,9 @@
 //! Architecture parity with PyTorch: replays the fixtures made by
 //! `scripts/make_arch_fixtures.py` (the twins in `scripts/pytorch_twins.py`).
 //!
-//! Per architecture: the PyTorch `state_dict` loads strictly; eval-mode logits
+//! Per architecture and per compute path (our CPU kernels, and candle's
+//! generic ops with the kernels switched off: the path CUDA takes): the
+//! PyTorch `state_dict` loads strictly; eval-mode logits
 //! match within 1e-4; training-mode logits, loss, the gradient of every
 //! parameter (within 1e-3) and the batch-norm running statistics after the pass
 //! match. The reverse direction: after one SGD step the model is saved as an
@@ -18,11 +20,13 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use edge_trainer::engine::checkpoint::{self, CheckpointMeta, CheckpointMetrics, InputSpec};
 use edge_trainer::engine::data::{DataFormat, Normalization};
-use edge_trainer::engine::model::{ForwardCtx, Model, ModelSpec};
+use edge_trainer::engine::model::{ForwardCtx, KernelPolicy, Model, ModelSpec};
 use serde::Deserialize;
 
 const LOGIT_TOL: f32 = 1e-4;
 const GRAD_TOL: f32 = 1e-3;
+/// The compute paths every case runs on.
+const PATHS: [KernelPolicy; 2] = [KernelPolicy::Ours, KernelPolicy::Generic];
 
 #[derive(Deserialize)]
 struct Fixture {
@@ -58,16 +62,6 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
         .unwrap()
         .to_scalar::<f32>()
         .unwrap()
-}
-
-fn without_dropout(spec: &ModelSpec) -> ModelSpec {
-    let mut s = spec.clone();
-    match &mut s {
-        ModelSpec::Mlp(m) => m.dropout = 0.0,
-        ModelSpec::Cnn(c) | ModelSpec::Cnn1d(c) => c.dropout = 0.0,
-        ModelSpec::TextCnn(t) => t.dropout = 0.0,
-    }
-    s
 }
 
 struct Loaded {
@@ -122,24 +116,35 @@ fn architectures_match_pytorch() {
     let out_dir = export_dir();
     std::fs::create_dir_all(&out_dir).unwrap();
     let mut report = Vec::new();
-    for (name, case) in &fixture.cases {
+    for ((name, case), path) in fixture
+        .cases
+        .iter()
+        .flat_map(|c| PATHS.iter().map(move |p| (c, *p)))
+    {
         let f = load_case(name);
         let x = &f.all["x"];
         let y = f.all["y"].to_dtype(DType::U32).unwrap();
 
         // Forward, eval mode.
         let model = model_with(case.spec.clone(), &f.state);
-        let logits = model.forward(x, &mut ForwardCtx::eval()).unwrap();
+        let logits = model
+            .forward(x, &mut ForwardCtx::eval().with_kernels(path))
+            .unwrap();
         let d_eval = max_abs_diff(&logits, &f.all["logits_eval"]);
-        assert!(d_eval < LOGIT_TOL, "{name}: eval logits differ by {d_eval}");
+        assert!(
+            d_eval < LOGIT_TOL,
+            "{name} ({path:?}): eval logits differ by {d_eval}"
+        );
 
         // Training mode (dropout off): logits, loss, gradients, running statistics.
-        let model = model_with(without_dropout(&case.spec), &f.state);
-        let logits = model.forward(x, &mut ForwardCtx::train(0)).unwrap();
+        let model = model_with(case.spec.without_dropout(), &f.state);
+        let logits = model
+            .forward(x, &mut ForwardCtx::train(0).with_kernels(path))
+            .unwrap();
         let d_train = max_abs_diff(&logits, &f.all["logits_train"]);
         assert!(
             d_train < LOGIT_TOL,
-            "{name}: train logits differ by {d_train}"
+            "{name} ({path:?}): train logits differ by {d_train}"
         );
         let loss = candle_nn::loss::cross_entropy(&logits, &y).unwrap();
         let torch_loss = f.all["loss_train"].to_vec1::<f32>().unwrap()[0];
@@ -165,10 +170,10 @@ fn architectures_match_pytorch() {
         for p in &case.grads {
             let g = grads
                 .get(vars[p].as_tensor())
-                .unwrap_or_else(|| panic!("{name}: no gradient for {p}"));
+                .unwrap_or_else(|| panic!("{name} ({path:?}): no gradient for {p}"));
             let d = max_abs_diff(g, &f.all[&format!("grad.{p}")]);
             if d >= GRAD_TOL {
-                bad.push(format!("{name}: gradient of {p} differs by {d}"));
+                bad.push(format!("{name} ({path:?}): gradient of {p} differs by {d}"));
             }
             d_grad = d_grad.max(d);
         }
@@ -178,10 +183,16 @@ fn architectures_match_pytorch() {
             let d = max_abs_diff(&sd[b], &f.all[&format!("after.{b}")]);
             assert!(
                 d < 1e-5,
-                "{name}: buffer {b} after a training pass differs by {d}"
+                "{name} ({path:?}): buffer {b} after a training pass differs by {d}"
             );
         }
 
+        report.push(format!(
+            "{name} ({path:?}): eval logits {d_eval:.1e}, train logits {d_train:.1e}, grads {d_grad:.1e}"
+        ));
+        if path != KernelPolicy::Ours {
+            continue;
+        }
         // Reverse direction: one SGD step, save, check the layout, reload.
         for (_, v) in model.params.trainable() {
             if let Some(g) = grads.get(v.as_tensor()) {
@@ -190,14 +201,14 @@ fn architectures_match_pytorch() {
             }
         }
         let sample_shape = x.dims()[1..].to_vec();
-        let path = out_dir.join(format!("{name}.safetensors"));
+        let file = out_dir.join(format!("{name}.safetensors"));
         checkpoint::save(
-            &path,
+            &file,
             &model.params.snapshot().unwrap(),
             &meta(&case.spec, &sample_shape),
         )
         .unwrap();
-        let ck = checkpoint::load(&path, &Device::Cpu).unwrap();
+        let ck = checkpoint::load(&file, &Device::Cpu).unwrap();
         let mut saved: Vec<(String, Vec<usize>)> = ck
             .tensors
             .iter()
@@ -216,7 +227,9 @@ fn architectures_match_pytorch() {
         );
         let trained = Model::new(ck.meta.model.clone(), 9, &Device::Cpu).unwrap();
         trained.params.load(&ck.tensors).unwrap();
-        let mine = model.forward(x, &mut ForwardCtx::eval()).unwrap();
+        let mine = model
+            .forward(x, &mut ForwardCtx::eval().with_kernels(path))
+            .unwrap();
         let again = trained.forward(x, &mut ForwardCtx::eval()).unwrap();
         assert_eq!(
             mine.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
@@ -229,9 +242,6 @@ fn architectures_match_pytorch() {
         )
         .unwrap();
         std::fs::write(out_dir.join(format!("{name}.logits.safetensors")), bytes).unwrap();
-        report.push(format!(
-            "{name}: eval logits {d_eval:.1e}, train logits {d_train:.1e}, grads {d_grad:.1e}"
-        ));
     }
     println!("{}", report.join("\n"));
     println!("exported checkpoints to {}", out_dir.display());

@@ -283,7 +283,7 @@ mod tests {
         run.output.dir = PathBuf::from("/elsewhere");
         run.data.dir = PathBuf::from("/data-of-the-run");
         run.train.max_epochs = 3;
-        run.model.hidden = vec![5];
+        run.model.archs.mlp.hidden = vec![5];
         run.retrain.warm_start = WarmStartFrom::Scratch;
         run.retrain.promote_metric = PromoteMetric::Loss;
         run.retrain.min_new_samples = 99;

@@ -273,40 +273,12 @@ pub fn read_tensors(
     Ok((out, meta))
 }
 
-fn view_to_tensor(view: &TensorView, device: &Device) -> candle_core::Result<Tensor> {
-    let data = view.data();
-    let values: Vec<f32> = match view.dtype() {
-        Dtype::F32 => data
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect(),
-        Dtype::F64 => data
-            .chunks_exact(8)
-            .map(|c| {
-                let mut a = [0u8; 8];
-                a.copy_from_slice(c);
-                f64::from_le_bytes(a) as f32
-            })
-            .collect(),
-        Dtype::I64 => data
-            .chunks_exact(8)
-            .map(|c| {
-                let mut a = [0u8; 8];
-                a.copy_from_slice(c);
-                i64::from_le_bytes(a) as f32
-            })
-            .collect(),
-        Dtype::BF16 => data
-            .chunks_exact(2)
-            .map(|c| f32::from_bits(u32::from(u16::from_le_bytes([c[0], c[1]])) << 16))
-            .collect(),
-        other => {
-            return Err(candle_core::Error::Msg(format!(
-                "unsupported dtype {other:?}"
-            )))
-        }
-    };
-    Tensor::from_vec(values, view.shape(), device)
+/// A tensor of a checkpoint or init file, as f32 (every dtype candle reads).
+fn view_to_tensor(
+    view: &TensorView,
+    device: &Device,
+) -> Result<Tensor, super::st_decode::DecodeError> {
+    super::st_decode::decode_f32(view, device)
 }
 
 /// A checkpoint read back: weights and metadata.

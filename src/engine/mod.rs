@@ -19,4 +19,5 @@ pub mod promote;
 pub mod resume;
 pub mod run;
 pub mod schedule;
+pub mod st_decode;
 pub mod trainer;

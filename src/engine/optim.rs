@@ -102,54 +102,91 @@ impl Default for OptimizerConfig {
     }
 }
 
-/// An optimiser configuration that torch (or this crate) rejects.
+/// An optimiser setting that torch (or this crate) rejects: the field (as in
+/// `[train.optimizer]`) and why.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
-#[error("invalid optimizer config: {0}")]
-pub struct InvalidOptimizerConfig(pub String);
+#[error("invalid optimizer config: {field} {reason}")]
+pub struct InvalidOptimizerConfig {
+    pub field: &'static str,
+    pub reason: String,
+}
+
+impl InvalidOptimizerConfig {
+    fn new(field: &'static str, reason: String) -> Self {
+        Self { field, reason }
+    }
+}
 
 impl OptimizerConfig {
-    /// Checks the settings `kind` uses, as torch's constructors do; non-finite
-    /// values are rejected too.
+    /// Checks the settings `kind` uses, as torch's constructors do (and a
+    /// learning rate of zero, which trains nothing); non-finite values are
+    /// rejected too. The one definition of the optimiser's value rules: the
+    /// config maps its errors onto `train.optimizer.*` keys.
     pub fn validate(&self) -> std::result::Result<(), InvalidOptimizerConfig> {
-        self.validate_for(self.kind)
+        self.check(Some(self.kind))
+    }
+
+    /// Checks every setting, whichever algorithm uses it (the config's check:
+    /// a bad value is refused even where the chosen algorithm ignores it).
+    pub fn validate_all(&self) -> std::result::Result<(), InvalidOptimizerConfig> {
+        self.check(None)
     }
 
     fn validate_for(&self, kind: OptimizerKind) -> std::result::Result<(), InvalidOptimizerConfig> {
-        fn non_negative(name: &str, v: f64) -> std::result::Result<(), InvalidOptimizerConfig> {
+        self.check(Some(kind))
+    }
+
+    /// The rules for `kind`, or for every kind (`None`).
+    fn check(
+        &self,
+        kind: Option<OptimizerKind>,
+    ) -> std::result::Result<(), InvalidOptimizerConfig> {
+        fn non_negative(
+            name: &'static str,
+            v: f64,
+        ) -> std::result::Result<(), InvalidOptimizerConfig> {
             if v.is_finite() && v >= 0.0 {
                 Ok(())
             } else {
-                Err(InvalidOptimizerConfig(format!(
-                    "{name} must be finite and >= 0, got {v}"
-                )))
+                Err(InvalidOptimizerConfig::new(
+                    name,
+                    format!("{v} is outside [0, inf)"),
+                ))
             }
         }
-        non_negative("lr", self.lr)?;
-        non_negative("weight_decay", self.weight_decay)?;
-        match kind {
-            OptimizerKind::Adam | OptimizerKind::AdamW => {
-                non_negative("eps", self.eps)?;
-                for (name, beta) in [("betas.0", self.betas.0), ("betas.1", self.betas.1)] {
-                    if !(0.0..1.0).contains(&beta) {
-                        return Err(InvalidOptimizerConfig(format!(
-                            "{name} must be in [0, 1), got {beta}"
-                        )));
-                    }
-                }
-            }
-            OptimizerKind::Sgd => {
-                non_negative("momentum", self.momentum)?;
-                if !self.dampening.is_finite() {
-                    return Err(InvalidOptimizerConfig(format!(
-                        "dampening must be finite, got {}",
-                        self.dampening
-                    )));
-                }
-                if self.nesterov && (self.momentum <= 0.0 || self.dampening != 0.0) {
-                    return Err(InvalidOptimizerConfig(
-                        "nesterov needs momentum > 0 and dampening 0".to_string(),
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            return Err(InvalidOptimizerConfig::new(
+                "lr",
+                format!("{} is outside (0, inf)", self.lr),
+            ));
+        }
+        let adam = kind.is_none_or(|k| matches!(k, OptimizerKind::Adam | OptimizerKind::AdamW));
+        let sgd = kind.is_none_or(|k| k == OptimizerKind::Sgd);
+        if adam {
+            for (i, beta) in [self.betas.0, self.betas.1].into_iter().enumerate() {
+                if !(0.0..1.0).contains(&beta) {
+                    return Err(InvalidOptimizerConfig::new(
+                        "betas",
+                        format!("[{i}] = {beta} is outside [0, 1)"),
                     ));
                 }
+            }
+            non_negative("eps", self.eps)?;
+        }
+        non_negative("weight_decay", self.weight_decay)?;
+        if sgd {
+            non_negative("momentum", self.momentum)?;
+            if !(0.0..=1.0).contains(&self.dampening) {
+                return Err(InvalidOptimizerConfig::new(
+                    "dampening",
+                    format!("{} is outside [0, 1]", self.dampening),
+                ));
+            }
+            if self.nesterov && (self.momentum <= 0.0 || self.dampening != 0.0) {
+                return Err(InvalidOptimizerConfig::new(
+                    "nesterov",
+                    "needs momentum > 0 and dampening = 0 (as torch.optim.SGD)".to_string(),
+                ));
             }
         }
         Ok(())

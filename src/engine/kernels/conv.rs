@@ -7,8 +7,8 @@
 //!   same pass), and the input gradient `Wᵀ * dY` folded back (col2im) only
 //!   when the input needs one — images straight from the data need none.
 //!
-//! On a CPU with f32 tensors [`conv2d`] / [`conv1d`] use these kernels;
-//! elsewhere (CUDA, other dtypes) they call candle's own convolution.
+//! CPU and f32 only: off the CPU (or for other dtypes) they return an error;
+//! the layer (`model::layers::conv`) picks candle's ops there instead.
 
 use std::sync::OnceLock;
 
@@ -688,6 +688,7 @@ fn check_bias(b: Option<&Tensor>, cout: usize) -> Result<()> {
 }
 
 /// `F.conv2d(x, w, b, stride, padding)`: x `[B, Cin, H, W]`, w `[Cout, Cin, kh, kw]`.
+/// CPU and f32 only.
 pub fn conv2d(
     x: &Tensor,
     w: &Tensor,
@@ -698,11 +699,7 @@ pub fn conv2d(
     let mut all = vec![x, w];
     all.extend(b);
     if !super::on_cpu_f32(&all) {
-        let y = x.conv2d(w, padding, stride, 1, 1)?;
-        return match b {
-            Some(b) => y.broadcast_add(&b.reshape((1, w.dim(0)?, 1, 1))?),
-            None => Ok(y),
-        };
+        candle_core::bail!("conv2d: the kernel runs on f32 CPU tensors only");
     }
     apply(
         x,
@@ -746,6 +743,7 @@ fn geom2d(
 }
 
 /// `F.conv1d(x, w, b, stride, padding)`: x `[B, Cin, L]`, w `[Cout, Cin, k]`.
+/// CPU and f32 only.
 pub fn conv1d(
     x: &Tensor,
     w: &Tensor,
@@ -756,11 +754,7 @@ pub fn conv1d(
     let mut all = vec![x, w];
     all.extend(b);
     if !super::on_cpu_f32(&all) {
-        let y = x.conv1d(w, padding, stride, 1, 1)?;
-        return match b {
-            Some(b) => y.broadcast_add(&b.reshape((1, w.dim(0)?, 1))?),
-            None => Ok(y),
-        };
+        candle_core::bail!("conv1d: the kernel runs on f32 CPU tensors only");
     }
     apply(
         x,

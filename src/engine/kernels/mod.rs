@@ -3,9 +3,10 @@
 //! "Performance"): convolutions as im2col + gemm with a fused bias gradient and
 //! no input gradient for data, max-pooling with first-maximum indices (fused
 //! with ReLU), the fully-connected layer, and the optimisers' fused in-place
-//! updates. Each public function checks the device and dtype and falls back to
-//! candle's own ops off the CPU (CUDA keeps candle's kernels) or for dtypes
-//! other than f32.
+//! updates. They are CPU-only: each public function checks the device and
+//! dtype and returns an error for anything but f32 CPU tensors. The choice
+//! between them and candle's generic ops (the path CUDA takes) is made in one
+//! place per layer, in `model::layers`.
 
 pub mod conv;
 pub mod direct_grads;

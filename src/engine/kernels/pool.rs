@@ -5,8 +5,8 @@
 //! backward pass sends the window's gradient there — when fused, only where
 //! that maximum is positive, as the ReLU's gradient does.
 //!
-//! On a CPU with f32 tensors [`max_pool2d`] / [`max_pool1d`] use this kernel;
-//! elsewhere they fall back to candle's ops.
+//! CPU and f32 only: off the CPU they return an error; the layer
+//! (`model::layers::pool`) picks candle's ops there instead.
 
 use std::sync::OnceLock;
 
@@ -172,15 +172,14 @@ impl CustomOp1 for PoolOp {
     }
 }
 
-/// `MaxPool2d(k)` on `[B, C, H, W]`, after a ReLU when `relu`.
+/// `MaxPool2d(k)` on `[B, C, H, W]`, after a ReLU when `relu`. CPU and f32 only.
 pub fn max_pool2d(x: &Tensor, k: usize, relu: bool) -> Result<Tensor> {
     let (b, c, h, w) = x.dims4()?;
     if k == 0 || h < k || w < k {
         candle_core::bail!("max-pool: window {k} does not fit a {h}x{w} input");
     }
     if !super::on_cpu_f32(&[x]) {
-        let x = if relu { x.relu()? } else { x.clone() };
-        return x.max_pool2d(k);
+        candle_core::bail!("max-pool: the kernel runs on f32 CPU tensors only");
     }
     let op = PoolOp {
         planes: b * c,
@@ -195,15 +194,14 @@ pub fn max_pool2d(x: &Tensor, k: usize, relu: bool) -> Result<Tensor> {
     x.contiguous()?.apply_op1(op)
 }
 
-/// `MaxPool1d(k)` on `[B, C, L]`, after a ReLU when `relu`.
+/// `MaxPool1d(k)` on `[B, C, L]`, after a ReLU when `relu`. CPU and f32 only.
 pub fn max_pool1d(x: &Tensor, k: usize, relu: bool) -> Result<Tensor> {
     let (b, c, l) = x.dims3()?;
     if k == 0 || l < k {
         candle_core::bail!("max-pool: window {k} does not fit an input of length {l}");
     }
     if !super::on_cpu_f32(&[x]) {
-        let x = if relu { x.relu()? } else { x.clone() };
-        return x.unsqueeze(2)?.max_pool2d((1, k))?.squeeze(2);
+        candle_core::bail!("max-pool: the kernel runs on f32 CPU tensors only");
     }
     let op = PoolOp {
         planes: b * c,

@@ -36,14 +36,188 @@
 //! ```
 
 use candle_core::Tensor;
-use candle_nn::{Init, VarBuilder};
+use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
-use super::batchnorm::BatchNorm;
-use super::layers::{linear, Activation, Dense};
-use super::pool::max_first;
+use super::layers::{
+    conv, linear, Activation, BatchNorm, Conv, ConvConfig, Dropout, Linear, MaxPool, PoolConfig,
+};
+use super::registry::{Common, KeyError};
 use super::{Classifier, ForwardCtx};
-use crate::engine::kernels;
+
+/// Dropout when `model.dropout` is not set.
+pub const DEFAULT_DROPOUT: f64 = 0.0;
+
+/// A conv-block setting: one value for every block, or a list with one per block.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum PerBlock<T> {
+    One(T),
+    Each(Vec<T>),
+}
+
+impl<T: Clone> PerBlock<T> {
+    /// The values as a list (one value, or one per block).
+    pub fn to_vec(&self) -> Vec<T> {
+        match self {
+            PerBlock::One(v) => vec![v.clone()],
+            PerBlock::Each(v) => v.clone(),
+        }
+    }
+}
+
+/// The `[model]` keys of `cnn` and `cnn1d`. Every per-block key holds one
+/// value (for every block) or one value per block.
+///
+/// The spec's `flatten` and `hidden` (a flattened feature map and hidden
+/// fully-connected layers before the head) are not config keys: they are
+/// the `edge-trainer bench` CNN's, and are read from checkpoints that have them.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct CnnConfig {
+    /// Output channels of each conv block (one block per entry).
+    pub conv_channels: Vec<usize>,
+    /// Kernel size, one for all blocks or one per block.
+    pub kernel_size: PerBlock<usize>,
+    /// Convolution stride.
+    pub stride: PerBlock<usize>,
+    /// Zero padding; unset: `kernel_size / 2` ("same" for odd kernels).
+    pub padding: Option<PerBlock<usize>>,
+    /// Batch-norm after each convolution.
+    pub batch_norm: PerBlock<bool>,
+    /// Max-pool window after each block (1: no pooling).
+    pub pool: PerBlock<usize>,
+}
+
+impl Default for CnnConfig {
+    fn default() -> Self {
+        Self {
+            conv_channels: vec![16, 32],
+            kernel_size: PerBlock::One(3),
+            stride: PerBlock::One(1),
+            padding: None,
+            batch_norm: PerBlock::One(true),
+            pool: PerBlock::One(2),
+        }
+    }
+}
+
+impl CnnConfig {
+    /// Checks the keys on their own.
+    pub fn validate(&self) -> Result<(), KeyError> {
+        if self.conv_channels.is_empty() || self.conv_channels.contains(&0) {
+            return Err(KeyError::new(
+                "model.conv_channels",
+                "needs at least one block, each with >= 1 channel",
+            ));
+        }
+        for (key, values) in [
+            ("model.kernel_size", self.kernel_size.to_vec()),
+            ("model.stride", self.stride.to_vec()),
+            ("model.pool", self.pool.to_vec()),
+        ] {
+            if values.is_empty() || values.contains(&0) {
+                return Err(KeyError::new(key, "every value must be >= 1"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks that every per-block list has one value or one per block.
+    pub fn check_blocks(&self) -> Result<(), KeyError> {
+        let blocks = self.conv_channels.len();
+        if blocks == 0 {
+            return Err(KeyError::new(
+                "model.conv_channels",
+                "needs at least one block",
+            ));
+        }
+        let lens = [
+            ("model.kernel_size", self.kernel_size.to_vec().len()),
+            ("model.stride", self.stride.to_vec().len()),
+            (
+                "model.padding",
+                self.padding.as_ref().map_or(1, |p| p.to_vec().len()),
+            ),
+            ("model.batch_norm", self.batch_norm.to_vec().len()),
+            ("model.pool", self.pool.to_vec().len()),
+        ];
+        match lens.iter().find(|(_, n)| *n != 1 && *n != blocks) {
+            Some((key, n)) => Err(KeyError::new(
+                key,
+                format!(
+                    "has {n} values but model.conv_channels makes {blocks} blocks; give one value or {blocks}"
+                ),
+            )),
+            None => Ok(()),
+        }
+    }
+
+    /// The blocks, each per-block value expanded.
+    pub fn blocks(&self) -> Result<Vec<ConvBlockSpec>, KeyError> {
+        self.check_blocks()?;
+        let n = self.conv_channels.len();
+        let at = |v: Vec<usize>, i: usize| if v.len() == 1 { v[0] } else { v[i] };
+        let (kernel, stride, pool) = (
+            self.kernel_size.to_vec(),
+            self.stride.to_vec(),
+            self.pool.to_vec(),
+        );
+        let padding = self.padding.as_ref().map(PerBlock::to_vec);
+        let bn = self.batch_norm.to_vec();
+        Ok((0..n)
+            .map(|i| {
+                let k = at(kernel.clone(), i);
+                ConvBlockSpec {
+                    out_channels: self.conv_channels[i],
+                    kernel_size: k,
+                    stride: at(stride.clone(), i),
+                    padding: padding.clone().map_or(k / 2, |p| at(p, i)),
+                    batch_norm: if bn.len() == 1 { bn[0] } else { bn[i] },
+                    pool: at(pool.clone(), i),
+                }
+            })
+            .collect())
+    }
+
+    /// The spec of `arch` (`spatial_dims` 2 for `cnn`, 1 for `cnn1d`) for
+    /// samples of `sample_shape`; the error says why it does not fit.
+    pub fn resolve(
+        &self,
+        arch: &str,
+        spatial_dims: usize,
+        common: &Common,
+        sample_shape: &[usize],
+    ) -> Result<CnnSpec, String> {
+        let (in_channels, input_size) = if sample_shape.len() == spatial_dims {
+            (1, sample_shape.to_vec())
+        } else if sample_shape.len() == spatial_dims + 1 {
+            (sample_shape[0], sample_shape[1..].to_vec())
+        } else {
+            let want = if spatial_dims == 2 {
+                "[C, H, W] or [H, W]"
+            } else {
+                "[C, L] or [L]"
+            };
+            return Err(format!(
+                "model.arch = {arch:?} takes samples of shape {want}, but the data has {sample_shape:?}"
+            ));
+        };
+        let spec = CnnSpec {
+            in_channels,
+            input_size,
+            blocks: self.blocks().map_err(|e| e.to_string())?,
+            num_classes: common.num_classes,
+            activation: common.activation,
+            dropout: common.dropout,
+            flatten: false,
+            hidden: Vec::new(),
+        };
+        spec.feature_sizes()
+            .map_err(|e| format!("model.arch = {arch:?}: {e}"))?;
+        Ok(spec)
+    }
+}
 
 /// One conv block.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -72,11 +246,13 @@ pub struct CnnSpec {
     #[serde(default)]
     pub dropout: f64,
     /// Feed the whole last feature map (flattened) to the head instead of its
-    /// global average.
+    /// global average. Not a config key: set by `edge-trainer bench`'s CNN
+    /// (and kept by checkpoints that have it).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub flatten: bool,
     /// Widths of hidden fully-connected layers (each followed by the
-    /// activation) between the features and the head.
+    /// activation) between the features and the head. Not a config key, as
+    /// `flatten`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub hidden: Vec<usize>,
 }
@@ -132,180 +308,38 @@ impl CnnSpec {
     }
 }
 
-/// A convolution weight [out, in, k(, k)] and optional bias, PyTorch's init.
-struct Conv {
-    weight: Tensor,
-    bias: Option<Tensor>,
-    stride: usize,
-    padding: usize,
-    dims: usize,
-    /// Full names of the weight and bias, to ask whether they are frozen.
-    names: [String; 2],
-}
-
-impl Conv {
-    fn new(
-        dims: usize,
-        cin: usize,
-        block: &ConvBlockSpec,
-        vb: VarBuilder,
-    ) -> candle_core::Result<Self> {
-        let k = block.kernel_size;
-        let fan_in = cin * k.pow(dims as u32);
-        // nn.Conv*d: kaiming_uniform(a=sqrt(5)) = U(-1/sqrt(fan_in), 1/sqrt(fan_in)), bias alike.
-        let bound = 1.0 / (fan_in.max(1) as f64).sqrt();
-        let init = Init::Uniform {
-            lo: -bound,
-            up: bound,
-        };
-        let mut shape = vec![block.out_channels, cin];
-        shape.extend(std::iter::repeat_n(k, dims));
-        let weight = vb.get_with_hints(shape.as_slice(), "weight", init)?;
-        let bias = if block.batch_norm {
-            None
-        } else {
-            Some(vb.get_with_hints(block.out_channels, "bias", init)?)
-        };
-        let prefix = vb.prefix();
-        Ok(Self {
-            weight,
-            bias,
-            stride: block.stride,
-            padding: block.padding,
-            dims,
-            names: [format!("{prefix}.weight"), format!("{prefix}.bias")],
-        })
-    }
-
-    /// The weight and bias to compute with: detached where frozen in training,
-    /// so no gradient is computed for them (nor, when a whole feature
-    /// extractor is frozen, through it at all).
-    fn live(&self, ctx: &ForwardCtx) -> (Tensor, Option<Tensor>) {
-        let frozen = |n: &str| ctx.train && ctx.is_frozen(n);
-        let w = if frozen(&self.names[0]) {
-            self.weight.detach()
-        } else {
-            self.weight.clone()
-        };
-        let b = self.bias.as_ref().map(|b| {
-            if frozen(&self.names[1]) {
-                b.detach()
-            } else {
-                b.clone()
-            }
-        });
-        (w, b)
-    }
-
-    /// Convolution, ReLU and max-pooling as one CPU kernel (the convolution's
-    /// output and its gradient never become tensors); `None` where it does not
-    /// apply (not on an f32 CPU tensor).
-    fn forward_relu_pool(
-        &self,
-        x: &Tensor,
-        pool: usize,
-        ctx: &ForwardCtx,
-    ) -> candle_core::Result<Option<Tensor>> {
-        let (weight, bias) = self.live(ctx);
-        if !kernels::on_cpu_f32(&[x, &weight]) {
-            return Ok(None);
-        }
-        let b = bias.as_ref();
-        let (s, p) = (self.stride, self.padding);
-        Ok(Some(if self.dims == 2 {
-            kernels::conv_relu_pool2d(x, &weight, b, s, p, pool)?
-        } else {
-            kernels::conv_relu_pool1d(x, &weight, b, s, p, pool)?
-        }))
-    }
-
-    fn forward(&self, x: &Tensor, ctx: &ForwardCtx) -> candle_core::Result<Tensor> {
-        let (weight, bias) = self.live(ctx);
-        // On the CPU: our im2col + gemm kernels (any stride and padding, exact
-        // gradients, none for the data, the bias fused in).
-        if kernels::on_cpu_f32(&[x, &weight]) {
-            let b = bias.as_ref();
-            return if self.dims == 2 {
-                kernels::conv2d(x, &weight, b, self.stride, self.padding)
-            } else {
-                kernels::conv1d(x, &weight, b, self.stride, self.padding)
-            };
-        }
-        // Elsewhere everything goes through conv2d (a signal is a 1-pixel-high image) with
-        // explicit zero padding, and the input is cropped to exactly what the
-        // windows cover: candle's conv backward derives an output padding from
-        // the first spatial dim alone, and its strided conv1d kernel gradient is
-        // wrong; with these shapes no output padding is ever needed.
-        let (s, p) = (self.stride, self.padding);
-        let k = weight.dim(2)?;
-        let (mut x, w) = if self.dims == 1 {
-            (x.unsqueeze(2)?, weight.unsqueeze(2)?)
-        } else {
-            (x.clone(), weight.clone())
-        };
-        let first = if self.dims == 1 { 3 } else { 2 };
-        for d in first..4 {
-            if p > 0 {
-                x = x.pad_with_zeros(d, p, p)?;
-            }
-            let n = x.dim(d)?;
-            let used = (n - k) / s * s + k;
-            if used < n {
-                x = x.narrow(d, 0, used)?;
-            }
-        }
-        let y = x.conv2d(&w, 0, s, 1, 1)?;
-        let y = if self.dims == 1 { y.squeeze(2)? } else { y };
-        match &bias {
-            None => Ok(y),
-            Some(b) => {
-                let mut shape = vec![1usize; y.rank()];
-                shape[1] = b.dim(0)?;
-                y.broadcast_add(&b.reshape(shape.as_slice())?)
-            }
-        }
-    }
-}
-
 struct Block {
     conv: Conv,
     bn: Option<BatchNorm>,
-    pool: usize,
+    /// Max-pool after the activation (`None` for pool 1).
+    pool: Option<MaxPool>,
 }
 
-/// Max-pooling with window and stride `p` over the spatial dims of `[B, C, ...]`
-/// (floor mode, as `nn.MaxPool1d/2d(p)`). Computed as a max over reshaped
-/// windows, whose gradient goes to the maximum of each window.
-fn max_pool(x: &Tensor, p: usize) -> candle_core::Result<Tensor> {
-    let dims = x.dims().to_vec();
-    let (b, c) = (dims[0], dims[1]);
-    let mut x = x.clone();
-    let mut out = Vec::with_capacity(dims.len() - 2);
-    for (d, &n) in dims.iter().enumerate().skip(2) {
-        let o = n / p;
-        if o * p < n {
-            x = x.narrow(d, 0, o * p)?;
-        }
-        out.push(o);
+/// The network of `spec`, which must have `spatial_dims` spatial dims (2 for
+/// `cnn`, 1 for `cnn1d`).
+pub fn build(spec: &CnnSpec, spatial_dims: usize, vb: VarBuilder) -> candle_core::Result<ConvNet> {
+    if spec.input_size.len() != spatial_dims {
+        candle_core::bail!(
+            "{} takes samples of {} but the spec has input size {:?}",
+            if spatial_dims == 2 { "cnn" } else { "cnn1d" },
+            if spatial_dims == 2 {
+                "[C, H, W]"
+            } else {
+                "[C, L]"
+            },
+            spec.input_size
+        );
     }
-    match out.as_slice() {
-        [l] => max_first(&x.reshape((b, c, *l, p))?, 3),
-        [h, w] => x
-            .reshape((b, c, *h, p, *w, p))?
-            .permute((0, 1, 2, 4, 3, 5))?
-            .contiguous()?
-            .reshape((b, c, *h, *w, p * p))
-            .and_then(|t| max_first(&t, 4)),
-        _ => candle_core::bail!("max-pooling takes [B, C, L] or [B, C, H, W]"),
-    }
+    ConvNet::new(spec, vb)
 }
 
 /// A `cnn` or `cnn1d`.
 pub struct ConvNet {
     spec: CnnSpec,
     blocks: Vec<Block>,
-    fc: Vec<Dense>,
-    head: Dense,
+    fc: Vec<Linear>,
+    head: Linear,
+    dropout: Dropout,
 }
 
 impl ConvNet {
@@ -321,17 +355,30 @@ impl ConvNet {
         let mut blocks = Vec::with_capacity(spec.blocks.len());
         for (i, b) in spec.blocks.iter().enumerate() {
             let bv = fv.pp(i.to_string());
-            let conv = Conv::new(dims, cin, b, bv.pp("conv"))?;
+            let cfg = ConvConfig {
+                stride: b.stride,
+                padding: b.padding,
+                ..ConvConfig::default()
+            };
+            let conv = conv(
+                dims,
+                (cin, b.out_channels),
+                b.kernel_size,
+                cfg,
+                !b.batch_norm,
+                bv.pp("conv"),
+            )?;
             let bn = if b.batch_norm {
                 Some(BatchNorm::new(b.out_channels, bv.pp("bn"))?)
             } else {
                 None
             };
-            blocks.push(Block {
-                conv,
-                bn,
-                pool: b.pool,
-            });
+            let pool = if b.pool > 1 {
+                Some(MaxPool::new(PoolConfig::tiling(b.pool))?)
+            } else {
+                None
+            };
+            blocks.push(Block { conv, bn, pool });
             cin = b.out_channels;
         }
         let lv = vb.pp("fc");
@@ -346,6 +393,7 @@ impl ConvNet {
             blocks,
             fc,
             head,
+            dropout: Dropout::new(spec.dropout),
         })
     }
 }
@@ -357,10 +405,11 @@ impl Classifier for ConvNet {
         shape.extend_from_slice(&self.spec.input_size);
         let mut x = x.reshape(shape.as_slice())?;
         let two_d = self.spec.input_size.len() == 2;
-        let relu = self.spec.activation == Activation::Relu;
+        let act = self.spec.activation;
         for block in &self.blocks {
-            if block.bn.is_none() && relu && block.pool > 1 {
-                if let Some(y) = block.conv.forward_relu_pool(&x, block.pool, ctx)? {
+            if let (None, Activation::Relu, Some(pool)) = (&block.bn, act, &block.pool) {
+                // Convolution, ReLU and max-pool as one kernel where it applies.
+                if let Some(y) = block.conv.forward_relu_pool(&x, pool, ctx)? {
                     x = y;
                     continue;
                 }
@@ -369,22 +418,12 @@ impl Classifier for ConvNet {
             if let Some(bn) = &block.bn {
                 x = bn.forward(&x, ctx)?;
             }
-            if block.pool > 1 && kernels::on_cpu_f32(&[&x]) {
+            x = match (&block.pool, act) {
                 // ReLU and max-pool as one kernel on the CPU (same values and gradients).
-                if !relu {
-                    x = self.spec.activation.apply(&x)?;
-                }
-                x = if two_d {
-                    kernels::max_pool2d(&x, block.pool, relu)?
-                } else {
-                    kernels::max_pool1d(&x, block.pool, relu)?
-                };
-                continue;
-            }
-            x = self.spec.activation.apply(&x)?;
-            if block.pool > 1 {
-                x = max_pool(&x, block.pool)?;
-            }
+                (Some(pool), Activation::Relu) => pool.forward_relu(&x, ctx)?,
+                (Some(pool), act) => pool.forward(&act.apply(&x)?, ctx)?,
+                (None, act) => act.apply(&x)?,
+            };
         }
         let mut x = if self.spec.flatten {
             x.flatten_from(1)?
@@ -394,18 +433,18 @@ impl Classifier for ConvNet {
             x.mean(2)?
         };
         for fc in &self.fc {
-            x = ctx.dropout(&x, self.spec.dropout)?;
-            x = fc.forward_activated(&x, self.spec.activation)?;
+            x = self.dropout.forward(&x, ctx)?;
+            x = fc.forward_activated(&x, act, ctx)?;
         }
-        let x = ctx.dropout(&x, self.spec.dropout)?;
-        self.head.forward(&x)
+        let x = self.dropout.forward(&x, ctx)?;
+        self.head.forward(&x, ctx)
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::super::{Model, ModelSpec};
     use super::*;
+    use crate::engine::model::{Model, ModelSpec};
     use candle_core::{DType, Device};
 
     fn block(out: usize, bn: bool, pool: usize) -> ConvBlockSpec {

@@ -257,6 +257,48 @@ mod tests {
         (Tensor::ones(shape, DType::F32, &Device::Cpu).unwrap() * v as f64).unwrap()
     }
 
+    /// A half-precision state dict (as `model.half().state_dict()` saves it)
+    /// is a valid `model.init`: read through the checkpoint reader, loaded as f32.
+    #[test]
+    fn an_f16_init_file_loads() {
+        use safetensors::tensor::TensorView;
+        use safetensors::Dtype;
+        let half = |v: &[u16]| -> Vec<u8> { v.iter().flat_map(|h| h.to_le_bytes()).collect() };
+        // 1.0 = 0x3c00, -2.0 = 0xc000, 0.5 = 0x3800
+        let w = half(&[0x3c00, 0xc000, 0x3800, 0x3c00, 0xc000, 0x3800]);
+        let hw = half(&[0x3800; 8]);
+        let hb = half(&[0xc000; 4]);
+        let views = vec![
+            (
+                "features.0.weight",
+                TensorView::new(Dtype::F16, vec![2, 3], &w).unwrap(),
+            ),
+            (
+                "head.weight",
+                TensorView::new(Dtype::F16, vec![4, 2], &hw).unwrap(),
+            ),
+            (
+                "head.bias",
+                TensorView::new(Dtype::F16, vec![4], &hb).unwrap(),
+            ),
+        ];
+        let bytes = safetensors::tensor::serialize(views, None).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("init-f16.safetensors");
+        std::fs::write(&path, bytes).unwrap();
+        let (file, _) = crate::engine::checkpoint::read_tensors(&path, &Device::Cpu).unwrap();
+        let s = store();
+        let r = load_init(&s, file, &InitMapping::default()).unwrap();
+        assert_eq!(r.loaded, 3);
+        let sd: HashMap<String, Tensor> = s.state_dict().into_iter().collect();
+        assert_eq!(sd["features.0.weight"].dtype(), DType::F32);
+        assert_eq!(
+            sd["features.0.weight"].to_vec2::<f32>().unwrap(),
+            vec![vec![1.0, -2.0, 0.5], vec![1.0, -2.0, 0.5]]
+        );
+        assert_eq!(sd["head.bias"].to_vec1::<f32>().unwrap(), vec![-2.0; 4]);
+    }
+
     #[test]
     fn prefix_rename_and_reinit() {
         let s = store();

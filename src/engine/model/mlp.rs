@@ -20,8 +20,52 @@ use candle_core::Tensor;
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
-use super::layers::{linear, Activation, Dense};
+use super::layers::{linear, Activation, Dropout, Linear};
+use super::registry::{Common, KeyError};
 use super::{Classifier, ForwardCtx};
+
+/// Dropout when `model.dropout` is not set.
+pub const DEFAULT_DROPOUT: f64 = 0.0;
+
+/// The `[model]` keys of `mlp`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct MlpConfig {
+    /// Hidden layer widths (`model.hidden`).
+    pub hidden: Vec<usize>,
+}
+
+impl Default for MlpConfig {
+    fn default() -> Self {
+        Self {
+            hidden: vec![128, 64],
+        }
+    }
+}
+
+impl MlpConfig {
+    /// Checks the keys on their own.
+    pub fn validate(&self) -> Result<(), KeyError> {
+        if self.hidden.contains(&0) {
+            return Err(KeyError::new(
+                "model.hidden",
+                "every layer width must be > 0",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The spec for samples of `sample_shape` (flattened).
+    pub fn resolve(&self, common: &Common, sample_shape: &[usize]) -> MlpSpec {
+        MlpSpec {
+            input_dim: sample_shape.iter().product(),
+            hidden: self.hidden.clone(),
+            num_classes: common.num_classes,
+            activation: common.activation,
+            dropout: common.dropout,
+        }
+    }
+}
 
 /// Sizes of an MLP.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -38,10 +82,10 @@ pub struct MlpSpec {
 
 /// The MLP itself.
 pub struct Mlp {
-    layers: Vec<Dense>,
-    head: Dense,
+    layers: Vec<Linear>,
+    head: Linear,
     activation: Activation,
-    dropout: f64,
+    dropout: Dropout,
 }
 
 impl Mlp {
@@ -59,7 +103,7 @@ impl Mlp {
             layers,
             head,
             activation: spec.activation,
-            dropout: spec.dropout,
+            dropout: Dropout::new(spec.dropout),
         })
     }
 }
@@ -68,17 +112,17 @@ impl Classifier for Mlp {
     fn forward(&self, x: &Tensor, ctx: &mut ForwardCtx) -> candle_core::Result<Tensor> {
         let mut x = x.flatten_from(1)?;
         for layer in &self.layers {
-            x = layer.forward_activated(&x, self.activation)?;
-            x = ctx.dropout(&x, self.dropout)?;
+            x = layer.forward_activated(&x, self.activation, ctx)?;
+            x = self.dropout.forward(&x, ctx)?;
         }
-        self.head.forward(&x)
+        self.head.forward(&x, ctx)
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::super::{Model, ModelSpec};
     use super::*;
+    use crate::engine::model::{Model, ModelSpec};
     use candle_core::{DType, Device};
 
     fn spec() -> ModelSpec {

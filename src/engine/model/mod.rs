@@ -2,63 +2,52 @@
 //! architecture is built through a `VarBuilder`, so parameter names follow the
 //! module tree and match the PyTorch twin's `state_dict` keys.
 
-pub mod batchnorm;
 pub mod cnn;
 pub mod import;
-mod layers;
-mod mlp;
+pub mod layers;
+pub mod mlp;
 pub mod params;
-pub mod pool;
+pub mod registry;
 pub mod textcnn;
 
-use candle_core::{Device, Tensor};
-use rand::SeedableRng;
-use rand_chacha::ChaCha8Rng;
-use serde::{Deserialize, Serialize};
+pub use layers::batchnorm;
 
-pub use cnn::{CnnSpec, ConvBlockSpec, ConvNet};
+use candle_core::{Device, Tensor};
+pub use cnn::{CnnConfig, CnnSpec, ConvBlockSpec, ConvNet, PerBlock};
 pub use import::{load_init, InitMapping, InitReport};
 pub use layers::Activation;
-pub use mlp::{Mlp, MlpSpec};
+pub use mlp::{Mlp, MlpConfig, MlpSpec};
 pub use params::{matches_pattern, LoadError, ParamStore};
-pub use textcnn::{TextCnn, TextCnnSpec};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+pub use registry::{ArchConfigs, ArchKind, KeyError, ModelSpec, ModelTemplate};
+pub use textcnn::{TextCnn, TextCnnConfig, TextCnnSpec};
 
-/// An architecture and its sizes: everything needed to rebuild the model.
-/// Stored as JSON in every checkpoint's metadata.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "arch", rename_all = "lowercase")]
-pub enum ModelSpec {
-    Mlp(MlpSpec),
-    /// Image classifier over `[C, H, W]` samples.
-    Cnn(CnnSpec),
-    /// Signal classifier over `[C, L]` samples.
-    Cnn1d(CnnSpec),
-    /// Text classifier over token ids.
-    TextCnn(TextCnnSpec),
+/// Which implementation the layers compute with (see [`layers`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum KernelPolicy {
+    /// Our CPU kernels where they apply (f32 CPU tensors), candle's generic
+    /// ops elsewhere.
+    #[default]
+    Ours,
+    /// Candle's generic ops everywhere: the path CUDA takes, testable on the CPU.
+    Generic,
 }
 
-impl ModelSpec {
-    /// Number of classes the model predicts.
-    pub fn num_classes(&self) -> usize {
-        match self {
-            ModelSpec::Mlp(s) => s.num_classes,
-            ModelSpec::Cnn(s) | ModelSpec::Cnn1d(s) => s.num_classes,
-            ModelSpec::TextCnn(s) => s.num_classes,
-        }
-    }
-
-    /// Short name of the architecture.
-    pub fn arch_name(&self) -> &'static str {
-        match self {
-            ModelSpec::Mlp(_) => "mlp",
-            ModelSpec::Cnn(_) => "cnn",
-            ModelSpec::Cnn1d(_) => "cnn1d",
-            ModelSpec::TextCnn(_) => "textcnn",
-        }
+impl KernelPolicy {
+    /// The process-wide default: `EDGE_TRAINER_KERNELS=generic` (or `off`)
+    /// switches our kernels off, anything else leaves them on.
+    pub fn from_env() -> Self {
+        static POLICY: std::sync::OnceLock<KernelPolicy> = std::sync::OnceLock::new();
+        *POLICY.get_or_init(|| match std::env::var("EDGE_TRAINER_KERNELS").as_deref() {
+            Ok("generic") | Ok("off") => KernelPolicy::Generic,
+            _ => KernelPolicy::Ours,
+        })
     }
 }
 
-/// Per-forward state: training or evaluation mode, and the RNG for dropout.
+/// Per-forward state: training or evaluation mode, the RNG for dropout, the
+/// frozen parameters and which kernels the layers use.
 pub struct ForwardCtx {
     /// `true` as after `model.train()`, `false` as after `model.eval()`.
     pub train: bool,
@@ -66,6 +55,7 @@ pub struct ForwardCtx {
     /// Parameter-name patterns held fixed (`model.freeze`): batch-norm layers
     /// whose weight matches keep their running statistics.
     frozen: Vec<String>,
+    kernels: KernelPolicy,
 }
 
 impl ForwardCtx {
@@ -75,6 +65,7 @@ impl ForwardCtx {
             train: true,
             rng: ChaCha8Rng::seed_from_u64(seed),
             frozen: Vec::new(),
+            kernels: KernelPolicy::from_env(),
         }
     }
 
@@ -84,6 +75,7 @@ impl ForwardCtx {
             train: false,
             rng: ChaCha8Rng::seed_from_u64(0),
             frozen: Vec::new(),
+            kernels: KernelPolicy::from_env(),
         }
     }
 
@@ -91,6 +83,23 @@ impl ForwardCtx {
     pub fn with_frozen(mut self, patterns: Vec<String>) -> Self {
         self.frozen = patterns;
         self
+    }
+
+    /// The same context computing with `policy`'s kernels.
+    pub fn with_kernels(mut self, policy: KernelPolicy) -> Self {
+        self.kernels = policy;
+        self
+    }
+
+    /// The kernel policy in force.
+    pub fn kernels(&self) -> KernelPolicy {
+        self.kernels
+    }
+
+    /// Whether a layer computes with our CPU kernels on these tensors: they
+    /// are on and every tensor is f32 on the CPU.
+    pub fn use_kernels(&self, ts: &[&Tensor]) -> bool {
+        self.kernels == KernelPolicy::Ours && crate::engine::kernels::on_cpu_f32(ts)
     }
 
     /// Whether the parameter `name` is frozen.
@@ -144,27 +153,7 @@ pub trait Classifier: Send {
 
 /// Builds the model of `spec`, creating its parameters in `store`.
 pub fn build(spec: &ModelSpec, store: &ParamStore) -> candle_core::Result<Box<dyn Classifier>> {
-    let vb = store.var_builder();
-    let net: Box<dyn Classifier> = match spec {
-        ModelSpec::Mlp(s) => Box::new(Mlp::new(s, vb)?),
-        ModelSpec::Cnn(s) | ModelSpec::Cnn1d(s) => {
-            let want = if matches!(spec, ModelSpec::Cnn(_)) {
-                2
-            } else {
-                1
-            };
-            if s.input_size.len() != want {
-                candle_core::bail!(
-                    "{} takes samples of {} but the spec has input size {:?}",
-                    spec.arch_name(),
-                    if want == 2 { "[C, H, W]" } else { "[C, L]" },
-                    s.input_size
-                );
-            }
-            Box::new(ConvNet::new(s, vb)?)
-        }
-        ModelSpec::TextCnn(s) => Box::new(TextCnn::new(s, vb)?),
-    };
+    let net = spec.build(store.var_builder())?;
     // Batch-norm running statistics are state, not parameters.
     for (name, _) in store.trainable() {
         if batchnorm::BUFFER_SUFFIXES.iter().any(|s| name.ends_with(s)) {

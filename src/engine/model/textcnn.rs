@@ -23,14 +23,99 @@
 //! The convolutions are computed as one matrix product over sliding windows,
 //! which is the same arithmetic as `Conv2d(1, F, (k, E))` and fast on a CPU.
 
-use candle_core::{DType, Tensor, Var};
-use candle_nn::{Init, VarBuilder};
+use candle_core::Tensor;
+use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
-use super::layers::{linear, Dense};
-use super::pool::max_first;
+use super::layers::{linear, Dropout, Embedding, Linear, TextConv};
+use super::registry::{Common, KeyError};
 use super::{Classifier, ForwardCtx};
-use crate::engine::kernels;
+use crate::engine::data::Vocab;
+
+/// Dropout when `model.dropout` is not set: the seed's 0.5.
+pub const DEFAULT_DROPOUT: f64 = 0.5;
+
+/// The `[model]` keys of `textcnn` (the seed's sizes by default).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct TextCnnConfig {
+    /// Embedding size.
+    pub embed_dim: usize,
+    /// Widths of the parallel convolutions.
+    pub filter_sizes: Vec<usize>,
+    /// Filters per width.
+    pub num_filters: usize,
+}
+
+impl Default for TextCnnConfig {
+    fn default() -> Self {
+        Self {
+            embed_dim: 300,
+            filter_sizes: vec![2, 3, 4],
+            num_filters: 256,
+        }
+    }
+}
+
+impl TextCnnConfig {
+    /// Checks the keys; when `textcnn` is `selected`, also the filter widths
+    /// against `data.max_len`.
+    pub fn validate(&self, selected: bool, max_len: usize) -> Result<(), KeyError> {
+        if self.embed_dim == 0 {
+            return Err(KeyError::new("model.embed_dim", "must be >= 1"));
+        }
+        if self.num_filters == 0 {
+            return Err(KeyError::new("model.num_filters", "must be >= 1"));
+        }
+        if self.filter_sizes.is_empty() || self.filter_sizes.contains(&0) {
+            return Err(KeyError::new(
+                "model.filter_sizes",
+                "needs at least one width, each >= 1",
+            ));
+        }
+        if selected {
+            if let Some(&k) = self.filter_sizes.iter().find(|&&k| k > max_len) {
+                return Err(KeyError::new(
+                    "model.filter_sizes",
+                    format!("filter size {k} is longer than data.max_len = {max_len}"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The spec for token sequences of `sample_shape` (`[L]`) over `vocab`.
+    pub fn resolve(
+        &self,
+        common: &Common,
+        sample_shape: &[usize],
+        vocab: Option<&Vocab>,
+    ) -> Result<TextCnnSpec, String> {
+        let Some(vocab) = vocab else {
+            return Err(
+                "model.arch = \"textcnn\" reads text: set data.format = \"text-tsv\"".into(),
+            );
+        };
+        let [seq_len] = sample_shape else {
+            return Err(format!(
+                "textcnn takes token sequences [L], the data has {sample_shape:?}"
+            ));
+        };
+        let spec = TextCnnSpec {
+            vocab_size: vocab.len(),
+            pad_index: vocab.pad_index(),
+            embed_dim: self.embed_dim,
+            filter_sizes: self.filter_sizes.clone(),
+            num_filters: self.num_filters,
+            seq_len: *seq_len,
+            num_classes: common.num_classes,
+            dropout: common.dropout,
+        };
+        spec.check()
+            .map_err(|e| format!("model.arch = \"textcnn\": {e}"))?;
+        Ok(spec)
+    }
+}
 
 /// Sizes of a TextCNN.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -73,19 +158,12 @@ impl TextCnnSpec {
     }
 }
 
-struct TextConv {
-    /// [F, 1, k, E] as PyTorch stores it.
-    weight: Tensor,
-    bias: Tensor,
-    k: usize,
-}
-
 /// The TextCNN itself.
 pub struct TextCnn {
-    spec: TextCnnSpec,
-    embedding: Tensor,
+    embedding: Embedding,
     convs: Vec<TextConv>,
-    fc: Dense,
+    dropout: Dropout,
+    fc: Linear,
 }
 
 impl TextCnn {
@@ -93,44 +171,23 @@ impl TextCnn {
     pub fn new(spec: &TextCnnSpec, vb: VarBuilder) -> candle_core::Result<Self> {
         spec.check().map_err(candle_core::Error::msg)?;
         let (v, e) = (spec.vocab_size, spec.embed_dim);
-        // nn.Embedding: N(0, 1), the padding row zeroed.
-        let embedding = vb.pp("embedding").get_with_hints(
-            (v, e),
-            "weight",
-            Init::Randn {
-                mean: 0.0,
-                stdev: 1.0,
-            },
-        )?;
-        if embedding.is_variable() {
-            let mut keep = vec![1f32; v];
-            keep[spec.pad_index] = 0.0;
-            let keep = Tensor::from_vec(keep, (v, 1), embedding.device())?;
-            let zeroed = embedding.broadcast_mul(&keep)?;
-            Var::from_tensor(&embedding)?.set(&zeroed)?;
-        }
+        let embedding = Embedding::new(v, e, Some(spec.pad_index), vb.pp("embedding"))?;
         let cv = vb.pp("convs");
-        let mut convs = Vec::with_capacity(spec.filter_sizes.len());
-        for (i, &k) in spec.filter_sizes.iter().enumerate() {
-            let bound = 1.0 / ((k * e) as f64).sqrt();
-            let init = Init::Uniform {
-                lo: -bound,
-                up: bound,
-            };
-            let c = cv.pp(i.to_string());
-            let weight = c.get_with_hints((spec.num_filters, 1, k, e), "weight", init)?;
-            let bias = c.get_with_hints(spec.num_filters, "bias", init)?;
-            convs.push(TextConv { weight, bias, k });
-        }
+        let convs = spec
+            .filter_sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &k)| TextConv::new(spec.num_filters, k, e, cv.pp(i.to_string())))
+            .collect::<candle_core::Result<Vec<_>>>()?;
         let fc = linear(
             spec.num_filters * spec.filter_sizes.len(),
             spec.num_classes,
             vb.pp("fc"),
         )?;
         Ok(Self {
-            spec: spec.clone(),
             embedding,
             convs,
+            dropout: Dropout::new(spec.dropout),
             fc,
         })
     }
@@ -138,59 +195,22 @@ impl TextCnn {
 
 impl Classifier for TextCnn {
     fn forward(&self, x: &Tensor, ctx: &mut ForwardCtx) -> candle_core::Result<Tensor> {
-        if kernels::on_cpu_f32(&[&self.embedding]) {
-            // On the CPU: the embedding gather and, per filter width, one fused
-            // convolution + ReLU + max-over-time kernel (same values and gradients).
-            let emb = kernels::text::embedding(&self.embedding, x, Some(self.spec.pad_index))?;
-            let pooled = self
-                .convs
-                .iter()
-                .map(|c| kernels::text::conv_relu_max_over_time(&emb, &c.weight, &c.bias))
-                .collect::<candle_core::Result<Vec<_>>>()?;
-            let x = Tensor::cat(&pooled, 1)?;
-            let x = ctx.dropout(&x, self.spec.dropout)?;
-            return self.fc.forward(&x);
-        }
-        let (b, l) = x.dims2()?;
-        let e = self.spec.embed_dim;
-        let ids = x.to_dtype(DType::U32)?.flatten_all()?;
-        let rows = self.embedding.index_select(&ids, 0)?; // [B*L, E]
-                                                          // padding_idx: the padding row takes part in the forward pass but gets no gradient.
-        let keep = ids
-            .ne(self.spec.pad_index as u32)?
-            .to_dtype(DType::F32)?
-            .unsqueeze(1)?;
-        let drop = keep.affine(-1.0, 1.0)?;
-        let rows = (rows.broadcast_mul(&keep)? + rows.detach().broadcast_mul(&drop)?)?;
-        let emb = rows.reshape((b, l, e))?;
-        let mut pooled = Vec::with_capacity(self.convs.len());
-        for conv in &self.convs {
-            let n = l + 1 - conv.k;
-            // Sliding windows [B, n, k*E]: window t is rows t..t+k, concatenated.
-            let parts: Vec<Tensor> = (0..conv.k)
-                .map(|j| emb.narrow(1, j, n))
-                .collect::<candle_core::Result<_>>()?;
-            let windows = Tensor::cat(&parts, 2)?;
-            let f = self.spec.num_filters;
-            let w = conv.weight.reshape((f, conv.k * e))?.t()?;
-            let out = windows
-                .reshape((b * n, conv.k * e))?
-                .matmul(&w)?
-                .broadcast_add(&conv.bias)?
-                .relu()?
-                .reshape((b, n, f))?;
-            pooled.push(max_first(&out, 1)?);
-        }
+        let emb = self.embedding.forward(x, ctx)?;
+        let pooled = self
+            .convs
+            .iter()
+            .map(|c| c.forward(&emb, ctx))
+            .collect::<candle_core::Result<Vec<_>>>()?;
         let x = Tensor::cat(&pooled, 1)?;
-        let x = ctx.dropout(&x, self.spec.dropout)?;
-        self.fc.forward(&x)
+        let x = self.dropout.forward(&x, ctx)?;
+        self.fc.forward(&x, ctx)
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::super::{Model, ModelSpec};
     use super::*;
+    use crate::engine::model::{Model, ModelSpec};
     use candle_core::Device;
 
     fn spec() -> TextCnnSpec {

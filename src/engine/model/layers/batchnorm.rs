@@ -14,7 +14,8 @@
 use candle_core::{DType, Tensor, Var};
 use candle_nn::{Init, VarBuilder};
 
-use super::ForwardCtx;
+use super::Param;
+use crate::engine::model::ForwardCtx;
 
 /// Names of the buffers a batch-norm layer keeps (never optimised).
 pub const BUFFER_SUFFIXES: [&str; 3] = [".running_mean", ".running_var", ".num_batches_tracked"];
@@ -26,30 +27,22 @@ pub const MOMENTUM: f64 = 0.1;
 
 /// One batch-norm layer.
 pub struct BatchNorm {
-    weight: Tensor,
-    bias: Tensor,
+    weight: Param,
+    bias: Param,
     running_mean: Var,
     running_var: Var,
     num_batches_tracked: Var,
     channels: usize,
-    /// Full name of `weight`, to ask the context whether the layer is frozen.
-    weight_name: String,
 }
 
 impl BatchNorm {
     /// Builds the layer's parameters and buffers under `vb`.
     pub fn new(channels: usize, vb: VarBuilder) -> candle_core::Result<Self> {
-        let weight = vb.get_with_hints(channels, "weight", Init::Const(1.0))?;
-        let bias = vb.get_with_hints(channels, "bias", Init::Const(0.0))?;
+        let weight = Param::new(&vb, channels, "weight", Init::Const(1.0))?;
+        let bias = Param::new(&vb, channels, "bias", Init::Const(0.0))?;
         let rm = vb.get_with_hints(channels, "running_mean", Init::Const(0.0))?;
         let rv = vb.get_with_hints(channels, "running_var", Init::Const(1.0))?;
         let nbt = vb.get_with_hints((), "num_batches_tracked", Init::Const(0.0))?;
-        let prefix = vb.prefix();
-        let weight_name = if prefix.is_empty() {
-            "weight".to_string()
-        } else {
-            format!("{prefix}.weight")
-        };
         // The store hands out the variables' own tensors, so these share storage with it.
         Ok(Self {
             weight,
@@ -58,7 +51,6 @@ impl BatchNorm {
             running_var: Var::from_tensor(&rv)?,
             num_batches_tracked: Var::from_tensor(&nbt)?,
             channels,
-            weight_name,
         })
     }
 
@@ -76,11 +68,11 @@ impl BatchNorm {
         bshape[1] = self.channels;
         let reduce: Vec<usize> = (0..rank).filter(|&d| d != 1).collect();
         // A frozen layer computes no gradient for its own parameters.
-        let frozen = ctx.train && ctx.is_frozen(&self.weight_name);
+        let frozen = self.weight.frozen(ctx);
         let (weight, bias) = if frozen {
-            (self.weight.detach(), self.bias.detach())
+            (self.weight.tensor().detach(), self.bias.tensor().detach())
         } else {
-            (self.weight.clone(), self.bias.clone())
+            (self.weight.tensor().clone(), self.bias.tensor().clone())
         };
         let weight = weight.reshape(bshape.as_slice())?;
         let bias = bias.reshape(bshape.as_slice())?;
@@ -127,8 +119,8 @@ impl BatchNorm {
 
 #[cfg(test)]
 mod tests {
-    use super::super::params::ParamStore;
     use super::*;
+    use crate::engine::model::ParamStore;
     use candle_core::Device;
 
     #[test]

@@ -1,0 +1,287 @@
+//! The one list of architectures, and the only place that matches on them.
+//!
+//! Each architecture lives in one file that owns its `[model]` keys (a config
+//! struct flattened into `[model]`, with its defaults and validation), its
+//! resolved spec (what checkpoints store), and its builder. Adding one means
+//! that file plus an entry in each list below: [`ArchKind`], [`ModelSpec`],
+//! [`ArchConfigs`] and the dispatch arms in this file.
+
+use candle_nn::VarBuilder;
+use serde::{Deserialize, Serialize};
+
+use super::cnn::{self, CnnConfig, CnnSpec};
+use super::mlp::{self, MlpConfig, MlpSpec};
+use super::textcnn::{self, TextCnnConfig, TextCnnSpec};
+use super::{Activation, Classifier};
+use crate::engine::data::Vocab;
+
+/// `model.arch`: the architectures by name.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ArchKind {
+    #[default]
+    Mlp,
+    Cnn,
+    Cnn1d,
+    Textcnn,
+}
+
+impl ArchKind {
+    /// The name as in `model.arch`.
+    pub fn name(self) -> &'static str {
+        match self {
+            ArchKind::Mlp => "mlp",
+            ArchKind::Cnn => "cnn",
+            ArchKind::Cnn1d => "cnn1d",
+            ArchKind::Textcnn => "textcnn",
+        }
+    }
+
+    /// Whether the architecture reads text (token ids) rather than numbers.
+    pub fn reads_text(self) -> bool {
+        matches!(self, ArchKind::Textcnn)
+    }
+
+    /// Dropout when `model.dropout` is not set.
+    pub fn default_dropout(self) -> f64 {
+        match self {
+            ArchKind::Mlp => mlp::DEFAULT_DROPOUT,
+            ArchKind::Cnn | ArchKind::Cnn1d => cnn::DEFAULT_DROPOUT,
+            ArchKind::Textcnn => textcnn::DEFAULT_DROPOUT,
+        }
+    }
+}
+
+/// An architecture and its sizes: everything needed to rebuild the model.
+/// Stored as JSON in every checkpoint's metadata (tagged by `arch`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "arch", rename_all = "lowercase")]
+pub enum ModelSpec {
+    Mlp(MlpSpec),
+    /// Image classifier over `[C, H, W]` samples.
+    Cnn(CnnSpec),
+    /// Signal classifier over `[C, L]` samples.
+    Cnn1d(CnnSpec),
+    /// Text classifier over token ids.
+    TextCnn(TextCnnSpec),
+}
+
+impl ModelSpec {
+    /// Number of classes the model predicts.
+    pub fn num_classes(&self) -> usize {
+        match self {
+            ModelSpec::Mlp(s) => s.num_classes,
+            ModelSpec::Cnn(s) | ModelSpec::Cnn1d(s) => s.num_classes,
+            ModelSpec::TextCnn(s) => s.num_classes,
+        }
+    }
+
+    /// Short name of the architecture (as in `model.arch`).
+    pub fn arch_name(&self) -> &'static str {
+        self.arch().name()
+    }
+
+    /// The architecture.
+    pub fn arch(&self) -> ArchKind {
+        match self {
+            ModelSpec::Mlp(_) => ArchKind::Mlp,
+            ModelSpec::Cnn(_) => ArchKind::Cnn,
+            ModelSpec::Cnn1d(_) => ArchKind::Cnn1d,
+            ModelSpec::TextCnn(_) => ArchKind::Textcnn,
+        }
+    }
+
+    /// Rows of the token embedding, for architectures that read text.
+    pub fn vocab_size(&self) -> Option<usize> {
+        match self {
+            ModelSpec::TextCnn(s) => Some(s.vocab_size),
+            _ => None,
+        }
+    }
+
+    /// The same spec with every dropout probability at zero.
+    pub fn without_dropout(&self) -> ModelSpec {
+        let mut s = self.clone();
+        match &mut s {
+            ModelSpec::Mlp(m) => m.dropout = 0.0,
+            ModelSpec::Cnn(c) | ModelSpec::Cnn1d(c) => c.dropout = 0.0,
+            ModelSpec::TextCnn(t) => t.dropout = 0.0,
+        }
+        s
+    }
+
+    /// Builds the network, its parameters created under `vb`.
+    pub fn build(&self, vb: VarBuilder) -> candle_core::Result<Box<dyn Classifier>> {
+        Ok(match self {
+            ModelSpec::Mlp(s) => Box::new(mlp::Mlp::new(s, vb)?),
+            ModelSpec::Cnn(s) => Box::new(cnn::build(s, 2, vb)?),
+            ModelSpec::Cnn1d(s) => Box::new(cnn::build(s, 1, vb)?),
+            ModelSpec::TextCnn(s) => Box::new(textcnn::TextCnn::new(s, vb)?),
+        })
+    }
+}
+
+/// Every architecture's own `[model]` keys. Each is flattened into `[model]`,
+/// so the keys stay flat (`model.hidden`, `model.conv_channels`,
+/// `model.embed_dim`) as the user writes them.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ArchConfigs {
+    #[serde(flatten)]
+    pub mlp: MlpConfig,
+    /// `cnn` and `cnn1d`.
+    #[serde(flatten)]
+    pub cnn: CnnConfig,
+    #[serde(flatten)]
+    pub textcnn: TextCnnConfig,
+}
+
+/// A config key (its full, documented name) and what is wrong with its value.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{key} {reason}")]
+pub struct KeyError {
+    pub key: String,
+    pub reason: String,
+}
+
+impl KeyError {
+    /// The error for `key`.
+    pub fn new(key: &str, reason: impl Into<String>) -> Self {
+        Self {
+            key: key.to_string(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// What an architecture's key checks need from the rest of the config.
+#[derive(Debug, Clone, Copy)]
+pub struct ConfigContext {
+    /// The selected architecture (`model.arch`).
+    pub arch: ArchKind,
+    /// Tokens per text sample (`data.max_len`).
+    pub max_len: usize,
+}
+
+/// Deserialises one architecture's config from wherever the keys live, to
+/// find a value of the wrong type with its key named (see [`ArchConfigs::visit`]).
+pub trait ConfigVisitor {
+    type Error;
+    /// Deserialises a `T` from the `[model]` table.
+    fn visit<T: serde::de::DeserializeOwned>(&mut self) -> Result<(), Self::Error>;
+}
+
+impl ArchConfigs {
+    /// Checks every architecture's keys (each whether or not it is selected;
+    /// the selected one also against the rest of the config).
+    pub fn validate(&self, ctx: &ConfigContext) -> Result<(), KeyError> {
+        self.mlp.validate()?;
+        self.cnn.validate()?;
+        self.textcnn
+            .validate(ctx.arch == ArchKind::Textcnn, ctx.max_len)
+    }
+
+    /// Visits each architecture's config type in turn.
+    pub fn visit<V: ConfigVisitor>(v: &mut V) -> Result<(), V::Error> {
+        v.visit::<MlpConfig>()?;
+        v.visit::<CnnConfig>()?;
+        v.visit::<TextCnnConfig>()
+    }
+}
+
+/// The keys every architecture shares, resolved.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Common {
+    pub activation: Activation,
+    /// `model.dropout`, or the architecture's default.
+    pub dropout: f64,
+    pub num_classes: usize,
+}
+
+/// The `[model]` section before the data tells the input and output sizes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelTemplate {
+    pub arch: ArchKind,
+    pub activation: Activation,
+    /// `model.dropout`, or the architecture's default.
+    pub dropout: f64,
+    pub archs: ArchConfigs,
+}
+
+impl ModelTemplate {
+    /// The template of `arch` with its keys in `archs`; `text` says whether
+    /// the data is text (`data.format = "text-tsv"`). The error names the key.
+    pub fn new(
+        arch: ArchKind,
+        activation: Activation,
+        dropout: Option<f64>,
+        archs: ArchConfigs,
+        text: bool,
+    ) -> Result<Self, KeyError> {
+        match (arch.reads_text(), text) {
+            (true, false) => {
+                return Err(KeyError::new(
+                    "model.arch",
+                    format!(
+                        "{:?} reads text: set data.format = \"text-tsv\"",
+                        arch.name()
+                    ),
+                ))
+            }
+            (false, true) => {
+                return Err(KeyError::new(
+                    "model.arch",
+                    "text data (data.format = \"text-tsv\") needs model.arch = \"textcnn\"",
+                ))
+            }
+            _ => {}
+        }
+        if matches!(arch, ArchKind::Cnn | ArchKind::Cnn1d) {
+            archs.cnn.check_blocks()?;
+        }
+        Ok(Self {
+            arch,
+            activation,
+            dropout: dropout.unwrap_or(arch.default_dropout()),
+            archs,
+        })
+    }
+
+    /// The architecture's name as in `model.arch`.
+    pub fn arch_name(&self) -> &'static str {
+        self.arch.name()
+    }
+
+    /// The full spec for samples of `sample_shape` and `num_classes` classes;
+    /// `vocab` is the vocabulary when the samples are token ids (text data).
+    /// The error says why the architecture does not fit the data.
+    pub fn resolve(
+        &self,
+        sample_shape: &[usize],
+        num_classes: usize,
+        vocab: Option<&Vocab>,
+    ) -> Result<ModelSpec, String> {
+        if vocab.is_some() && !self.arch.reads_text() {
+            return Err(format!(
+                "model.arch = {:?} cannot read text (token ids); use \"textcnn\"",
+                self.arch_name()
+            ));
+        }
+        let common = Common {
+            activation: self.activation,
+            dropout: self.dropout,
+            num_classes,
+        };
+        let a = &self.archs;
+        Ok(match self.arch {
+            ArchKind::Mlp => ModelSpec::Mlp(a.mlp.resolve(&common, sample_shape)),
+            ArchKind::Cnn => ModelSpec::Cnn(a.cnn.resolve("cnn", 2, &common, sample_shape)?),
+            ArchKind::Cnn1d => {
+                ModelSpec::Cnn1d(a.cnn.resolve("cnn1d", 1, &common, sample_shape)?)
+            }
+            ArchKind::Textcnn => {
+                ModelSpec::TextCnn(a.textcnn.resolve(&common, sample_shape, vocab)?)
+            }
+        })
+    }
+}
