@@ -168,6 +168,7 @@ impl Settings {
             device,
             config: self.masked_json(),
             resume: false,
+            fixed_on_resume: super::run::fixed_on_resume().collect(),
         })
     }
 }

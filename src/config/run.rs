@@ -13,8 +13,8 @@ use serde_json::Value;
 
 use super::{ConfigError, Settings, WarmStartFrom};
 use crate::engine::promote::{self, PromoteError, PromoteRequest, Promotion, CURRENT_FILE};
-use crate::engine::run::CancelFlag;
 use crate::engine::run::WarmStart;
+use crate::engine::run::{key_pointer, CancelFlag};
 
 /// One entry of [`RUN_SETTINGS`]: a config section (`train`: every key under
 /// it) or a single key (`retrain.warm_start`).
@@ -117,11 +117,6 @@ pub fn fixed_on_resume() -> impl Iterator<Item = &'static str> {
         .map(|s| s.key)
 }
 
-/// `train.optimizer` → `/train/optimizer`.
-fn pointer(key: &str) -> String {
-    format!("/{}", key.replace('.', "/"))
-}
-
 /// Who picks a run's warm start.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Starter {
@@ -155,7 +150,7 @@ impl RunSettings<'_> {
         let from = json(self.settings)?;
         let mut out = json(base)?;
         for s in RUN_SETTINGS {
-            let p = pointer(s.key);
+            let p = key_pointer(s.key);
             let value = from.pointer(&p).cloned().unwrap_or(Value::Null);
             match out.pointer_mut(&p) {
                 Some(slot) => *slot = value,
@@ -227,10 +222,10 @@ mod tests {
     fn every_run_setting_is_a_config_key() {
         let v = serde_json::to_value(Settings::default()).unwrap();
         for s in RUN_SETTINGS {
-            assert!(v.pointer(&pointer(s.key)).is_some(), "{}", s.key);
+            assert!(v.pointer(&key_pointer(s.key)).is_some(), "{}", s.key);
         }
         for k in LOCAL_ONLY {
-            assert!(v.pointer(&pointer(k)).is_some(), "{k}");
+            assert!(v.pointer(&key_pointer(k)).is_some(), "{k}");
             assert!(RUN_SETTINGS.iter().any(|s| s.remote && s.covers(k)), "{k}");
         }
     }

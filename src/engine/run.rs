@@ -145,6 +145,9 @@ pub struct RunRequest {
     /// Continue the run `run_id` from its resume state (`resume.safetensors`)
     /// if it has one, on the data files it started with.
     pub resume: bool,
+    /// Sections of `config` a resumed run must find unchanged (the driver's
+    /// declaration of run settings, e.g. `data`, `model`, `train`).
+    pub fixed_on_resume: Vec<&'static str>,
 }
 
 /// A new run id: UTC time plus a random suffix (`20261126T073300Z-3fa2`).
@@ -332,6 +335,12 @@ pub enum RunEvent {
     EarlyStopped(EarlyStopped),
     /// The run is over (always the last event).
     Ended(Box<RunSummary>),
+}
+
+/// The JSON pointer of a dotted config key in `RunRequest::config`:
+/// `train.optimizer` → `/train/optimizer`.
+pub fn key_pointer(key: &str) -> String {
+    format!("/{}", key.replace('.', "/"))
 }
 
 /// Where a run's events go. A receiver that stopped listening is not an error.

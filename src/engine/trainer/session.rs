@@ -125,8 +125,15 @@ pub(super) fn load_resume_state(
             expected: req.run_id.clone(),
         });
     }
-    for section in ["data", "model", "train"] {
-        if st.meta.config.get(section) != req.config.get(section) {
+    for &section in &req.fixed_on_resume {
+        if st
+            .meta
+            .config
+            .pointer(&crate::engine::run::key_pointer(section))
+            != req
+                .config
+                .pointer(&crate::engine::run::key_pointer(section))
+        {
             return Err(RunError::ResumeSettings {
                 run_id: req.run_id.clone(),
                 section,
