@@ -16,6 +16,8 @@ use crate::engine::optim::{OptimizerConfig, OptimizerKind};
 use crate::engine::run::{ConvTemplate, ModelTemplate, RunRequest, TrainSpec, WarmStart};
 use crate::engine::schedule::{Mode, PlateauConfig, ThresholdMode};
 
+mod checks;
+
 /// Prefix of environment variables that override the config file.
 pub const ENV_PREFIX: &str = "EDGE_TRAINER__";
 
@@ -1188,7 +1190,7 @@ impl Settings {
         if self.output.dir.as_os_str().is_empty() {
             return Err(invalid("output.dir", "must not be empty"));
         }
-        Ok(())
+        checks::check(self)
     }
 
     /// The optimiser configuration for the engine.

@@ -164,6 +164,21 @@ pub fn parse(
             ))
         }
     };
+    if let Some(Value::String(id)) = &request_id {
+        if id.len() > super::bounded::MAX_REQUEST_ID_BYTES {
+            return Err(reject(
+                Some(Value::String(super::bounded::truncate(
+                    id,
+                    super::bounded::MAX_REQUEST_ID_BYTES,
+                ))),
+                format!(
+                    "request_id has {} bytes, more than {}",
+                    id.len(),
+                    super::bounded::MAX_REQUEST_ID_BYTES
+                ),
+            ));
+        }
+    }
     if let Some(unknown) = obj.keys().find(|k| !allowed.contains(&k.as_str())) {
         return Err(reject(
             request_id,
@@ -305,6 +320,19 @@ mod tests {
             .unwrap_err()
             .reason
             .contains("empty payload"));
+    }
+
+    #[test]
+    fn long_request_ids_are_rejected_and_echoed_cut() {
+        let payload = format!(r#"{{"request_id": "{}"}}"#, "r".repeat(60_000));
+        let r = parse("train", payload.as_bytes(), false, ok).unwrap_err();
+        assert!(r.reason.contains("more than 128"), "{}", r.reason);
+        let Some(Value::String(echo)) = &r.request_id else {
+            panic!("{:?}", r.request_id)
+        };
+        assert!(echo.len() < 200, "{}", echo.len());
+        let payload = format!(r#"{{"request_id": "{}"}}"#, "r".repeat(128));
+        assert!(parse("status", payload.as_bytes(), false, ok).is_ok());
     }
 
     #[test]

@@ -19,6 +19,7 @@ use super::commands::{self, Command, ConfigBase};
 use super::mqtt::RawCommand;
 use super::outbox::Kind;
 use super::publisher::Publisher;
+use super::model_recovery;
 use super::recovery::{self, Interrupted};
 use super::systemd::Activity;
 use crate::config::{Override, Settings, WarmStartFrom};
@@ -124,12 +125,31 @@ impl Scheduler {
         // What a crash or shutdown left behind: temporary files, runs to continue.
         let out = self.settings.output.dir.clone();
         let runs = self.settings.runs_dir();
-        let found = tokio::task::spawn_blocking(move || {
+        let (settings, device) = (self.settings.clone(), self.device.clone());
+        let (found, repaired, decided) = tokio::task::spawn_blocking(move || {
             recovery::clean_stale_temps(&out);
-            recovery::find_interrupted(&runs)
+            // A corrupt current model, and a finished run killed before its promotion.
+            let repaired = model_recovery::repair_current(&out);
+            let current = promote::current_model_run_id(&out);
+            let decided = model_recovery::find_undecided(&runs, current.as_deref())
+                .map(|u| (u.run_id.clone(), model_recovery::promote_undecided(&settings, &device, &u)));
+            (recovery::find_interrupted(&runs), repaired, decided)
         })
         .await
         .unwrap_or_default();
+        if let Some(r) = repaired {
+            let fields = model_recovery::repair_fields(&r);
+            self.publisher.event(Kind::Lifecycle, "model_recovered", fields);
+            let out = self.settings.output.dir.clone();
+            let id = tokio::task::spawn_blocking(move || promote::current_model_run_id(&out))
+                .await
+                .unwrap_or(None);
+            self.publisher.update_status(|s| s.current_model = id);
+        }
+        if let Some((run_id, result)) = decided {
+            tracing::info!(%run_id, "deciding the promotion of a run finished before a restart");
+            self.on_promotion(&run_id, result);
+        }
         self.resumes.extend(found);
         self.next_resume();
         if self.settings.retrain.on_start {
@@ -646,6 +666,10 @@ fn spawn_run(
                                 batch_size: settings.train.batch_size,
                                 metric: settings.retrain.promote_metric,
                             });
+                            if let Ok(p) = &pr {
+                                let dir = req.runs_dir.join(&req.run_id);
+                                model_recovery::record_decision(&dir, p.promoted, &p.reason);
+                            }
                             send(RunMsg::Promotion(pr.map_err(|e| e.to_string())));
                         }
                     }
