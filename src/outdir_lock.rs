@@ -109,7 +109,10 @@ mod tests {
         let text = err.to_string();
         assert!(matches!(err, LockError::Held { pid: Some(p), .. } if p == std::process::id()));
         assert!(text.contains(&out.display().to_string()), "{text}");
-        assert!(text.contains(&format!("pid {}", std::process::id())), "{text}");
+        assert!(
+            text.contains(&format!("pid {}", std::process::id())),
+            "{text}"
+        );
         drop(first);
         let again = OutdirLock::acquire(&out).unwrap();
         drop(again);

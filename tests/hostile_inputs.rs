@@ -58,7 +58,10 @@ fn a_second_daemon_and_a_resume_on_a_live_output_dir_are_refused() {
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
-    assert!(err.contains("in use") && err.contains(&format!("pid {pid}")), "{err}");
+    assert!(
+        err.contains("in use") && err.contains(&format!("pid {pid}")),
+        "{err}"
+    );
 
     // The first daemon is untouched and shuts down cleanly.
     first.sigterm();
@@ -77,11 +80,18 @@ fn check_config_refuses_configurations_that_cannot_work() {
         .arg(&env.config)
         .output()
         .unwrap();
-    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
     let long_id = format!("mqtt.device_id={}", "d".repeat(70_000));
     let cases: Vec<(String, &str)> = vec![
         (format!("output.dir={}", env.data.display()), "data.dir"),
-        (format!("output.dir={}/models", env.data.display()), "data.dir"),
+        (
+            format!("output.dir={}/models", env.data.display()),
+            "data.dir",
+        ),
         (format!("data.dir={}/data", env.out.display()), "data.dir"),
         ("mqtt.port=0".into(), "mqtt.port"),
         ("mqtt.topic_prefix=$SYS".into(), "mqtt.topic_prefix"),
@@ -97,7 +107,12 @@ fn check_config_refuses_configurations_that_cannot_work() {
             .output()
             .unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(2), "{}: {err}", &set[..set.len().min(60)]);
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "{}: {err}",
+            &set[..set.len().min(60)]
+        );
         assert!(err.contains(key), "{}: {err}", &set[..set.len().min(60)]);
         assert!(err.len() < 2_000, "the message quotes the whole value");
     }
@@ -176,5 +191,8 @@ fn a_csv_with_a_2mb_field_is_rejected_with_a_short_reason() {
         m.topic == events && m.event() == "data_rejected"
     });
     let reason = m.json["reason"].as_str().unwrap_or_default();
-    assert!(reason.contains("not a number") && reason.len() < 500, "{reason}");
+    assert!(
+        reason.contains("not a number") && reason.len() < 500,
+        "{reason}"
+    );
 }

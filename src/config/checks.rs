@@ -140,7 +140,10 @@ fn resolve(path: &Path) -> PathBuf {
             }
             return out;
         }
-        match (existing.file_name().map(|n| n.to_os_string()), existing.parent()) {
+        match (
+            existing.file_name().map(|n| n.to_os_string()),
+            existing.parent(),
+        ) {
             (Some(name), Some(parent)) => {
                 rest.push(name);
                 existing = parent.to_path_buf();
@@ -190,7 +193,9 @@ mod tests {
         let e = err_of(&with_dirs(&data, &t.path().join("alias/models")));
         assert!(e.contains("inside data.dir"), "{e}");
         // A sibling whose name starts the same is not inside.
-        assert!(with_dirs(&data, &t.path().join("data-out")).validate().is_ok());
+        assert!(with_dirs(&data, &t.path().join("data-out"))
+            .validate()
+            .is_ok());
     }
 
     #[test]
@@ -201,7 +206,10 @@ mod tests {
         let e = err_of(&with_dirs(&file, &t.path().join("out")));
         assert!(e.contains("data.dir") && e.contains("not a folder"), "{e}");
         let e = err_of(&with_dirs(&t.path().join("data"), &file));
-        assert!(e.contains("output.dir") && e.contains("not a folder"), "{e}");
+        assert!(
+            e.contains("output.dir") && e.contains("not a folder"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -210,15 +218,42 @@ mod tests {
         let base = with_dirs(&t.path().join("d"), &t.path().join("o"));
         let cases: Vec<(&str, Box<dyn Fn(&mut Settings)>)> = vec![
             ("mqtt.port", Box::new(|s| s.mqtt.port = 0)),
-            ("mqtt.keep_alive_s", Box::new(|s| s.mqtt.keep_alive_s = 65_536)),
-            ("mqtt.device_id", Box::new(|s| s.mqtt.device_id = Some("a\0b".into()))),
-            ("mqtt.device_id", Box::new(|s| s.mqtt.device_id = Some("x".repeat(70_000)))),
-            ("mqtt.device_id", Box::new(|s| s.mqtt.device_id = Some("a/b".into()))),
-            ("mqtt.device_id", Box::new(|s| s.mqtt.device_id = Some("a+".into()))),
-            ("mqtt.topic_prefix", Box::new(|s| s.mqtt.topic_prefix = "$SYS".into())),
-            ("mqtt.topic_prefix", Box::new(|s| s.mqtt.topic_prefix = "a/b\0".into())),
-            ("mqtt.topic_prefix", Box::new(|s| s.mqtt.topic_prefix = format!("a/{}", "y".repeat(129)))),
-            ("mqtt.client_id", Box::new(|s| s.mqtt.client_id = Some("c\0".into()))),
+            (
+                "mqtt.keep_alive_s",
+                Box::new(|s| s.mqtt.keep_alive_s = 65_536),
+            ),
+            (
+                "mqtt.device_id",
+                Box::new(|s| s.mqtt.device_id = Some("a\0b".into())),
+            ),
+            (
+                "mqtt.device_id",
+                Box::new(|s| s.mqtt.device_id = Some("x".repeat(70_000))),
+            ),
+            (
+                "mqtt.device_id",
+                Box::new(|s| s.mqtt.device_id = Some("a/b".into())),
+            ),
+            (
+                "mqtt.device_id",
+                Box::new(|s| s.mqtt.device_id = Some("a+".into())),
+            ),
+            (
+                "mqtt.topic_prefix",
+                Box::new(|s| s.mqtt.topic_prefix = "$SYS".into()),
+            ),
+            (
+                "mqtt.topic_prefix",
+                Box::new(|s| s.mqtt.topic_prefix = "a/b\0".into()),
+            ),
+            (
+                "mqtt.topic_prefix",
+                Box::new(|s| s.mqtt.topic_prefix = format!("a/{}", "y".repeat(129))),
+            ),
+            (
+                "mqtt.client_id",
+                Box::new(|s| s.mqtt.client_id = Some("c\0".into())),
+            ),
         ];
         for (key, change) in cases {
             let mut s = base.clone();

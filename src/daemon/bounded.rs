@@ -194,15 +194,23 @@ mod tests {
 
     #[test]
     fn coalesced_request_ids_are_capped_with_a_count() {
-        let ids: Vec<String> = (0..20).map(|i| format!("{i}{}", "x".repeat(60_000))).collect();
-        let m = fit(msg(json!({"event": "run_started", "run_id": "r", "request_ids": ids})), 1 << 20);
+        let ids: Vec<String> = (0..20)
+            .map(|i| format!("{i}{}", "x".repeat(60_000)))
+            .collect();
+        let m = fit(
+            msg(json!({"event": "run_started", "run_id": "r", "request_ids": ids})),
+            1 << 20,
+        );
         assert!(packet_size(&m) < 16 * 1024, "{}", m.payload.len());
         let v = parsed(&m);
         assert_eq!(v["event"], "run_started");
         assert_eq!(v["truncated"], true);
         assert_eq!(v["request_ids"].as_array().unwrap().len(), 20);
         let many: Vec<u32> = (0..100).collect();
-        let v = parsed(&fit(msg(json!({"event": "e", "request_ids": many})), 1 << 20));
+        let v = parsed(&fit(
+            msg(json!({"event": "e", "request_ids": many})),
+            1 << 20,
+        ));
         assert_eq!(v["request_ids"].as_array().unwrap().len(), MAX_REQUEST_IDS);
         assert_eq!(v["request_ids_omitted"], 68);
     }
@@ -216,7 +224,10 @@ mod tests {
         );
         assert!(packet_size(&m) <= 1 << 20);
         let v = parsed(&m);
-        assert_eq!((v["event"].as_str(), v["file"].as_str()), (Some("data_rejected"), Some("a.csv")));
+        assert_eq!(
+            (v["event"].as_str(), v["file"].as_str()),
+            (Some("data_rejected"), Some("a.csv"))
+        );
         assert!(v["reason"].as_str().unwrap().contains("more bytes]"));
         // Many fields none of which is long: still replaced by a short summary.
         let wide: Map<String, Value> = (0..200_000).map(|i| (format!("k{i}"), json!(i))).collect();

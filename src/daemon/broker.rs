@@ -126,7 +126,10 @@ mod tests {
         assert!(c.router.max_connections >= 4 * 64);
         assert!(c.router.max_segment_size * c.router.max_segment_count <= 256 * 1024);
         let server = &c.v4.as_ref().unwrap()["1"];
-        assert_eq!(server.connections.max_payload_size, super::super::mqtt::MAX_PACKET_BYTES);
+        assert_eq!(
+            server.connections.max_payload_size,
+            super::super::mqtt::MAX_PACKET_BYTES
+        );
         assert!(server.connections.connection_timeout_ms <= 10_000);
     }
 
@@ -156,7 +159,9 @@ mod tests {
                 let acked = tokio::time::timeout(Duration::from_secs(10), async {
                     loop {
                         match ev.poll().await {
-                            Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_))) => return true,
+                            Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_))) => {
+                                return true
+                            }
                             Ok(_) => {}
                             Err(_) => return false,
                         }

@@ -267,7 +267,10 @@ mod tests {
     #[test]
     fn an_oversized_message_is_queued_as_a_summary_that_fits_a_packet() {
         let mut o = Outbox::new(10, 5);
-        let big = format!(r#"{{"event":"data_rejected","reason":"{}"}}"#, "x".repeat(3 << 20));
+        let big = format!(
+            r#"{{"event":"data_rejected","reason":"{}"}}"#,
+            "x".repeat(3 << 20)
+        );
         o.push(Message {
             topic: "t/e".into(),
             payload: big.into_bytes(),

@@ -16,10 +16,10 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::commands::{self, Command, ConfigBase};
+use super::model_recovery;
 use super::mqtt::RawCommand;
 use super::outbox::Kind;
 use super::publisher::Publisher;
-use super::model_recovery;
 use super::recovery::{self, Interrupted};
 use super::systemd::Activity;
 use crate::config::{Override, Settings, WarmStartFrom};
@@ -131,15 +131,20 @@ impl Scheduler {
             // A corrupt current model, and a finished run killed before its promotion.
             let repaired = model_recovery::repair_current(&out);
             let current = promote::current_model_run_id(&out);
-            let decided = model_recovery::find_undecided(&runs, current.as_deref())
-                .map(|u| (u.run_id.clone(), model_recovery::promote_undecided(&settings, &device, &u)));
+            let decided = model_recovery::find_undecided(&runs, current.as_deref()).map(|u| {
+                (
+                    u.run_id.clone(),
+                    model_recovery::promote_undecided(&settings, &device, &u),
+                )
+            });
             (recovery::find_interrupted(&runs), repaired, decided)
         })
         .await
         .unwrap_or_default();
         if let Some(r) = repaired {
             let fields = model_recovery::repair_fields(&r);
-            self.publisher.event(Kind::Lifecycle, "model_recovered", fields);
+            self.publisher
+                .event(Kind::Lifecycle, "model_recovered", fields);
             let out = self.settings.output.dir.clone();
             let id = tokio::task::spawn_blocking(move || promote::current_model_run_id(&out))
                 .await

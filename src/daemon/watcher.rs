@@ -343,9 +343,9 @@ impl Watcher {
         let checked = tokio::task::spawn_blocking(move || {
             let r = validate_file(&p, &spec, &reference);
             let shape = match &r {
-                Ok(_) if reference.sample_shape.is_none() => {
-                    data::scan_file(&p, &spec, None, None).ok().map(|s| s.sample_shape)
-                }
+                Ok(_) if reference.sample_shape.is_none() => data::scan_file(&p, &spec, None, None)
+                    .ok()
+                    .map(|s| s.sample_shape),
                 _ => None,
             };
             (r, shape)

@@ -126,7 +126,11 @@ pub(super) fn for_each_row(
                 return Err(format!(
                     "line {line}, column {}: non-finite value {}",
                     quote(&headers[col]),
-                    field.get(..QUOTE_BYTES).unwrap_or(field)
+                    if field.len() > QUOTE_BYTES {
+                        quote(field)
+                    } else {
+                        field.to_string()
+                    }
                 ));
             }
             values.push(v);
@@ -188,8 +192,14 @@ mod tests {
         }
         let f = write(&text);
         // 1000 rows of 4 + 8 bytes: fits in 12,000 bytes, not in 11,000.
-        assert_eq!(read_limited(f.path(), "label", b',', 12_000).unwrap().len(), 1000);
+        assert_eq!(
+            read_limited(f.path(), "label", b',', 12_000).unwrap().len(),
+            1000
+        );
         let e = read_limited(f.path(), "label", b',', 11_000).unwrap_err();
-        assert!(e.contains("data.max_file_mb") && e.starts_with("line "), "{e}");
+        assert!(
+            e.contains("data.max_file_mb") && e.starts_with("line "),
+            "{e}"
+        );
     }
 }

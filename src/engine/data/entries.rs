@@ -70,10 +70,7 @@ pub(super) fn refuse_unreadable(path: &Path, data_dir: &Path) -> Result<(), Stri
         return Ok(());
     }
     if !ft.is_file() {
-        return Err(format!(
-            "{}, not a regular file: not read",
-            kind_name(ft)
-        ));
+        return Err(format!("{}, not a regular file: not read", kind_name(ft)));
     }
     Ok(())
 }
@@ -97,7 +94,10 @@ mod tests {
         assert!(e.contains("folder"), "{e}");
         std::os::unix::fs::symlink(dir.join("b.csv"), dir.join("c.csv")).unwrap();
         let e = refuse_unreadable(&dir.join("c.csv"), dir).unwrap_err();
-        assert!(e.contains("links are followed to regular files only"), "{e}");
+        assert!(
+            e.contains("links are followed to regular files only"),
+            "{e}"
+        );
         std::fs::write(dir.join("d.csv"), "a,label\n1,0\n").unwrap();
         assert!(refuse_unreadable(&dir.join("d.csv"), dir).is_ok());
         std::os::unix::fs::symlink(dir.join("d.csv"), dir.join("e.csv")).unwrap();

@@ -169,7 +169,10 @@ mod tests {
         let e = super::super::read_file(&d.join("sneaky"), &spec).unwrap_err();
         assert!(e.contains("outside the data folder"), "{e}");
         let e = super::super::read_file(&d.join("3/loop"), &spec).unwrap_err();
-        assert!(e.contains("links are followed to regular files only"), "{e}");
+        assert!(
+            e.contains("links are followed to regular files only"),
+            "{e}"
+        );
         let ds = super::super::load_dataset(&spec).unwrap();
         assert_eq!(ds.len(), 1);
         assert_eq!(ds.skipped.len(), 2);

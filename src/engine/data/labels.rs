@@ -165,7 +165,12 @@ impl Budget {
     }
 
     /// Charges one sample of `feature_bytes` with an integer or named label.
-    pub(super) fn charge(&mut self, feature_bytes: u64, int_label: bool, row: usize) -> Result<(), String> {
+    pub(super) fn charge(
+        &mut self,
+        feature_bytes: u64,
+        int_label: bool,
+        row: usize,
+    ) -> Result<(), String> {
         let label = if int_label {
             INDEX_LABEL_BYTES
         } else {
@@ -231,6 +236,9 @@ mod tests {
         for row in 0..4 {
             b.charge(16, true, row).unwrap();
         }
-        assert!(b.charge(16, true, 4).unwrap_err().contains("data.max_file_mb"));
+        assert!(b
+            .charge(16, true, 4)
+            .unwrap_err()
+            .contains("data.max_file_mb"));
     }
 }

@@ -5,10 +5,10 @@
 mod batch;
 mod csv_file;
 mod entries;
-mod labels;
-mod scan;
 pub mod image_folder;
+mod labels;
 mod safetensors_file;
+mod scan;
 mod split;
 pub mod text_tsv;
 pub mod vocab;
@@ -242,9 +242,12 @@ pub fn read_file(path: &Path, spec: &DataSpec) -> Result<FileSamples, String> {
     check_file(path, spec)?;
     let samples = match spec.format {
         DataFormat::Safetensors => safetensors_file::read(path, &spec.x_key, &spec.y_key)?,
-        DataFormat::Csv => {
-            csv_file::read_limited(path, &spec.label_column, spec.delimiter, spec.max_file_bytes)?
-        }
+        DataFormat::Csv => csv_file::read_limited(
+            path,
+            &spec.label_column,
+            spec.delimiter,
+            spec.max_file_bytes,
+        )?,
         DataFormat::ImageFolder => {
             image_folder::read(path, &spec.dir, spec.image_size, spec.channels)?
         }

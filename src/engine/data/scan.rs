@@ -104,19 +104,24 @@ fn scan_csv(
     let mut labels = LabelCodes::default();
     let mut budget = Budget::new(spec.max_file_bytes);
     let mut samples = 0;
-    let n = csv_file::for_each_row(path, &spec.label_column, spec.delimiter, |row, values, label| {
-        if row == 0 {
-            if let Some(expected) = shape {
-                if expected != [values.len()] {
-                    return Err(shape_error(&[values.len()], expected));
+    let n = csv_file::for_each_row(
+        path,
+        &spec.label_column,
+        spec.delimiter,
+        |row, values, label| {
+            if row == 0 {
+                if let Some(expected) = shape {
+                    if expected != [values.len()] {
+                        return Err(shape_error(&[values.len()], expected));
+                    }
                 }
             }
-        }
-        let int = label_check(&mut labels, classes, label, row)?;
-        budget.charge(4 * values.len() as u64, int, row)?;
-        samples += 1;
-        Ok(())
-    })?;
+            let int = label_check(&mut labels, classes, label, row)?;
+            budget.charge(4 * values.len() as u64, int, row)?;
+            samples += 1;
+            Ok(())
+        },
+    )?;
     finish(&labels, classes, samples, vec![n])
 }
 
@@ -158,7 +163,13 @@ mod tests {
         std::fs::write(&csv, "a,b,label\n1,2,0\n3,4,1\n5,6,1\n").unwrap();
         let s = spec(d, DataFormat::Csv);
         let c = scan_file(&csv, &s, None, None).unwrap();
-        assert_eq!(c, FileCheck { samples: 3, sample_shape: vec![2] });
+        assert_eq!(
+            c,
+            FileCheck {
+                samples: 3,
+                sample_shape: vec![2]
+            }
+        );
         let classes: Vec<String> = vec!["x".into(), "y".into()];
         assert!(scan_file(&csv, &s, Some(&[2]), Some(&classes)).is_ok());
         let e = scan_file(&csv, &s, Some(&[3]), None).unwrap_err();
@@ -175,7 +186,13 @@ mod tests {
         let mut s = spec(d, DataFormat::TextTsv);
         s.max_len = 8;
         let c = scan_file(&txt, &s, Some(&[8]), Some(&classes)).unwrap();
-        assert_eq!(c, FileCheck { samples: 2, sample_shape: vec![8] });
+        assert_eq!(
+            c,
+            FileCheck {
+                samples: 2,
+                sample_shape: vec![8]
+            }
+        );
         std::fs::write(&txt, "hello\t0\nworld\t5\n").unwrap();
         let e = scan_file(&txt, &s, None, Some(&classes)).unwrap_err();
         assert!(e.starts_with("line 2: label \"5\""), "{e}");
