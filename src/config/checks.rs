@@ -216,7 +216,8 @@ mod tests {
     fn mqtt_values_a_broker_cannot_take_are_refused() {
         let t = tempfile::tempdir().unwrap();
         let base = with_dirs(&t.path().join("d"), &t.path().join("o"));
-        let cases: Vec<(&str, Box<dyn Fn(&mut Settings)>)> = vec![
+        type Change = Box<dyn Fn(&mut Settings)>;
+        let cases: Vec<(&str, Change)> = vec![
             ("mqtt.port", Box::new(|s| s.mqtt.port = 0)),
             (
                 "mqtt.keep_alive_s",
