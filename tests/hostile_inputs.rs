@@ -92,7 +92,7 @@ fn check_config_refuses_configurations_that_cannot_work() {
             format!("output.dir={}/models", env.data.display()),
             "data.dir",
         ),
-        (format!("data.dir={}/data", env.out.display()), "data.dir"),
+        (format!("data.dir={}/runs", env.out.display()), "data.dir"),
         ("mqtt.port=0".into(), "mqtt.port"),
         ("mqtt.topic_prefix=$SYS".into(), "mqtt.topic_prefix"),
         ("mqtt.keep_alive_s=65536".into(), "mqtt.keep_alive_s"),
@@ -195,4 +195,71 @@ fn a_csv_with_a_2mb_field_is_rejected_with_a_short_reason() {
         reason.contains("not a number") && reason.len() < 500,
         "{reason}"
     );
+}
+
+/// Recovery: a corrupt `current.safetensors` made every warm-started run fail;
+/// a run killed between its `summary.json` and its promotion lost the promotion
+/// for good. Now the previous model is put back (announced by `model_recovered`)
+/// and the finished run's promotion is decided after the restart.
+#[test]
+fn a_corrupt_current_model_heals_and_an_unpromoted_run_is_promoted_after_restart() {
+    let Some(bin) = mosquitto() else {
+        return;
+    };
+    let port = free_port();
+    let env = Env::new(port, "", &[]);
+    // A finished run, promoted by `train`: current.safetensors is its model.
+    let out = Command::new(BIN)
+        .args(["train", "--no-progress", "--config"])
+        .arg(&env.config)
+        .args(["--set", "train.max_steps=20"])
+        .current_dir(env.dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let run_dir = std::path::PathBuf::from(stdout.lines().last().unwrap().trim());
+    let run_id = run_dir.file_name().unwrap().to_string_lossy().to_string();
+    let current = env.out.join("current.safetensors");
+    let previous = env.out.join("previous.safetensors");
+    std::fs::copy(&current, &previous).unwrap();
+    std::fs::write(&current, b"not a model: bit rot").unwrap();
+
+    let broker = Mosquitto::start(&bin, &env.dir.path().join("broker"), port);
+    let dash = Dashboard::connect(port, &env.base_topic(), None);
+    let daemon = Daemon::start(&env, &[]);
+    let mut h = Harness {
+        env,
+        broker: Some(broker),
+        daemon,
+        dash,
+    };
+    let (_, m) = h.wait_event("model_recovered", None, LONG);
+    assert_eq!(m.json["restored_from"], "previous", "{}", m.json);
+    let status = h.dash.topic("status");
+    let rid = run_id.clone();
+    h.wait("status naming the restored model", SHORT, |m| {
+        m.topic == status && m.json["current_model"].as_str() == Some(rid.as_str())
+    });
+    assert!(h.env.out.join("current.safetensors.corrupt").is_file());
+
+    // Killed before promotion: no current model, the run's summary is there.
+    h.daemon.sigterm();
+    h.daemon.wait_exit(SHORT).expect("the daemon exits");
+    std::fs::remove_file(h.env.out.join("current.safetensors")).unwrap();
+    std::fs::remove_file(h.env.out.join("previous.safetensors")).unwrap();
+    h.dash.pump_now();
+    let from = h.dash.seen.len();
+    h.daemon = Daemon::start(&h.env, &[]);
+    let events = h.dash.topic("events");
+    let (_, m) = h.wait_from(from, "model_promoted after the restart", LONG, |m| {
+        m.topic == events && m.event() == "model_promoted"
+    });
+    assert_eq!(m.run_id(), run_id);
+    assert!(h.env.out.join("current.safetensors").is_file());
+    assert!(run_dir.join("promotion.json").is_file());
 }

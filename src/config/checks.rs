@@ -89,14 +89,19 @@ fn check_folders(s: &Settings) -> Result<(), ConfigError> {
     }
     let data = resolve(&s.data.dir);
     let output = resolve(&s.output.dir);
-    if data.starts_with(&output) || output.starts_with(&data) {
-        let how = if data == output {
-            "are the same folder".to_string()
-        } else if data.starts_with(&output) {
-            "overlap: data.dir is inside output.dir".to_string()
-        } else {
-            "overlap: output.dir is inside data.dir".to_string()
-        };
+    // Where the daemon and `train` write: output.dir itself (models, the lock)
+    // and its run folders. A data folder elsewhere under output.dir (say
+    // `output.dir/data`) is left alone by both, and stays allowed.
+    let how = if data == output {
+        Some("are the same folder")
+    } else if output.starts_with(&data) {
+        Some("overlap: output.dir is inside data.dir")
+    } else if data.starts_with(output.join("runs")) {
+        Some("overlap: data.dir is inside output.dir/runs, where run folders are written")
+    } else {
+        None
+    };
+    if let Some(how) = how {
         return Err(invalid(
             "output.dir",
             format!(
@@ -177,7 +182,8 @@ mod tests {
         for (d, o) in [
             (data.clone(), data.clone()),
             (data.clone(), data.join("models")),
-            (out.join("data"), out.clone()),
+            (out.join("runs"), out.clone()),
+            (out.join("runs/r1/data"), out.clone()),
             (data.clone(), t.path().join("x/../data/./m")),
         ] {
             let e = err_of(&with_dirs(&d, &o));
@@ -192,6 +198,8 @@ mod tests {
         std::os::unix::fs::symlink(&data, t.path().join("alias")).unwrap();
         let e = err_of(&with_dirs(&data, &t.path().join("alias/models")));
         assert!(e.contains("inside data.dir"), "{e}");
+        // Data in a folder of its own under output.dir is not written to.
+        assert!(with_dirs(&out.join("data"), &out).validate().is_ok());
         // A sibling whose name starts the same is not inside.
         assert!(with_dirs(&data, &t.path().join("data-out"))
             .validate()
