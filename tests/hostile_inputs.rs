@@ -263,3 +263,27 @@ fn a_corrupt_current_model_heals_and_an_unpromoted_run_is_promoted_after_restart
     assert!(h.env.out.join("current.safetensors").is_file());
     assert!(run_dir.join("promotion.json").is_file());
 }
+
+/// Command latency: without `TCP_NODELAY` the daemon's answer waited for the
+/// broker's delayed ACK (a 40-90 ms floor). Prints the median and worst
+/// round trip of 30 `cmd/status` → `status`; each must come within a second.
+#[test]
+fn commands_are_answered_without_a_nagle_floor() {
+    let Some(mut h) = Harness::start("", &[]) else {
+        return;
+    };
+    let status = h.dash.topic("status");
+    let mut times = Vec::new();
+    for i in 0..30 {
+        h.dash.pump_now();
+        let from = h.dash.seen.len();
+        let t0 = std::time::Instant::now();
+        h.dash.send("status", format!(r#"{{"request_id":"{i}"}}"#));
+        h.wait_from(from, "a status answer", SHORT, |m| m.topic == status);
+        times.push(t0.elapsed());
+    }
+    times.sort();
+    let (median, worst) = (times[times.len() / 2], times[times.len() - 1]);
+    eprintln!("cmd/status round trip: median {median:?}, worst {worst:?}");
+    assert!(worst < std::time::Duration::from_secs(1), "{times:?}");
+}
