@@ -125,19 +125,13 @@ impl Scheduler {
         // What a crash or shutdown left behind: temporary files, runs to continue.
         let out = self.settings.output.dir.clone();
         let runs = self.settings.runs_dir();
-        let (settings, device) = (self.settings.clone(), self.device.clone());
-        let (found, repaired, decided) = tokio::task::spawn_blocking(move || {
+        let (found, repaired, undecided) = tokio::task::spawn_blocking(move || {
             recovery::clean_stale_temps(&out);
             // A corrupt current model, and a finished run killed before its promotion.
             let repaired = model_recovery::repair_current(&out);
             let current = promote::current_model_run_id(&out);
-            let decided = model_recovery::find_undecided(&runs, current.as_deref()).map(|u| {
-                (
-                    u.run_id.clone(),
-                    model_recovery::promote_undecided(&settings, &device, &u),
-                )
-            });
-            (recovery::find_interrupted(&runs), repaired, decided)
+            let undecided = model_recovery::find_undecided(&runs, current.as_deref());
+            (recovery::find_interrupted(&runs), repaired, undecided)
         })
         .await
         .unwrap_or_default();
@@ -151,12 +145,11 @@ impl Scheduler {
                 .unwrap_or(None);
             self.publisher.update_status(|s| s.current_model = id);
         }
-        if let Some((run_id, result)) = decided {
-            tracing::info!(%run_id, "deciding the promotion of a run finished before a restart");
-            self.on_promotion(&run_id, result);
-        }
         self.resumes.extend(found);
-        self.next_resume();
+        // The undecided promotion first (off the loop); interrupted runs follow it.
+        if !undecided.is_some_and(|u| self.decide_undecided(u)) {
+            self.next_resume();
+        }
         if self.settings.retrain.on_start {
             self.request("on_start", Vec::new(), None);
         }
@@ -393,6 +386,43 @@ impl Scheduler {
     }
 
     /// Starts a prepared run on its own thread; whether it started.
+    /// Decides the promotion of a run that finished before a restart, on a
+    /// thread of its own that reports like a run (so the loop keeps serving and
+    /// no run promotes at the same time); whether it started.
+    fn decide_undecided(&mut self, u: model_recovery::Undecided) -> bool {
+        let (settings, device) = (self.settings.clone(), self.device.clone());
+        let out = self.run_tx.clone();
+        let run_id = u.run_id.clone();
+        let thread = std::thread::Builder::new()
+            .name("promote-undecided".into())
+            .spawn(move || {
+                tracing::info!(run_id = %u.run_id, "deciding the promotion of a run finished before a restart");
+                let pr = model_recovery::promote_undecided(&settings, &device, &u);
+                let _ = out.send((u.run_id.clone(), RunMsg::Promotion(pr)));
+                let _ = out.send((u.run_id, RunMsg::Done));
+            });
+        match thread {
+            Ok(t) => {
+                self.running = Some(ActiveRun {
+                    run_id,
+                    cancel: CancelFlag::new(),
+                    thread: Some(t),
+                    triggers: vec!["recovery".into()],
+                    request_ids: Vec::new(),
+                    stopped_by: None,
+                    stop_request_id: None,
+                    max_epochs: 0,
+                    ended: true,
+                });
+                true
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start the promotion thread");
+                false
+            }
+        }
+    }
+
     fn launch(
         &mut self,
         settings: Settings,
