@@ -13,8 +13,8 @@
 //! The engine knows none of this: it gets a run request and a cancel flag and
 //! reports on a channel.
 
-#[cfg(feature = "embedded-broker")]
 pub mod bounded;
+#[cfg(feature = "embedded-broker")]
 pub mod broker;
 pub mod commands;
 pub mod model_recovery;

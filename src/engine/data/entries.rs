@@ -18,7 +18,7 @@ pub(super) enum Listing {
     Candidate,
 }
 
-/// How an entry of type `ft` (not followed) at `path` is listed.
+/// How an entry of type `ft` (its own type: links not followed) is listed.
 pub(super) fn listing(ft: FileType) -> Listing {
     if ft.is_dir() {
         Listing::Descend
