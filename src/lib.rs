@@ -8,5 +8,6 @@
 pub mod config;
 pub mod daemon;
 pub mod engine;
+pub mod outdir_lock;
 pub mod plot;
 pub mod report;

@@ -266,6 +266,19 @@ fn train(settings: &Settings, no_progress: bool, resume: Option<&Path>) -> ExitC
         req.resume = true;
         req.runs_dir = dir.parent().map(Path::to_path_buf).unwrap_or_default();
     }
+    // A live daemon (or another `train`) working in the same output.dir is refused.
+    let out_dir = match req.runs_dir.parent() {
+        Some(p) if p.as_os_str().is_empty() => PathBuf::from("."),
+        Some(p) => p.to_path_buf(),
+        None => settings.output.dir.clone(),
+    };
+    let _outdir_lock = match edge_trainer::outdir_lock::OutdirLock::acquire(&out_dir) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
     let cancel = CancelFlag::new();
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         // A second signal while the first is being honoured ends the process at once.

@@ -454,6 +454,7 @@ impl Default for OutputSettings {
     }
 }
 
+mod checks;
 mod convert;
 mod layers;
 pub mod run;

@@ -61,7 +61,8 @@ impl Settings {
         self.validate_train()?;
         self.validate_mqtt()?;
         self.validate_retrain()?;
-        self.validate_output()
+        self.validate_output()?;
+        super::checks::check(self)
     }
 
     /// `[data]`: ranges and cross-field rules.

@@ -186,6 +186,15 @@ pub fn parse(
     };
     // The request id first, so that every later rejection can echo it.
     let request_id = request_id(&obj).map_err(|r| reject(None, r))?;
+    if let Some(Value::String(id)) = &request_id {
+        let max = super::bounded::MAX_REQUEST_ID_BYTES;
+        if id.len() > max {
+            return Err(reject(
+                Some(Value::String(super::bounded::truncate(id, max))),
+                format!("request_id has {} bytes, more than {max}", id.len()),
+            ));
+        }
+    }
     // Then the payload's shape: unknown fields are refused.
     let payload = Value::Object(obj);
     let shape = |e: serde_json::Error| reject(request_id.clone(), format!("cmd/{name}: {e}"));
@@ -328,6 +337,19 @@ mod tests {
             .unwrap_err()
             .reason
             .contains("empty payload"));
+    }
+
+    #[test]
+    fn long_request_ids_are_rejected_and_echoed_cut() {
+        let payload = format!(r#"{{"request_id": "{}"}}"#, "r".repeat(60_000));
+        let r = parse("train", payload.as_bytes(), false, ok).unwrap_err();
+        assert!(r.reason.contains("more than 128"), "{}", r.reason);
+        let Some(Value::String(echo)) = &r.request_id else {
+            panic!("{:?}", r.request_id)
+        };
+        assert!(echo.len() < 200, "{}", echo.len());
+        let payload = format!(r#"{{"request_id": "{}"}}"#, "r".repeat(128));
+        assert!(parse("status", payload.as_bytes(), false, ok).is_ok());
     }
 
     #[test]

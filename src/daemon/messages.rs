@@ -29,6 +29,8 @@ pub enum Trigger {
     NewData,
     /// `retrain.on_start`.
     OnStart,
+    /// A run that finished before a restart gets its promotion decided.
+    Recovery,
     /// An interrupted run continued after a restart.
     Resume,
 }
@@ -271,6 +273,14 @@ pub enum Event {
         moved_to: Option<String>,
         move_error: Option<String>,
     },
+    /// At start, `current.safetensors` did not load: it was moved aside and
+    /// `previous.safetensors` restored (`restored_from`), or no model is in service.
+    ModelRecovered {
+        reason: String,
+        moved_to: Option<PathBuf>,
+        restored_from: Option<&'static str>,
+        action: &'static str,
+    },
     /// A command that cannot be honoured. `command` is null when the message
     /// was dropped before its topic could be read.
     CommandRejected {
@@ -296,6 +306,7 @@ impl Event {
             Event::ModelKept(_) | Event::PromotionFailed { .. } => "model_kept",
             Event::DataAccepted { .. } => "data_accepted",
             Event::DataRejected { .. } => "data_rejected",
+            Event::ModelRecovered { .. } => "model_recovered",
             Event::CommandRejected { .. } => "command_rejected",
         }
     }
@@ -313,7 +324,8 @@ impl Event {
             | Event::RunResumed { .. }
             | Event::ModelPromoted(_)
             | Event::ModelKept(_)
-            | Event::PromotionFailed { .. } => Kind::Lifecycle,
+            | Event::PromotionFailed { .. }
+            | Event::ModelRecovered { .. } => Kind::Lifecycle,
             Event::RunQueued { .. }
             | Event::DataAccepted { .. }
             | Event::DataRejected { .. }

@@ -14,10 +14,12 @@
 //! The engine knows none of this: it gets a run request and a cancel flag and
 //! reports on a channel.
 
+pub mod bounded;
 #[cfg(feature = "embedded-broker")]
 pub mod broker;
 pub mod commands;
 pub mod messages;
+pub mod model_recovery;
 pub mod mqtt;
 pub mod outbox;
 pub mod publisher;
@@ -122,6 +124,9 @@ pub async fn serve(
         std::fs::create_dir_all(dir)
             .map_err(|e| DaemonError::Io(format!("{key}: cannot create {}: {e}", dir.display())))?;
     }
+    // One daemon (or `train`) per output.dir: held until `serve` returns.
+    let _outdir_lock = crate::outdir_lock::OutdirLock::acquire(&settings.output.dir)
+        .map_err(|e| DaemonError::Config(e.to_string()))?;
     let m = &settings.mqtt;
     let device_id = m.device_id.clone().unwrap_or_else(default_device_id);
     let topics = publisher::Topics::new(&m.topic_prefix, &device_id);

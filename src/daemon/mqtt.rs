@@ -165,6 +165,10 @@ impl Driver {
         let mut down_since = Instant::now();
         let mut failures: u64 = 0;
         let topics = self.publisher.topics().clone();
+        // Commands and acknowledgements are small: do not wait for Nagle's timer.
+        let mut net = self.eventloop.network_options();
+        net.set_tcp_nodelay(true);
+        self.eventloop.set_network_options(net);
         loop {
             let polled = if connected {
                 // Never cancelled while connected: a half-written packet would be lost.

@@ -120,6 +120,8 @@ impl Outbox {
     }
 
     fn push_at(&mut self, msg: Message, front: bool) {
+        // Never hold a message the client would refuse (and resend for ever).
+        let msg = super::bounded::fit(msg, super::mqtt::MAX_PACKET_BYTES);
         if msg.kind == Kind::Status {
             // Only the newest status matters; one not yet handed over is replaced.
             self.entries
@@ -260,6 +262,27 @@ mod tests {
             out.push(msg.topic);
         }
         out
+    }
+
+    #[test]
+    fn an_oversized_message_is_queued_as_a_summary_that_fits_a_packet() {
+        let mut o = Outbox::new(10, 5);
+        let big = format!(
+            r#"{{"event":"data_rejected","reason":"{}"}}"#,
+            "x".repeat(3 << 20)
+        );
+        o.push(Message {
+            topic: "t/e".into(),
+            payload: big.into_bytes(),
+            retain: false,
+            kind: Kind::Info,
+        });
+        o.on_connect();
+        let sent = o.next_to_send().unwrap();
+        assert!(sent.payload.len() < crate::daemon::mqtt::MAX_PACKET_BYTES);
+        let v: serde_json::Value = serde_json::from_slice(&sent.payload).unwrap();
+        assert_eq!(v["truncated"], true);
+        assert_eq!(v["event"], "data_rejected");
     }
 
     #[test]

@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::commands::{self, Command, ConfigBase};
 use super::messages::{Event, FailureKind, RunOrigin, State, StopCause, Trigger};
+use super::model_recovery;
 use super::mqtt::RawCommand;
 use super::publisher::Publisher;
 use super::recovery::{self, Interrupted};
@@ -23,7 +24,7 @@ use super::shutdown::STOP_BUDGET;
 use super::systemd::Activity;
 use crate::config::run::Starter;
 use crate::config::{Override, Settings};
-use crate::engine::promote::Promotion;
+use crate::engine::promote::{self, Promotion};
 use crate::engine::run::{
     new_run_id, CancelFlag, EventSink, Outcome, RunEvent, RunRequest, RunSummary,
 };
@@ -171,14 +172,29 @@ impl Scheduler {
         // What a crash or shutdown left behind: temporary files, runs to continue.
         let out = self.settings.output.dir.clone();
         let runs = self.settings.runs_dir();
-        let found = tokio::task::spawn_blocking(move || {
+        let (found, repaired, undecided) = tokio::task::spawn_blocking(move || {
             recovery::clean_stale_temps(&out);
-            recovery::find_interrupted(&runs)
+            // A corrupt current model, and a finished run killed before its promotion.
+            let repaired = model_recovery::repair_current(&out);
+            let current = promote::current_model_run_id(&out);
+            let undecided = model_recovery::find_undecided(&runs, current.as_deref());
+            (recovery::find_interrupted(&runs), repaired, undecided)
         })
         .await
         .unwrap_or_default();
+        if let Some(r) = repaired {
+            self.publisher.event(model_recovery::event(&r));
+            let out = self.settings.output.dir.clone();
+            let id = tokio::task::spawn_blocking(move || promote::current_model_run_id(&out))
+                .await
+                .unwrap_or(None);
+            self.publisher.update_status(|s| s.current_model = id);
+        }
         self.resumes.extend(found);
-        self.next_resume();
+        // The undecided promotion first (off the loop); interrupted runs follow it.
+        if !undecided.is_some_and(|u| self.decide_undecided(u)) {
+            self.next_resume();
+        }
         if self.settings.retrain.on_start {
             self.request(Trigger::OnStart, Vec::new(), None);
         }
@@ -398,6 +414,45 @@ impl Scheduler {
     }
 
     /// Starts a prepared run on its own thread; whether it started.
+    /// Decides the promotion of a run that finished before a restart, on a
+    /// thread of its own that reports like a run (so the loop keeps serving and
+    /// no run promotes at the same time); whether it started.
+    fn decide_undecided(&mut self, u: model_recovery::Undecided) -> bool {
+        let (settings, device) = (self.settings.clone(), self.device.clone());
+        let out = self.run_tx.clone();
+        let run_id = u.run_id.clone();
+        let cancel = CancelFlag::new();
+        let run_cancel = cancel.clone();
+        let thread = std::thread::Builder::new()
+            .name("promote-undecided".into())
+            .spawn(move || {
+                tracing::info!(run_id = %u.run_id, "deciding the promotion of a run finished before a restart");
+                let pr = model_recovery::promote_undecided(&settings, &device, &u, &run_cancel);
+                let _ = out.send((u.run_id.clone(), RunMsg::Promotion(pr)));
+                let _ = out.send((u.run_id, RunMsg::Done));
+            });
+        match thread {
+            Ok(t) => {
+                self.running = Some(ActiveRun {
+                    run_id,
+                    cancel,
+                    thread: Some(t),
+                    origin: RunOrigin {
+                        triggers: vec![Trigger::Recovery],
+                        ..RunOrigin::default()
+                    },
+                    max_epochs: 0,
+                    ended: true,
+                });
+                true
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start the promotion thread");
+                false
+            }
+        }
+    }
+
     fn launch(&mut self, settings: Settings, req: RunRequest, origin: RunOrigin) -> bool {
         let run_id = req.run_id.clone();
         self.new_samples = 0;
@@ -588,6 +643,10 @@ fn run_body(
             if summary.outcome.is_success() {
                 if let Some(best) = &summary.best_checkpoint {
                     let pr = settings.run_settings().promote(best, &req.device, &cancel);
+                    if let Ok(p) = &pr {
+                        let dir = req.runs_dir.join(&req.run_id);
+                        model_recovery::record_decision(&dir, p.promoted, &p.reason);
+                    }
                     send(RunMsg::Promotion(pr.map_err(|e| e.to_string())));
                 }
             }

@@ -57,7 +57,7 @@ impl Reference {
             .or_else(|| data::read_class_file(&spec.dir).ok().flatten());
         let sample_shape = files
             .iter()
-            .find_map(|f| data::read_file(f, spec).ok())
+            .find_map(|f| data::scan_file(f, spec, None, None).ok())
             .map(|s| s.sample_shape);
         Self {
             sample_shape,
@@ -119,19 +119,14 @@ pub fn split_existing(
 
 /// Checks one new file; returns its number of samples, or why it is rejected.
 pub fn validate_file(path: &Path, spec: &DataSpec, reference: &Reference) -> Result<usize, String> {
-    let samples = data::read_file(path, spec)?;
-    if let Some(shape) = &reference.sample_shape {
-        if &samples.sample_shape != shape {
-            return Err(format!(
-                "sample shape {:?} differs from {:?} expected by the model and the other data",
-                samples.sample_shape, shape
-            ));
-        }
-    }
-    if let Some(classes) = &reference.classes {
-        data::resolve_labels(&samples.labels, classes)?;
-    }
-    Ok(samples.len())
+    // Checked as it is parsed, without keeping the samples (bounded memory).
+    data::scan_file(
+        path,
+        spec,
+        reference.sample_shape.as_deref(),
+        reference.classes.as_deref(),
+    )
+    .map(|c| c.samples)
 }
 
 /// Moves a rejected file to `data.dir/rejected/` (keeping its path below
@@ -347,9 +342,9 @@ impl Watcher {
         let checked = tokio::task::spawn_blocking(move || {
             let r = validate_file(&p, &spec, &reference);
             let shape = match &r {
-                Ok(_) if reference.sample_shape.is_none() => {
-                    data::read_file(&p, &spec).ok().map(|s| s.sample_shape)
-                }
+                Ok(_) if reference.sample_shape.is_none() => data::scan_file(&p, &spec, None, None)
+                    .ok()
+                    .map(|s| s.sample_shape),
                 _ => None,
             };
             (r, shape)

@@ -1,11 +1,55 @@
 //! CSV files: a header row, one label column, every other column a numeric feature.
+//! Rows are parsed one at a time into one reused record; features go into one
+//! contiguous `f32` buffer and labels into `u32` codes, with the file's memory
+//! budget checked row by row.
 
 use std::path::Path;
 
-use super::{Features, FileError, FileSamples, RawLabels};
+use super::labels::{quote, Budget, LabelCodes, QUOTE_BYTES};
+use super::{Features, FileSamples};
+
+/// Most header names quoted in a reason.
+const MAX_LISTED_HEADERS: usize = 16;
 
 /// Reads one CSV file; the error is a reason fit for a user.
-pub fn read(path: &Path, label_column: &str, delimiter: u8) -> Result<FileSamples, FileError> {
+#[cfg_attr(not(test), allow(dead_code))]
+pub fn read(path: &Path, label_column: &str, delimiter: u8) -> Result<FileSamples, String> {
+    read_limited(path, label_column, delimiter, u64::MAX)
+}
+
+/// [`read`], refusing a file whose decoded samples take more than `max_bytes`.
+pub(super) fn read_limited(
+    path: &Path,
+    label_column: &str,
+    delimiter: u8,
+    max_bytes: u64,
+) -> Result<FileSamples, String> {
+    let mut features = Vec::new();
+    let mut labels = LabelCodes::default();
+    let mut budget = Budget::new(max_bytes);
+    let n_features = for_each_row(path, label_column, delimiter, |row, values, label| {
+        let int = labels.push(label)?;
+        budget.charge(4 * values.len() as u64, int, row)?;
+        features.extend_from_slice(values);
+        Ok(())
+    })?;
+    features.shrink_to_fit();
+    Ok(FileSamples {
+        features: Features::F32(features),
+        labels: labels.finish(),
+        sample_shape: vec![n_features],
+    })
+}
+
+/// Parses the rows of a CSV file one by one and hands each (row index, feature
+/// values, label text) to `f`, checking the header, field counts, numbers and
+/// finiteness on the way. Returns the number of features per row.
+pub(super) fn for_each_row(
+    path: &Path,
+    label_column: &str,
+    delimiter: u8,
+    mut f: impl FnMut(usize, &[f32], &str) -> Result<(), String>,
+) -> Result<usize, String> {
     let mut reader = csv::ReaderBuilder::new()
         .delimiter(delimiter)
         .has_headers(true)
@@ -20,67 +64,86 @@ pub fn read(path: &Path, label_column: &str, delimiter: u8) -> Result<FileSample
         .iter()
         .position(|h| h == label_column)
         .ok_or_else(|| {
+            let mut listed: Vec<String> = headers
+                .iter()
+                .take(MAX_LISTED_HEADERS)
+                .map(|h| {
+                    if h.len() > 64 {
+                        quote(h)
+                    } else {
+                        h.to_string()
+                    }
+                })
+                .collect();
+            if headers.len() > MAX_LISTED_HEADERS {
+                listed.push(format!("… {} more", headers.len() - MAX_LISTED_HEADERS));
+            }
             format!(
-                "no label column {label_column:?} in the header ({})",
-                headers.iter().collect::<Vec<_>>().join(", ")
+                "no label column {} in the header ({})",
+                quote(label_column),
+                listed.join(", ")
             )
         })?;
     let n_features = headers.len() - 1;
     if n_features == 0 {
         return Err("no feature columns besides the label".into());
     }
-    let mut features = Vec::new();
-    let mut names = Vec::new();
-    for (row, record) in reader.records().enumerate() {
+    let mut record = csv::StringRecord::new();
+    let mut values = Vec::with_capacity(n_features);
+    let mut row = 0usize;
+    loop {
         let line = row + 2;
-        let record = record.map_err(|e| format!("line {line}: {e}"))?;
+        match reader.read_record(&mut record) {
+            Ok(true) => {}
+            Ok(false) => break,
+            Err(e) => return Err(format!("line {line}: {e}")),
+        }
         if record.len() != headers.len() {
             return Err(format!(
                 "line {line} has {} fields, the header has {}",
                 record.len(),
                 headers.len()
-            )
-            .into());
+            ));
         }
+        values.clear();
+        let mut label = "";
         for (col, field) in record.iter().enumerate() {
             if col == label_idx {
                 if field.is_empty() {
-                    return Err(format!("line {line}: empty label").into());
+                    return Err(format!("line {line}: empty label"));
                 }
-                names.push(field.to_string());
+                label = field;
                 continue;
             }
             let v: f32 = field.parse().map_err(|_| {
                 format!(
-                    "line {line}, column {:?}: {field:?} is not a number",
-                    &headers[col]
+                    "line {line}, column {}: {} is not a number",
+                    quote(&headers[col]),
+                    quote(field)
                 )
             })?;
             if !v.is_finite() {
                 return Err(format!(
-                    "line {line}, column {:?}: non-finite value {field}",
-                    &headers[col]
-                )
-                .into());
+                    "line {line}, column {}: non-finite value {}",
+                    quote(&headers[col]),
+                    if field.len() > QUOTE_BYTES {
+                        quote(field)
+                    } else {
+                        field.to_string()
+                    }
+                ));
             }
-            features.push(v);
+            values.push(v);
         }
+        f(row, &values, label).map_err(|e| format!("line {line}: {e}"))?;
+        row += 1;
     }
-    // Labels that are all integers are class indices; otherwise class names.
-    let as_index: Option<Vec<i64>> = names.iter().map(|s| s.parse::<i64>().ok()).collect();
-    let labels = match as_index {
-        Some(v) => RawLabels::Index(v),
-        None => RawLabels::Name(names),
-    };
-    Ok(FileSamples {
-        features: Features::F32(features),
-        labels,
-        sample_shape: vec![n_features],
-    })
+    Ok(n_features)
 }
 
 #[cfg(test)]
 mod tests {
+    use super::super::RawLabels;
     use super::*;
     use std::io::Write;
 
@@ -116,5 +179,27 @@ mod tests {
         assert!(read(f.path(), "label", b',')
             .unwrap_err()
             .contains("no label column"));
+    }
+
+    #[test]
+    fn a_huge_field_is_quoted_short_and_the_budget_stops_a_big_file() {
+        let f = write(&format!("a,label\n{},1\n", "9".repeat(2 << 20)));
+        let e = read(f.path(), "label", b',').unwrap_err();
+        assert!(e.len() < 300 && e.contains("bytes)"), "{}", e.len());
+        let mut text = String::from("a,label\n");
+        for i in 0..1000 {
+            text.push_str(&format!("{i},{}\n", i % 2));
+        }
+        let f = write(&text);
+        // 1000 rows of 4 + 8 bytes: fits in 12,000 bytes, not in 11,000.
+        assert_eq!(
+            read_limited(f.path(), "label", b',', 12_000).unwrap().len(),
+            1000
+        );
+        let e = read_limited(f.path(), "label", b',', 11_000).unwrap_err();
+        assert!(
+            e.contains("data.max_file_mb") && e.starts_with("line "),
+            "{e}"
+        );
     }
 }

@@ -46,12 +46,22 @@ pub fn list(dir: &Path) -> Result<Vec<PathBuf>, DataError> {
                 continue;
             }
             let path = entry.path();
-            if path.is_dir() {
-                if !(d == dir && name == "rejected") {
-                    stack.push(path);
+            let Ok(ft) = entry.file_type() else { continue };
+            // Links are never descended into (no cycles, no escape); a link or
+            // other non-regular entry with an image name is listed and then
+            // skipped with its reason.
+            match super::entries::listing(ft) {
+                super::entries::Listing::Descend => {
+                    if !(d == dir && name == "rejected") {
+                        stack.push(path);
+                    }
                 }
-            } else if path.is_file() && is_image(&path) {
-                out.push(path);
+                super::entries::Listing::Candidate
+                    if is_image(&path) || (ft.is_symlink() && path.is_dir()) =>
+                {
+                    out.push(path)
+                }
+                super::entries::Listing::Candidate => {}
             }
         }
     }
@@ -138,6 +148,34 @@ mod tests {
         assert_eq!(class_of("train/cat/1.png").unwrap(), "cat");
         assert_eq!(class_of("test/1.png").unwrap(), "test");
         assert!(class_of("1.png").is_err());
+    }
+
+    #[test]
+    fn linked_folders_are_listed_as_refused_entries_never_descended() {
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::create_dir(outside.path().join("7")).unwrap();
+        let img = image::RgbImage::from_pixel(2, 2, image::Rgb([1, 2, 3]));
+        img.save(outside.path().join("7/x.png")).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        std::fs::create_dir(d.join("3")).unwrap();
+        img.save(d.join("3/a.png")).unwrap();
+        std::os::unix::fs::symlink(outside.path().join("7"), d.join("sneaky")).unwrap();
+        std::os::unix::fs::symlink("..", d.join("3/loop")).unwrap();
+        let listed = list(d).unwrap();
+        let names: Vec<String> = listed.iter().map(|p| relative_name(d, p)).collect();
+        assert_eq!(names, vec!["3/a.png", "3/loop", "sneaky"]);
+        let spec = super::super::DataSpec::new(d, super::super::DataFormat::ImageFolder);
+        let e = super::super::read_file(&d.join("sneaky"), &spec).unwrap_err();
+        assert!(e.contains("outside the data folder"), "{e}");
+        let e = super::super::read_file(&d.join("3/loop"), &spec).unwrap_err();
+        assert!(
+            e.contains("links are followed to regular files only"),
+            "{e}"
+        );
+        let ds = super::super::load_dataset(&spec).unwrap();
+        assert_eq!(ds.len(), 1);
+        assert_eq!(ds.skipped.len(), 2);
     }
 
     #[test]

@@ -4,8 +4,11 @@
 
 mod batch;
 mod csv_file;
+mod entries;
 pub mod image_folder;
+mod labels;
 mod safetensors_file;
+mod scan;
 mod split;
 pub mod text_tsv;
 pub mod vocab;
@@ -16,6 +19,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 pub use batch::{Batch, Batcher, Normalization};
+pub use scan::{scan_file, FileCheck};
 pub use split::{fixed_split, split_of, Split, SplitIndices};
 pub use vocab::{tokenize, Vocab};
 
@@ -126,6 +130,7 @@ pub const DEFAULT_MAX_FILE_BYTES: u64 = 512 << 20;
 /// Refuses a file that is too large, or a link that leads out of the data folder,
 /// before anything is read from it.
 fn check_file(path: &Path, spec: &DataSpec) -> Result<(), FileError> {
+    entries::refuse_unreadable(path, &spec.dir)?;
     let meta = std::fs::metadata(path).map_err(|e| format!("cannot read: {e}"))?;
     if meta.len() > spec.max_file_bytes {
         return Err(format!(
@@ -134,21 +139,6 @@ fn check_file(path: &Path, spec: &DataSpec) -> Result<(), FileError> {
             spec.max_file_bytes
         )
         .into());
-    }
-    let is_link = std::fs::symlink_metadata(path)
-        .map(|m| m.file_type().is_symlink())
-        .unwrap_or(false);
-    if is_link {
-        let target = path
-            .canonicalize()
-            .map_err(|e| format!("cannot resolve link: {e}"))?;
-        let dir = spec
-            .dir
-            .canonicalize()
-            .map_err(|e| format!("cannot resolve the data folder: {e}"))?;
-        if !target.starts_with(&dir) {
-            return Err(format!("a link to {}, outside the data folder", target.display()).into());
-        }
     }
     Ok(())
 }
@@ -292,7 +282,12 @@ pub fn read_file(path: &Path, spec: &DataSpec) -> Result<FileSamples, FileError>
     check_file(path, spec)?;
     let samples = match spec.format {
         DataFormat::Safetensors => safetensors_file::read(path, &spec.x_key, &spec.y_key)?,
-        DataFormat::Csv => csv_file::read(path, &spec.label_column, spec.delimiter)?,
+        DataFormat::Csv => csv_file::read_limited(
+            path,
+            &spec.label_column,
+            spec.delimiter,
+            spec.max_file_bytes,
+        )?,
         DataFormat::ImageFolder => {
             image_folder::read(path, &spec.dir, spec.image_size, spec.channels)?
         }
@@ -470,7 +465,8 @@ fn list_all_files(spec: &DataSpec) -> Result<Vec<PathBuf>, DataError> {
     for entry in entries.flatten() {
         let path = entry.path();
         let name = entry.file_name().to_string_lossy().to_string();
-        if name.starts_with('.') || !path.is_file() {
+        // Not-regular entries with a data name are listed: they are skipped with a reason.
+        if name.starts_with('.') {
             continue;
         }
         let file_ext = path.extension().and_then(|e| e.to_str());
@@ -705,6 +701,29 @@ mod tests {
         assert!(e.contains("data.max_file_mb"), "{e}");
         spec.max_file_bytes = DEFAULT_MAX_FILE_BYTES;
         assert_eq!(read_file(&big, &spec).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn fifos_and_folders_with_a_data_name_are_skipped_with_a_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        std::fs::write(d.join("good.csv"), "a,label\n1,0\n2,1\n").unwrap();
+        std::fs::create_dir(d.join("folder.csv")).unwrap();
+        let fifo = std::ffi::CString::new(d.join("pipe.csv").to_str().unwrap()).unwrap();
+        // SAFETY: mkfifo on a NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+        let ds = load_dataset(&DataSpec::new(d, DataFormat::Csv)).unwrap();
+        assert_eq!(ds.len(), 2);
+        let skipped: Vec<(&str, &str)> = ds
+            .skipped
+            .iter()
+            .map(|s| (s.file.as_str(), s.reason.as_str()))
+            .collect();
+        assert_eq!(skipped.len(), 2, "{skipped:?}");
+        assert_eq!(skipped[0].0, "folder.csv");
+        assert!(skipped[0].1.contains("a folder"), "{skipped:?}");
+        assert_eq!(skipped[1].0, "pipe.csv");
+        assert!(skipped[1].1.contains("FIFO"), "{skipped:?}");
     }
 
     #[test]

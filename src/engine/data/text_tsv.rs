@@ -5,12 +5,14 @@
 //! from a checkpoint, from `data.vocab`, or is built from the training split;
 //! each text becomes `data.max_len` token ids.
 
+use std::io::BufRead;
 use std::path::Path;
 
+use super::labels::{release_memory, Budget, LabelCodes};
 use super::vocab::Vocab;
 use super::{
-    infer_classes, list_files, read_class_file, relative_name, resolve_labels, split_indices,
-    DataError, DataSpec, Dataset, Features, FileError, FileSamples, RawLabels, SkippedFile,
+    check_file, infer_classes, list_files, read_class_file, relative_name, resolve_labels,
+    split_indices, DataError, DataSpec, Dataset, Features, FileSamples, RawLabels, SkippedFile,
 };
 
 /// File names in a text data folder that are not data.
@@ -24,55 +26,90 @@ pub struct TextFile {
 }
 
 /// Reads and checks one file; the error is a reason fit for a user.
-pub fn read(path: &Path) -> Result<TextFile, FileError> {
-    let bytes = std::fs::read(path).map_err(|e| format!("cannot read: {e}"))?;
-    let text = String::from_utf8(bytes).map_err(|e| {
-        format!(
-            "not UTF-8 text (invalid byte at offset {})",
-            e.utf8_error().valid_up_to()
-        )
-    })?;
-    let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
+pub fn read(path: &Path) -> Result<TextFile, String> {
     let mut texts = Vec::new();
-    let mut labels = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        let line = line.trim();
+    let mut labels = LabelCodes::default();
+    for_each_line(path, |_, text, label| {
+        labels.push(label)?;
+        texts.push(text.to_string());
+        Ok(())
+    })?;
+    Ok(TextFile {
+        texts,
+        labels: finish_labels(labels)?,
+    })
+}
+
+/// The labels of a file, refusing negative class indices.
+fn finish_labels(labels: LabelCodes) -> Result<RawLabels, String> {
+    let labels = labels.finish();
+    if let RawLabels::Index(v) = &labels {
+        if let Some((i, l)) = v.iter().enumerate().find(|(_, l)| **l < 0) {
+            return Err(format!("sample {i} has negative label {l}"));
+        }
+    }
+    Ok(labels)
+}
+
+/// Reads the `text<TAB>label` lines of a file one at a time through one reused
+/// buffer (lines trimmed, empty ones skipped, a leading BOM dropped) and hands
+/// each (sample index, text, label) to `f`. Returns the number of samples; a
+/// file without any is an error.
+pub(super) fn for_each_line(
+    path: &Path,
+    mut f: impl FnMut(usize, &str, &str) -> Result<(), String>,
+) -> Result<usize, String> {
+    let file = std::fs::File::open(path).map_err(|e| format!("cannot read: {e}"))?;
+    let mut reader = std::io::BufReader::with_capacity(64 << 10, file);
+    let mut buf = Vec::new();
+    let (mut offset, mut line_no, mut samples) = (0usize, 0usize, 0usize);
+    loop {
+        buf.clear();
+        let n = reader
+            .read_until(b'\n', &mut buf)
+            .map_err(|e| format!("cannot read: {e}"))?;
+        if n == 0 {
+            break;
+        }
+        line_no += 1;
+        let text = std::str::from_utf8(&buf).map_err(|e| {
+            format!(
+                "not UTF-8 text (invalid byte at offset {})",
+                offset + e.valid_up_to()
+            )
+        })?;
+        offset += n;
+        let text = if line_no == 1 {
+            text.strip_prefix('\u{feff}').unwrap_or(text)
+        } else {
+            text
+        };
+        let line = text.trim();
         if line.is_empty() {
             continue;
         }
         let Some((content, label)) = line.rsplit_once('\t') else {
             return Err(format!(
-                "line {}: no TAB between text and label (expected `text<TAB>label`)",
-                i + 1
-            )
-            .into());
+                "line {line_no}: no TAB between text and label (expected `text<TAB>label`)"
+            ));
         };
         let label = label.trim();
         if label.is_empty() {
-            return Err(format!("line {}: empty label", i + 1).into());
+            return Err(format!("line {line_no}: empty label"));
         }
-        texts.push(content.to_string());
-        labels.push(label.to_string());
+        f(samples, content, label).map_err(|e| format!("line {line_no}: {e}"))?;
+        samples += 1;
     }
-    if texts.is_empty() {
+    if samples == 0 {
         return Err("the file holds no `text<TAB>label` lines".into());
     }
-    let indices: Option<Vec<i64>> = labels.iter().map(|l| l.parse::<i64>().ok()).collect();
-    let labels = match indices {
-        Some(v) => {
-            if let Some((i, l)) = v.iter().enumerate().find(|(_, l)| **l < 0) {
-                return Err(format!("sample {i} has negative label {l}").into());
-            }
-            RawLabels::Index(v)
-        }
-        None => RawLabels::Name(labels),
-    };
-    Ok(TextFile { texts, labels })
+    Ok(samples)
 }
 
-/// One file as samples of token ids, with `vocab` (every token unknown without one).
-pub fn read_samples(path: &Path, spec: &DataSpec) -> Result<FileSamples, FileError> {
-    let file = read(path)?;
+/// One file as samples of token ids, with `vocab` (every token unknown without
+/// one), encoded line by line; refused once its ids would take more than
+/// `data.max_file_mb`.
+pub fn read_samples(path: &Path, spec: &DataSpec) -> Result<FileSamples, String> {
     let empty;
     let vocab = match &spec.vocab {
         Some(v) => v,
@@ -81,20 +118,54 @@ pub fn read_samples(path: &Path, spec: &DataSpec) -> Result<FileSamples, FileErr
             &empty
         }
     };
-    let mut ids = Vec::with_capacity(file.texts.len() * spec.max_len);
-    for t in &file.texts {
+    let mut ids = Vec::new();
+    let mut labels = LabelCodes::default();
+    let mut budget = Budget::new(spec.max_file_bytes);
+    for_each_line(path, |row, text, label| {
+        let int = labels.push(label)?;
+        budget.charge(4 * spec.max_len as u64, int, row)?;
         ids.extend(
             vocab
-                .encode(t, spec.tokenizer, spec.max_len)
+                .encode(text, spec.tokenizer, spec.max_len)
                 .into_iter()
                 .map(|i| i as f32),
         );
-    }
+        Ok(())
+    })?;
+    ids.shrink_to_fit();
     Ok(FileSamples {
         features: Features::F32(ids),
-        labels: file.labels,
+        labels: finish_labels(labels)?,
         sample_shape: vec![spec.max_len],
     })
+}
+
+/// The texts of many files in one buffer: no `String` per line.
+#[derive(Debug, Default)]
+struct Packed {
+    text: String,
+    ends: Vec<usize>,
+}
+
+impl Packed {
+    fn push(&mut self, s: &str) {
+        self.text.push_str(s);
+        self.ends.push(self.text.len());
+    }
+
+    fn truncate(&mut self, n: usize) {
+        self.ends.truncate(n);
+        self.text.truncate(self.ends.last().copied().unwrap_or(0));
+    }
+
+    fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    fn get(&self, i: usize) -> &str {
+        let start = if i == 0 { 0 } else { self.ends[i - 1] };
+        &self.text[start..self.ends[i]]
+    }
 }
 
 /// Loads a text data folder: reads every file (skipping bad ones), resolves
@@ -102,12 +173,29 @@ pub fn read_samples(path: &Path, spec: &DataSpec) -> Result<FileSamples, FileErr
 pub fn load(spec: &DataSpec) -> Result<Dataset, DataError> {
     let paths = list_files(spec)?;
     let mut skipped = Vec::new();
-    let mut good: Vec<(String, TextFile)> = Vec::new();
+    let mut texts = Packed::default();
+    // Per good file: its name, its first text and its labels.
+    let mut good: Vec<(String, usize, RawLabels)> = Vec::new();
     for path in &paths {
         let name = relative_name(&spec.dir, path);
-        match read(path) {
-            Ok(f) => good.push((name, f)),
+        let first = texts.len();
+        let mut labels = LabelCodes::default();
+        let mut budget = Budget::new(spec.max_file_bytes);
+        let read = check_file(path, spec)
+            .map_err(String::from)
+            .and_then(|_| {
+                for_each_line(path, |row, text, label| {
+                    let int = labels.push(label)?;
+                    budget.charge(4 * spec.max_len as u64, int, row)?;
+                    texts.push(text);
+                    Ok(())
+                })
+            })
+            .and_then(|_| finish_labels(std::mem::take(&mut labels)));
+        match read {
+            Ok(l) => good.push((name, first, l)),
             Err(reason) => {
+                texts.truncate(first);
                 tracing::warn!(file = %path.display(), %reason, "skipping data file");
                 skipped.push(SkippedFile {
                     file: name,
@@ -129,14 +217,15 @@ pub fn load(spec: &DataSpec) -> Result<Dataset, DataError> {
     let classes = match (&spec.classes, read_class_file(&spec.dir)?) {
         (Some(c), _) => c.clone(),
         (None, Some(c)) => c,
-        (None, None) => infer_classes(good.iter().map(|(_, f)| &f.labels)),
+        (None, None) => infer_classes(good.iter().map(|(_, _, l)| l)),
     };
-    let mut texts: Vec<String> = Vec::new();
+    // Samples kept, as ranges of `texts`.
+    let mut kept: Vec<(usize, usize)> = Vec::new();
     let mut labels = Vec::new();
     let mut origins = Vec::new();
     let mut files = Vec::new();
-    for (name, f) in good {
-        let resolved = match resolve_labels(&f.labels, &classes) {
+    for (name, first, raw) in good {
+        let resolved = match resolve_labels(&raw, &classes) {
             Ok(l) => l,
             Err(reason) => {
                 tracing::warn!(file = %name, %reason, "skipping data file");
@@ -149,38 +238,45 @@ pub fn load(spec: &DataSpec) -> Result<Dataset, DataError> {
         };
         let file_idx = files.len() as u32;
         origins.extend((0..resolved.len() as u32).map(|i| (file_idx, i)));
+        kept.push((first, resolved.len()));
         labels.extend(resolved);
-        texts.extend(f.texts);
         files.push(name);
     }
-    if texts.is_empty() {
+    if labels.is_empty() {
         return Err(DataError::NoData {
             dir: spec.dir.clone(),
             reason: "every file has labels outside the class list".into(),
         });
     }
+    let sample_text: Vec<usize> = kept
+        .iter()
+        .flat_map(|&(first, n)| first..first + n)
+        .collect();
     let vocab = match (&spec.vocab, &spec.vocab_file) {
         (Some(v), _) => v.clone(),
         (None, Some(path)) => Vocab::read(path).map_err(DataError::Vocab)?,
         (None, None) => {
             let split = split_indices(&origins, &files, spec);
             Vocab::build(
-                split.train.iter().map(|&i| texts[i].as_str()),
+                split.train.iter().map(|&i| texts.get(sample_text[i])),
                 spec.tokenizer,
                 spec.max_vocab,
                 spec.min_freq,
             )
         }
     };
-    let mut ids = Vec::with_capacity(texts.len() * spec.max_len);
-    for t in &texts {
+    let mut ids = Vec::with_capacity(sample_text.len() * spec.max_len);
+    for &t in &sample_text {
         ids.extend(
             vocab
-                .encode(t, spec.tokenizer, spec.max_len)
+                .encode(texts.get(t), spec.tokenizer, spec.max_len)
                 .into_iter()
                 .map(|i| i as f32),
         );
     }
+    drop(texts);
+    drop(sample_text);
+    release_memory();
     skipped.sort_by(|a, b| a.file.cmp(&b.file));
     Ok(Dataset {
         features: Features::F32(ids),
