@@ -3,8 +3,9 @@
 
 use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
+use crate::trials::{test, Test};
+use crate::paths::BIN;
 
-#[test]
 fn world_readable_password_file_stops_the_daemon_at_start() {
     let dir = tempfile::tempdir().unwrap();
     let pw = dir.path().join("password");
@@ -22,7 +23,7 @@ fn world_readable_password_file_stops_the_daemon_at_start() {
     )
     .unwrap();
     let run = || {
-        Command::new(env!("CARGO_BIN_EXE_edge-trainer"))
+        Command::new(BIN)
             .args(["run", "--config"])
             .arg(&cfg)
             .env_remove("NOTIFY_SOCKET")
@@ -38,4 +39,11 @@ fn world_readable_password_file_stops_the_daemon_at_start() {
     );
     // Nothing was created: it stopped before touching the folders.
     assert!(!dir.path().join("out").exists());
+}
+
+/// This module's tests.
+pub fn tests() -> Vec<Test> {
+    vec![
+        test!(world_readable_password_file_stops_the_daemon_at_start),
+    ]
 }

@@ -6,12 +6,10 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use crate::trials::{test, Test};
+use crate::paths::{root, BIN};
+use crate::helpers::{text, read_json};
 
-const BIN: &str = env!("CARGO_BIN_EXE_edge-trainer");
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
 
 fn run(args: &[&str]) -> Output {
     Command::new(BIN)
@@ -20,10 +18,6 @@ fn run(args: &[&str]) -> Output {
         .env_remove("RUST_LOG")
         .output()
         .expect("start edge-trainer")
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
 }
 
 /// Trains the demo into `out` with extra `--set` overrides; returns the output and run folder.
@@ -38,11 +32,6 @@ fn train_demo(out: &Path, extra: &[&str]) -> (Output, PathBuf) {
     let stdout = text(&o.stdout);
     let last = stdout.lines().last().unwrap_or_default().trim().to_string();
     (o, root().join(last))
-}
-
-fn read_json(p: &Path) -> Value {
-    serde_json::from_slice(&std::fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display())))
-        .unwrap()
 }
 
 fn metrics_lines(run_dir: &Path) -> Vec<Value> {
@@ -67,7 +56,6 @@ fn comparable(lines: &[Value]) -> Vec<Value> {
         .collect()
 }
 
-#[test]
 fn demo_trains_reproducibly_and_eval_agrees() {
     let tmp = tempfile::tempdir().unwrap();
     let (o, run_dir) = train_demo(tmp.path(), &[]);
@@ -206,7 +194,6 @@ fn demo_trains_reproducibly_and_eval_agrees() {
     );
 }
 
-#[test]
 fn typo_in_config_key_exits_2_naming_the_key() {
     let tmp = tempfile::tempdir().unwrap();
     let cfg = tmp.path().join("bad.toml");
@@ -252,7 +239,6 @@ fn typo_in_config_key_exits_2_naming_the_key() {
     assert!(text(&o.stderr).contains("no/such.toml"));
 }
 
-#[test]
 fn check_config_prints_layered_values() {
     let o = Command::new(BIN)
         .args([
@@ -287,7 +273,6 @@ fn copy_digits(dst: &Path) {
     }
 }
 
-#[test]
 fn corrupt_data_file_is_skipped_and_named() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
@@ -322,7 +307,6 @@ fn corrupt_data_file_is_skipped_and_named() {
     assert!(summary["test"]["accuracy"].as_f64().unwrap() >= 0.95);
 }
 
-#[test]
 fn no_valid_data_fails_with_exit_1() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
@@ -338,7 +322,6 @@ fn no_valid_data_fails_with_exit_1() {
     );
 }
 
-#[test]
 fn diverging_run_fails_with_a_clear_reason() {
     let tmp = tempfile::tempdir().unwrap();
     let (o, run_dir) = train_demo(
@@ -356,7 +339,6 @@ fn diverging_run_fails_with_a_clear_reason() {
     assert_eq!(summary["outcome"], "failed");
 }
 
-#[test]
 fn sigint_cancels_after_the_batch_and_keeps_the_best_checkpoint() {
     let tmp = tempfile::tempdir().unwrap();
     let out_set = format!("output.dir={}", tmp.path().display());
@@ -432,7 +414,6 @@ fn sigint_cancels_after_the_batch_and_keeps_the_best_checkpoint() {
     );
 }
 
-#[test]
 fn corrupt_checkpoint_is_refused_by_eval() {
     let tmp = tempfile::tempdir().unwrap();
     let ck = tmp.path().join("best.safetensors");
@@ -450,4 +431,18 @@ fn corrupt_checkpoint_is_refused_by_eval() {
         err.contains("best.safetensors") && err.contains("not a valid safetensors"),
         "{err}"
     );
+}
+
+/// This module's tests.
+pub fn tests() -> Vec<Test> {
+    vec![
+        test!(demo_trains_reproducibly_and_eval_agrees),
+        test!(typo_in_config_key_exits_2_naming_the_key),
+        test!(check_config_prints_layered_values),
+        test!(corrupt_data_file_is_skipped_and_named),
+        test!(no_valid_data_fails_with_exit_1),
+        test!(diverging_run_fails_with_a_clear_reason),
+        test!(sigint_cancels_after_the_batch_and_keeps_the_best_checkpoint),
+        test!(corrupt_checkpoint_is_refused_by_eval),
+    ]
 }

@@ -7,12 +7,10 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use crate::trials::{test, Test};
+use crate::paths::{root, BIN};
+use crate::helpers::read_json;
 
-const BIN: &str = env!("CARGO_BIN_EXE_edge-trainer");
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
 
 /// A run long enough to be interrupted: no early stop, frequent evaluations, dropout on.
 fn args(out: &Path) -> Vec<String> {
@@ -54,7 +52,7 @@ fn metrics(run_dir: &Path) -> Vec<Value> {
 }
 
 fn summary(run_dir: &Path) -> Value {
-    serde_json::from_slice(&std::fs::read(run_dir.join("summary.json")).unwrap()).unwrap()
+    read_json(&run_dir.join("summary.json"))
 }
 
 fn only_run(runs: &Path) -> Option<PathBuf> {
@@ -154,7 +152,6 @@ fn assert_same(dir: &Path, reference: &(Vec<Value>, Value)) {
     assert_eq!(s["steps"], reference.1["steps"]);
 }
 
-#[test]
 fn sigkill_then_resume_matches_an_uninterrupted_run() {
     let reference = reference();
     for lines in [3, 11] {
@@ -164,7 +161,6 @@ fn sigkill_then_resume_matches_an_uninterrupted_run() {
     }
 }
 
-#[test]
 fn sigint_then_resume_matches_an_uninterrupted_run() {
     let reference = reference();
     let tmp = tempfile::tempdir().unwrap();
@@ -172,7 +168,6 @@ fn sigint_then_resume_matches_an_uninterrupted_run() {
     assert_same(&dir, &reference);
 }
 
-#[test]
 fn resume_with_a_different_config_is_refused() {
     let tmp = tempfile::tempdir().unwrap();
     let runs = tmp.path().join("runs");
@@ -219,4 +214,13 @@ fn resume_with_a_different_config_is_refused() {
     assert!(err.contains("[train] settings differ"), "{err}");
     // The resume state is left for a retry with the right config.
     assert!(dir2.join("resume.safetensors").is_file());
+}
+
+/// This module's tests.
+pub fn tests() -> Vec<Test> {
+    vec![
+        test!(sigkill_then_resume_matches_an_uninterrupted_run),
+        test!(sigint_then_resume_matches_an_uninterrupted_run),
+        test!(resume_with_a_different_config_is_refused),
+    ]
 }

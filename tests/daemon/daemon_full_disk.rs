@@ -4,32 +4,15 @@
 //! run fails with `run_failed` naming the error, `current.safetensors` stays
 //! byte-identical, and the daemon goes on answering commands.
 
-mod common;
-
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
-use common::*;
+use crate::helpers::*;
+use crate::paths::BIN;
+use crate::trials::{test, Test, UNSHARE};
 
-fn can_unshare() -> bool {
-    Command::new("unshare")
-        .args(["-rm", "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /tmp"])
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false)
-}
-
-#[test]
 fn enospc_in_the_daemon_fails_the_run_keeps_the_model_and_serves_commands() {
-    if !can_unshare() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI must be able to run `unshare -rm` to mount a tmpfs"
-        );
-        eprintln!("skipping: `unshare -rm` with a tmpfs mount is not permitted here");
-        return;
-    }
-    let Some(bin) = mosquitto() else { return };
+    // Needs `unshare -rm` with a tmpfs mount: see `tests()`.
     let port = free_port();
     // A model of ~80 KB: its resume state (model, two Adam moments, best) is ~320 KB.
     let env = Env::new(
@@ -37,7 +20,7 @@ fn enospc_in_the_daemon_fails_the_run_keeps_the_model_and_serves_commands() {
         "[model]\nhidden = [256]\n[retrain]\nwarm_start = \"current\"\n",
         &[],
     );
-    let _broker = Mosquitto::start(&bin, &env.dir.path().join("broker"), port);
+    let _broker = Broker::start(&env.dir.path().join("broker"), port);
     let mut dash = Dashboard::connect(port, &env.base_topic(), None);
 
     // A model in service, made beforehand by a foreground run.
@@ -167,4 +150,11 @@ exec "{bin}" run --config "{cfg}""#,
     daemon.sigterm();
     assert!(daemon.wait_exit(SHORT).is_some_and(|s| s.success()));
     println!("daemon_full_disk: run_failed with \"{reason}\"; current.safetensors unchanged; commands still served");
+}
+
+/// This module's tests.
+pub fn tests() -> Vec<Test> {
+    vec![
+        test!(enospc_in_the_daemon_fails_the_run_keeps_the_model_and_serves_commands).needs(UNSHARE),
+    ]
 }

@@ -4,12 +4,11 @@
 //! daemon speaks systemd's notify protocol: `READY=1`, `STATUS=` lines and
 //! `WATCHDOG=1` pings at half of `WATCHDOG_USEC`.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::helpers::*;
 use edge_trainer::engine::checkpoint;
+use crate::trials::{test, Test};
 
 const SLOW: &str = r#"
 [model]
@@ -23,7 +22,6 @@ enabled = false
 kind = "none"
 "#;
 
-#[test]
 fn sigterm_mid_run_cancels_publishes_offline_and_exits_zero() {
     let sock_dir = tempfile::tempdir().unwrap();
     let mut notify = NotifySocket::bind(sock_dir.path());
@@ -31,9 +29,7 @@ fn sigterm_mid_run_cancels_publishes_offline_and_exits_zero() {
         ("NOTIFY_SOCKET", notify.path.display().to_string()),
         ("WATCHDOG_USEC", "1000000".to_string()),
     ];
-    let Some(mut h) = Harness::start_with(SLOW, &[], &vars, None) else {
-        return;
-    };
+    let mut h = Harness::start_with(SLOW, &[], &vars, None);
     assert!(
         notify.wait(SHORT, |l| l == "READY=1"),
         "READY=1: {:?}",
@@ -95,4 +91,11 @@ fn sigterm_mid_run_cancels_publishes_offline_and_exits_zero() {
     let ready = notify.lines.iter().position(|l| l == "READY=1").unwrap();
     let stopping = notify.lines.iter().position(|l| l == "STOPPING=1").unwrap();
     assert!(ready < stopping);
+}
+
+/// This module's tests.
+pub fn tests() -> Vec<Test> {
+    vec![
+        test!(sigterm_mid_run_cancels_publishes_offline_and_exits_zero),
+    ]
 }

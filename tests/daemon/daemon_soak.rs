@@ -6,13 +6,12 @@
 //! and page-cache noise on a busy machine).
 //!
 //! CI runs 50 runs; the long form: `EDGE_TRAINER_SOAK_RUNS=300 cargo test
-//! --release --test daemon_soak -- --nocapture`.
-
-mod common;
+//! --release --test daemon daemon_soak -- --nocapture`.
 
 use std::time::Instant;
 
-use common::*;
+use crate::helpers::*;
+use crate::trials::{test, Test};
 
 const SOAK: &str = r#"
 [model]
@@ -40,16 +39,13 @@ fn open_fds(pid: u32) -> usize {
         .count()
 }
 
-#[test]
 fn many_runs_with_data_and_commands_keep_memory_and_fds_flat() {
     let runs: usize = std::env::var("EDGE_TRAINER_SOAK_RUNS")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(50);
     let warm_up = (runs / 8).clamp(3, 20);
-    let Some(mut h) = Harness::start(SOAK, &["digits-3.safetensors"]) else {
-        return;
-    };
+    let mut h = Harness::start(SOAK, &["digits-3.safetensors"]);
     let pid = h.daemon.child.id();
     let extra = std::fs::read(root().join("examples/digits/digits-3.safetensors")).unwrap();
     let events = h.dash.topic("events");
@@ -141,4 +137,11 @@ fn many_runs_with_data_and_commands_keep_memory_and_fds_flat() {
     );
     h.daemon.sigterm();
     assert!(h.daemon.wait_exit(LONG).is_some_and(|s| s.success()));
+}
+
+/// This module's tests.
+pub fn tests() -> Vec<Test> {
+    vec![
+        test!(many_runs_with_data_and_commands_keep_memory_and_fds_flat),
+    ]
 }

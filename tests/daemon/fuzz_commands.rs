@@ -6,7 +6,7 @@
 //!
 //! CI runs a short pass (proptest's default 256 cases per property, about 1,500
 //! parser executions in all, printed). A longer run:
-//! `PROPTEST_CASES=50000 cargo test --release --test fuzz_commands -- --nocapture`.
+//! `PROPTEST_CASES=50000 cargo test --release --test daemon fuzz_commands -- --nocapture`.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -16,6 +16,7 @@ use edge_trainer::config::{Override, Settings};
 use edge_trainer::daemon::commands::{self, Command, ConfigBase, Rejection, MAX_COMMAND_BYTES};
 use proptest::prelude::*;
 use serde_json::{json, Map, Value};
+use crate::trials::{test, Test};
 
 static EXECUTIONS: AtomicUsize = AtomicUsize::new(0);
 
@@ -193,7 +194,6 @@ where
 }
 
 /// All properties in one test, so the number of executions can be reported.
-#[test]
 fn command_parser_properties() {
     run(
         "arbitrary bytes",
@@ -277,7 +277,6 @@ fn command_parser_properties() {
     );
 }
 
-#[test]
 fn every_path_like_key_is_named_in_its_rejection() {
     for key in PATH_LIKE {
         let payload = json!({"overrides": {*key: "/tmp/elsewhere"}});
@@ -300,10 +299,18 @@ fn every_path_like_key_is_named_in_its_rejection() {
     assert!(matches!(ok, Ok(Command::Train { .. })), "{ok:?}");
 }
 
-#[test]
 fn oversized_payload_is_refused_before_parsing() {
     // Not JSON at all: the size check comes first, so the reason is the size.
     let big = vec![b'{'; MAX_COMMAND_BYTES + 1];
     let rej = commands::parse("train", &big, false, validate).unwrap_err();
     assert!(rej.reason.contains("exceeds the limit"), "{}", rej.reason);
+}
+
+/// This module's tests.
+pub fn tests() -> Vec<Test> {
+    vec![
+        test!(command_parser_properties),
+        test!(every_path_like_key_is_named_in_its_rejection),
+        test!(oversized_payload_is_refused_before_parsing),
+    ]
 }

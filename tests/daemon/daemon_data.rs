@@ -2,13 +2,12 @@
 //! ones are announced and counted, bad ones quarantined in `rejected/` with a
 //! `.reason` file; `retrain.min_new_samples` new samples start a run by itself.
 
-mod common;
-
 use std::path::Path;
 
-use common::*;
+use crate::helpers::*;
 use safetensors::tensor::TensorView;
 use safetensors::Dtype;
+use crate::trials::{test, Test};
 
 /// A digits-like shard: `n` samples of `side`×`side` u8 pixels with `label` for all.
 fn shard(path: &Path, n: usize, side: usize, label: i64) {
@@ -29,15 +28,12 @@ fn shard(path: &Path, n: usize, side: usize, label: i64) {
     std::fs::write(path, safetensors::tensor::serialize(views, None).unwrap()).unwrap();
 }
 
-#[test]
 fn new_files_are_validated_quarantined_and_trigger_a_run() {
     // digits-3 (449 samples) is held back and dropped in later as new data.
-    let Some(mut h) = Harness::start(
+    let mut h = Harness::start(
         "[retrain]\nmin_new_samples = 400\n",
         &["digits-3.safetensors"],
-    ) else {
-        return;
-    };
+    );
     let data = h.env.data.clone();
     let events = h.dash.topic("events");
 
@@ -109,14 +105,11 @@ fn new_files_are_validated_quarantined_and_trigger_a_run() {
     h.wait_event("model_promoted", Some(&run_id), LONG);
 }
 
-#[test]
 fn a_file_still_being_written_is_not_taken_early() {
-    let Some(mut h) = Harness::start(
+    let mut h = Harness::start(
         "[retrain]\nfile_settle_s = 3.0\n",
         &["digits-3.safetensors"],
-    ) else {
-        return;
-    };
+    );
     let full = std::fs::read(root().join("examples/digits/digits-3.safetensors")).unwrap();
     let path = h.env.data.join("slow.safetensors");
     // Half now, the rest 0.3 s later: well inside the settle time.
@@ -128,12 +121,8 @@ fn a_file_still_being_written_is_not_taken_early() {
     assert_eq!(m.json["samples"], 449);
 }
 
-#[test]
 fn files_that_arrive_while_the_daemon_is_down_are_new_after_a_restart() {
-    let Some(mut h) = Harness::start("[retrain]\non_start = true\n", &["digits-3.safetensors"])
-    else {
-        return;
-    };
+    let mut h = Harness::start("[retrain]\non_start = true\n", &["digits-3.safetensors"]);
     h.wait_event("model_promoted", None, LONG);
     h.daemon.sigterm();
     assert!(h.daemon.wait_exit(SHORT).is_some_and(|s| s.success()));
@@ -158,4 +147,13 @@ fn files_that_arrive_while_the_daemon_is_down_are_new_after_a_restart() {
             .count(),
         1
     );
+}
+
+/// This module's tests.
+pub fn tests() -> Vec<Test> {
+    vec![
+        test!(new_files_are_validated_quarantined_and_trigger_a_run),
+        test!(a_file_still_being_written_is_not_taken_early),
+        test!(files_that_arrive_while_the_daemon_is_down_are_new_after_a_restart),
+    ]
 }

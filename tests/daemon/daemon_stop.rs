@@ -1,12 +1,11 @@
 //! `cmd/stop` mid-run: the run is cancelled within a few batches, its best
 //! checkpoint stays intact, nothing is promoted, and the daemon goes back to idle.
 
-mod common;
-
 use std::time::Instant;
 
-use common::*;
+use crate::helpers::*;
 use edge_trainer::engine::checkpoint;
+use crate::trials::{test, Test};
 
 /// Slow enough batches (a wide MLP) and an evaluation after every step.
 pub const SLOW: &str = r#"
@@ -21,11 +20,8 @@ enabled = false
 kind = "none"
 "#;
 
-#[test]
 fn cmd_stop_cancels_within_a_few_batches_and_keeps_the_best_checkpoint() {
-    let Some(mut h) = Harness::start(SLOW, &[]) else {
-        return;
-    };
+    let mut h = Harness::start(SLOW, &[]);
     let run_id = h.train("long", r#"{"request_id": "long"}"#);
     let metrics = h.dash.topic("metrics");
     let (i3, _) = h.wait("three evaluations", LONG, |m| {
@@ -91,4 +87,11 @@ fn cmd_stop_cancels_within_a_few_batches_and_keeps_the_best_checkpoint() {
         .seen
         .iter()
         .all(|m| m.event() != "model_promoted" && m.event() != "model_kept"));
+}
+
+/// This module's tests.
+pub fn tests() -> Vec<Test> {
+    vec![
+        test!(cmd_stop_cancels_within_a_few_batches_and_keeps_the_best_checkpoint),
+    ]
 }

@@ -6,31 +6,11 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-const BIN: &str = env!("CARGO_BIN_EXE_edge-trainer");
+use crate::paths::{root, BIN};
+use crate::trials::{test, Test, UNSHARE};
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-/// Whether this machine lets us mount a tmpfs in a private namespace.
-fn can_unshare() -> bool {
-    Command::new("unshare")
-        .args(["-rm", "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /tmp"])
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false)
-}
-
-#[test]
 fn enospc_fails_the_run_and_keeps_earlier_files() {
-    if !can_unshare() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI must be able to run `unshare -rm` to mount a tmpfs"
-        );
-        eprintln!("skipping: `unshare -rm` with a tmpfs mount is not permitted here");
-        return;
-    }
+    // Needs `unshare -rm` with a tmpfs mount: see `tests()`.
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("out");
     std::fs::create_dir_all(&out).unwrap();
@@ -70,4 +50,11 @@ ls -a "$run"
     assert!(stdout.contains("\"accuracy\""), "{all}");
     // No temporary file is left behind.
     assert!(!stdout.contains(".tmp-"), "{all}");
+}
+
+/// This module's tests.
+pub fn tests() -> Vec<Test> {
+    vec![
+        test!(enospc_fails_the_run_and_keeps_earlier_files).needs(UNSHARE),
+    ]
 }

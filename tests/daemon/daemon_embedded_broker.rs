@@ -1,13 +1,11 @@
 //! `mqtt.embedded_broker = true`: the daemon hosts its own broker, which an
 //! outside client (a dashboard, `mosquitto_sub`) can use. Needs no Mosquitto.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::helpers::*;
+use crate::trials::{test, Test};
 
-#[test]
 fn embedded_broker_serves_external_clients() {
     let port = free_port();
     let env = Env::new(port, "[mqtt]\nembedded_broker = true\n", &[]);
@@ -47,4 +45,11 @@ fn embedded_broker_serves_external_clients() {
     daemon.sigterm();
     let code = daemon.wait_exit(Duration::from_secs(30)).map(|s| s.code());
     assert_eq!(code, Some(Some(0)), "{}", daemon.log_text());
+}
+
+/// This module's tests.
+pub fn tests() -> Vec<Test> {
+    vec![
+        test!(embedded_broker_serves_external_clients),
+    ]
 }

@@ -3,9 +3,9 @@
 //! None may panic; each answers with an error that says what is wrong.
 //!
 //! CI runs a short pass (proptest's default 256 cases per property). A longer
-//! run: `PROPTEST_CASES=20000 cargo test --test fuzz_inputs`.
+//! run: `PROPTEST_CASES=20000 cargo test --test engine fuzz_inputs`.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use candle_core::Device;
 use edge_trainer::config;
@@ -14,9 +14,7 @@ use edge_trainer::engine::data::{read_file, DataFormat, DataSpec};
 use edge_trainer::engine::resume;
 use proptest::prelude::*;
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
+use crate::paths::{root, BIN};
 
 fn sample(rel: &str) -> Vec<u8> {
     std::fs::read(root().join(rel)).unwrap()
@@ -27,7 +25,7 @@ fn checkpoint_bytes() -> &'static [u8] {
     static BYTES: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
     BYTES.get_or_init(|| {
         let dir = tempfile::tempdir().unwrap();
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_edge-trainer"))
+        let out = std::process::Command::new(BIN)
             .args([
                 "train",
                 "--config",

@@ -1,14 +1,13 @@
 //! Figures for the documentation, not a pass/fail test (ignored by default):
 //! idle RSS and CPU of the daemon over a minute, and the time from `cmd/train`
 //! to the first `metrics` message on the demo data. Run with
-//!   cargo test --release --test daemon_measure -- --ignored --nocapture
+//!   cargo test --release --test daemon daemon_measure -- --ignored --nocapture
 //! (`EDGE_TRAINER_IDLE_S` shortens the idle minute).
-
-mod common;
 
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::helpers::*;
+use crate::trials::{test, Test};
 
 fn proc_stat(pid: u32) -> (u64, u64) {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
@@ -51,8 +50,6 @@ fn idle(pid: u32, label: &str, secs: u64) {
     );
 }
 
-#[test]
-#[ignore]
 fn measure_idle_resources_and_train_to_metrics_latency() {
     let secs: u64 = std::env::var("EDGE_TRAINER_IDLE_S")
         .ok()
@@ -75,9 +72,7 @@ rescan_s = 30.0
 [mqtt]
 keep_alive_s = 30
 "#;
-    let Some(mut h) = Harness::start(demo, &[]) else {
-        return;
-    };
+    let mut h = Harness::start(demo, &[]);
     let pid = h.daemon.child.id();
     std::thread::sleep(Duration::from_secs(3));
     idle(pid, "before any run", secs);
@@ -110,4 +105,11 @@ keep_alive_s = 30
     );
     std::thread::sleep(Duration::from_secs(3));
     idle(pid, "after 5 runs", secs);
+}
+
+/// This module's tests.
+pub fn tests() -> Vec<Test> {
+    vec![
+        test!(measure_idle_resources_and_train_to_metrics_latency).ignored(),
+    ]
 }

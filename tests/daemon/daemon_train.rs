@@ -2,16 +2,12 @@
 //! files on disk; promotion of a better model and keeping the current one when a
 //! candidate is worse; train requests during a run coalescing into one.
 
-mod common;
-
-use common::*;
+use crate::helpers::*;
 use serde_json::Value;
+use crate::trials::{test, Test};
 
-#[test]
 fn cmd_train_reports_every_evaluation_and_promotes() {
-    let Some(mut h) = Harness::start("", &[]) else {
-        return;
-    };
+    let mut h = Harness::start("", &[]);
     let (_, first) = h.wait("status", SHORT, |m| m.topic.ends_with("/status"));
     assert_eq!(first.json["state"], "idle");
     assert_eq!(first.json["version"], env!("CARGO_PKG_VERSION"));
@@ -113,11 +109,8 @@ fn cmd_train_reports_every_evaluation_and_promotes() {
     assert_eq!(promoted.json["metric"], "accuracy");
 }
 
-#[test]
 fn worse_candidate_is_kept_and_current_stays_byte_identical() {
-    let Some(mut h) = Harness::start("[retrain]\non_start = true\n", &[]) else {
-        return;
-    };
+    let mut h = Harness::start("[retrain]\non_start = true\n", &[]);
     let (_, first) = h.wait_event("model_promoted", None, LONG);
     let first_run = first.run_id().to_string();
     let status_topic = h.dash.topic("status");
@@ -172,11 +165,8 @@ fn worse_candidate_is_kept_and_current_stays_byte_identical() {
     );
 }
 
-#[test]
 fn train_requests_during_a_run_are_queued_and_coalesce() {
-    let Some(mut h) = Harness::start("[model]\nhidden = [256, 256]\n", &[]) else {
-        return;
-    };
+    let mut h = Harness::start("[model]\nhidden = [256, 256]\n", &[]);
     let long = r#""overrides": {"train.max_epochs": 400, "train.early_stopping.enabled": false}"#;
     let first = h.train("a", &format!(r#"{{"request_id": "a", {long}}}"#));
     h.dash.send(
@@ -220,4 +210,13 @@ fn train_requests_during_a_run_are_queued_and_coalesce() {
         .filter(|m| m.event() == "run_started")
         .count();
     assert_eq!(started, 2, "three requests, two runs");
+}
+
+/// This module's tests.
+pub fn tests() -> Vec<Test> {
+    vec![
+        test!(cmd_train_reports_every_evaluation_and_promotes),
+        test!(worse_candidate_is_kept_and_current_stays_byte_identical),
+        test!(train_requests_during_a_run_are_queued_and_coalesce),
+    ]
 }

@@ -2,11 +2,13 @@
 //! real engine and reports each (no timing assertions: CI machines vary).
 
 use std::process::Command;
+use crate::trials::{test, Test};
+use crate::paths::BIN;
 
 const MODELS: [&str; 4] = ["mlp-digits", "mlp-wide", "cnn", "textcnn"];
 
 fn bench(extra: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_edge-trainer"))
+    Command::new(BIN)
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .args(["bench", "--smoke"])
         .args(extra)
@@ -14,7 +16,6 @@ fn bench(extra: &[&str]) -> std::process::Output {
         .expect("run edge-trainer bench")
 }
 
-#[test]
 fn smoke_prints_every_model() {
     let out = bench(&[]);
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -32,7 +33,6 @@ fn smoke_prints_every_model() {
     assert!(stdout.contains("samples/s"), "{stdout}");
 }
 
-#[test]
 fn smoke_json_reports_every_model() {
     let out = bench(&["--json", "--models", "mlp-digits,cnn"]);
     assert!(
@@ -52,7 +52,6 @@ fn smoke_json_reports_every_model() {
     }
 }
 
-#[test]
 fn export_writes_data_weights_and_settings() {
     let dir = tempfile::tempdir().unwrap();
     let out = bench(&["--models", "cnn", "--export", dir.path().to_str().unwrap()]);
@@ -73,4 +72,13 @@ fn export_writes_data_weights_and_settings() {
     assert_eq!(tensors["order"].dims(), &[3 * 64]);
     assert_eq!(tensors["param.fc.0.weight"].dims(), &[128, 4096]);
     assert_eq!(tensors["x"].dims()[1..], [3, 32, 32]);
+}
+
+/// This module's tests.
+pub fn tests() -> Vec<Test> {
+    vec![
+        test!(smoke_prints_every_model),
+        test!(smoke_json_reports_every_model),
+        test!(export_writes_data_weights_and_settings),
+    ]
 }

@@ -13,16 +13,10 @@ use std::process::{Command, Output};
 use candle_core::{Device, Tensor};
 use edge_trainer::engine::checkpoint;
 use serde_json::Value;
+use crate::trials::{test, Test};
+use crate::paths::{root, BIN};
+use crate::helpers::{text, read_json};
 
-const BIN: &str = env!("CARGO_BIN_EXE_edge-trainer");
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
 
 /// `edge-trainer train --config CONFIG --set output.dir=OUT --set EXTRA...`.
 fn train(config: &Path, out: &Path, extra: &[&str]) -> (Output, Option<PathBuf>) {
@@ -46,9 +40,7 @@ fn train(config: &Path, out: &Path, extra: &[&str]) -> (Output, Option<PathBuf>)
 }
 
 fn summary(run_dir: &Path) -> Value {
-    let p = run_dir.join("summary.json");
-    serde_json::from_slice(&std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display())))
-        .unwrap()
+    read_json(&run_dir.join("summary.json"))
 }
 
 fn check_run(o: &Output, dir: &Option<PathBuf>, what: &str) -> (PathBuf, Value) {
@@ -104,7 +96,6 @@ fn values(t: &Tensor) -> Vec<u32> {
 }
 
 /// Image folder of PNG digits, `cnn` from scratch: stated accuracy 0.90.
-#[test]
 fn image_folder_cnn_learns_digits() {
     let out = tempfile::tempdir().unwrap();
     let cfg = root().join("configs/digits-png.toml");
@@ -129,7 +120,6 @@ fn image_folder_cnn_learns_digits() {
 }
 
 /// Safetensors signals `[N, 3, 64]`, `cnn1d`: stated accuracy 0.90.
-#[test]
 fn safetensors_signals_cnn1d() {
     let out = tempfile::tempdir().unwrap();
     let (o, dir) = train(&root().join("configs/signals.toml"), out.path(), &[]);
@@ -144,7 +134,6 @@ fn safetensors_signals_cnn1d() {
 }
 
 /// CSV rows of 48 values (one channel), `cnn1d` over `[L]`: stated accuracy 0.90.
-#[test]
 fn csv_signals_cnn1d() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
@@ -206,7 +195,6 @@ fn csv_signals_cnn1d() {
 
 /// THUCNews-style Chinese headlines, the seed's TextCNN (smaller embedding and
 /// filter count than the seed's 300/256 to keep CI fast): stated accuracy 0.85.
-#[test]
 fn text_tsv_textcnn_with_vocabulary_in_the_checkpoint() {
     let out = tempfile::tempdir().unwrap();
     let cfg = root().join("configs/news-zh.toml");
@@ -279,7 +267,6 @@ fn mapped_init(path: &Path) -> HashMap<String, Tensor> {
 
 /// A PyTorch-made cnn for 5 classes, fine-tuned on 10: features frozen
 /// (bit-identical afterwards, batch-norm statistics included), head re-initialised.
-#[test]
 fn finetune_pytorch_model_with_frozen_features() {
     let out = tempfile::tempdir().unwrap();
     let cfg = root().join("configs/finetune-digits.toml");
@@ -315,7 +302,6 @@ fn finetune_pytorch_model_with_frozen_features() {
 
 /// Without `reinit` the head does not fit: one error lists every problem and
 /// says what to do; a wrong prefix is named as well.
-#[test]
 fn init_mismatch_lists_every_problem() {
     let out = tempfile::tempdir().unwrap();
     let cfg = root().join("configs/finetune-digits.toml");
@@ -343,7 +329,6 @@ fn init_mismatch_lists_every_problem() {
 }
 
 /// Bad files are skipped and named; the rest trains.
-#[test]
 fn bad_image_and_text_files_are_skipped_and_named() {
     let dir = tempfile::tempdir().unwrap();
     // Images: two classes copied from the example, plus a corrupt PNG and a stray file.
@@ -416,4 +401,17 @@ fn bad_image_and_text_files_are_skipped_and_named() {
         .as_str()
         .unwrap()
         .contains("line 1: no TAB"));
+}
+
+/// This module's tests.
+pub fn tests() -> Vec<Test> {
+    vec![
+        test!(image_folder_cnn_learns_digits),
+        test!(safetensors_signals_cnn1d),
+        test!(csv_signals_cnn1d),
+        test!(text_tsv_textcnn_with_vocabulary_in_the_checkpoint),
+        test!(finetune_pytorch_model_with_frozen_features),
+        test!(init_mismatch_lists_every_problem),
+        test!(bad_image_and_text_files_are_skipped_and_named),
+    ]
 }

@@ -1,15 +1,11 @@
 //! Malformed, unknown, out-of-range and oversized commands are answered with
 //! `command_rejected` (reason + request_id); the daemon goes on answering.
 
-mod common;
+use crate::helpers::*;
+use crate::trials::{test, Test};
 
-use common::*;
-
-#[test]
 fn malformed_commands_are_rejected_and_the_daemon_keeps_answering() {
-    let Some(mut h) = Harness::start("", &[]) else {
-        return;
-    };
+    let mut h = Harness::start("", &[]);
     let events = h.dash.topic("events");
 
     // (command, payload, request_id expected back, words the reason must contain)
@@ -158,4 +154,11 @@ fn malformed_commands_are_rejected_and_the_daemon_keeps_answering() {
         h.daemon.child.try_wait().unwrap().is_none(),
         "the daemon is running"
     );
+}
+
+/// This module's tests.
+pub fn tests() -> Vec<Test> {
+    vec![
+        test!(malformed_commands_are_rejected_and_the_daemon_keeps_answering),
+    ]
 }

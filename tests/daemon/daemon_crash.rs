@@ -9,16 +9,16 @@
 //!
 //! `EDGE_TRAINER_CRASH_KILLS=100` raises the number of kill points (default 22).
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::helpers::*;
 use edge_trainer::engine::{checkpoint, resume};
 use rand::Rng;
+use crate::trials::{test, Test};
+use crate::paths::BIN;
 
 const CRASH: &str = r#"
 [model]
@@ -140,11 +140,8 @@ fn wait_commandable(h: &mut Harness, from: usize) {
     }
 }
 
-#[test]
 fn sigkill_at_random_moments_loses_nothing_and_the_run_finishes() {
-    let Some(mut h) = Harness::start(CRASH, &["digits-3.safetensors"]) else {
-        return;
-    };
+    let mut h = Harness::start(CRASH, &["digits-3.safetensors"]);
     let target: usize = std::env::var("EDGE_TRAINER_CRASH_KILLS")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -273,11 +270,8 @@ fn sigkill_at_random_moments_loses_nothing_and_the_run_finishes() {
 
 /// A run cancelled by a shutdown (SIGTERM) is continued after the restart; a run
 /// stopped with `cmd/stop` is not (its resume state is gone).
-#[test]
 fn sigterm_run_is_resumed_but_cmd_stop_run_is_not() {
-    let Some(mut h) = Harness::start(CRASH, &[]) else {
-        return;
-    };
+    let mut h = Harness::start(CRASH, &[]);
     let events = h.dash.topic("events");
     let run_id = h.train("crash", TRAIN);
     h.wait_event("checkpoint_saved", Some(&run_id), LONG);
@@ -326,4 +320,12 @@ fn sigterm_run_is_resumed_but_cmd_stop_run_is_not() {
             .any(|m| m.event() == "run_resumed" || m.event() == "run_started"),
         "a run stopped with cmd/stop was continued"
     );
+}
+
+/// This module's tests.
+pub fn tests() -> Vec<Test> {
+    vec![
+        test!(sigkill_at_random_moments_loses_nothing_and_the_run_finishes),
+        test!(sigterm_run_is_resumed_but_cmd_stop_run_is_not),
+    ]
 }

@@ -5,15 +5,14 @@
 //! a valid certificate but no rights to publish there cannot command it.
 //! Certificates are made in the test with the `openssl` CLI.
 
-mod common;
-
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::helpers::*;
+use crate::trials::{test, Test};
 use rumqttc::{Client, Event, MqttOptions, Packet, QoS, TlsConfiguration, Transport};
 use serde_json::Value;
 
@@ -28,14 +27,6 @@ fn sh(dir: &Path, script: &str) {
         "{script}\n{}",
         String::from_utf8_lossy(&o.stderr)
     );
-}
-
-fn have(tool: &str) -> bool {
-    Command::new("sh")
-        .args(["-c", &format!("command -v {tool}")])
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
 }
 
 /// A CA, a server certificate for 127.0.0.1 and client certificates.
@@ -154,17 +145,9 @@ impl Tls {
     }
 }
 
-#[test]
 fn tls_client_cert_password_and_acl_against_mosquitto() {
-    let Some(bin) = mosquitto() else { return };
-    if !have("openssl") || !have("mosquitto_passwd") {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI needs openssl and mosquitto_passwd (apt-get install -y openssl mosquitto)"
-        );
-        eprintln!("SKIPPED: openssl or mosquitto_passwd missing");
-        return;
-    }
+    // Needs Mosquitto, mosquitto_passwd and openssl: see `tests()`.
+    let bin = mosquitto().expect("mosquitto");
     let port = free_port();
     let pki = tempfile::tempdir().unwrap();
     let p = pki.path();
@@ -277,4 +260,14 @@ fn tls_client_cert_password_and_acl_against_mosquitto() {
     assert!(daemon.wait_exit(LONG).is_some_and(|s| s.success()));
     let _ = broker.kill();
     let _ = broker.wait();
+}
+
+/// This module's tests.
+pub fn tests() -> Vec<Test> {
+    vec![
+        test!(tls_client_cert_password_and_acl_against_mosquitto)
+            .needs(MOSQUITTO)
+            .needs(MOSQUITTO_PASSWD)
+            .needs(OPENSSL),
+    ]
 }

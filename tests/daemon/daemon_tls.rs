@@ -1,12 +1,11 @@
 //! TLS with a client certificate, plus username and `password_file`, against a
 //! Mosquitto that requires all three; the password never shows in the log.
 
-mod common;
-
 use std::path::Path;
 use std::process::Command;
 
-use common::*;
+use crate::helpers::*;
+use crate::trials::{test, Test};
 use rumqttc::{MqttOptions, TlsConfiguration, Transport};
 
 fn openssl(dir: &Path, args: &[&str]) {
@@ -85,17 +84,9 @@ fn make_pki(dir: &Path) {
     }
 }
 
-#[test]
 fn tls_client_certificate_and_password_file() {
-    let Some(bin) = mosquitto() else { return };
-    if Command::new("openssl").arg("version").output().is_err() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "openssl is needed for the TLS test"
-        );
-        eprintln!("SKIPPED: openssl is not installed");
-        return;
-    }
+    // Needs Mosquitto, mosquitto_passwd and openssl: see `tests()`.
+    let bin = mosquitto().expect("mosquitto");
     let port = free_port();
     let pki = tempfile::tempdir().unwrap();
     let p = pki.path();
@@ -179,4 +170,14 @@ fn tls_client_certificate_and_password_file() {
     assert_eq!(code, Some(Some(0)), "{log}");
     assert!(log.contains("connected to the MQTT broker"), "{log}");
     assert!(!log.contains(secret), "the password must never be logged");
+}
+
+/// This module's tests.
+pub fn tests() -> Vec<Test> {
+    vec![
+        test!(tls_client_certificate_and_password_file)
+            .needs(MOSQUITTO)
+            .needs(MOSQUITTO_PASSWD)
+            .needs(OPENSSL),
+    ]
 }
