@@ -1,9 +1,9 @@
 //! `edge-trainer bench --smoke` runs every model of the comparison through the
 //! real engine and reports each (no timing assertions: CI machines vary).
 
-use std::process::Command;
-use crate::trials::{test, Test};
 use crate::paths::BIN;
+use crate::trials::{test, Test};
+use std::process::Command;
 
 const MODELS: [&str; 4] = ["mlp-digits", "mlp-wide", "cnn", "textcnn"];
 

@@ -5,11 +5,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
-use crate::trials::{test, Test};
+use crate::helpers::{read_json, text};
 use crate::paths::{root, BIN};
-use crate::helpers::{text, read_json};
-
+use crate::trials::{test, Test};
+use serde_json::Value;
 
 fn run(args: &[&str]) -> Output {
     Command::new(BIN)

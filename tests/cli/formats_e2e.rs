@@ -10,13 +10,12 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use crate::helpers::{read_json, text};
+use crate::paths::{root, BIN};
+use crate::trials::{test, Test};
 use candle_core::{Device, Tensor};
 use edge_trainer::engine::checkpoint;
 use serde_json::Value;
-use crate::trials::{test, Test};
-use crate::paths::{root, BIN};
-use crate::helpers::{text, read_json};
-
 
 /// `edge-trainer train --config CONFIG --set output.dir=OUT --set EXTRA...`.
 fn train(config: &Path, out: &Path, extra: &[&str]) -> (Output, Option<PathBuf>) {

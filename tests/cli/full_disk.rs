@@ -3,7 +3,6 @@
 //! with ENOSPC. The run must fail with a reason naming the file and the error,
 //! and leave the files written before intact and loadable.
 
-use std::path::PathBuf;
 use std::process::Command;
 
 use crate::paths::{root, BIN};
@@ -54,7 +53,5 @@ ls -a "$run"
 
 /// This module's tests.
 pub fn tests() -> Vec<Test> {
-    vec![
-        test!(enospc_fails_the_run_and_keeps_earlier_files).needs(UNSHARE),
-    ]
+    vec![test!(enospc_fails_the_run_and_keeps_earlier_files).needs(UNSHARE)]
 }

@@ -6,11 +6,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
-use crate::trials::{test, Test};
-use crate::paths::{root, BIN};
 use crate::helpers::read_json;
-
+use crate::paths::{root, BIN};
+use crate::trials::{test, Test};
+use serde_json::Value;
 
 /// A run long enough to be interrupted: no early stop, frequent evaluations, dropout on.
 fn args(out: &Path) -> Vec<String> {

@@ -28,7 +28,8 @@ fn broker_command_serves_stops_on_sigterm_and_restarts() {
         "`edge-trainer broker` did not exit 0 on SIGTERM: {status:?}"
     );
     assert!(
-        eventually(SHORT, || std::net::TcpStream::connect(("127.0.0.1", port)).is_err()),
+        eventually(SHORT, || std::net::TcpStream::connect(("127.0.0.1", port))
+            .is_err()),
         "the port is still open after the broker stopped"
     );
 

@@ -158,7 +158,7 @@ fn malformed_commands_are_rejected_and_the_daemon_keeps_answering() {
 
 /// This module's tests.
 pub fn tests() -> Vec<Test> {
-    vec![
-        test!(malformed_commands_are_rejected_and_the_daemon_keeps_answering),
-    ]
+    vec![test!(
+        malformed_commands_are_rejected_and_the_daemon_keeps_answering
+    )]
 }

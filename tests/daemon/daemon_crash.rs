@@ -15,10 +15,10 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use crate::helpers::*;
+use crate::paths::{root, BIN};
+use crate::trials::{test, Test};
 use edge_trainer::engine::{checkpoint, resume};
 use rand::Rng;
-use crate::trials::{test, Test};
-use crate::paths::BIN;
 
 const CRASH: &str = r#"
 [model]

@@ -5,9 +5,10 @@
 use std::path::Path;
 
 use crate::helpers::*;
+use crate::paths::root;
+use crate::trials::{test, Test};
 use safetensors::tensor::TensorView;
 use safetensors::Dtype;
-use crate::trials::{test, Test};
 
 /// A digits-like shard: `n` samples of `side`×`side` u8 pixels with `label` for all.
 fn shard(path: &Path, n: usize, side: usize, label: i64) {

@@ -49,7 +49,5 @@ fn embedded_broker_serves_external_clients() {
 
 /// This module's tests.
 pub fn tests() -> Vec<Test> {
-    vec![
-        test!(embedded_broker_serves_external_clients),
-    ]
+    vec![test!(embedded_broker_serves_external_clients)]
 }

@@ -155,6 +155,7 @@ exec "{bin}" run --config "{cfg}""#,
 /// This module's tests.
 pub fn tests() -> Vec<Test> {
     vec![
-        test!(enospc_in_the_daemon_fails_the_run_keeps_the_model_and_serves_commands).needs(UNSHARE),
+        test!(enospc_in_the_daemon_fails_the_run_keeps_the_model_and_serves_commands)
+            .needs(UNSHARE),
     ]
 }

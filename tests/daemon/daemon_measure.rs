@@ -109,7 +109,8 @@ keep_alive_s = 30
 
 /// This module's tests.
 pub fn tests() -> Vec<Test> {
-    vec![
-        test!(measure_idle_resources_and_train_to_metrics_latency).ignored(),
-    ]
+    vec![test!(
+        measure_idle_resources_and_train_to_metrics_latency,
+        ignored
+    )]
 }

@@ -143,7 +143,7 @@ fn embedded_broker_delivers_in_order(dash: &mut Dashboard, env: &Env, daemon: &m
 
 /// This module's tests.
 pub fn tests() -> Vec<Test> {
-    vec![
-        test!(trains_without_a_broker_and_delivers_everything_once_one_appears),
-    ]
+    vec![test!(
+        trains_without_a_broker_and_delivers_everything_once_one_appears
+    )]
 }

@@ -101,7 +101,5 @@ fn broker_outage_mid_run_loses_no_metrics() {
 
 /// This module's tests.
 pub fn tests() -> Vec<Test> {
-    vec![
-        test!(broker_outage_mid_run_loses_no_metrics),
-    ]
+    vec![test!(broker_outage_mid_run_loses_no_metrics)]
 }

@@ -1,10 +1,10 @@
 //! `edge-trainer run` refuses secret files other users can read, before it
 //! connects anywhere: exit 2 and a message naming the key and the fix.
 
+use crate::paths::BIN;
+use crate::trials::{test, Test};
 use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
-use crate::trials::{test, Test};
-use crate::paths::BIN;
 
 fn world_readable_password_file_stops_the_daemon_at_start() {
     let dir = tempfile::tempdir().unwrap();
@@ -43,7 +43,7 @@ fn world_readable_password_file_stops_the_daemon_at_start() {
 
 /// This module's tests.
 pub fn tests() -> Vec<Test> {
-    vec![
-        test!(world_readable_password_file_stops_the_daemon_at_start),
-    ]
+    vec![test!(
+        world_readable_password_file_stops_the_daemon_at_start
+    )]
 }

@@ -7,8 +7,8 @@
 use std::time::Duration;
 
 use crate::helpers::*;
-use edge_trainer::engine::checkpoint;
 use crate::trials::{test, Test};
+use edge_trainer::engine::checkpoint;
 
 const SLOW: &str = r#"
 [model]
@@ -69,7 +69,7 @@ fn sigterm_mid_run_cancels_publishes_offline_and_exits_zero() {
     });
     assert_ts(&off);
     // The retained status a dashboard finds later says offline too.
-    let port = h.broker.as_ref().unwrap().port;
+    let port = h.broker.port;
     let mut late = Dashboard::connect(port, &h.env.base_topic(), None);
     let i = late
         .find_from(0, SHORT, |m| m.topic.ends_with("/status"))
@@ -95,7 +95,7 @@ fn sigterm_mid_run_cancels_publishes_offline_and_exits_zero() {
 
 /// This module's tests.
 pub fn tests() -> Vec<Test> {
-    vec![
-        test!(sigterm_mid_run_cancels_publishes_offline_and_exits_zero),
-    ]
+    vec![test!(
+        sigterm_mid_run_cancels_publishes_offline_and_exits_zero
+    )]
 }

@@ -11,6 +11,7 @@
 use std::time::Instant;
 
 use crate::helpers::*;
+use crate::paths::root;
 use crate::trials::{test, Test};
 
 const SOAK: &str = r#"
@@ -141,7 +142,7 @@ fn many_runs_with_data_and_commands_keep_memory_and_fds_flat() {
 
 /// This module's tests.
 pub fn tests() -> Vec<Test> {
-    vec![
-        test!(many_runs_with_data_and_commands_keep_memory_and_fds_flat),
-    ]
+    vec![test!(
+        many_runs_with_data_and_commands_keep_memory_and_fds_flat
+    )]
 }

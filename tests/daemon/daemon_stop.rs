@@ -4,8 +4,8 @@
 use std::time::Instant;
 
 use crate::helpers::*;
-use edge_trainer::engine::checkpoint;
 use crate::trials::{test, Test};
+use edge_trainer::engine::checkpoint;
 
 /// Slow enough batches (a wide MLP) and an evaluation after every step.
 pub const SLOW: &str = r#"
@@ -91,7 +91,7 @@ fn cmd_stop_cancels_within_a_few_batches_and_keeps_the_best_checkpoint() {
 
 /// This module's tests.
 pub fn tests() -> Vec<Test> {
-    vec![
-        test!(cmd_stop_cancels_within_a_few_batches_and_keeps_the_best_checkpoint),
-    ]
+    vec![test!(
+        cmd_stop_cancels_within_a_few_batches_and_keeps_the_best_checkpoint
+    )]
 }

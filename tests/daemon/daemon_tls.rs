@@ -174,10 +174,8 @@ fn tls_client_certificate_and_password_file() {
 
 /// This module's tests.
 pub fn tests() -> Vec<Test> {
-    vec![
-        test!(tls_client_certificate_and_password_file)
-            .needs(MOSQUITTO)
-            .needs(MOSQUITTO_PASSWD)
-            .needs(OPENSSL),
-    ]
+    vec![test!(tls_client_certificate_and_password_file)
+        .needs(MOSQUITTO)
+        .needs(MOSQUITTO_PASSWD)
+        .needs(OPENSSL)]
 }

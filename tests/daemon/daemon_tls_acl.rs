@@ -264,10 +264,8 @@ fn tls_client_cert_password_and_acl_against_mosquitto() {
 
 /// This module's tests.
 pub fn tests() -> Vec<Test> {
-    vec![
-        test!(tls_client_cert_password_and_acl_against_mosquitto)
-            .needs(MOSQUITTO)
-            .needs(MOSQUITTO_PASSWD)
-            .needs(OPENSSL),
-    ]
+    vec![test!(tls_client_cert_password_and_acl_against_mosquitto)
+        .needs(MOSQUITTO)
+        .needs(MOSQUITTO_PASSWD)
+        .needs(OPENSSL)]
 }

@@ -3,8 +3,8 @@
 //! candidate is worse; train requests during a run coalescing into one.
 
 use crate::helpers::*;
-use serde_json::Value;
 use crate::trials::{test, Test};
+use serde_json::Value;
 
 fn cmd_train_reports_every_evaluation_and_promotes() {
     let mut h = Harness::start("", &[]);
@@ -12,7 +12,7 @@ fn cmd_train_reports_every_evaluation_and_promotes() {
     assert_eq!(first.json["state"], "idle");
     assert_eq!(first.json["version"], env!("CARGO_PKG_VERSION"));
     // A dashboard that comes later gets the status at once: it is retained.
-    let port = h.broker.as_ref().unwrap().port;
+    let port = h.broker.port;
     let mut late = Dashboard::connect(port, &h.env.base_topic(), None);
     let i = late.find_from(0, SHORT, |m| m.topic.ends_with("/status"));
     let late_status = &late.seen[i.expect("retained status for a late subscriber")];

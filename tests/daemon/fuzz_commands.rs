@@ -12,11 +12,11 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;
 
+use crate::trials::{test, Test};
 use edge_trainer::config::{Override, Settings};
 use edge_trainer::daemon::commands::{self, Command, ConfigBase, Rejection, MAX_COMMAND_BYTES};
 use proptest::prelude::*;
 use serde_json::{json, Map, Value};
-use crate::trials::{test, Test};
 
 static EXECUTIONS: AtomicUsize = AtomicUsize::new(0);
 

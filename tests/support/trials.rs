@@ -3,7 +3,8 @@
 //! in the runner's count as *ignored*, with the reason, never as passed. Under
 //! `CI` a missing requirement fails the test instead, loudly.
 //!
-//! Each test module lists its tests with [`test!`]; `main` runs them with [`run`].
+//! Each test module lists its tests with [`test!`] in a `tests()` function;
+//! `main` runs them all with [`run`].
 //! Names are `module::function`, as libtest would print them, so
 //! `cargo test NAME` and `--exact` work as before.
 
@@ -47,8 +48,10 @@ pub struct Test {
 }
 
 impl Test {
-    /// A test named after its module path (the binary's name stripped) and function.
-    pub fn new(module_path: &str, function: &str, run: fn()) -> Self {
+    /// A test named after its module path (the binary's name stripped) and
+    /// function; `ignored`: like `#[ignore]`, run only with `--ignored` or
+    /// `--include-ignored` (the long measurements).
+    pub fn new(module_path: &str, function: &str, run: fn(), ignored: bool) -> Self {
         let module = module_path
             .split_once("::")
             .map_or(module_path, |(_, rest)| rest);
@@ -56,19 +59,13 @@ impl Test {
             name: format!("{module}::{function}"),
             run,
             needs: Vec::new(),
-            ignored: false,
+            ignored,
         }
     }
 
     /// It runs only where `need` is available; elsewhere it is ignored (or fails under `CI`).
     pub fn needs(mut self, need: Need) -> Self {
         self.needs.push(need);
-        self
-    }
-
-    /// Like `#[ignore]`: run only with `--ignored` / `--include-ignored`.
-    pub fn ignored(mut self) -> Self {
-        self.ignored = true;
         self
     }
 
@@ -98,10 +95,14 @@ impl Test {
     }
 }
 
-/// `test!(function)`: a [`Test`] named `module::function`.
+/// `test!(function)`: a [`Test`] named `module::function`;
+/// `test!(function, ignored)`: the same, `#[ignore]`d.
 macro_rules! test {
     ($f:ident) => {
-        $crate::trials::Test::new(module_path!(), stringify!($f), $f)
+        $crate::trials::Test::new(module_path!(), stringify!($f), $f, false)
+    };
+    ($f:ident, ignored) => {
+        $crate::trials::Test::new(module_path!(), stringify!($f), $f, true)
     };
 }
 pub(crate) use test;
@@ -110,10 +111,6 @@ pub(crate) use test;
 /// `--test-threads`, `--list`, ...).
 pub fn run(tests: impl IntoIterator<Item = Vec<Test>>) -> ExitCode {
     let args = Arguments::from_args();
-    let trials = tests
-        .into_iter()
-        .flatten()
-        .map(Test::into_trial)
-        .collect();
+    let trials = tests.into_iter().flatten().map(Test::into_trial).collect();
     libtest_mimic::run(&args, trials).exit_code()
 }

@@ -66,4 +66,3 @@ impl Drop for Daemon {
         let _ = self.child.wait();
     }
 }
-

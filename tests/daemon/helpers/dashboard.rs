@@ -166,4 +166,3 @@ impl Dashboard {
         self.seen.iter().filter(|m| m.topic == t).collect()
     }
 }
-

@@ -117,4 +117,3 @@ dir = {out}
         .unwrap()
     }
 }
-

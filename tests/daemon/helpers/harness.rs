@@ -122,4 +122,3 @@ impl Harness {
         m.run_id().to_string()
     }
 }
-
