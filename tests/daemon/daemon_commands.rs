@@ -125,19 +125,24 @@ fn malformed_commands_are_rejected_and_the_daemon_keeps_answering() {
     h.dash.send_retained("status", r#"{"request_id": "ret"}"#);
 
     // A packet over the client's limit costs the connection, not the daemon.
-    h.dash.send("train", vec![b'{'; 2 * 1024 * 1024]);
-    h.wait("packet-limit rejection", LONG, |m| {
-        m.event() == "command_rejected"
-            && m.json["reason"]
-                .as_str()
-                .unwrap_or("")
-                .contains("packet limit")
-    });
-    h.wait("retained rejection after the reconnect", LONG, |m| {
-        m.event() == "command_rejected"
-            && m.json["request_id"] == "ret"
-            && m.json["reason"].as_str().unwrap_or("").contains("retained")
-    });
+    // Mosquitto only: the embedded broker refuses packets over the same 1 MiB
+    // itself (and drops the sender), so the daemon never sees one and does not
+    // reconnect to be handed the retained command.
+    if h.broker.is_mosquitto() {
+        h.dash.send("train", vec![b'{'; 2 * 1024 * 1024]);
+        h.wait("packet-limit rejection", LONG, |m| {
+            m.event() == "command_rejected"
+                && m.json["reason"]
+                    .as_str()
+                    .unwrap_or("")
+                    .contains("packet limit")
+        });
+        h.wait("retained rejection after the reconnect", LONG, |m| {
+            m.event() == "command_rejected"
+                && m.json["request_id"] == "ret"
+                && m.json["reason"].as_str().unwrap_or("").contains("retained")
+        });
+    }
     h.dash.send_retained("status", "");
 
     // Still alive and answering.

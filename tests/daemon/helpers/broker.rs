@@ -137,10 +137,15 @@ impl Broker {
         }
     }
 
+    /// Whether it is Mosquitto (not the embedded broker).
+    pub fn is_mosquitto(&self) -> bool {
+        matches!(self.kind, Kind::Mosquitto(_))
+    }
+
     /// Whether persistent sessions survive [`Broker::restart`] (Mosquitto's
     /// persistence file; rumqttd keeps sessions in memory only).
     pub fn keeps_sessions(&self) -> bool {
-        matches!(self.kind, Kind::Mosquitto(_))
+        self.is_mosquitto()
     }
 
     fn spawn(&mut self) {
