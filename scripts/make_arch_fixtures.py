@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """PyTorch reference fixtures for edge-trainer's architecture parity test
-(tests/arch_parity.rs), and the check of the reverse direction.
+(tests/engine/arch_parity.rs), and the check of the reverse direction.
 
 Make the fixtures (from the crate root; needs torch, numpy and safetensors):
 
@@ -27,7 +27,7 @@ The twins are the classes in scripts/pytorch_twins.py.
 Check the reverse direction (a checkpoint written by edge-trainer loads into the
 twin with `load_state_dict(strict=True)` and gives the same logits):
 
-    cargo test --test arch_parity           # writes target/tmp/arch-export/*
+    cargo test --test engine arch_parity           # writes target/tmp/arch-export/*
     /path/to/venv/bin/python scripts/make_arch_fixtures.py --verify target/tmp/arch-export
 
 The Rust test trains each model one SGD step, saves it as an edge-trainer
@@ -186,7 +186,7 @@ def verify(export_dir):
     names = sorted(p.name[: -len(".safetensors")] for p in export_dir.glob("*.safetensors")
                    if not p.name.endswith(".logits.safetensors"))
     if not names:
-        sys.exit(f"no exported checkpoints in {export_dir}; run `cargo test --test arch_parity` first")
+        sys.exit(f"no exported checkpoints in {export_dir}; run `cargo test --test engine arch_parity` first")
     for name in names:
         ck = export_dir / f"{name}.safetensors"
         with safe_open(str(ck), "pt") as f:
@@ -207,7 +207,7 @@ def verify(export_dir):
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--verify", metavar="DIR", help="check checkpoints exported by tests/arch_parity.rs")
+    ap.add_argument("--verify", metavar="DIR", help="check checkpoints exported by tests/engine/arch_parity.rs")
     args = ap.parse_args()
     if args.verify:
         verify(args.verify)

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Generate the PyTorch reference fixtures for edge-trainer's optimiser and
-learning-rate-schedule parity tests (tests/optim_parity.rs, tests/plateau_parity.rs).
+learning-rate-schedule parity tests (tests/engine/optim_parity.rs, tests/engine/plateau_parity.rs).
 
 What it makes (all small, meant to be committed):
 

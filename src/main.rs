@@ -104,6 +104,17 @@ enum Command {
     },
     /// Measure training speed, peak memory and start-up on this device (README "Performance").
     Bench(bench::BenchArgs),
+    /// Host the embedded MQTT broker (rumqttd, no TLS, no credentials) in the
+    /// foreground until SIGTERM/SIGINT: for trying the daemon out and for its tests.
+    #[cfg(feature = "embedded-broker")]
+    Broker {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1")]
+        host: String,
+        /// Port to listen on.
+        #[arg(long, default_value_t = 1883)]
+        port: u16,
+    },
     /// Validate the config and print the effective values (secrets masked).
     CheckConfig {
         #[command(flatten)]
@@ -151,6 +162,16 @@ fn main() -> ExitCode {
         Command::CheckConfig { cfg } => check_config(&cfg),
         Command::Bench(args) => bench::main(&args),
         Command::Run { cfg } => run_daemon(&cfg),
+        #[cfg(feature = "embedded-broker")]
+        Command::Broker { host, port } => {
+            match edge_trainer::daemon::broker::serve_until_signal(&host, port) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(EXIT_FAILED)
+                }
+            }
+        }
         Command::Plot { metrics, out } => {
             match edge_trainer::plot::read_metrics(&metrics)
                 .and_then(|m| edge_trainer::plot::plot(&m, &out))

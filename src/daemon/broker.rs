@@ -116,6 +116,22 @@ pub fn start(
     Ok(listen)
 }
 
+/// `edge-trainer broker`: hosts the broker on `host:port` (no credentials) in the
+/// foreground until SIGTERM or SIGINT, then returns (the process exit ends it).
+/// The tests use it as a broker they can stop and restart.
+pub fn serve_until_signal(host: &str, port: u16) -> Result<(), DaemonError> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    // Installed before the broker starts, so that an early signal is not lost.
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])
+        .map_err(|e| DaemonError::Broker(format!("cannot install signal handlers: {e}")))?;
+    let listen = start(host, port, None)?;
+    println!("{}", local_address(listen));
+    if let Some(sig) = signals.forever().next() {
+        tracing::info!(signal = sig, "stopping the broker");
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,0 +1,54 @@
+//! A stand-in for systemd's notify socket.
+
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// A Unix datagram socket standing in for systemd's `NOTIFY_SOCKET`, read
+/// continuously by a thread (as systemd would) into `lines`.
+pub struct NotifySocket {
+    pub path: PathBuf,
+    rx: mpsc::Receiver<String>,
+    pub lines: Vec<String>,
+}
+
+impl NotifySocket {
+    pub fn bind(dir: &Path) -> Self {
+        let path = dir.join("notify.sock");
+        let sock = UnixDatagram::bind(&path).expect("bind notify socket");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 4096];
+            while let Ok(n) = sock.recv(&mut buf) {
+                for line in String::from_utf8_lossy(&buf[..n]).lines() {
+                    if tx.send(line.to_string()).is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        Self {
+            path,
+            rx,
+            lines: Vec::new(),
+        }
+    }
+
+    /// Waits until `pred` holds for some line received so far, or `timeout`.
+    pub fn wait(&mut self, timeout: Duration, pred: impl Fn(&str) -> bool) -> bool {
+        let t0 = Instant::now();
+        loop {
+            while let Ok(l) = self.rx.try_recv() {
+                self.lines.push(l);
+            }
+            if self.lines.iter().any(|l| pred(l)) {
+                return true;
+            }
+            if t0.elapsed() > timeout {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}

@@ -1,0 +1,350 @@
+//! Hostile inputs end to end (issue 18): two processes on one `output.dir`,
+//! configurations that cannot work, and inputs that would make an outgoing
+//! message too large for MQTT. Each test reproduces a break found by a hostile
+//! test run and fails on the code before the fix.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use crate::helpers::*;
+use crate::paths::BIN;
+use crate::trials::{test, Test};
+
+fn lock_pid(out: &Path) -> Option<u32> {
+    std::fs::read_to_string(out.join(".lock"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Break 8: a second daemon on a live daemon's `output.dir` "resumed" its run;
+/// `train --resume` on it trained the same run twice. Both are refused now,
+/// with exit code 2 and a message naming the folder and the holder's pid.
+fn a_second_daemon_and_a_resume_on_a_live_output_dir_are_refused() {
+    // No broker: the daemon keeps trying to connect, holding its folder.
+    let env = Env::new(free_port(), "", &[]);
+    let mut first = Daemon::start(&env, &[]);
+    let pid = first.child.id();
+    assert!(
+        eventually(SHORT, || lock_pid(&env.out) == Some(pid)),
+        "the daemon did not lock output.dir\n{}",
+        first.log_text()
+    );
+
+    let second = Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(&env.config)
+        .env_remove("NOTIFY_SOCKET")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = second.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains(&env.out.display().to_string()), "{err}");
+    assert!(err.contains(&format!("pid {pid}")), "{err}");
+
+    let run_dir = env.out.join("runs/20261201T000000Z-dead");
+    std::fs::create_dir_all(&run_dir).unwrap();
+    let out = Command::new(BIN)
+        .args(["train", "--no-progress", "--config"])
+        .arg(&env.config)
+        .arg("--resume")
+        .arg(&run_dir)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("in use") && err.contains(&format!("pid {pid}")),
+        "{err}"
+    );
+
+    // The first daemon is untouched and shuts down cleanly.
+    first.sigterm();
+    let status = first.wait_exit(SHORT).expect("the daemon exits on SIGTERM");
+    assert_eq!(status.code(), Some(0), "{}", first.log_text());
+}
+
+/// Break 7 and the config checks: `output.dir = data.dir` (or one inside the
+/// other), port 0, `$SYS` as prefix, a 70,000-byte device id and a keep-alive
+/// that does not fit MQTT's u16 all passed `check-config`.
+fn check_config_refuses_configurations_that_cannot_work() {
+    let env = Env::new(free_port(), "", &[]);
+    let ok = Command::new(BIN)
+        .args(["check-config", "--config"])
+        .arg(&env.config)
+        .output()
+        .unwrap();
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let long_id = format!("mqtt.device_id={}", "d".repeat(70_000));
+    let cases: Vec<(String, &str)> = vec![
+        (format!("output.dir={}", env.data.display()), "data.dir"),
+        (
+            format!("output.dir={}/models", env.data.display()),
+            "data.dir",
+        ),
+        (format!("data.dir={}/runs", env.out.display()), "data.dir"),
+        ("mqtt.port=0".into(), "mqtt.port"),
+        ("mqtt.topic_prefix=$SYS".into(), "mqtt.topic_prefix"),
+        ("mqtt.keep_alive_s=65536".into(), "mqtt.keep_alive_s"),
+        (long_id, "mqtt.device_id"),
+    ];
+    for (set, key) in cases {
+        let out = Command::new(BIN)
+            .args(["check-config", "--config"])
+            .arg(&env.config)
+            .arg("--set")
+            .arg(&set)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "{}: {err}",
+            &set[..set.len().min(60)]
+        );
+        assert!(err.contains(key), "{}: {err}", &set[..set.len().min(60)]);
+        assert!(err.len() < 2_000, "the message quotes the whole value");
+    }
+}
+
+/// A safetensors file without `x`/`y` and with 1,500 tensors of 1,000-character
+/// names: its rejection reason listed every name (1.5 MB), rumqttc refused the
+/// `data_rejected` event, and the outbox resent it after every reconnect, so
+/// nothing was ever delivered again.
+fn many_names_shard(path: &Path) {
+    let mut header = serde_json::Map::new();
+    for i in 0..1_500 {
+        let name = format!("{i:04}{}", "n".repeat(996));
+        header.insert(
+            name,
+            serde_json::json!({"dtype": "U8", "shape": [1], "data_offsets": [i, i + 1]}),
+        );
+    }
+    let h = serde_json::Value::Object(header).to_string();
+    let mut bytes = (h.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(h.as_bytes());
+    bytes.extend(std::iter::repeat_n(0u8, 1_500));
+    let tmp = path.with_extension("part");
+    std::fs::write(&tmp, bytes).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+fn oversized_events_and_request_ids_never_wedge_mqtt() {
+    let mut h = Harness::start("", &[]);
+    let events = h.dash.topic("events");
+    let status = h.dash.topic("status");
+    many_names_shard(&h.env.data.join("names.safetensors"));
+    let (_, m) = h.wait_from(0, "data_rejected for names.safetensors", LONG, |m| {
+        m.topic == events && m.event() == "data_rejected"
+    });
+    assert_eq!(m.json["file"], "names.safetensors");
+    assert_eq!(m.json["truncated"], true, "{}", m.json);
+    assert!(m.raw.len() < 64 * 1024, "{} bytes", m.raw.len());
+
+    // 20 commands with 60 KB request ids: each rejected, its id echoed cut.
+    for i in 0..20 {
+        let id = format!("{i:02}{}", "r".repeat(60_000));
+        h.dash.send("train", format!(r#"{{"request_id":"{id}"}}"#));
+    }
+    for i in 0..20 {
+        let prefix = format!("{i:02}rrr");
+        h.wait_from(0, &format!("command_rejected {i}"), LONG, |m| {
+            m.topic == events
+                && m.event() == "command_rejected"
+                && m.json["request_id"]
+                    .as_str()
+                    .is_some_and(|r| r.starts_with(&prefix) && r.len() < 300)
+        });
+    }
+    // The link still works: a status request is answered promptly.
+    h.dash.pump_now();
+    let from = h.dash.seen.len();
+    h.dash.send("status", r#"{"request_id":"after"}"#);
+    h.wait_from(from, "a status answer", SHORT, |m| m.topic == status);
+}
+
+/// A CSV with one 2 MB field: rejected with a short reason, delivered.
+fn a_csv_with_a_2mb_field_is_rejected_with_a_short_reason() {
+    let mut h = Harness::start("[data]\nformat = \"csv\"\n", &[]);
+    let events = h.dash.topic("events");
+    let tmp = h.env.dir.path().join("wide.csv");
+    std::fs::write(&tmp, format!("a,label\n1,0\n{},1\n", "7x".repeat(1 << 20))).unwrap();
+    std::fs::rename(&tmp, h.env.data.join("wide.csv")).unwrap();
+    let (_, m) = h.wait_from(0, "data_rejected for wide.csv", LONG, |m| {
+        m.topic == events && m.event() == "data_rejected"
+    });
+    let reason = m.json["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("not a number") && reason.len() < 500,
+        "{reason}"
+    );
+}
+
+/// Recovery: a corrupt `current.safetensors` made every warm-started run fail;
+/// a run killed between its `summary.json` and its promotion lost the promotion
+/// for good. Now the previous model is put back (announced by `model_recovered`)
+/// and the finished run's promotion is decided after the restart.
+fn a_corrupt_current_model_heals_and_an_unpromoted_run_is_promoted_after_restart() {
+    let port = free_port();
+    let env = Env::new(port, "", &[]);
+    // A finished run, promoted by `train`: current.safetensors is its model.
+    let out = Command::new(BIN)
+        .args(["train", "--no-progress", "--config"])
+        .arg(&env.config)
+        .args(["--set", "train.max_steps=20"])
+        .current_dir(env.dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let run_dir = std::path::PathBuf::from(stdout.lines().last().unwrap().trim());
+    let run_id = run_dir.file_name().unwrap().to_string_lossy().to_string();
+    let current = env.out.join("current.safetensors");
+    let previous = env.out.join("previous.safetensors");
+    std::fs::copy(&current, &previous).unwrap();
+    std::fs::write(&current, b"not a model: bit rot").unwrap();
+
+    let broker = Broker::start(&env.dir.path().join("broker"), port);
+    let dash = Dashboard::connect(port, &env.base_topic(), None);
+    let daemon = Daemon::start(&env, &[]);
+    let mut h = Harness {
+        env,
+        broker,
+        daemon,
+        dash,
+    };
+    let (_, m) = h.wait_event("model_recovered", None, LONG);
+    assert_eq!(m.json["restored_from"], "previous", "{}", m.json);
+    let status = h.dash.topic("status");
+    let rid = run_id.clone();
+    h.wait("status naming the restored model", SHORT, |m| {
+        m.topic == status && m.json["current_model"].as_str() == Some(rid.as_str())
+    });
+    assert!(h.env.out.join("current.safetensors.corrupt").is_file());
+
+    // Killed before promotion: no current model, the run's summary is there.
+    h.daemon.sigterm();
+    h.daemon.wait_exit(SHORT).expect("the daemon exits");
+    std::fs::remove_file(h.env.out.join("current.safetensors")).unwrap();
+    std::fs::remove_file(h.env.out.join("previous.safetensors")).unwrap();
+    h.dash.pump_now();
+    let from = h.dash.seen.len();
+    h.daemon = Daemon::start(&h.env, &[]);
+    let events = h.dash.topic("events");
+    let (_, m) = h.wait_from(from, "model_promoted after the restart", LONG, |m| {
+        m.topic == events && m.event() == "model_promoted"
+    });
+    assert_eq!(m.run_id(), run_id);
+    assert!(h.env.out.join("current.safetensors").is_file());
+    assert!(run_dir.join("promotion.json").is_file());
+}
+
+/// Command latency: without `TCP_NODELAY` the daemon's answer waited for the
+/// broker's delayed ACK (a 40-90 ms floor). With a broker and a client that set
+/// `TCP_NODELAY` themselves (so that only the daemon's socket is measured), 30
+/// `cmd/status` → `status` round trips: prints the median and the worst; the
+/// median must stay under 30 ms and every answer come within a second.
+fn commands_are_answered_without_a_nagle_floor() {
+    use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
+    let bin = mosquitto().expect("mosquitto on PATH (the test needs it)");
+    let port = free_port();
+    let env = Env::new(port, "", &[]);
+    let conf = env.dir.path().join("fast-mosquitto.conf");
+    std::fs::write(
+        &conf,
+        format!("listener {port} 127.0.0.1\nallow_anonymous true\nset_tcp_nodelay true\n"),
+    )
+    .unwrap();
+    let mut broker = Command::new(&bin)
+        .arg("-c")
+        .arg(&conf)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    assert!(eventually(SHORT, || std::net::TcpStream::connect((
+        "127.0.0.1",
+        port
+    ))
+    .is_ok()));
+    let daemon = Daemon::start(&env, &[]);
+
+    let mut o = MqttOptions::new("latency-probe", "127.0.0.1", port);
+    o.set_keep_alive(std::time::Duration::from_secs(5));
+    let (client, mut conn) = Client::new(o, 16);
+    let mut net = conn.eventloop.network_options();
+    net.set_tcp_nodelay(true);
+    conn.eventloop.set_network_options(net);
+    let status = format!("{}/status", env.base_topic());
+    let (tx, rx) = std::sync::mpsc::channel::<serde_json::Value>();
+    let (sub, c2) = (status.clone(), client.clone());
+    std::thread::spawn(move || {
+        for ev in conn.iter() {
+            match ev {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    let _ = c2.try_subscribe(sub.clone(), QoS::AtLeastOnce);
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    let v = serde_json::from_slice(&p.payload).unwrap_or_default();
+                    if tx.send(v).is_err() {
+                        return;
+                    }
+                }
+                Ok(_) => {}
+                Err(_) => std::thread::sleep(std::time::Duration::from_millis(100)),
+            }
+        }
+    });
+    let first = rx.recv_timeout(LONG).expect("the daemon's status");
+    assert!(first["state"].is_string(), "{first}");
+    let cmd = format!("{}/cmd/status", env.base_topic());
+    let mut times = Vec::new();
+    for i in 0..30 {
+        while rx.try_recv().is_ok() {}
+        let t0 = std::time::Instant::now();
+        client
+            .publish(
+                cmd.clone(),
+                QoS::AtLeastOnce,
+                false,
+                format!(r#"{{"request_id":"{i}"}}"#),
+            )
+            .unwrap();
+        rx.recv_timeout(SHORT).expect("a status answer");
+        times.push(t0.elapsed());
+    }
+    times.sort();
+    let (median, worst) = (times[times.len() / 2], times[times.len() - 1]);
+    eprintln!("cmd/status round trip: median {median:?}, worst {worst:?}");
+    drop(daemon);
+    let _ = broker.kill();
+    let _ = broker.wait();
+    assert!(worst < std::time::Duration::from_secs(1), "{times:?}");
+    assert!(median < std::time::Duration::from_millis(30), "{times:?}");
+}
+
+/// This module's tests.
+pub fn tests() -> Vec<Test> {
+    vec![
+        test!(a_second_daemon_and_a_resume_on_a_live_output_dir_are_refused),
+        test!(check_config_refuses_configurations_that_cannot_work),
+        test!(oversized_events_and_request_ids_never_wedge_mqtt),
+        test!(a_csv_with_a_2mb_field_is_rejected_with_a_short_reason),
+        test!(a_corrupt_current_model_heals_and_an_unpromoted_run_is_promoted_after_restart),
+        // Its own Mosquitto with `set_tcp_nodelay`, so that only the daemon's socket is measured.
+        test!(commands_are_answered_without_a_nagle_floor).needs(MOSQUITTO),
+    ]
+}
