@@ -197,10 +197,7 @@ pub fn load(spec: &DataSpec) -> Result<Dataset, DataError> {
             Err(reason) => {
                 texts.truncate(first);
                 tracing::warn!(file = %path.display(), %reason, "skipping data file");
-                skipped.push(SkippedFile {
-                    file: name,
-                    reason: reason.into(),
-                });
+                skipped.push(SkippedFile { file: name, reason });
             }
         }
     }
