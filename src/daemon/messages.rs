@@ -671,10 +671,11 @@ mod tests {
 
     #[test]
     fn run_failed_during_the_run() {
-        let s = summary(
+        let mut s = summary(
             Outcome::Failed,
             "cannot append to metrics.jsonl: No space left on device (os error 28)",
         );
+        s.failure = Some(FailureKind::DiskFull);
         golden(
             Event::run_ended(&s, &origin()),
             with(
