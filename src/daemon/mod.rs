@@ -29,7 +29,7 @@ pub mod shutdown;
 pub mod systemd;
 pub mod watcher;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
@@ -281,9 +281,4 @@ fn start_embedded_broker(_settings: &Settings) -> Result<String, DaemonError> {
     Err(DaemonError::Config(
         "mqtt.embedded_broker = true but this build has no embedded broker; rebuild with the `embedded-broker` feature (on by default)".into(),
     ))
-}
-
-/// Paths the daemon writes, for documentation and tests.
-pub fn current_model_path(settings: &Settings) -> PathBuf {
-    settings.output.dir.join(CURRENT_FILE)
 }
