@@ -349,7 +349,10 @@ mod tests {
                 FailureKind::NoData,
             ),
             (
-                DataError::Vocab("bad".into()).into(),
+                DataError::Vocab(crate::engine::data::FileError::DuplicateToken {
+                    token: "a".into(),
+                })
+                .into(),
                 FailureKind::DataInvalid,
             ),
             (RunError::NothingToTrain, FailureKind::BadConfig),
