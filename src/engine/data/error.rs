@@ -240,3 +240,81 @@ impl FileError {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reasons_read_as_before() {
+        let cases: Vec<(FileError, &str)> = vec![
+            (
+                FileError::TooLarge {
+                    bytes: 20,
+                    limit: 8,
+                },
+                "the file has 20 bytes, more than the limit of 8 (data.max_file_mb)",
+            ),
+            (
+                FileError::Budget {
+                    limit: 1 << 20,
+                    sample: 7,
+                }
+                .at_line(9),
+                "line 9: its samples would take more than 1 MiB of memory once decoded (reached at sample 7), the limit of data.max_file_mb",
+            ),
+            (
+                FileError::FieldCount {
+                    line: 3,
+                    got: 2,
+                    expected: 3,
+                },
+                "line 3 has 2 fields, the header has 3",
+            ),
+            (
+                FileError::NoLabelColumn {
+                    column: "\"label\"".into(),
+                    headers: vec!["a".into(), "b".into()],
+                },
+                "no label column \"label\" in the header (a, b)",
+            ),
+            (
+                FileError::Shape {
+                    found: vec![2],
+                    expected: vec![3],
+                },
+                "sample shape [2] differs from [3] expected by the model and the other data",
+            ),
+            (
+                FileError::NoTensor {
+                    name: "x".into(),
+                    has: vec!["a".into(), "y".into()],
+                },
+                "no tensor named \"x\" (has: a, y)",
+            ),
+            (
+                FileError::FeatureDtype {
+                    key: "x".into(),
+                    dtype: safetensors::Dtype::I64,
+                },
+                "\"x\" has dtype I64; supported: F32, F64, F16, BF16, U8",
+            ),
+            (
+                FileError::InVocab {
+                    path: PathBuf::from("v.txt"),
+                    source: Box::new(FileError::DuplicateToken { token: "a".into() }),
+                },
+                "vocabulary v.txt: token \"a\" appears twice",
+            ),
+            (
+                FileError::TooManyLabels,
+                "more than 65536 distinct labels; is the label column right?",
+            ),
+        ];
+        for (e, text) in cases {
+            assert_eq!(e.to_string(), text);
+        }
+        let e = FileError::NoSamples.at_line(4);
+        assert!(matches!(e.cause(), FileError::NoSamples));
+    }
+}
