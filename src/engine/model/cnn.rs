@@ -341,7 +341,7 @@ impl ConvNet {
         if !(dims == 1 || dims == 2) {
             candle_core::bail!("a conv net takes [C, L] or [C, H, W] samples");
         }
-        let mut width = spec.features_out().map_err(candle_core::Error::msg)?;
+        let mut width = spec.features_out().map_err(candle_core::Error::wrap)?;
         let fv = vb.pp("features");
         let mut cin = spec.in_channels;
         let mut blocks = Vec::with_capacity(spec.blocks.len());

@@ -169,7 +169,7 @@ pub struct TextCnn {
 impl TextCnn {
     /// Builds the layers under `vb` (`embedding.weight`, `convs.N.*`, `fc.*`).
     pub fn new(spec: &TextCnnSpec, vb: VarBuilder) -> candle_core::Result<Self> {
-        spec.check().map_err(candle_core::Error::msg)?;
+        spec.check().map_err(candle_core::Error::wrap)?;
         let (v, e) = (spec.vocab_size, spec.embed_dim);
         let embedding = Embedding::new(v, e, Some(spec.pad_index), vb.pp("embedding"))?;
         let cv = vb.pp("convs");
