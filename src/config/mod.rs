@@ -8,7 +8,8 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use crate::engine::model::registry::{ArchConfigs, KeyError};
+use crate::engine::model::registry::ArchConfigs;
+use crate::engine::model::KeyError;
 use crate::engine::optim::{OptimizerConfig, OptimizerKind};
 use crate::engine::schedule::{Mode, PlateauConfig, ThresholdMode};
 
@@ -48,8 +49,8 @@ pub enum ConfigError {
 /// An architecture's key error as a config error.
 fn key_error(e: KeyError) -> ConfigError {
     ConfigError::Invalid {
-        key: e.key,
-        reason: e.reason,
+        key: e.key.to_string(),
+        reason: e.problem.to_string(),
     }
 }
 

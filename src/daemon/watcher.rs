@@ -118,7 +118,11 @@ pub fn split_existing(
 }
 
 /// Checks one new file; returns its number of samples, or why it is rejected.
-pub fn validate_file(path: &Path, spec: &DataSpec, reference: &Reference) -> Result<usize, String> {
+pub fn validate_file(
+    path: &Path,
+    spec: &DataSpec,
+    reference: &Reference,
+) -> Result<usize, data::FileError> {
     // Checked as it is parsed, without keeping the samples (bounded memory).
     data::scan_file(
         path,
@@ -356,7 +360,7 @@ impl Watcher {
                 if let Some(shape) = shape {
                     self.reference.sample_shape = Some(shape);
                 }
-                r
+                r.map_err(|e| e.to_string())
             }
             Err(e) => Err(format!("validation crashed: {e}")),
         };

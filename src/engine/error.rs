@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use super::checkpoint::CheckpointError;
 use super::data::{DataError, Split};
-use super::model::LoadError;
+use super::model::{LoadError, ModelError};
 use super::optim::OptimStateError;
 
 /// The class of a failure, for machines (`summary.json` `failure`, `run_failed` `kind`).
@@ -135,8 +135,8 @@ pub enum RunError {
         classes: Vec<String>,
     },
     /// The model settings cannot be resolved for this data.
-    #[error("{0}")]
-    ModelConfig(String),
+    #[error(transparent)]
+    ModelConfig(#[from] ModelError),
     /// A `model.freeze` pattern matches no parameter.
     #[error("model.freeze pattern {0:?} matches no parameter")]
     FreezeMatchesNothing(String),
@@ -349,10 +349,17 @@ mod tests {
                 FailureKind::NoData,
             ),
             (
-                DataError::Vocab("bad".into()).into(),
+                DataError::Vocab(crate::engine::data::FileError::DuplicateToken {
+                    token: "a".into(),
+                })
+                .into(),
                 FailureKind::DataInvalid,
             ),
             (RunError::NothingToTrain, FailureKind::BadConfig),
+            (
+                crate::engine::model::ModelError::CannotReadText { arch: "mlp" }.into(),
+                FailureKind::BadConfig,
+            ),
             (
                 RunError::FreezeMatchesNothing("x.*".into()),
                 FailureKind::BadConfig,

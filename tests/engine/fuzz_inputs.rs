@@ -76,7 +76,7 @@ fn read_as(format: DataFormat, name: &str, bytes: &[u8]) -> Result<usize, String
     let spec = DataSpec::new(dir.path(), format);
     read_file(&path, &spec)
         .map(|s| s.len())
-        .map_err(String::from)
+        .map_err(|e| e.to_string())
 }
 
 proptest! {

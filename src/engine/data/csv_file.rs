@@ -6,14 +6,14 @@
 use std::path::Path;
 
 use super::labels::{quote, Budget, LabelCodes, QUOTE_BYTES};
-use super::{Features, FileSamples};
+use super::{Features, FileError, FileSamples};
 
 /// Most header names quoted in a reason.
 const MAX_LISTED_HEADERS: usize = 16;
 
 /// Reads one CSV file; the error is a reason fit for a user.
 #[cfg_attr(not(test), allow(dead_code))]
-pub fn read(path: &Path, label_column: &str, delimiter: u8) -> Result<FileSamples, String> {
+pub fn read(path: &Path, label_column: &str, delimiter: u8) -> Result<FileSamples, FileError> {
     read_limited(path, label_column, delimiter, u64::MAX)
 }
 
@@ -23,7 +23,7 @@ pub(super) fn read_limited(
     label_column: &str,
     delimiter: u8,
     max_bytes: u64,
-) -> Result<FileSamples, String> {
+) -> Result<FileSamples, FileError> {
     let mut features = Vec::new();
     let mut labels = LabelCodes::default();
     let mut budget = Budget::new(max_bytes);
@@ -48,18 +48,15 @@ pub(super) fn for_each_row(
     path: &Path,
     label_column: &str,
     delimiter: u8,
-    mut f: impl FnMut(usize, &[f32], &str) -> Result<(), String>,
-) -> Result<usize, String> {
+    mut f: impl FnMut(usize, &[f32], &str) -> Result<(), FileError>,
+) -> Result<usize, FileError> {
     let mut reader = csv::ReaderBuilder::new()
         .delimiter(delimiter)
         .has_headers(true)
         .trim(csv::Trim::All)
         .from_path(path)
-        .map_err(|e| format!("cannot read: {e}"))?;
-    let headers = reader
-        .headers()
-        .map_err(|e| format!("cannot read the header row: {e}"))?
-        .clone();
+        .map_err(FileError::CsvOpen)?;
+    let headers = reader.headers().map_err(FileError::CsvHeader)?.clone();
     let label_idx = headers
         .iter()
         .position(|h| h == label_column)
@@ -78,15 +75,14 @@ pub(super) fn for_each_row(
             if headers.len() > MAX_LISTED_HEADERS {
                 listed.push(format!("… {} more", headers.len() - MAX_LISTED_HEADERS));
             }
-            format!(
-                "no label column {} in the header ({})",
-                quote(label_column),
-                listed.join(", ")
-            )
+            FileError::NoLabelColumn {
+                column: quote(label_column),
+                headers: listed,
+            }
         })?;
     let n_features = headers.len() - 1;
     if n_features == 0 {
-        return Err("no feature columns besides the label".into());
+        return Err(FileError::NoFeatureColumns);
     }
     let mut record = csv::StringRecord::new();
     let mut values = Vec::with_capacity(n_features);
@@ -96,46 +92,44 @@ pub(super) fn for_each_row(
         match reader.read_record(&mut record) {
             Ok(true) => {}
             Ok(false) => break,
-            Err(e) => return Err(format!("line {line}: {e}")),
+            Err(source) => return Err(FileError::CsvRecord { line, source }),
         }
         if record.len() != headers.len() {
-            return Err(format!(
-                "line {line} has {} fields, the header has {}",
-                record.len(),
-                headers.len()
-            ));
+            return Err(FileError::FieldCount {
+                line,
+                got: record.len(),
+                expected: headers.len(),
+            });
         }
         values.clear();
         let mut label = "";
         for (col, field) in record.iter().enumerate() {
             if col == label_idx {
                 if field.is_empty() {
-                    return Err(format!("line {line}: empty label"));
+                    return Err(FileError::EmptyLabel { line });
                 }
                 label = field;
                 continue;
             }
-            let v: f32 = field.parse().map_err(|_| {
-                format!(
-                    "line {line}, column {}: {} is not a number",
-                    quote(&headers[col]),
-                    quote(field)
-                )
+            let v: f32 = field.parse().map_err(|_| FileError::NotANumber {
+                line,
+                column: quote(&headers[col]),
+                value: quote(field),
             })?;
             if !v.is_finite() {
-                return Err(format!(
-                    "line {line}, column {}: non-finite value {}",
-                    quote(&headers[col]),
-                    if field.len() > QUOTE_BYTES {
+                return Err(FileError::NonFiniteField {
+                    line,
+                    column: quote(&headers[col]),
+                    value: if field.len() > QUOTE_BYTES {
                         quote(field)
                     } else {
                         field.to_string()
-                    }
-                ));
+                    },
+                });
             }
             values.push(v);
         }
-        f(row, &values, label).map_err(|e| format!("line {line}: {e}"))?;
+        f(row, &values, label).map_err(|e| e.at_line(line))?;
         row += 1;
     }
     Ok(n_features)
@@ -168,23 +162,32 @@ mod tests {
         let s = read(f.path(), "class", b';').unwrap();
         assert_eq!(s.labels, RawLabels::Name(vec!["cat".into()]));
         let f = write("a,label\nfoo,1\n");
-        assert!(read(f.path(), "label", b',')
-            .unwrap_err()
-            .contains("not a number"));
+        let e = read(f.path(), "label", b',').unwrap_err();
+        assert!(matches!(e, FileError::NotANumber { line: 2, .. }), "{e}");
+        assert_eq!(
+            e.to_string(),
+            "line 2, column \"a\": \"foo\" is not a number"
+        );
         let f = write("a,label\nNaN,1\n");
-        assert!(read(f.path(), "label", b',')
-            .unwrap_err()
-            .contains("non-finite"));
+        let e = read(f.path(), "label", b',').unwrap_err();
+        assert!(
+            matches!(e, FileError::NonFiniteField { line: 2, .. }),
+            "{e}"
+        );
+        assert_eq!(e.to_string(), "line 2, column \"a\": non-finite value NaN");
         let f = write("a,b\n1,2\n");
-        assert!(read(f.path(), "label", b',')
-            .unwrap_err()
-            .contains("no label column"));
+        let e = read(f.path(), "label", b',').unwrap_err();
+        assert!(matches!(e, FileError::NoLabelColumn { .. }), "{e}");
+        assert_eq!(
+            e.to_string(),
+            "no label column \"label\" in the header (a, b)"
+        );
     }
 
     #[test]
     fn a_huge_field_is_quoted_short_and_the_budget_stops_a_big_file() {
         let f = write(&format!("a,label\n{},1\n", "9".repeat(2 << 20)));
-        let e = read(f.path(), "label", b',').unwrap_err();
+        let e = read(f.path(), "label", b',').unwrap_err().to_string();
         assert!(e.len() < 300 && e.contains("bytes)"), "{}", e.len());
         let mut text = String::from("a,label\n");
         for i in 0..1000 {
@@ -197,6 +200,11 @@ mod tests {
             1000
         );
         let e = read_limited(f.path(), "label", b',', 11_000).unwrap_err();
+        assert!(
+            matches!(e.cause(), FileError::Budget { limit: 11_000, .. }),
+            "{e}"
+        );
+        let e = e.to_string();
         assert!(
             e.contains("data.max_file_mb") && e.starts_with("line "),
             "{e}"

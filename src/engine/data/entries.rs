@@ -9,6 +9,8 @@ use std::fs::FileType;
 use std::os::unix::fs::FileTypeExt;
 use std::path::Path;
 
+use super::FileError;
+
 /// How the lister treats one directory entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Listing {
@@ -43,34 +45,28 @@ fn kind_name(ft: FileType) -> &'static str {
 
 /// Refuses, before anything is opened, an entry that is not a regular file, a
 /// link that leads out of `data_dir`, or a link to a folder (never followed).
-pub(super) fn refuse_unreadable(path: &Path, data_dir: &Path) -> Result<(), String> {
-    let meta = std::fs::symlink_metadata(path).map_err(|e| format!("cannot read: {e}"))?;
+pub(super) fn refuse_unreadable(path: &Path, data_dir: &Path) -> Result<(), FileError> {
+    let meta = std::fs::symlink_metadata(path).map_err(FileError::Io)?;
     let ft = meta.file_type();
     if ft.is_symlink() {
-        let target = path
-            .canonicalize()
-            .map_err(|e| format!("cannot resolve link: {e}"))?;
-        let dir = data_dir
-            .canonicalize()
-            .map_err(|e| format!("cannot resolve the data folder: {e}"))?;
+        let target = path.canonicalize().map_err(FileError::ResolveLink)?;
+        let dir = data_dir.canonicalize().map_err(FileError::ResolveDataDir)?;
         if !target.starts_with(&dir) {
-            return Err(format!(
-                "a link to {}, outside the data folder",
-                target.display()
-            ));
+            return Err(FileError::LinkOutside { target });
         }
-        let to = std::fs::metadata(path).map_err(|e| format!("cannot read: {e}"))?;
+        let to = std::fs::metadata(path).map_err(FileError::Io)?;
         if !to.file_type().is_file() {
-            return Err(format!(
-                "a link to {} ({}); links are followed to regular files only",
-                target.display(),
-                kind_name(to.file_type())
-            ));
+            return Err(FileError::LinkNotRegular {
+                target,
+                kind: kind_name(to.file_type()),
+            });
         }
         return Ok(());
     }
     if !ft.is_file() {
-        return Err(format!("{}, not a regular file: not read", kind_name(ft)));
+        return Err(FileError::NotRegular {
+            kind: kind_name(ft),
+        });
     }
     Ok(())
 }
@@ -88,12 +84,17 @@ mod tests {
         // SAFETY: mkfifo on a NUL-terminated path.
         assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
         let e = refuse_unreadable(&fifo, dir).unwrap_err();
-        assert!(e.contains("FIFO"), "{e}");
+        assert!(matches!(e, FileError::NotRegular { kind: "a FIFO" }), "{e}");
+        assert_eq!(e.to_string(), "a FIFO, not a regular file: not read");
         std::fs::create_dir(dir.join("b.csv")).unwrap();
-        let e = refuse_unreadable(&dir.join("b.csv"), dir).unwrap_err();
+        let e = refuse_unreadable(&dir.join("b.csv"), dir)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("folder"), "{e}");
         std::os::unix::fs::symlink(dir.join("b.csv"), dir.join("c.csv")).unwrap();
         let e = refuse_unreadable(&dir.join("c.csv"), dir).unwrap_err();
+        assert!(matches!(e, FileError::LinkNotRegular { .. }), "{e}");
+        let e = e.to_string();
         assert!(
             e.contains("links are followed to regular files only"),
             "{e}"

@@ -76,7 +76,7 @@ pub fn class_of(relative: &str) -> Result<String, FileError> {
     match parts.as_slice() {
         [split, class, _, ..] if SPLIT_DIRS.contains(split) => Ok(class.to_string()),
         [class, _, ..] => Ok(class.to_string()),
-        _ => Err("the image is not inside a class folder (expected class_name/image.png)".into()),
+        _ => Err(FileError::NoClassFolder),
     }
 }
 
@@ -89,22 +89,20 @@ pub fn read(
 ) -> Result<FileSamples, FileError> {
     let class = class_of(&relative_name(dir, path))?;
     let mut reader = image::ImageReader::open(path)
-        .map_err(|e| format!("cannot read: {e}"))?
+        .map_err(FileError::Io)?
         .with_guessed_format()
-        .map_err(|e| format!("cannot read: {e}"))?;
+        .map_err(FileError::Io)?;
     // A forged header must not make the decoder allocate without bound.
     let mut limits = image::Limits::default();
     limits.max_image_width = Some(MAX_IMAGE_SIDE);
     limits.max_image_height = Some(MAX_IMAGE_SIDE);
     limits.max_alloc = Some(MAX_IMAGE_ALLOC);
     reader.limits(limits);
-    let img = reader
-        .decode()
-        .map_err(|e| format!("cannot decode image: {e}"))?;
+    let img = reader.decode().map_err(FileError::Image)?;
     let [h, w] = size;
     let (h32, w32) = (
-        u32::try_from(h).map_err(|_| "image_size too large".to_string())?,
-        u32::try_from(w).map_err(|_| "image_size too large".to_string())?,
+        u32::try_from(h).map_err(|_| FileError::ImageSizeTooLarge)?,
+        u32::try_from(w).map_err(|_| FileError::ImageSizeTooLarge)?,
     );
     let img = match channels {
         1 => DynamicImage::ImageLuma8(img.to_luma8()),
@@ -147,7 +145,7 @@ mod tests {
         assert_eq!(class_of("cat/more/1.png").unwrap(), "cat");
         assert_eq!(class_of("train/cat/1.png").unwrap(), "cat");
         assert_eq!(class_of("test/1.png").unwrap(), "test");
-        assert!(class_of("1.png").is_err());
+        assert!(matches!(class_of("1.png"), Err(FileError::NoClassFolder)));
     }
 
     #[test]
@@ -167,8 +165,11 @@ mod tests {
         assert_eq!(names, vec!["3/a.png", "3/loop", "sneaky"]);
         let spec = super::super::DataSpec::new(d, super::super::DataFormat::ImageFolder);
         let e = super::super::read_file(&d.join("sneaky"), &spec).unwrap_err();
-        assert!(e.contains("outside the data folder"), "{e}");
-        let e = super::super::read_file(&d.join("3/loop"), &spec).unwrap_err();
+        assert!(matches!(e, FileError::LinkOutside { .. }), "{e}");
+        assert!(e.to_string().contains("outside the data folder"), "{e}");
+        let e = super::super::read_file(&d.join("3/loop"), &spec)
+            .unwrap_err()
+            .to_string();
         assert!(
             e.contains("links are followed to regular files only"),
             "{e}"
@@ -197,7 +198,8 @@ mod tests {
         assert_eq!(g.sample_shape, vec![1, 6, 4]);
         std::fs::write(dir.path().join("red/bad.png"), b"not a png").unwrap();
         let e = read(&dir.path().join("red/bad.png"), dir.path(), [3, 2], 3).unwrap_err();
-        assert!(e.contains("cannot decode"), "{e}");
+        assert!(matches!(e, FileError::Image(_)), "{e}");
+        assert!(e.to_string().contains("cannot decode"), "{e}");
         assert_eq!(list(dir.path()).unwrap().len(), 2);
     }
 }

@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 
-use super::RawLabels;
+use super::{FileError, RawLabels};
 
 /// Most distinct labels one file may hold.
 pub(super) const MAX_DISTINCT_LABELS: usize = 65_536;
@@ -43,14 +43,14 @@ pub(super) struct LabelCodes {
 
 impl LabelCodes {
     /// Adds the label of the next row; returns whether it is an integer.
-    pub(super) fn push(&mut self, label: &str) -> Result<bool, String> {
+    pub(super) fn push(&mut self, label: &str) -> Result<bool, FileError> {
         let code = self.code_of(label)?;
         self.codes.push(code);
         Ok(self.is_int[code as usize])
     }
 
     /// Notes a label without keeping a code per row (checks only).
-    pub(super) fn note(&mut self, label: &str, row: usize) -> Result<bool, String> {
+    pub(super) fn note(&mut self, label: &str, row: usize) -> Result<bool, FileError> {
         let before = self.names.len();
         let code = self.code_of(label)?;
         if self.names.len() > before {
@@ -59,14 +59,12 @@ impl LabelCodes {
         Ok(self.is_int[code as usize])
     }
 
-    fn code_of(&mut self, label: &str) -> Result<u32, String> {
+    fn code_of(&mut self, label: &str) -> Result<u32, FileError> {
         if let Some(&c) = self.index.get(label) {
             return Ok(c);
         }
         if self.names.len() >= MAX_DISTINCT_LABELS {
-            return Err(format!(
-                "more than {MAX_DISTINCT_LABELS} distinct labels; is the label column right?"
-            ));
+            return Err(FileError::TooManyLabels);
         }
         let c = self.names.len() as u32;
         self.index.insert(label.to_string(), c);
@@ -101,14 +99,17 @@ impl LabelCodes {
     }
 
     /// Refuses negative class indices (when every label is an integer).
-    pub(super) fn check_not_negative(&self) -> Result<(), String> {
+    pub(super) fn check_not_negative(&self) -> Result<(), FileError> {
         if !self.all_int() {
             return Ok(());
         }
         for (name, row) in &self.names {
             let l: i64 = name.parse().unwrap_or(0);
             if l < 0 {
-                return Err(format!("sample {row} has negative label {l}"));
+                return Err(FileError::NegativeLabel {
+                    sample: *row,
+                    label: l,
+                });
             }
         }
         Ok(())
@@ -116,26 +117,29 @@ impl LabelCodes {
 
     /// Checks the distinct labels against `classes` the way
     /// [`super::resolve_labels`] resolves them, naming the first row of a bad one.
-    pub(super) fn check_against(&self, classes: &[String]) -> Result<(), String> {
+    pub(super) fn check_against(&self, classes: &[String]) -> Result<(), FileError> {
         let all_int = self.all_int();
         for (name, row) in &self.names {
             if all_int {
                 let l: i64 = name.parse().unwrap_or(-1);
                 if l < 0 {
-                    return Err(format!("sample {row} has negative label {l}"));
+                    return Err(FileError::NegativeLabel {
+                        sample: *row,
+                        label: l,
+                    });
                 }
                 if (l as u64) >= classes.len() as u64 {
-                    return Err(format!(
-                        "sample {row} has label {l}, outside the {} classes [0, {})",
-                        classes.len(),
-                        classes.len()
-                    ));
+                    return Err(FileError::LabelOutOfRange {
+                        sample: *row,
+                        label: l,
+                        classes: classes.len(),
+                    });
                 }
             } else if !classes.iter().any(|c| c == name) {
-                return Err(format!(
-                    "sample {row} has label {}, which is not a known class",
-                    quote(name)
-                ));
+                return Err(FileError::UnknownClass {
+                    sample: *row,
+                    label: quote(name),
+                });
             }
         }
         Ok(())
@@ -170,7 +174,7 @@ impl Budget {
         feature_bytes: u64,
         int_label: bool,
         row: usize,
-    ) -> Result<(), String> {
+    ) -> Result<(), FileError> {
         let label = if int_label {
             INDEX_LABEL_BYTES
         } else {
@@ -178,10 +182,10 @@ impl Budget {
         };
         self.used = self.used.saturating_add(feature_bytes + label);
         if self.used > self.limit {
-            return Err(format!(
-                "its samples would take more than {} MiB of memory once decoded (reached at sample {row}), the limit of data.max_file_mb",
-                self.limit >> 20
-            ));
+            return Err(FileError::Budget {
+                limit: self.limit,
+                sample: row,
+            });
         }
         Ok(())
     }
@@ -225,7 +229,18 @@ mod tests {
             l.note(s, i).unwrap();
         }
         let e = l.check_against(&classes).unwrap_err();
-        assert!(e.contains("sample 2 has label 2"), "{e}");
+        assert!(
+            matches!(
+                e,
+                FileError::LabelOutOfRange {
+                    sample: 2,
+                    label: 2,
+                    classes: 2
+                }
+            ),
+            "{e}"
+        );
+        assert!(e.to_string().contains("sample 2 has label 2"), "{e}");
         assert!(impossible("c", &classes) && impossible("2", &classes));
         assert!(!impossible("b", &classes) && !impossible("1", &classes));
     }
@@ -236,9 +251,17 @@ mod tests {
         for row in 0..4 {
             b.charge(16, true, row).unwrap();
         }
-        assert!(b
-            .charge(16, true, 4)
-            .unwrap_err()
-            .contains("data.max_file_mb"));
+        let e = b.charge(16, true, 4).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                FileError::Budget {
+                    limit: 100,
+                    sample: 4
+                }
+            ),
+            "{e}"
+        );
+        assert!(e.to_string().contains("data.max_file_mb"));
     }
 }

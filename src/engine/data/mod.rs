@@ -5,6 +5,7 @@
 mod batch;
 mod csv_file;
 mod entries;
+mod error;
 pub mod image_folder;
 mod labels;
 mod safetensors_file;
@@ -19,6 +20,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 pub use batch::{Batch, Batcher, Normalization};
+pub use error::FileError;
 pub use scan::{scan_file, FileCheck};
 pub use split::{fixed_split, split_of, Split, SplitIndices};
 pub use vocab::{tokenize, Vocab};
@@ -131,14 +133,12 @@ pub const DEFAULT_MAX_FILE_BYTES: u64 = 512 << 20;
 /// before anything is read from it.
 fn check_file(path: &Path, spec: &DataSpec) -> Result<(), FileError> {
     entries::refuse_unreadable(path, &spec.dir)?;
-    let meta = std::fs::metadata(path).map_err(|e| format!("cannot read: {e}"))?;
+    let meta = std::fs::metadata(path).map_err(FileError::Io)?;
     if meta.len() > spec.max_file_bytes {
-        return Err(format!(
-            "the file has {} bytes, more than the limit of {} (data.max_file_mb)",
-            meta.len(),
-            spec.max_file_bytes
-        )
-        .into());
+        return Err(FileError::TooLarge {
+            bytes: meta.len(),
+            limit: spec.max_file_bytes,
+        });
     }
     Ok(())
 }
@@ -156,45 +156,6 @@ pub enum DataError {
     ClassFile { file: PathBuf, reason: String },
     #[error("{0}")]
     Vocab(FileError),
-}
-
-/// Why one data file (or a part of it) cannot be used. Its text is the reason
-/// recorded for a skipped or rejected file.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0}")]
-pub struct FileError(pub String);
-
-impl FileError {
-    /// The reason, for a [`SkippedFile`].
-    pub fn reason(&self) -> &str {
-        &self.0
-    }
-}
-
-impl std::ops::Deref for FileError {
-    type Target = str;
-
-    fn deref(&self) -> &str {
-        &self.0
-    }
-}
-
-impl From<String> for FileError {
-    fn from(reason: String) -> Self {
-        FileError(reason)
-    }
-}
-
-impl From<&str> for FileError {
-    fn from(reason: &str) -> Self {
-        FileError(reason.to_string())
-    }
-}
-
-impl From<FileError> for String {
-    fn from(e: FileError) -> Self {
-        e.0
-    }
 }
 
 /// A data file that was left out, and why.
@@ -294,29 +255,35 @@ pub fn read_file(path: &Path, spec: &DataSpec) -> Result<FileSamples, FileError>
         DataFormat::TextTsv => text_tsv::read_samples(path, spec)?,
     };
     if samples.is_empty() {
-        return Err("the file holds no samples".into());
+        return Err(FileError::NoSamples);
     }
     let per = samples.sample_shape.iter().product::<usize>();
     if per == 0 {
-        return Err(format!("empty sample shape {:?}", samples.sample_shape).into());
+        return Err(FileError::EmptyShape {
+            shape: samples.sample_shape,
+        });
     }
     if samples.features.len() != per * samples.len() {
-        return Err(format!(
-            "{} feature values do not make {} samples of shape {:?}",
-            samples.features.len(),
-            samples.len(),
-            samples.sample_shape
-        )
-        .into());
+        return Err(FileError::FeatureCount {
+            values: samples.features.len(),
+            samples: samples.len(),
+            shape: samples.sample_shape,
+        });
     }
     if let Features::F32(v) = &samples.features {
         if let Some(pos) = v.iter().position(|x| !x.is_finite()) {
-            return Err(format!("sample {} has a non-finite value ({})", pos / per, v[pos]).into());
+            return Err(FileError::NonFiniteSample {
+                sample: pos / per,
+                value: v[pos],
+            });
         }
     }
     if let RawLabels::Index(v) = &samples.labels {
         if let Some((i, l)) = v.iter().enumerate().find(|(_, l)| **l < 0) {
-            return Err(format!("sample {i} has negative label {l}").into());
+            return Err(FileError::NegativeLabel {
+                sample: i,
+                label: *l,
+            });
         }
     }
     Ok(samples)
@@ -332,12 +299,11 @@ pub fn resolve_labels(labels: &RawLabels, classes: &[String]) -> Result<Vec<u32>
                 if (l as u64) < classes.len() as u64 {
                     Ok(l as u32)
                 } else {
-                    Err(format!(
-                        "sample {i} has label {l}, outside the {} classes [0, {})",
-                        classes.len(),
-                        classes.len()
-                    )
-                    .into())
+                    Err(FileError::LabelOutOfRange {
+                        sample: i,
+                        label: l,
+                        classes: classes.len(),
+                    })
                 }
             })
             .collect(),
@@ -350,11 +316,13 @@ pub fn resolve_labels(labels: &RawLabels, classes: &[String]) -> Result<Vec<u32>
             v.iter()
                 .enumerate()
                 .map(|(i, name)| {
-                    index.get(name.as_str()).copied().ok_or_else(|| {
-                        FileError(format!(
-                            "sample {i} has label {name:?}, which is not a known class"
-                        ))
-                    })
+                    index
+                        .get(name.as_str())
+                        .copied()
+                        .ok_or_else(|| FileError::UnknownClass {
+                            sample: i,
+                            label: format!("{name:?}"),
+                        })
                 })
                 .collect()
         }
@@ -531,7 +499,7 @@ pub fn load_dataset(spec: &DataSpec) -> Result<Dataset, DataError> {
                 tracing::warn!(file = %path.display(), %reason, "skipping data file");
                 skipped.push(SkippedFile {
                     file: name,
-                    reason: reason.into(),
+                    reason: reason.to_string(),
                 });
             }
         }
@@ -596,7 +564,7 @@ pub fn load_dataset(spec: &DataSpec) -> Result<Dataset, DataError> {
                 tracing::warn!(file = %name, %reason, "skipping data file");
                 skipped.push(SkippedFile {
                     file: name,
-                    reason: reason.into(),
+                    reason: reason.to_string(),
                 });
                 continue;
             }
@@ -675,12 +643,28 @@ mod tests {
             resolve_labels(&RawLabels::Index(vec![1, 0]), &classes).unwrap(),
             vec![1, 0]
         );
-        assert!(resolve_labels(&RawLabels::Index(vec![2]), &classes)
-            .unwrap_err()
-            .contains("label 2"));
-        assert!(resolve_labels(&RawLabels::Name(vec!["c".into()]), &classes)
-            .unwrap_err()
-            .contains("\"c\""));
+        let e = resolve_labels(&RawLabels::Index(vec![2]), &classes).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                FileError::LabelOutOfRange {
+                    sample: 0,
+                    label: 2,
+                    classes: 2
+                }
+            ),
+            "{e}"
+        );
+        assert!(e.to_string().contains("label 2"));
+        let e = resolve_labels(&RawLabels::Name(vec!["c".into()]), &classes).unwrap_err();
+        assert!(
+            matches!(e, FileError::UnknownClass { sample: 0, .. }),
+            "{e}"
+        );
+        assert_eq!(
+            e.to_string(),
+            "sample 0 has label \"c\", which is not a known class"
+        );
     }
 
     #[test]
@@ -693,12 +677,14 @@ mod tests {
         std::os::unix::fs::symlink(&secret, &link).unwrap();
         let mut spec = DataSpec::new(dir.path(), DataFormat::Csv);
         let e = read_file(&link, &spec).unwrap_err();
-        assert!(e.contains("outside the data folder"), "{e}");
+        assert!(matches!(e, FileError::LinkOutside { .. }), "{e}");
+        assert!(e.to_string().contains("outside the data folder"), "{e}");
         let big = dir.path().join("big.csv");
         std::fs::write(&big, "a,label\n1,0\n2,1\n").unwrap();
         spec.max_file_bytes = 8;
         let e = read_file(&big, &spec).unwrap_err();
-        assert!(e.contains("data.max_file_mb"), "{e}");
+        assert!(matches!(e, FileError::TooLarge { limit: 8, .. }), "{e}");
+        assert!(e.to_string().contains("data.max_file_mb"), "{e}");
         spec.max_file_bytes = DEFAULT_MAX_FILE_BYTES;
         assert_eq!(read_file(&big, &spec).unwrap().len(), 2);
     }

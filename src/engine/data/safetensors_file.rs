@@ -9,43 +9,50 @@ use crate::engine::st_decode;
 
 /// Reads one shard; the error is a reason fit for a user.
 pub fn read(path: &Path, x_key: &str, y_key: &str) -> Result<FileSamples, FileError> {
-    let bytes = std::fs::read(path).map_err(|e| format!("cannot read: {e}"))?;
-    let st = SafeTensors::deserialize(&bytes)
-        .map_err(|e| format!("not a valid safetensors file: {e}"))?;
-    let x = st
-        .tensor(x_key)
-        .map_err(|_| format!("no tensor named {x_key:?} (has: {})", names(&st)))?;
-    let y = st
-        .tensor(y_key)
-        .map_err(|_| format!("no tensor named {y_key:?} (has: {})", names(&st)))?;
+    let bytes = std::fs::read(path).map_err(FileError::Io)?;
+    let st = SafeTensors::deserialize(&bytes).map_err(FileError::Safetensors)?;
+    let x = st.tensor(x_key).map_err(|_| FileError::NoTensor {
+        name: x_key.to_string(),
+        has: names(&st),
+    })?;
+    let y = st.tensor(y_key).map_err(|_| FileError::NoTensor {
+        name: y_key.to_string(),
+        has: names(&st),
+    })?;
     let xs = x.shape();
     if xs.len() < 2 {
-        return Err(format!(
-            "{x_key:?} has shape {xs:?}; expected [N, features...] with at least 2 dimensions"
-        )
-        .into());
+        return Err(FileError::FeatureRank {
+            key: x_key.to_string(),
+            shape: xs.to_vec(),
+        });
     }
     if y.shape().len() != 1 {
-        return Err(format!("{y_key:?} has shape {:?}; expected [N]", y.shape()).into());
+        return Err(FileError::LabelRank {
+            key: y_key.to_string(),
+            shape: y.shape().to_vec(),
+        });
     }
     if y.shape()[0] != xs[0] {
-        return Err(format!(
-            "{x_key:?} has {} samples but {y_key:?} has {} labels",
-            xs[0],
-            y.shape()[0]
-        )
-        .into());
+        return Err(FileError::LabelCount {
+            x_key: x_key.to_string(),
+            samples: xs[0],
+            y_key: y_key.to_string(),
+            labels: y.shape()[0],
+        });
     }
     let features = match x.dtype() {
         Dtype::U8 => Features::U8(x.data().to_vec()),
-        Dtype::F32 | Dtype::F64 | Dtype::F16 | Dtype::BF16 => {
-            Features::F32(st_decode::f32_values(&x).map_err(|e| format!("{x_key:?}: {e}"))?)
-        }
+        Dtype::F32 | Dtype::F64 | Dtype::F16 | Dtype::BF16 => Features::F32(
+            st_decode::f32_values(&x).map_err(|source| FileError::Decode {
+                key: x_key.to_string(),
+                source,
+            })?,
+        ),
         other => {
-            return Err(format!(
-                "{x_key:?} has dtype {other:?}; supported: F32, F64, F16, BF16, U8"
-            )
-            .into())
+            return Err(FileError::FeatureDtype {
+                key: x_key.to_string(),
+                dtype: other,
+            })
         }
     };
     let labels: Vec<i64> = match y.dtype() {
@@ -56,11 +63,15 @@ pub fn read(path: &Path, x_key: &str, y_key: &str) -> Result<FileSamples, FileEr
         | Dtype::U8
         | Dtype::U16
         | Dtype::U32
-        | Dtype::U64 => st_decode::i64_values(&y).map_err(|e| format!("{y_key:?}: {e}"))?,
+        | Dtype::U64 => st_decode::i64_values(&y).map_err(|source| FileError::Decode {
+            key: y_key.to_string(),
+            source,
+        })?,
         other => {
-            return Err(
-                format!("{y_key:?} has dtype {other:?}; labels must be an integer type").into(),
-            )
+            return Err(FileError::LabelDtype {
+                key: y_key.to_string(),
+                dtype: other,
+            })
         }
     };
     Ok(FileSamples {
@@ -70,8 +81,8 @@ pub fn read(path: &Path, x_key: &str, y_key: &str) -> Result<FileSamples, FileEr
     })
 }
 
-fn names(st: &SafeTensors) -> String {
-    let mut n = st.names();
+fn names(st: &SafeTensors) -> Vec<String> {
+    let mut n: Vec<String> = st.names().into_iter().map(str::to_string).collect();
     n.sort();
-    n.join(", ")
+    n
 }

@@ -8,7 +8,9 @@
 use std::path::Path;
 
 use super::labels::{impossible, release_memory, Budget, LabelCodes};
-use super::{check_file, csv_file, read_file, resolve_labels, text_tsv, DataFormat, DataSpec};
+use super::{
+    check_file, csv_file, read_file, resolve_labels, text_tsv, DataFormat, DataSpec, FileError,
+};
 
 /// What a checked file holds.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -19,10 +21,11 @@ pub struct FileCheck {
     pub sample_shape: Vec<usize>,
 }
 
-fn shape_error(found: &[usize], expected: &[usize]) -> String {
-    format!(
-        "sample shape {found:?} differs from {expected:?} expected by the model and the other data"
-    )
+fn shape_error(found: &[usize], expected: &[usize]) -> FileError {
+    FileError::Shape {
+        found: found.to_vec(),
+        expected: expected.to_vec(),
+    }
 }
 
 /// Checks one file on its own and, where given, against the reference sample
@@ -32,7 +35,7 @@ pub fn scan_file(
     spec: &DataSpec,
     shape: Option<&[usize]>,
     classes: Option<&[String]>,
-) -> Result<FileCheck, String> {
+) -> Result<FileCheck, FileError> {
     let result = match spec.format {
         DataFormat::Csv => scan_csv(path, spec, shape, classes),
         DataFormat::TextTsv => scan_text(path, spec, shape, classes),
@@ -61,14 +64,13 @@ fn label_check(
     classes: Option<&[String]>,
     label: &str,
     row: usize,
-) -> Result<bool, String> {
+) -> Result<bool, FileError> {
     if let Some(classes) = classes {
         if impossible(label, classes) {
-            return Err(format!(
-                "label {}, which is not one of the {} classes",
-                super::labels::quote(label),
-                classes.len()
-            ));
+            return Err(FileError::NotAClass {
+                label: super::labels::quote(label),
+                classes: classes.len(),
+            });
         }
     }
     labels.note(label, row)
@@ -79,9 +81,9 @@ fn finish(
     classes: Option<&[String]>,
     samples: usize,
     sample_shape: Vec<usize>,
-) -> Result<FileCheck, String> {
+) -> Result<FileCheck, FileError> {
     if samples == 0 {
-        return Err("the file holds no samples".into());
+        return Err(FileError::NoSamples);
     }
     // Negative indices are refused on their own, as when loading.
     labels.check_not_negative()?;
@@ -99,7 +101,7 @@ fn scan_csv(
     spec: &DataSpec,
     shape: Option<&[usize]>,
     classes: Option<&[String]>,
-) -> Result<FileCheck, String> {
+) -> Result<FileCheck, FileError> {
     check_file(path, spec)?;
     let mut labels = LabelCodes::default();
     let mut budget = Budget::new(spec.max_file_bytes);
@@ -130,7 +132,7 @@ fn scan_text(
     spec: &DataSpec,
     shape: Option<&[usize]>,
     classes: Option<&[String]>,
-) -> Result<FileCheck, String> {
+) -> Result<FileCheck, FileError> {
     check_file(path, spec)?;
     let sample_shape = vec![spec.max_len];
     if let Some(expected) = shape {
@@ -173,12 +175,33 @@ mod tests {
         let classes: Vec<String> = vec!["x".into(), "y".into()];
         assert!(scan_file(&csv, &s, Some(&[2]), Some(&classes)).is_ok());
         let e = scan_file(&csv, &s, Some(&[3]), None).unwrap_err();
+        assert!(
+            matches!(e.cause(), FileError::Shape { found, expected } if found == &[2] && expected == &[3]),
+            "{e}"
+        );
+        let e = e.to_string();
         assert!(e.contains("sample shape [2] differs from [3]"), "{e}");
         std::fs::write(&csv, "a,b,label\n1,2,0\n3,4,cat\n5,6,1\n").unwrap();
         let e = scan_file(&csv, &s, None, Some(&classes)).unwrap_err();
+        assert!(
+            matches!(&e, FileError::AtLine { line: 3, source } if matches!(**source, FileError::NotAClass { classes: 2, .. })),
+            "{e}"
+        );
+        let e = e.to_string();
         assert!(e.starts_with("line 3: label \"cat\""), "{e}");
         std::fs::write(&csv, "a,b,label\n1,2,0\n3,4,-1\n").unwrap();
         let e = scan_file(&csv, &s, None, None).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                FileError::NegativeLabel {
+                    sample: 1,
+                    label: -1
+                }
+            ),
+            "{e}"
+        );
+        let e = e.to_string();
         assert!(e.contains("negative label -1"), "{e}");
 
         let txt = d.join("b.txt");
@@ -194,7 +217,9 @@ mod tests {
             }
         );
         std::fs::write(&txt, "hello\t0\nworld\t5\n").unwrap();
-        let e = scan_file(&txt, &s, None, Some(&classes)).unwrap_err();
+        let e = scan_file(&txt, &s, None, Some(&classes))
+            .unwrap_err()
+            .to_string();
         assert!(e.starts_with("line 2: label \"5\""), "{e}");
     }
 
@@ -207,9 +232,11 @@ mod tests {
         // 10,000 samples of 32 ids (128 bytes) + 8: 1.36 MB, over a 1 MiB budget.
         s.max_file_bytes = 1 << 20;
         let e = scan_file(&p, &s, None, None).unwrap_err();
-        assert!(e.contains("data.max_file_mb"), "{e}");
+        assert!(matches!(e.cause(), FileError::Budget { .. }), "{e}");
+        assert!(e.to_string().contains("data.max_file_mb"), "{e}");
         let e = read_file(&p, &s).unwrap_err();
-        assert!(e.contains("data.max_file_mb"), "{e}");
+        assert!(matches!(e.cause(), FileError::Budget { .. }), "{e}");
+        assert!(e.to_string().contains("data.max_file_mb"), "{e}");
         let ds = super::super::load_dataset(&DataSpec {
             max_file_bytes: 1 << 20,
             ..spec(t.path(), DataFormat::TextTsv)

@@ -12,7 +12,8 @@ use super::labels::{release_memory, Budget, LabelCodes};
 use super::vocab::Vocab;
 use super::{
     check_file, infer_classes, list_files, read_class_file, relative_name, resolve_labels,
-    split_indices, DataError, DataSpec, Dataset, Features, FileSamples, RawLabels, SkippedFile,
+    split_indices, DataError, DataSpec, Dataset, Features, FileError, FileSamples, RawLabels,
+    SkippedFile,
 };
 
 /// File names in a text data folder that are not data.
@@ -26,7 +27,7 @@ pub struct TextFile {
 }
 
 /// Reads and checks one file; the error is a reason fit for a user.
-pub fn read(path: &Path) -> Result<TextFile, String> {
+pub fn read(path: &Path) -> Result<TextFile, FileError> {
     let mut texts = Vec::new();
     let mut labels = LabelCodes::default();
     for_each_line(path, |_, text, label| {
@@ -41,11 +42,14 @@ pub fn read(path: &Path) -> Result<TextFile, String> {
 }
 
 /// The labels of a file, refusing negative class indices.
-fn finish_labels(labels: LabelCodes) -> Result<RawLabels, String> {
+fn finish_labels(labels: LabelCodes) -> Result<RawLabels, FileError> {
     let labels = labels.finish();
     if let RawLabels::Index(v) = &labels {
         if let Some((i, l)) = v.iter().enumerate().find(|(_, l)| **l < 0) {
-            return Err(format!("sample {i} has negative label {l}"));
+            return Err(FileError::NegativeLabel {
+                sample: i,
+                label: *l,
+            });
         }
     }
     Ok(labels)
@@ -57,26 +61,21 @@ fn finish_labels(labels: LabelCodes) -> Result<RawLabels, String> {
 /// file without any is an error.
 pub(super) fn for_each_line(
     path: &Path,
-    mut f: impl FnMut(usize, &str, &str) -> Result<(), String>,
-) -> Result<usize, String> {
-    let file = std::fs::File::open(path).map_err(|e| format!("cannot read: {e}"))?;
+    mut f: impl FnMut(usize, &str, &str) -> Result<(), FileError>,
+) -> Result<usize, FileError> {
+    let file = std::fs::File::open(path).map_err(FileError::Io)?;
     let mut reader = std::io::BufReader::with_capacity(64 << 10, file);
     let mut buf = Vec::new();
     let (mut offset, mut line_no, mut samples) = (0usize, 0usize, 0usize);
     loop {
         buf.clear();
-        let n = reader
-            .read_until(b'\n', &mut buf)
-            .map_err(|e| format!("cannot read: {e}"))?;
+        let n = reader.read_until(b'\n', &mut buf).map_err(FileError::Io)?;
         if n == 0 {
             break;
         }
         line_no += 1;
-        let text = std::str::from_utf8(&buf).map_err(|e| {
-            format!(
-                "not UTF-8 text (invalid byte at offset {})",
-                offset + e.valid_up_to()
-            )
+        let text = std::str::from_utf8(&buf).map_err(|e| FileError::NotUtf8 {
+            offset: offset + e.valid_up_to(),
         })?;
         offset += n;
         let text = if line_no == 1 {
@@ -89,19 +88,17 @@ pub(super) fn for_each_line(
             continue;
         }
         let Some((content, label)) = line.rsplit_once('\t') else {
-            return Err(format!(
-                "line {line_no}: no TAB between text and label (expected `text<TAB>label`)"
-            ));
+            return Err(FileError::NoTab { line: line_no });
         };
         let label = label.trim();
         if label.is_empty() {
-            return Err(format!("line {line_no}: empty label"));
+            return Err(FileError::EmptyLabel { line: line_no });
         }
-        f(samples, content, label).map_err(|e| format!("line {line_no}: {e}"))?;
+        f(samples, content, label).map_err(|e| e.at_line(line_no))?;
         samples += 1;
     }
     if samples == 0 {
-        return Err("the file holds no `text<TAB>label` lines".into());
+        return Err(FileError::NoTextLines);
     }
     Ok(samples)
 }
@@ -109,7 +106,7 @@ pub(super) fn for_each_line(
 /// One file as samples of token ids, with `vocab` (every token unknown without
 /// one), encoded line by line; refused once its ids would take more than
 /// `data.max_file_mb`.
-pub fn read_samples(path: &Path, spec: &DataSpec) -> Result<FileSamples, String> {
+pub fn read_samples(path: &Path, spec: &DataSpec) -> Result<FileSamples, FileError> {
     let empty;
     let vocab = match &spec.vocab {
         Some(v) => v,
@@ -182,7 +179,6 @@ pub fn load(spec: &DataSpec) -> Result<Dataset, DataError> {
         let mut labels = LabelCodes::default();
         let mut budget = Budget::new(spec.max_file_bytes);
         let read = check_file(path, spec)
-            .map_err(String::from)
             .and_then(|_| {
                 for_each_line(path, |row, text, label| {
                     let int = labels.push(label)?;
@@ -197,7 +193,10 @@ pub fn load(spec: &DataSpec) -> Result<Dataset, DataError> {
             Err(reason) => {
                 texts.truncate(first);
                 tracing::warn!(file = %path.display(), %reason, "skipping data file");
-                skipped.push(SkippedFile { file: name, reason });
+                skipped.push(SkippedFile {
+                    file: name,
+                    reason: reason.to_string(),
+                });
             }
         }
     }
@@ -228,7 +227,7 @@ pub fn load(spec: &DataSpec) -> Result<Dataset, DataError> {
                 tracing::warn!(file = %name, %reason, "skipping data file");
                 skipped.push(SkippedFile {
                     file: name,
-                    reason: reason.into(),
+                    reason: reason.to_string(),
                 });
                 continue;
             }
@@ -305,8 +304,12 @@ mod tests {
             RawLabels::Name(vec!["sports".into(), "finance".into()])
         );
         std::fs::write(&p, "a\t0\nno tab here\n").unwrap();
-        assert!(read(&p).unwrap_err().contains("line 2: no TAB"));
+        let e = read(&p).unwrap_err();
+        assert!(matches!(e, FileError::NoTab { line: 2 }), "{e}");
+        assert!(e.to_string().contains("line 2: no TAB"));
         std::fs::write(&p, [0x61, 0x09, 0x30, 0x0a, 0xff, 0xfe]).unwrap();
-        assert!(read(&p).unwrap_err().contains("not UTF-8"));
+        let e = read(&p).unwrap_err();
+        assert!(matches!(e, FileError::NotUtf8 { offset: 4 }), "{e}");
+        assert!(e.to_string().contains("not UTF-8"));
     }
 }

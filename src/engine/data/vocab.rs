@@ -74,16 +74,16 @@ impl Vocab {
     /// A vocabulary of `tokens` (in id order) with the given padding and unknown ids.
     pub fn new(tokens: Vec<String>, pad: usize, unk: usize) -> Result<Self, FileError> {
         if pad >= tokens.len() || unk >= tokens.len() || pad == unk {
-            return Err(format!(
-                "padding id {pad} and unknown id {unk} must be two different ids below {}",
-                tokens.len()
-            )
-            .into());
+            return Err(FileError::VocabIds {
+                pad,
+                unk,
+                tokens: tokens.len(),
+            });
         }
         let mut index = HashMap::with_capacity(tokens.len());
         for (i, t) in tokens.iter().enumerate() {
             if index.insert(t.clone(), i as u32).is_some() {
-                return Err(format!("token {t:?} appears twice").into());
+                return Err(FileError::DuplicateToken { token: t.clone() });
             }
         }
         Ok(Self {
@@ -139,20 +139,20 @@ impl Vocab {
     /// Reads a vocabulary file: one token per line, line N holding id N (UTF-8).
     /// `<UNK>` and `<PAD>` are appended when the file lacks them.
     pub fn read(path: &Path) -> Result<Self, FileError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| format!("cannot read vocabulary {}: {e}", path.display()))?;
+        let text = std::fs::read_to_string(path).map_err(|source| FileError::VocabRead {
+            path: path.to_path_buf(),
+            source,
+        })?;
         let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
         let body = text.strip_suffix('\n').unwrap_or(text);
         let mut tokens = Vec::new();
         for (i, line) in body.split('\n').enumerate() {
             let tok = line.strip_suffix('\r').unwrap_or(line);
             if tok.is_empty() {
-                return Err(format!(
-                    "vocabulary {}: line {} is empty (one token per line)",
-                    path.display(),
-                    i + 1
-                )
-                .into());
+                return Err(FileError::VocabEmptyLine {
+                    path: path.to_path_buf(),
+                    line: i + 1,
+                });
             }
             tokens.push(tok.to_string());
         }
@@ -163,8 +163,10 @@ impl Vocab {
         }
         let pad = tokens.iter().position(|t| t == PAD).unwrap_or(0);
         let unk = tokens.iter().position(|t| t == UNK).unwrap_or(0);
-        Self::new(tokens, pad, unk)
-            .map_err(|e| FileError(format!("vocabulary {}: {e}", path.display())))
+        Self::new(tokens, pad, unk).map_err(|e| FileError::InVocab {
+            path: path.to_path_buf(),
+            source: Box::new(e),
+        })
     }
 
     /// Number of tokens, special ones included.
@@ -252,7 +254,12 @@ mod tests {
         assert_eq!(back, v);
         assert_eq!(back.id("体"), 1);
         std::fs::write(&p, "a\nb\na\n").unwrap();
-        assert!(Vocab::read(&p).unwrap_err().contains("twice"));
+        let e = Vocab::read(&p).unwrap_err();
+        assert!(
+            matches!(e.cause(), FileError::DuplicateToken { token } if token == "a"),
+            "{e}"
+        );
+        assert!(e.to_string().contains("twice"));
         std::fs::write(&p, "a\nb\n").unwrap();
         assert_eq!(
             Vocab::read(&p).unwrap().tokens(),

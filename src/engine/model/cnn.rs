@@ -39,10 +39,11 @@ use candle_core::Tensor;
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
+use super::error::{KeyError, KeyProblem, ModelError, SpecError};
 use super::layers::{
     conv, linear, Activation, BatchNorm, Conv, ConvConfig, Dropout, Linear, MaxPool, PoolConfig,
 };
-use super::registry::{Common, KeyError};
+use super::registry::Common;
 use super::{Classifier, ForwardCtx};
 
 /// Dropout when `model.dropout` is not set.
@@ -106,10 +107,7 @@ impl CnnConfig {
     /// Checks the keys on their own.
     pub fn validate(&self) -> Result<(), KeyError> {
         if self.conv_channels.is_empty() || self.conv_channels.contains(&0) {
-            return Err(KeyError::new(
-                "model.conv_channels",
-                "needs at least one block, each with >= 1 channel",
-            ));
+            return Err(KeyError::new("model.conv_channels", KeyProblem::NoChannels));
         }
         for (key, values) in [
             ("model.kernel_size", self.kernel_size.to_vec()),
@@ -117,7 +115,7 @@ impl CnnConfig {
             ("model.pool", self.pool.to_vec()),
         ] {
             if values.is_empty() || values.contains(&0) {
-                return Err(KeyError::new(key, "every value must be >= 1"));
+                return Err(KeyError::new(key, KeyProblem::ZeroValue));
             }
         }
         Ok(())
@@ -127,10 +125,7 @@ impl CnnConfig {
     pub fn check_blocks(&self) -> Result<(), KeyError> {
         let blocks = self.conv_channels.len();
         if blocks == 0 {
-            return Err(KeyError::new(
-                "model.conv_channels",
-                "needs at least one block",
-            ));
+            return Err(KeyError::new("model.conv_channels", KeyProblem::NoBlocks));
         }
         let lens = [
             ("model.kernel_size", self.kernel_size.to_vec().len()),
@@ -145,9 +140,7 @@ impl CnnConfig {
         match lens.iter().find(|(_, n)| *n != 1 && *n != blocks) {
             Some((key, n)) => Err(KeyError::new(
                 key,
-                format!(
-                    "has {n} values but model.conv_channels makes {blocks} blocks; give one value or {blocks}"
-                ),
+                KeyProblem::PerBlockLength { got: *n, blocks },
             )),
             None => Ok(()),
         }
@@ -184,29 +177,26 @@ impl CnnConfig {
     /// samples of `sample_shape`; the error says why it does not fit.
     pub fn resolve(
         &self,
-        arch: &str,
+        arch: &'static str,
         spatial_dims: usize,
         common: &Common,
         sample_shape: &[usize],
-    ) -> Result<CnnSpec, String> {
+    ) -> Result<CnnSpec, ModelError> {
         let (in_channels, input_size) = if sample_shape.len() == spatial_dims {
             (1, sample_shape.to_vec())
         } else if sample_shape.len() == spatial_dims + 1 {
             (sample_shape[0], sample_shape[1..].to_vec())
         } else {
-            let want = if spatial_dims == 2 {
-                "[C, H, W] or [H, W]"
-            } else {
-                "[C, L] or [L]"
-            };
-            return Err(format!(
-                "model.arch = {arch:?} takes samples of shape {want}, but the data has {sample_shape:?}"
-            ));
+            return Err(ModelError::SampleShape {
+                arch,
+                spatial_dims,
+                shape: sample_shape.to_vec(),
+            });
         };
         let spec = CnnSpec {
             in_channels,
             input_size,
-            blocks: self.blocks().map_err(|e| e.to_string())?,
+            blocks: self.blocks()?,
             num_classes: common.num_classes,
             activation: common.activation,
             dropout: common.dropout,
@@ -214,7 +204,7 @@ impl CnnConfig {
             hidden: Vec::new(),
         };
         spec.feature_sizes()
-            .map_err(|e| format!("model.arch = {arch:?}: {e}"))?;
+            .map_err(|source| ModelError::Spec { arch, source })?;
         Ok(spec)
     }
 }
@@ -259,7 +249,7 @@ pub struct CnnSpec {
 
 impl CnnSpec {
     /// Width of the features entering the fully-connected part.
-    pub fn features_out(&self) -> Result<usize, String> {
+    pub fn features_out(&self) -> Result<usize, SpecError> {
         let sizes = self.feature_sizes()?;
         let channels = self
             .blocks
@@ -273,32 +263,34 @@ impl CnnSpec {
     }
 
     /// Spatial size after each block; an error names the block that runs out of input.
-    pub fn feature_sizes(&self) -> Result<Vec<Vec<usize>>, String> {
+    pub fn feature_sizes(&self) -> Result<Vec<Vec<usize>>, SpecError> {
         if self.blocks.is_empty() {
-            return Err("needs at least one conv block".into());
+            return Err(SpecError::NoConvBlocks);
         }
         let mut size = self.input_size.clone();
         let mut out = Vec::with_capacity(self.blocks.len());
         for (i, b) in self.blocks.iter().enumerate() {
             if b.out_channels == 0 || b.kernel_size == 0 || b.stride == 0 || b.pool == 0 {
-                return Err(format!(
-                    "block {i}: channels, kernel_size, stride and pool must be >= 1"
-                ));
+                return Err(SpecError::ZeroBlockSize { block: i });
             }
             for n in size.iter_mut() {
                 let padded = *n + 2 * b.padding;
                 if padded < b.kernel_size {
-                    return Err(format!(
-                        "block {i}: input of size {:?} (padded {padded}) is smaller than kernel_size {}",
-                        self.input_size, b.kernel_size
-                    ));
+                    return Err(SpecError::ShapeTooSmall {
+                        block: i,
+                        input: self.input_size.clone(),
+                        padded,
+                        kernel: b.kernel_size,
+                    });
                 }
                 let conv = (padded - b.kernel_size) / b.stride + 1;
                 if conv < b.pool {
-                    return Err(format!(
-                        "block {i}: feature map of size {conv} is smaller than pool {} (input {:?} is too small for this many blocks)",
-                        b.pool, self.input_size
-                    ));
+                    return Err(SpecError::PoolTooLarge {
+                        block: i,
+                        size: conv,
+                        pool: b.pool,
+                        input: self.input_size.clone(),
+                    });
                 }
                 *n = conv / b.pool;
             }
@@ -349,7 +341,7 @@ impl ConvNet {
         if !(dims == 1 || dims == 2) {
             candle_core::bail!("a conv net takes [C, L] or [C, H, W] samples");
         }
-        let mut width = spec.features_out().map_err(candle_core::Error::msg)?;
+        let mut width = spec.features_out().map_err(candle_core::Error::wrap)?;
         let fv = vb.pp("features");
         let mut cin = spec.in_channels;
         let mut blocks = Vec::with_capacity(spec.blocks.len());
@@ -599,6 +591,14 @@ mod tests {
             hidden: Vec::new(),
         };
         let e = spec.feature_sizes().unwrap_err();
-        assert!(e.contains("block 2"), "{e}");
+        assert!(
+            matches!(
+                e,
+                SpecError::ShapeTooSmall { block: 2, .. }
+                    | SpecError::PoolTooLarge { block: 2, .. }
+            ),
+            "{e}"
+        );
+        assert!(e.to_string().contains("block 2"), "{e}");
     }
 }

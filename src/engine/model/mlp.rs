@@ -20,8 +20,9 @@ use candle_core::Tensor;
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
+use super::error::{KeyError, KeyProblem};
 use super::layers::{linear, Activation, Dropout, Linear};
-use super::registry::{Common, KeyError};
+use super::registry::Common;
 use super::{Classifier, ForwardCtx};
 
 /// Dropout when `model.dropout` is not set.
@@ -47,10 +48,7 @@ impl MlpConfig {
     /// Checks the keys on their own.
     pub fn validate(&self) -> Result<(), KeyError> {
         if self.hidden.contains(&0) {
-            return Err(KeyError::new(
-                "model.hidden",
-                "every layer width must be > 0",
-            ));
+            return Err(KeyError::new("model.hidden", KeyProblem::ZeroWidth));
         }
         Ok(())
     }

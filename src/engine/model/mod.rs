@@ -3,6 +3,7 @@
 //! module tree and match the PyTorch twin's `state_dict` keys.
 
 pub mod cnn;
+pub mod error;
 pub mod import;
 pub mod layers;
 pub mod mlp;
@@ -14,13 +15,14 @@ pub use layers::batchnorm;
 
 use candle_core::{Device, Tensor};
 pub use cnn::{CnnConfig, CnnSpec, ConvBlockSpec, ConvNet, PerBlock};
+pub use error::{KeyError, KeyProblem, ModelError, SpecError};
 pub use import::{load_init, InitMapping, InitReport};
 pub use layers::Activation;
 pub use mlp::{Mlp, MlpConfig, MlpSpec};
 pub use params::{matches_pattern, LoadError, ParamStore};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
-pub use registry::{ArchConfigs, ArchKind, KeyError, ModelSpec, ModelTemplate};
+pub use registry::{ArchConfigs, ArchKind, ModelSpec, ModelTemplate};
 pub use textcnn::{TextCnn, TextCnnConfig, TextCnnSpec};
 
 /// Which implementation the layers compute with (see [`layers`]).

@@ -10,6 +10,7 @@ use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
 use super::cnn::{self, CnnConfig, CnnSpec};
+use super::error::{KeyError, KeyProblem, ModelError};
 use super::mlp::{self, MlpConfig, MlpSpec};
 use super::textcnn::{self, TextCnnConfig, TextCnnSpec};
 use super::{Activation, Classifier};
@@ -136,24 +137,6 @@ pub struct ArchConfigs {
     pub textcnn: TextCnnConfig,
 }
 
-/// A config key (its full, documented name) and what is wrong with its value.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{key} {reason}")]
-pub struct KeyError {
-    pub key: String,
-    pub reason: String,
-}
-
-impl KeyError {
-    /// The error for `key`.
-    pub fn new(key: &str, reason: impl Into<String>) -> Self {
-        Self {
-            key: key.to_string(),
-            reason: reason.into(),
-        }
-    }
-}
-
 /// What an architecture's key checks need from the rest of the config.
 #[derive(Debug, Clone, Copy)]
 pub struct ConfigContext {
@@ -222,17 +205,11 @@ impl ModelTemplate {
             (true, false) => {
                 return Err(KeyError::new(
                     "model.arch",
-                    format!(
-                        "{:?} reads text: set data.format = \"text-tsv\"",
-                        arch.name()
-                    ),
+                    KeyProblem::ArchNeedsText { arch: arch.name() },
                 ))
             }
             (false, true) => {
-                return Err(KeyError::new(
-                    "model.arch",
-                    "text data (data.format = \"text-tsv\") needs model.arch = \"textcnn\"",
-                ))
+                return Err(KeyError::new("model.arch", KeyProblem::TextNeedsTextArch))
             }
             _ => {}
         }
@@ -260,12 +237,11 @@ impl ModelTemplate {
         sample_shape: &[usize],
         num_classes: usize,
         vocab: Option<&Vocab>,
-    ) -> Result<ModelSpec, String> {
+    ) -> Result<ModelSpec, ModelError> {
         if vocab.is_some() && !self.arch.reads_text() {
-            return Err(format!(
-                "model.arch = {:?} cannot read text (token ids); use \"textcnn\"",
-                self.arch_name()
-            ));
+            return Err(ModelError::CannotReadText {
+                arch: self.arch_name(),
+            });
         }
         let common = Common {
             activation: self.activation,

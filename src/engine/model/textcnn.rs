@@ -27,8 +27,9 @@ use candle_core::Tensor;
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
+use super::error::{KeyError, KeyProblem, ModelError, SpecError};
 use super::layers::{linear, Dropout, Embedding, Linear, TextConv};
-use super::registry::{Common, KeyError};
+use super::registry::Common;
 use super::{Classifier, ForwardCtx};
 use crate::engine::data::Vocab;
 
@@ -62,22 +63,19 @@ impl TextCnnConfig {
     /// against `data.max_len`.
     pub fn validate(&self, selected: bool, max_len: usize) -> Result<(), KeyError> {
         if self.embed_dim == 0 {
-            return Err(KeyError::new("model.embed_dim", "must be >= 1"));
+            return Err(KeyError::new("model.embed_dim", KeyProblem::Zero));
         }
         if self.num_filters == 0 {
-            return Err(KeyError::new("model.num_filters", "must be >= 1"));
+            return Err(KeyError::new("model.num_filters", KeyProblem::Zero));
         }
         if self.filter_sizes.is_empty() || self.filter_sizes.contains(&0) {
-            return Err(KeyError::new(
-                "model.filter_sizes",
-                "needs at least one width, each >= 1",
-            ));
+            return Err(KeyError::new("model.filter_sizes", KeyProblem::NoWidths));
         }
         if selected {
             if let Some(&k) = self.filter_sizes.iter().find(|&&k| k > max_len) {
                 return Err(KeyError::new(
                     "model.filter_sizes",
-                    format!("filter size {k} is longer than data.max_len = {max_len}"),
+                    KeyProblem::FilterTooLong { size: k, max_len },
                 ));
             }
         }
@@ -90,16 +88,16 @@ impl TextCnnConfig {
         common: &Common,
         sample_shape: &[usize],
         vocab: Option<&Vocab>,
-    ) -> Result<TextCnnSpec, String> {
+    ) -> Result<TextCnnSpec, ModelError> {
         let Some(vocab) = vocab else {
-            return Err(
-                "model.arch = \"textcnn\" reads text: set data.format = \"text-tsv\"".into(),
-            );
+            return Err(ModelError::NeedsText { arch: "textcnn" });
         };
         let [seq_len] = sample_shape else {
-            return Err(format!(
-                "textcnn takes token sequences [L], the data has {sample_shape:?}"
-            ));
+            return Err(ModelError::SampleShape {
+                arch: "textcnn",
+                spatial_dims: 0,
+                shape: sample_shape.to_vec(),
+            });
         };
         let spec = TextCnnSpec {
             vocab_size: vocab.len(),
@@ -111,8 +109,10 @@ impl TextCnnConfig {
             num_classes: common.num_classes,
             dropout: common.dropout,
         };
-        spec.check()
-            .map_err(|e| format!("model.arch = \"textcnn\": {e}"))?;
+        spec.check().map_err(|source| ModelError::Spec {
+            arch: "textcnn",
+            source,
+        })?;
         Ok(spec)
     }
 }
@@ -135,24 +135,24 @@ pub struct TextCnnSpec {
 
 impl TextCnnSpec {
     /// Checks the sizes against each other.
-    pub fn check(&self) -> Result<(), String> {
+    pub fn check(&self) -> Result<(), SpecError> {
         if self.vocab_size == 0 || self.embed_dim == 0 || self.num_filters == 0 {
-            return Err("vocab_size, embed_dim and num_filters must be >= 1".into());
+            return Err(SpecError::ZeroTextSize);
         }
         if self.pad_index >= self.vocab_size {
-            return Err(format!(
-                "pad_index {} is outside the vocabulary of {}",
-                self.pad_index, self.vocab_size
-            ));
+            return Err(SpecError::PadOutside {
+                pad_index: self.pad_index,
+                vocab_size: self.vocab_size,
+            });
         }
         if self.filter_sizes.is_empty() || self.filter_sizes.contains(&0) {
-            return Err("filter_sizes needs at least one width, each >= 1".into());
+            return Err(SpecError::NoFilterWidths);
         }
         if let Some(&k) = self.filter_sizes.iter().find(|&&k| k > self.seq_len) {
-            return Err(format!(
-                "filter size {k} is longer than the sequence length {} (data.max_len)",
-                self.seq_len
-            ));
+            return Err(SpecError::FilterTooLong {
+                size: k,
+                seq_len: self.seq_len,
+            });
         }
         Ok(())
     }
@@ -169,7 +169,7 @@ pub struct TextCnn {
 impl TextCnn {
     /// Builds the layers under `vb` (`embedding.weight`, `convs.N.*`, `fc.*`).
     pub fn new(spec: &TextCnnSpec, vb: VarBuilder) -> candle_core::Result<Self> {
-        spec.check().map_err(candle_core::Error::msg)?;
+        spec.check().map_err(candle_core::Error::wrap)?;
         let (v, e) = (spec.vocab_size, spec.embed_dim);
         let embedding = Embedding::new(v, e, Some(spec.pad_index), vb.pp("embedding"))?;
         let cv = vb.pp("convs");
@@ -282,6 +282,13 @@ mod tests {
     fn filters_longer_than_the_text_are_refused() {
         let mut s = spec();
         s.seq_len = 2;
-        assert!(s.check().unwrap_err().contains("filter size 3"));
+        assert_eq!(
+            s.check().unwrap_err(),
+            SpecError::FilterTooLong {
+                size: 3,
+                seq_len: 2
+            }
+        );
+        assert!(s.check().unwrap_err().to_string().contains("filter size 3"));
     }
 }

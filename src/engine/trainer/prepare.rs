@@ -174,10 +174,9 @@ fn fresh_model(
     split: &SplitIndices,
     spec: &DataSpec,
 ) -> Result<(Model, Normalization, String), RunError> {
-    let model_spec = req
-        .model
-        .resolve(&data.sample_shape, data.classes.len(), data.vocab.as_ref())
-        .map_err(RunError::ModelConfig)?;
+    let model_spec =
+        req.model
+            .resolve(&data.sample_shape, data.classes.len(), data.vocab.as_ref())?;
     let model = Model::new(model_spec, req.train.seed, &req.device)?;
     let from = match &req.warm_start {
         WarmStart::StateDict(path) => {
