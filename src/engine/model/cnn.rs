@@ -43,6 +43,7 @@ use super::layers::{
     conv, linear, Activation, BatchNorm, Conv, ConvConfig, Dropout, Linear, MaxPool, PoolConfig,
 };
 use super::registry::{Common, KeyError};
+use crate::engine::budget::{linear_params, n, product, sum, Footprint};
 use super::{Classifier, ForwardCtx};
 
 /// Dropout when `model.dropout` is not set.
@@ -305,6 +306,116 @@ impl CnnSpec {
             out.push(size.clone());
         }
         Ok(out)
+    }
+}
+
+impl CnnConfig {
+    /// The spec of a `spatial_dims`-D net for samples of `sample_shape`
+    /// (`[C, ...]`), without checking that the input is large enough: for
+    /// estimating the footprint before the data is known.
+    pub fn sketch(
+        &self,
+        spatial_dims: usize,
+        common: &Common,
+        sample_shape: &[usize],
+    ) -> Result<CnnSpec, KeyError> {
+        let (in_channels, input_size) = match sample_shape.split_first() {
+            Some((&c, rest)) if rest.len() == spatial_dims => (c, rest.to_vec()),
+            _ => (1, vec![1; spatial_dims]),
+        };
+        Ok(CnnSpec {
+            in_channels,
+            input_size,
+            blocks: self.blocks()?,
+            num_classes: common.num_classes,
+            activation: common.activation,
+            dropout: common.dropout,
+            flatten: false,
+            hidden: Vec::new(),
+        })
+    }
+}
+
+impl CnnSpec {
+    /// Config keys that size the parameters.
+    pub const PARAM_KEYS: &'static [&'static str] = &["model.conv_channels", "model.kernel_size"];
+    /// Config keys that size the activations.
+    pub const ACTIVATION_KEYS: &'static [&'static str] = &[
+        "model.conv_channels",
+        "model.padding",
+        "model.stride",
+        "model.pool",
+    ];
+
+    /// Parameters and per-sample activations (see [`Footprint`]); sizes that
+    /// run out of input count as zero instead of failing.
+    pub fn footprint(&self) -> Footprint {
+        let dims = self.input_size.len() as u32;
+        let mut size: Vec<u64> = self.input_size.iter().map(|&v| n(v)).collect();
+        let mut cin = n(self.in_channels);
+        let (mut params, mut buffers, mut activations) = (0u64, 0u64, 0u64);
+        for b in &self.blocks {
+            let (k, s, p, pool) = (
+                n(b.kernel_size),
+                n(b.stride).max(1),
+                n(b.padding),
+                n(b.pool).max(1),
+            );
+            let cout = n(b.out_channels);
+            let window = k.saturating_pow(dims);
+            let padded: Vec<u64> = size
+                .iter()
+                .map(|&v| v.saturating_add(p.saturating_mul(2)))
+                .collect();
+            let conv: Vec<u64> = padded
+                .iter()
+                .map(|&v| if v >= k { (v - k) / s + 1 } else { 0 })
+                .collect();
+            let pooled: Vec<u64> = conv.iter().map(|&v| v / pool).collect();
+            let (conv_n, pooled_n) = (product(conv.iter().copied()), product(pooled.iter().copied()));
+            let conv_params = cout.saturating_mul(cin).saturating_mul(window);
+            params = sum([params, conv_params, if b.batch_norm { 2 * cout } else { cout }]);
+            if b.batch_norm {
+                buffers = sum([buffers, 2 * cout, 1]);
+            }
+            // Outputs of the convolution, the batch-norm and the activation.
+            let maps = 2 + u64::from(b.batch_norm);
+            activations = sum([
+                activations,
+                // The padded input and its unfolded windows.
+                cin.saturating_mul(product(padded.iter().copied())),
+                cin.saturating_mul(window).saturating_mul(conv_n),
+                cout.saturating_mul(conv_n).saturating_mul(maps),
+                // The pooled map and where each maximum came from.
+                if b.pool > 1 { cout.saturating_mul(pooled_n).saturating_mul(2) } else { 0 },
+            ]);
+            size = if b.pool > 1 { pooled } else { conv };
+            cin = cout;
+        }
+        let mut width = if self.flatten {
+            cin.saturating_mul(product(size.iter().copied()))
+        } else {
+            activations = activations.saturating_add(cin);
+            cin
+        };
+        let per_layer = if self.dropout > 0.0 { 4 } else { 2 };
+        for &h in &self.hidden {
+            let h = n(h);
+            params = params.saturating_add(linear_params(width, h));
+            activations = activations.saturating_add(h.saturating_mul(per_layer));
+            width = h;
+        }
+        let classes = n(self.num_classes);
+        params = params.saturating_add(linear_params(width, classes));
+        activations = sum([activations, width.saturating_mul(2), classes.saturating_mul(3)]);
+        Footprint {
+            params,
+            buffers,
+            input: n(self.in_channels).saturating_mul(product(self.input_size.iter().map(|&v| n(v)))),
+            activations,
+            activation_bound: false,
+        }
+        .finish()
     }
 }
 

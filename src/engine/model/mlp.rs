@@ -22,6 +22,7 @@ use serde::{Deserialize, Serialize};
 
 use super::layers::{linear, Activation, Dropout, Linear};
 use super::registry::{Common, KeyError};
+use crate::engine::budget::{linear_params, n, Footprint};
 use super::{Classifier, ForwardCtx};
 
 /// Dropout when `model.dropout` is not set.
@@ -78,6 +79,39 @@ pub struct MlpSpec {
     pub activation: Activation,
     #[serde(default)]
     pub dropout: f64,
+}
+
+impl MlpSpec {
+    /// Config keys that size the parameters and the activations.
+    pub const SIZE_KEYS: &'static [&'static str] = &["model.hidden"];
+
+    /// Parameters and per-sample activations (see [`Footprint`]).
+    pub fn footprint(&self) -> Footprint {
+        let mut params = 0u64;
+        let mut dim = n(self.input_dim);
+        // Each hidden layer: its output, the activation's, and with dropout the
+        // mask and the dropped output.
+        let per_layer = if self.dropout > 0.0 { 4 } else { 2 };
+        let mut activations = 0u64;
+        for &h in &self.hidden {
+            let h = n(h);
+            params = params.saturating_add(linear_params(dim, h));
+            activations = activations.saturating_add(h.saturating_mul(per_layer));
+            dim = h;
+        }
+        let classes = n(self.num_classes);
+        params = params.saturating_add(linear_params(dim, classes));
+        // Logits, their softmax and the loss's gradient.
+        activations = activations.saturating_add(classes.saturating_mul(3));
+        Footprint {
+            params,
+            buffers: 0,
+            input: n(self.input_dim),
+            activations,
+            activation_bound: false,
+        }
+        .finish()
+    }
 }
 
 /// The MLP itself.
