@@ -1,6 +1,6 @@
 //! The resource budget: the memory one training step needs, estimated from the
 //! model's resolved shapes before anything is allocated, against a limit
-//! (`train.memory_budget_mb`, or half the memory the machine has available).
+//! (`device.memory_budget_mb`, or half the memory the machine has available).
 //!
 //! Each architecture computes its own [`Footprint`] from its spec (see
 //! `engine::model::registry`); [`Estimate`] turns it into bytes for a batch
@@ -158,7 +158,7 @@ impl fmt::Display for Bytes {
 /// Where the budget came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BudgetSource {
-    /// `train.memory_budget_mb`.
+    /// `device.memory_budget_mb`.
     Configured,
     /// Half the memory available to this process (`/proc/meminfo`, cgroup limit).
     Automatic,
@@ -174,7 +174,7 @@ pub struct Budget {
 }
 
 impl Budget {
-    /// `train.memory_budget_mb` when set and not 0, else the automatic budget.
+    /// `device.memory_budget_mb` when set and not 0, else the automatic budget.
     pub fn from_setting(mb: Option<u64>) -> Self {
         match mb {
             Some(mb) if mb > 0 => Self {
@@ -202,14 +202,14 @@ impl fmt::Display for Budget {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mb = self.bytes >> 20;
         match self.source {
-            BudgetSource::Configured => write!(f, "{mb} MiB (train.memory_budget_mb)"),
+            BudgetSource::Configured => write!(f, "{mb} MiB (device.memory_budget_mb)"),
             BudgetSource::Automatic => write!(
                 f,
-                "{mb} MiB (automatic: half the memory available; set train.memory_budget_mb to change it)"
+                "{mb} MiB (automatic: half the memory available; set device.memory_budget_mb to change it)"
             ),
             BudgetSource::Fallback => write!(
                 f,
-                "{mb} MiB (automatic: the machine's memory is unknown; set train.memory_budget_mb)"
+                "{mb} MiB (automatic: the machine's memory is unknown; set device.memory_budget_mb)"
             ),
         }
     }
@@ -305,7 +305,7 @@ mod tests {
         assert_eq!(e.total_bytes(), u64::MAX);
         let b = Budget::from_setting(Some(1));
         let err = b.check(e).unwrap_err().to_string();
-        assert!(err.contains("1 MiB (train.memory_budget_mb)"), "{err}");
+        assert!(err.contains("1 MiB (device.memory_budget_mb)"), "{err}");
         // 1000 params * 5 copies * 4 bytes + 64 * (10 + 20) * 4 bytes.
         let small = Footprint {
             params: 1000,
