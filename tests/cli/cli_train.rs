@@ -433,11 +433,68 @@ fn corrupt_checkpoint_is_refused_by_eval() {
     );
 }
 
+/// Issue 18, break 1: sizes whose training cannot fit in memory passed
+/// `check-config` (and aborted or OOM-killed `train`); now refused with exit 2
+/// naming the key, the estimate and the budget.
+fn sizes_over_the_memory_budget_are_refused_naming_the_key() {
+    let cases: [(&[&str], &str); 4] = [
+        (&["model.hidden=[1099511627776]"], "`model.hidden`"),
+        (&["model.hidden=[100000, 100000]"], "`model.hidden`"),
+        (
+            &["model.arch=\"cnn1d\"", "model.padding=1000000"],
+            "`model.padding`",
+        ),
+        (
+            &[
+                "data.format=\"image-folder\"",
+                "model.arch=\"cnn\"",
+                "data.image_size=[100000, 100000]",
+            ],
+            "data.image_size",
+        ),
+    ];
+    for (sets, key) in cases {
+        for cmd in ["check-config", "train"] {
+            let mut args = vec![cmd, "--config", "configs/demo.toml"];
+            for s in sets {
+                args.extend(["--set", s]);
+            }
+            if cmd == "train" {
+                args.push("--no-progress");
+            }
+            let o = run(&args);
+            let err = text(&o.stderr);
+            assert_eq!(o.status.code(), Some(2), "{cmd} {sets:?}: {err}");
+            assert!(err.contains(key), "{cmd} {sets:?}: {err}");
+        }
+    }
+    // The bundled example fits, and a budget too small for it is named.
+    let o = run(&["check-config", "--config", "configs/demo.toml"]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert!(text(&o.stdout).contains("memory_budget_mb = 0"), "{}", text(&o.stdout));
+    let o = run(&[
+        "check-config",
+        "--config",
+        "configs/demo.toml",
+        "--set",
+        "device.memory_budget_mb=1",
+        "--set",
+        "model.hidden=[1024, 1024]",
+    ]);
+    let err = text(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("`model.hidden`") && err.contains("1 MiB (device.memory_budget_mb)"),
+        "{err}"
+    );
+}
+
 /// This module's tests.
 pub fn tests() -> Vec<Test> {
     vec![
         test!(demo_trains_reproducibly_and_eval_agrees),
         test!(typo_in_config_key_exits_2_naming_the_key),
+        test!(sizes_over_the_memory_budget_are_refused_naming_the_key),
         test!(check_config_prints_layered_values),
         test!(corrupt_data_file_is_skipped_and_named),
         test!(no_valid_data_fails_with_exit_1),

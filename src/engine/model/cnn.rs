@@ -616,6 +616,52 @@ mod tests {
     }
 
     #[test]
+    fn footprint_counts_the_real_parameters_and_bounds_the_activations() {
+        let spec = CnnSpec {
+            in_channels: 3,
+            input_size: vec![8, 10],
+            blocks: vec![block(4, true, 2), block(5, false, 2)],
+            num_classes: 3,
+            activation: Activation::Relu,
+            dropout: 0.0,
+            flatten: false,
+            hidden: Vec::new(),
+        };
+        let fp = spec.footprint();
+        let m = Model::new(ModelSpec::Cnn(spec.clone()), 1, &Device::Cpu).unwrap();
+        let count = |buffers: bool| -> u64 {
+            m.params
+                .state_dict()
+                .iter()
+                .filter(|(n, _)| {
+                    let buffer = n.contains("running") || n.contains("num_batches");
+                    buffer == buffers
+                })
+                .map(|(_, t)| t.elem_count() as u64)
+                .sum()
+        };
+        assert_eq!(fp.params, count(false));
+        assert_eq!(fp.buffers, count(true));
+        // What a forward keeps per sample: the conv, batch-norm and ReLU maps
+        // of block 0 (4 x 8 x 10 each), its pooled map (4 x 4 x 5), block 1's
+        // conv and ReLU maps (5 x 4 x 5) and pooled map (5 x 2 x 2), the
+        // unfolded windows (27 x 80, 36 x 20), the features and the logits.
+        let kept = 3 * 320 + 80 + 2 * 100 + 20 + 27 * 80 + 36 * 20 + 5 + 3;
+        assert!(fp.activations >= kept, "{} < {kept}", fp.activations);
+        assert!(fp.activations <= 3 * kept, "{} > 3 * {kept}", fp.activations);
+        assert_eq!(fp.input, 3 * 8 * 10);
+        // Padding far beyond the input grows the activations, not the parameters.
+        let mut padded = spec.clone();
+        padded.input_size = vec![1];
+        padded.blocks = vec![ConvBlockSpec {
+            padding: 1_000_000,
+            ..block(16, true, 2)
+        }];
+        let fp = padded.footprint();
+        assert!(fp.activation_bound && fp.activations > 16 * 2_000_000 * 3);
+    }
+
+    #[test]
     fn flatten_head_with_hidden_layers() {
         let spec = CnnSpec {
             in_channels: 3,

@@ -192,6 +192,33 @@ mod tests {
     }
 
     #[test]
+    fn footprint_counts_the_real_parameters() {
+        // The digits MLP: 64 features, [128, 64], 10 classes.
+        let spec = MlpSpec {
+            input_dim: 64,
+            hidden: vec![128, 64],
+            num_classes: 10,
+            activation: Activation::Relu,
+            dropout: 0.1,
+        };
+        let fp = spec.footprint();
+        let m = Model::new(ModelSpec::Mlp(spec), 1, &Device::Cpu).unwrap();
+        let real: usize = m.params.trainable().iter().map(|(_, v)| v.elem_count()).sum();
+        assert_eq!(fp.params, real as u64);
+        assert_eq!(fp.params, 64 * 128 + 128 + 128 * 64 + 64 + 64 * 10 + 10);
+        assert_eq!(fp.input, 64);
+        // Absurd widths saturate instead of overflowing.
+        let huge = MlpSpec {
+            input_dim: usize::MAX,
+            hidden: vec![usize::MAX, usize::MAX],
+            num_classes: 2,
+            activation: Activation::Relu,
+            dropout: 0.0,
+        };
+        assert_eq!(huge.footprint().params, u64::MAX);
+    }
+
+    #[test]
     fn dropout_only_in_train_mode() {
         let m = Model::new(spec(), 1, &Device::Cpu).unwrap();
         let x = Tensor::ones((8, 6), DType::F32, &Device::Cpu).unwrap();
