@@ -321,6 +321,35 @@ fn no_valid_data_fails_with_exit_1() {
     );
 }
 
+/// Sizes only the data tells (a CSV's features) are checked again before the
+/// model is built: the run fails with `bad_config`, nothing is allocated.
+fn a_model_over_the_budget_for_its_data_fails_before_it_is_built() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let header: Vec<String> = (0..3000).map(|i| format!("f{i}")).collect();
+    let mut csv = format!("{},label\n", header.join(","));
+    for r in 0..40 {
+        let row = vec!["0.5"; 3000].join(",");
+        csv.push_str(&format!("{row},{}\n", r % 2));
+    }
+    std::fs::write(data.join("wide.csv"), csv).unwrap();
+    let sets = [
+        format!("data.dir={}", data.display()),
+        "data.format=\"csv\"".to_string(),
+        "model.hidden=[20000]".to_string(),
+        "device.memory_budget_mb=100".to_string(),
+    ];
+    let sets: Vec<&str> = sets.iter().map(String::as_str).collect();
+    let (o, _) = train_demo(tmp.path(), &sets);
+    let err = text(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("memory budget of 100 MiB") && err.contains("[3000]"),
+        "{err}"
+    );
+}
+
 fn diverging_run_fails_with_a_clear_reason() {
     let tmp = tempfile::tempdir().unwrap();
     let (o, run_dir) = train_demo(
@@ -498,6 +527,7 @@ pub fn tests() -> Vec<Test> {
         test!(check_config_prints_layered_values),
         test!(corrupt_data_file_is_skipped_and_named),
         test!(no_valid_data_fails_with_exit_1),
+        test!(a_model_over_the_budget_for_its_data_fails_before_it_is_built),
         test!(diverging_run_fails_with_a_clear_reason),
         test!(sigint_cancels_after_the_batch_and_keeps_the_best_checkpoint),
         test!(corrupt_checkpoint_is_refused_by_eval),
