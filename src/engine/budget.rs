@@ -86,7 +86,7 @@ pub struct Estimate {
     pub batch_bytes: u64,
     /// Samples per batch.
     pub batch_size: u64,
-    /// Whether the activations dominate (see [`Footprint::activation_bound`]).
+    /// Whether the batch (inputs, activations) takes more than the model.
     pub activation_bound: bool,
 }
 
@@ -106,12 +106,17 @@ impl Estimate {
         Self {
             params: fp.params,
             model_bytes: model_values.saturating_mul(VALUE_BYTES),
-            batch_bytes: per_sample
-                .saturating_mul(batch)
-                .saturating_mul(VALUE_BYTES),
+            batch_bytes: per_sample.saturating_mul(batch).saturating_mul(VALUE_BYTES),
             batch_size: batch,
-            activation_bound: fp.activation_bound,
+            activation_bound: false,
         }
+        .finish()
+    }
+
+    /// Marks whether the batch outweighs the model.
+    fn finish(mut self) -> Self {
+        self.activation_bound = self.batch_bytes > self.model_bytes;
+        self
     }
 
     /// Everything together.
@@ -307,10 +312,7 @@ mod tests {
         let err = b.check(e).unwrap_err().to_string();
         assert!(err.contains("1 MiB (device.memory_budget_mb)"), "{err}");
         // 1000 params * 5 copies * 4 bytes + 64 * (10 + 20) * 4 bytes.
-        let small = Footprint {
-            params: 1000,
-            ..fp
-        };
+        let small = Footprint { params: 1000, ..fp };
         let e = Estimate::new(&small, 64, 2);
         assert_eq!(e.total_bytes(), 20_000 + 7_680);
         assert!(b.check(e).is_ok());

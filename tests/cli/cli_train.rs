@@ -500,7 +500,11 @@ fn sizes_over_the_memory_budget_are_refused_naming_the_key() {
     // The bundled example fits, and a budget too small for it is named.
     let o = run(&["check-config", "--config", "configs/demo.toml"]);
     assert!(o.status.success(), "{}", text(&o.stderr));
-    assert!(text(&o.stdout).contains("memory_budget_mb = 0"), "{}", text(&o.stdout));
+    assert!(
+        text(&o.stdout).contains("memory_budget_mb = 0"),
+        "{}",
+        text(&o.stdout)
+    );
     let o = run(&[
         "check-config",
         "--config",

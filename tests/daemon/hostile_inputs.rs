@@ -347,7 +347,10 @@ fn absurd_model_sizes_in_a_command_are_rejected_and_the_daemon_lives() {
     let events = h.dash.topic("events");
     let status = h.dash.topic("status");
     let boom = r#"{"request_id":"boom","overrides":{"model.hidden":[1099511627776],"retrain.warm_start":"scratch"}}"#;
-    assert!(boom.len() <= 103, "the issue's command, 103 bytes with spaces");
+    assert!(
+        boom.len() <= 103,
+        "the issue's command, 103 bytes with spaces"
+    );
     let cases = [
         (boom.to_string(), "boom", "`model.hidden`"),
         (
@@ -390,7 +393,10 @@ fn absurd_model_sizes_in_a_command_are_rejected_and_the_daemon_lives() {
         !h.dash.seen.iter().any(|m| m.event() == "run_started"),
         "a run started"
     );
-    assert!(h.daemon.child.try_wait().unwrap().is_none(), "the daemon exited");
+    assert!(
+        h.daemon.child.try_wait().unwrap().is_none(),
+        "the daemon exited"
+    );
 }
 
 /// This module's tests.

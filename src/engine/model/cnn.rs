@@ -43,8 +43,8 @@ use super::layers::{
     conv, linear, Activation, BatchNorm, Conv, ConvConfig, Dropout, Linear, MaxPool, PoolConfig,
 };
 use super::registry::{Common, KeyError};
-use crate::engine::budget::{linear_params, n, product, sum, Footprint};
 use super::{Classifier, ForwardCtx};
+use crate::engine::budget::{linear_params, n, product, sum, Footprint};
 
 /// Dropout when `model.dropout` is not set.
 pub const DEFAULT_DROPOUT: f64 = 0.0;
@@ -372,9 +372,16 @@ impl CnnSpec {
                 .map(|&v| if v >= k { (v - k) / s + 1 } else { 0 })
                 .collect();
             let pooled: Vec<u64> = conv.iter().map(|&v| v / pool).collect();
-            let (conv_n, pooled_n) = (product(conv.iter().copied()), product(pooled.iter().copied()));
+            let (conv_n, pooled_n) = (
+                product(conv.iter().copied()),
+                product(pooled.iter().copied()),
+            );
             let conv_params = cout.saturating_mul(cin).saturating_mul(window);
-            params = sum([params, conv_params, if b.batch_norm { 2 * cout } else { cout }]);
+            params = sum([
+                params,
+                conv_params,
+                if b.batch_norm { 2 * cout } else { cout },
+            ]);
             if b.batch_norm {
                 buffers = sum([buffers, 2 * cout, 1]);
             }
@@ -387,7 +394,11 @@ impl CnnSpec {
                 cin.saturating_mul(window).saturating_mul(conv_n),
                 cout.saturating_mul(conv_n).saturating_mul(maps),
                 // The pooled map and where each maximum came from.
-                if b.pool > 1 { cout.saturating_mul(pooled_n).saturating_mul(2) } else { 0 },
+                if b.pool > 1 {
+                    cout.saturating_mul(pooled_n).saturating_mul(2)
+                } else {
+                    0
+                },
             ]);
             size = if b.pool > 1 { pooled } else { conv };
             cin = cout;
@@ -407,11 +418,16 @@ impl CnnSpec {
         }
         let classes = n(self.num_classes);
         params = params.saturating_add(linear_params(width, classes));
-        activations = sum([activations, width.saturating_mul(2), classes.saturating_mul(3)]);
+        activations = sum([
+            activations,
+            width.saturating_mul(2),
+            classes.saturating_mul(3),
+        ]);
         Footprint {
             params,
             buffers,
-            input: n(self.in_channels).saturating_mul(product(self.input_size.iter().map(|&v| n(v)))),
+            input: n(self.in_channels)
+                .saturating_mul(product(self.input_size.iter().map(|&v| n(v)))),
             activations,
             activation_bound: false,
         }
@@ -648,7 +664,11 @@ mod tests {
         // unfolded windows (27 x 80, 36 x 20), the features and the logits.
         let kept = 3 * 320 + 80 + 2 * 100 + 20 + 27 * 80 + 36 * 20 + 5 + 3;
         assert!(fp.activations >= kept, "{} < {kept}", fp.activations);
-        assert!(fp.activations <= 3 * kept, "{} > 3 * {kept}", fp.activations);
+        assert!(
+            fp.activations <= 3 * kept,
+            "{} > 3 * {kept}",
+            fp.activations
+        );
         assert_eq!(fp.input, 3 * 8 * 10);
         // Padding far beyond the input grows the activations, not the parameters.
         let mut padded = spec.clone();

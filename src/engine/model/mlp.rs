@@ -22,8 +22,8 @@ use serde::{Deserialize, Serialize};
 
 use super::layers::{linear, Activation, Dropout, Linear};
 use super::registry::{Common, KeyError};
-use crate::engine::budget::{linear_params, n, Footprint};
 use super::{Classifier, ForwardCtx};
+use crate::engine::budget::{linear_params, n, Footprint};
 
 /// Dropout when `model.dropout` is not set.
 pub const DEFAULT_DROPOUT: f64 = 0.0;
@@ -203,7 +203,12 @@ mod tests {
         };
         let fp = spec.footprint();
         let m = Model::new(ModelSpec::Mlp(spec), 1, &Device::Cpu).unwrap();
-        let real: usize = m.params.trainable().iter().map(|(_, v)| v.elem_count()).sum();
+        let real: usize = m
+            .params
+            .trainable()
+            .iter()
+            .map(|(_, v)| v.elem_count())
+            .sum();
         assert_eq!(fp.params, real as u64);
         assert_eq!(fp.params, 64 * 128 + 128 + 128 * 64 + 64 + 64 * 10 + 10);
         assert_eq!(fp.input, 64);

@@ -29,8 +29,8 @@ use serde::{Deserialize, Serialize};
 
 use super::layers::{linear, Dropout, Embedding, Linear, TextConv};
 use super::registry::{Common, KeyError};
-use crate::engine::budget::{linear_params, n, sum, Footprint};
 use super::{Classifier, ForwardCtx};
+use crate::engine::budget::{linear_params, n, sum, Footprint};
 use crate::engine::data::Vocab;
 
 /// Dropout when `model.dropout` is not set: the seed's 0.5.
@@ -179,11 +179,8 @@ impl TextCnnConfig {
 
 impl TextCnnSpec {
     /// Config keys that size the parameters.
-    pub const PARAM_KEYS: &'static [&'static str] = &[
-        "model.embed_dim",
-        "model.num_filters",
-        "model.filter_sizes",
-    ];
+    pub const PARAM_KEYS: &'static [&'static str] =
+        &["model.embed_dim", "model.num_filters", "model.filter_sizes"];
     /// Config keys that size the activations.
     pub const ACTIVATION_KEYS: &'static [&'static str] = &[
         "model.embed_dim",
@@ -213,7 +210,11 @@ impl TextCnnSpec {
         let width = f.saturating_mul(n(self.filter_sizes.len()));
         let classes = n(self.num_classes);
         params = params.saturating_add(linear_params(width, classes));
-        activations = sum([activations, width.saturating_mul(2), classes.saturating_mul(3)]);
+        activations = sum([
+            activations,
+            width.saturating_mul(2),
+            classes.saturating_mul(3),
+        ]);
         Footprint {
             params,
             buffers: 0,

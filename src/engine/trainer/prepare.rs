@@ -126,10 +126,10 @@ pub(super) fn prepare(req: &RunRequest) -> Result<Prepared, RunError> {
         Some((path, model, meta)) => {
             check_budget(req, &model.spec, &data.sample_shape)?;
             (
-            model,
-            meta.input.normalization,
-            format!("checkpoint {}", path.display()),
-        )
+                model,
+                meta.input.normalization,
+                format!("checkpoint {}", path.display()),
+            )
         }
         None => fresh_model(req, &data, &split, &spec)?,
     };
