@@ -253,6 +253,14 @@ fn check_config(args: &ConfigArgs) -> ExitCode {
         return ExitCode::from(EXIT_USAGE);
     }
     println!("# effective configuration of {}", args.config.display());
+    if let Some(spec) = settings.sketch_model() {
+        // Sizes only the data tells (CSV features, the vocabulary) count as their smallest here.
+        println!(
+            "# memory: a training step needs {} of the budget of {}",
+            settings.estimate(&spec),
+            settings.memory_budget()
+        );
+    }
     print!("{}", settings.masked_toml());
     ExitCode::SUCCESS
 }

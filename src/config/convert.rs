@@ -143,6 +143,7 @@ impl Settings {
                     .collect(),
                 reinit: self.model.reinit.clone(),
             },
+            memory_budget: self.memory_budget(),
         }
     }
 

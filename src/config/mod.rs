@@ -41,9 +41,19 @@ pub enum ConfigError {
     /// A value of the wrong type or out of range.
     #[error("invalid value for `{key}`: {reason}")]
     Invalid { key: String, reason: String },
+    /// Sizes whose training would need more memory than the budget.
+    #[error("too large for the memory budget: {}: {reason}", quoted(.keys))]
+    OverBudget { keys: Vec<String>, reason: String },
     /// The layered values could not be turned into settings.
     #[error("invalid configuration: {0}")]
     Other(String),
+}
+
+fn quoted(keys: &[String]) -> String {
+    keys.iter()
+        .map(|k| format!("`{k}`"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// An architecture's key error as a config error.
@@ -82,6 +92,10 @@ pub use crate::engine::device::DeviceKind;
 pub struct DeviceSettings {
     pub kind: DeviceKind,
     pub ordinal: usize,
+    /// Memory a training step may take, in MiB (model, optimiser state and a
+    /// batch's activations, estimated before anything is allocated); 0: half
+    /// the memory available (see `engine::budget`).
+    pub memory_budget_mb: u64,
 }
 
 /// `[mqtt.tls]`: paths to PEM files.
@@ -455,12 +469,14 @@ impl Default for OutputSettings {
     }
 }
 
+mod budget;
 mod checks;
 mod convert;
 mod layers;
 pub mod run;
 mod validate;
 
+pub use budget::MAX_IMAGE_SIDE;
 pub use layers::{env_overrides, load, load_layers, Override};
 
 #[cfg(test)]

@@ -86,6 +86,39 @@ pub fn remote_overridable(key: &str) -> bool {
     !LOCAL_ONLY.contains(&key) && RUN_SETTINGS.iter().any(|s| s.remote && s.covers(key))
 }
 
+/// `model.*` keys that a run warm-started from the current model does not
+/// use: the checkpoint's architecture and sizes win. (`model.freeze` applies
+/// to any run.)
+pub fn unused_when_warm_starting(key: &str) -> bool {
+    key.starts_with("model.") && key != "model.freeze"
+}
+
+/// Refuses command overrides that the run would silently ignore: `model.*`
+/// keys (but `model.freeze`) when the resolved `retrain.warm_start` is
+/// `"current"`, whether or not a current model exists yet (one may be
+/// promoted before the run starts). The error names the keys.
+pub fn check_command_overrides<'a>(
+    keys: impl IntoIterator<Item = &'a str>,
+    settings: &Settings,
+) -> Result<(), ConfigError> {
+    if settings.retrain.warm_start != WarmStartFrom::Current {
+        return Ok(());
+    }
+    let mut ignored: Vec<&str> = keys
+        .into_iter()
+        .filter(|k| unused_when_warm_starting(k))
+        .collect();
+    if ignored.is_empty() {
+        return Ok(());
+    }
+    ignored.sort_unstable();
+    ignored.dedup();
+    Err(ConfigError::Invalid {
+        key: ignored.join("`, `"),
+        reason: "retrain.warm_start = \"current\" continues the current model, whose architecture and sizes win, so model.* overrides (but model.freeze) would be ignored; add \"retrain.warm_start\": \"scratch\" (or \"init\") to train a new model with them".into(),
+    })
+}
+
 /// What a command may override, for messages:
 /// `train.*, model.* except model.init, retrain.warm_start, ...`.
 pub fn remote_description() -> String {
@@ -265,6 +298,23 @@ mod tests {
             fixed_on_resume().collect::<Vec<_>>(),
             ["train", "model", "data"]
         );
+    }
+
+    #[test]
+    fn model_overrides_under_warm_start_current_are_refused() {
+        let mut s = Settings::default();
+        let keys = ["model.hidden", "train.lr", "model.freeze", "model.dropout"];
+        let e = check_command_overrides(keys, &s).unwrap_err().to_string();
+        assert!(
+            e.contains("`model.dropout`, `model.hidden`") && e.contains("ignored"),
+            "{e}"
+        );
+        assert!(!e.contains("model.freeze`"), "{e}");
+        assert!(check_command_overrides(["train.lr", "model.freeze"], &s).is_ok());
+        for w in [WarmStartFrom::Scratch, WarmStartFrom::Init] {
+            s.retrain.warm_start = w;
+            assert!(check_command_overrides(keys, &s).is_ok());
+        }
     }
 
     #[test]

@@ -62,7 +62,8 @@ impl Settings {
         self.validate_mqtt()?;
         self.validate_retrain()?;
         self.validate_output()?;
-        super::checks::check(self)
+        super::checks::check(self)?;
+        self.check_budget()
     }
 
     /// `[data]`: ranges and cross-field rules.

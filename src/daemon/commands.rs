@@ -130,6 +130,8 @@ impl ConfigBase {
         let s = config::load_layers(&self.table, &self.origin, &all)?;
         s.validate()?;
         s.model_template()?;
+        // Keys a command sets that the run would ignore (not the daemon's own).
+        run::check_command_overrides(extra.iter().map(|o| o.key.as_str()), &s)?;
         Ok(s)
     }
 }

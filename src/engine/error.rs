@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use super::budget::OverBudget;
 use super::checkpoint::CheckpointError;
 use super::data::{DataError, Split};
 use super::model::{LoadError, ModelError};
@@ -137,6 +138,14 @@ pub enum RunError {
     /// The model settings cannot be resolved for this data.
     #[error(transparent)]
     ModelConfig(#[from] ModelError),
+    /// The model, for this data, would need more memory than the budget.
+    #[error("model.arch = {arch:?} on samples of shape {shape:?}: {source}")]
+    OverBudget {
+        arch: &'static str,
+        shape: Vec<usize>,
+        #[source]
+        source: OverBudget,
+    },
     /// A `model.freeze` pattern matches no parameter.
     #[error("model.freeze pattern {0:?} matches no parameter")]
     FreezeMatchesNothing(String),
@@ -236,6 +245,7 @@ impl RunError {
             | RunError::Vocabulary { .. } => K::ModelMismatch,
             RunError::ClassWeights { .. }
             | RunError::ModelConfig(_)
+            | RunError::OverBudget { .. }
             | RunError::FreezeMatchesNothing(_)
             | RunError::NothingToTrain => K::BadConfig,
             RunError::Diverged { .. } | RunError::NoFiniteMetric => K::Diverged,

@@ -4,6 +4,7 @@
 //! [`run::RunEvent`]s through a [`run::EventSink`]. Failures stay typed
 //! ([`error::RunError`]) and carry a machine-readable [`error::FailureKind`].
 
+pub mod budget;
 pub mod checkpoint;
 pub mod data;
 pub mod device;

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use candle_core::Device;
 use serde::{Deserialize, Serialize};
 
+use super::budget::Budget;
 use super::data::{DataSpec, SkippedFile};
 use super::early_stop::EarlyStopConfig;
 use super::error::FailureKind;
@@ -127,6 +128,8 @@ pub struct TrainSpec {
     pub freeze: Vec<String>,
     /// How the tensors of a `WarmStart::StateDict` map onto the model.
     pub init: InitMapping,
+    /// Memory a training step may take; checked before the model is built.
+    pub memory_budget: Budget,
 }
 
 /// Everything a run needs.

@@ -321,6 +321,35 @@ fn no_valid_data_fails_with_exit_1() {
     );
 }
 
+/// Sizes only the data tells (a CSV's features) are checked again before the
+/// model is built: the run fails with `bad_config`, nothing is allocated.
+fn a_model_over_the_budget_for_its_data_fails_before_it_is_built() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let header: Vec<String> = (0..3000).map(|i| format!("f{i}")).collect();
+    let mut csv = format!("{},label\n", header.join(","));
+    for r in 0..40 {
+        let row = vec!["0.5"; 3000].join(",");
+        csv.push_str(&format!("{row},{}\n", r % 2));
+    }
+    std::fs::write(data.join("wide.csv"), csv).unwrap();
+    let sets = [
+        format!("data.dir={}", data.display()),
+        "data.format=\"csv\"".to_string(),
+        "model.hidden=[20000]".to_string(),
+        "device.memory_budget_mb=100".to_string(),
+    ];
+    let sets: Vec<&str> = sets.iter().map(String::as_str).collect();
+    let (o, _) = train_demo(tmp.path(), &sets);
+    let err = text(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("memory budget of 100 MiB") && err.contains("[3000]"),
+        "{err}"
+    );
+}
+
 fn diverging_run_fails_with_a_clear_reason() {
     let tmp = tempfile::tempdir().unwrap();
     let (o, run_dir) = train_demo(
@@ -433,14 +462,76 @@ fn corrupt_checkpoint_is_refused_by_eval() {
     );
 }
 
+/// Issue 18, break 1: sizes whose training cannot fit in memory passed
+/// `check-config` (and aborted or OOM-killed `train`); now refused with exit 2
+/// naming the key, the estimate and the budget.
+fn sizes_over_the_memory_budget_are_refused_naming_the_key() {
+    let cases: [(&[&str], &str); 4] = [
+        (&["model.hidden=[1099511627776]"], "`model.hidden`"),
+        (&["model.hidden=[100000, 100000]"], "`model.hidden`"),
+        (
+            &["model.arch=\"cnn1d\"", "model.padding=1000000"],
+            "`model.padding`",
+        ),
+        (
+            &[
+                "data.format=\"image-folder\"",
+                "model.arch=\"cnn\"",
+                "data.image_size=[100000, 100000]",
+            ],
+            "data.image_size",
+        ),
+    ];
+    for (sets, key) in cases {
+        for cmd in ["check-config", "train"] {
+            let mut args = vec![cmd, "--config", "configs/demo.toml"];
+            for s in sets {
+                args.extend(["--set", s]);
+            }
+            if cmd == "train" {
+                args.push("--no-progress");
+            }
+            let o = run(&args);
+            let err = text(&o.stderr);
+            assert_eq!(o.status.code(), Some(2), "{cmd} {sets:?}: {err}");
+            assert!(err.contains(key), "{cmd} {sets:?}: {err}");
+        }
+    }
+    // The bundled example fits, and a budget too small for it is named.
+    let o = run(&["check-config", "--config", "configs/demo.toml"]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert!(
+        text(&o.stdout).contains("memory_budget_mb = 0"),
+        "{}",
+        text(&o.stdout)
+    );
+    let o = run(&[
+        "check-config",
+        "--config",
+        "configs/demo.toml",
+        "--set",
+        "device.memory_budget_mb=1",
+        "--set",
+        "model.hidden=[1024, 1024]",
+    ]);
+    let err = text(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("`model.hidden`") && err.contains("1 MiB (device.memory_budget_mb)"),
+        "{err}"
+    );
+}
+
 /// This module's tests.
 pub fn tests() -> Vec<Test> {
     vec![
         test!(demo_trains_reproducibly_and_eval_agrees),
         test!(typo_in_config_key_exits_2_naming_the_key),
+        test!(sizes_over_the_memory_budget_are_refused_naming_the_key),
         test!(check_config_prints_layered_values),
         test!(corrupt_data_file_is_skipped_and_named),
         test!(no_valid_data_fails_with_exit_1),
+        test!(a_model_over_the_budget_for_its_data_fails_before_it_is_built),
         test!(diverging_run_fails_with_a_clear_reason),
         test!(sigint_cancels_after_the_batch_and_keeps_the_best_checkpoint),
         test!(corrupt_checkpoint_is_refused_by_eval),

@@ -336,6 +336,69 @@ fn commands_are_answered_without_a_nagle_floor() {
     assert!(median < std::time::Duration::from_millis(30), "{times:?}");
 }
 
+/// Break 1: a 103-byte `cmd/train` with `model.hidden = [1099511627776]`
+/// aborted the daemon (a failed allocation) before any event; `[100000,
+/// 100000]` the same; a `cnn1d` with `padding = 1000000` grew to 24 GB until
+/// the OOM killer. Each is now answered with `command_rejected` naming the
+/// key, the estimate and the budget; `model.*` overrides that a warm start
+/// from the current model would ignore are refused too; the daemon goes on.
+fn absurd_model_sizes_in_a_command_are_rejected_and_the_daemon_lives() {
+    let mut h = Harness::start("", &[]);
+    let events = h.dash.topic("events");
+    let status = h.dash.topic("status");
+    let boom = r#"{"request_id":"boom","overrides":{"model.hidden":[1099511627776],"retrain.warm_start":"scratch"}}"#;
+    assert!(
+        boom.len() <= 103,
+        "the issue's command, 103 bytes with spaces"
+    );
+    let cases = [
+        (boom.to_string(), "boom", "`model.hidden`"),
+        (
+            r#"{"request_id":"wide","overrides":{"model.hidden":[100000,100000],"retrain.warm_start":"scratch"}}"#.into(),
+            "wide",
+            "`model.hidden`",
+        ),
+        (
+            r#"{"request_id":"pad","overrides":{"model.arch":"cnn1d","model.padding":1000000,"retrain.warm_start":"scratch"}}"#.into(),
+            "pad",
+            "`model.padding`",
+        ),
+        (
+            r#"{"request_id":"ignored","overrides":{"model.hidden":[32]}}"#.into(),
+            "ignored",
+            "retrain.warm_start",
+        ),
+    ];
+    for (payload, id, needle) in &cases {
+        let from = h.dash.seen.len();
+        h.dash.send("train", payload.clone());
+        let (_, m) = h.wait_from(from, &format!("command_rejected {id}"), LONG, |m| {
+            m.topic == events && m.event() == "command_rejected" && m.json["request_id"] == *id
+        });
+        let reason = m.json["reason"].as_str().unwrap_or_default();
+        assert!(reason.contains(needle), "{id}: {reason}");
+        if *id != "ignored" {
+            assert!(
+                reason.contains("memory budget") && reason.contains("MiB"),
+                "{id}: {reason}"
+            );
+        }
+    }
+    // Alive and answering, no run started.
+    h.dash.pump_now();
+    let from = h.dash.seen.len();
+    h.dash.send("status", r#"{"request_id":"after"}"#);
+    h.wait_from(from, "a status answer", SHORT, |m| m.topic == status);
+    assert!(
+        !h.dash.seen.iter().any(|m| m.event() == "run_started"),
+        "a run started"
+    );
+    assert!(
+        h.daemon.child.try_wait().unwrap().is_none(),
+        "the daemon exited"
+    );
+}
+
 /// This module's tests.
 pub fn tests() -> Vec<Test> {
     vec![
@@ -343,6 +406,7 @@ pub fn tests() -> Vec<Test> {
         test!(check_config_refuses_configurations_that_cannot_work),
         test!(oversized_events_and_request_ids_never_wedge_mqtt),
         test!(a_csv_with_a_2mb_field_is_rejected_with_a_short_reason),
+        test!(absurd_model_sizes_in_a_command_are_rejected_and_the_daemon_lives),
         test!(a_corrupt_current_model_heals_and_an_unpromoted_run_is_promoted_after_restart),
         // Its own Mosquitto with `set_tcp_nodelay`, so that only the daemon's socket is measured.
         test!(commands_are_answered_without_a_nagle_floor).needs(MOSQUITTO),

@@ -212,7 +212,15 @@ impl<'a> Batcher<'a> {
     /// Gathers the given samples into one batch.
     pub fn batch(&self, indices: &[usize]) -> candle_core::Result<Batch> {
         let d = self.data.sample_len();
-        let mut x = Vec::with_capacity(indices.len() * d);
+        // Sized by the data: allocated fallibly, an error instead of an abort.
+        let values = indices.len().saturating_mul(d);
+        let mut x: Vec<f32> = Vec::new();
+        x.try_reserve_exact(values).map_err(|e| {
+            candle_core::Error::Msg(format!(
+                "cannot allocate a batch of {} samples of {d} values: {e}",
+                indices.len()
+            ))
+        })?;
         let mut labels = Vec::with_capacity(indices.len());
         for &i in indices {
             let base = i * d;

@@ -45,6 +45,7 @@ use super::layers::{
 };
 use super::registry::Common;
 use super::{Classifier, ForwardCtx};
+use crate::engine::budget::{linear_params, n, product, sum, Footprint};
 
 /// Dropout when `model.dropout` is not set.
 pub const DEFAULT_DROPOUT: f64 = 0.0;
@@ -300,6 +301,132 @@ impl CnnSpec {
     }
 }
 
+impl CnnConfig {
+    /// The spec of a `spatial_dims`-D net for samples of `sample_shape`
+    /// (`[C, ...]`), without checking that the input is large enough: for
+    /// estimating the footprint before the data is known.
+    pub fn sketch(
+        &self,
+        spatial_dims: usize,
+        common: &Common,
+        sample_shape: &[usize],
+    ) -> Result<CnnSpec, KeyError> {
+        let (in_channels, input_size) = match sample_shape.split_first() {
+            Some((&c, rest)) if rest.len() == spatial_dims => (c, rest.to_vec()),
+            _ => (1, vec![1; spatial_dims]),
+        };
+        Ok(CnnSpec {
+            in_channels,
+            input_size,
+            blocks: self.blocks()?,
+            num_classes: common.num_classes,
+            activation: common.activation,
+            dropout: common.dropout,
+            flatten: false,
+            hidden: Vec::new(),
+        })
+    }
+}
+
+impl CnnSpec {
+    /// Config keys that size the parameters.
+    pub const PARAM_KEYS: &'static [&'static str] = &["model.conv_channels", "model.kernel_size"];
+    /// Config keys that size the activations.
+    pub const ACTIVATION_KEYS: &'static [&'static str] = &[
+        "model.conv_channels",
+        "model.padding",
+        "model.stride",
+        "model.pool",
+    ];
+
+    /// Parameters and per-sample activations (see [`Footprint`]); sizes that
+    /// run out of input count as zero instead of failing.
+    pub fn footprint(&self) -> Footprint {
+        let dims = self.input_size.len() as u32;
+        let mut size: Vec<u64> = self.input_size.iter().map(|&v| n(v)).collect();
+        let mut cin = n(self.in_channels);
+        let (mut params, mut buffers, mut activations) = (0u64, 0u64, 0u64);
+        for b in &self.blocks {
+            let (k, s, p, pool) = (
+                n(b.kernel_size),
+                n(b.stride).max(1),
+                n(b.padding),
+                n(b.pool).max(1),
+            );
+            let cout = n(b.out_channels);
+            let window = k.saturating_pow(dims);
+            let padded: Vec<u64> = size
+                .iter()
+                .map(|&v| v.saturating_add(p.saturating_mul(2)))
+                .collect();
+            let conv: Vec<u64> = padded
+                .iter()
+                .map(|&v| if v >= k { (v - k) / s + 1 } else { 0 })
+                .collect();
+            let pooled: Vec<u64> = conv.iter().map(|&v| v / pool).collect();
+            let (conv_n, pooled_n) = (
+                product(conv.iter().copied()),
+                product(pooled.iter().copied()),
+            );
+            let conv_params = cout.saturating_mul(cin).saturating_mul(window);
+            params = sum([
+                params,
+                conv_params,
+                if b.batch_norm { 2 * cout } else { cout },
+            ]);
+            if b.batch_norm {
+                buffers = sum([buffers, 2 * cout, 1]);
+            }
+            // Outputs of the convolution, the batch-norm and the activation.
+            let maps = 2 + u64::from(b.batch_norm);
+            activations = sum([
+                activations,
+                // The padded input and its unfolded windows.
+                cin.saturating_mul(product(padded.iter().copied())),
+                cin.saturating_mul(window).saturating_mul(conv_n),
+                cout.saturating_mul(conv_n).saturating_mul(maps),
+                // The pooled map and where each maximum came from.
+                if b.pool > 1 {
+                    cout.saturating_mul(pooled_n).saturating_mul(2)
+                } else {
+                    0
+                },
+            ]);
+            size = if b.pool > 1 { pooled } else { conv };
+            cin = cout;
+        }
+        let mut width = if self.flatten {
+            cin.saturating_mul(product(size.iter().copied()))
+        } else {
+            activations = activations.saturating_add(cin);
+            cin
+        };
+        let per_layer = if self.dropout > 0.0 { 4 } else { 2 };
+        for &h in &self.hidden {
+            let h = n(h);
+            params = params.saturating_add(linear_params(width, h));
+            activations = activations.saturating_add(h.saturating_mul(per_layer));
+            width = h;
+        }
+        let classes = n(self.num_classes);
+        params = params.saturating_add(linear_params(width, classes));
+        activations = sum([
+            activations,
+            width.saturating_mul(2),
+            classes.saturating_mul(3),
+        ]);
+        Footprint {
+            params,
+            buffers,
+            input: n(self.in_channels)
+                .saturating_mul(product(self.input_size.iter().map(|&v| n(v)))),
+            activations,
+            activation_bound: false,
+        }
+        .finish()
+    }
+}
+
 struct Block {
     conv: Conv,
     bn: Option<BatchNorm>,
@@ -494,6 +621,56 @@ mod tests {
         let x = Tensor::ones((2, 3, 8, 10), DType::F32, &Device::Cpu).unwrap();
         let y = m.forward(&x, &mut ForwardCtx::eval()).unwrap();
         assert_eq!(y.dims(), &[2, 3]);
+    }
+
+    #[test]
+    fn footprint_counts_the_real_parameters_and_bounds_the_activations() {
+        let spec = CnnSpec {
+            in_channels: 3,
+            input_size: vec![8, 10],
+            blocks: vec![block(4, true, 2), block(5, false, 2)],
+            num_classes: 3,
+            activation: Activation::Relu,
+            dropout: 0.0,
+            flatten: false,
+            hidden: Vec::new(),
+        };
+        let fp = spec.footprint();
+        let m = Model::new(ModelSpec::Cnn(spec.clone()), 1, &Device::Cpu).unwrap();
+        let count = |buffers: bool| -> u64 {
+            m.params
+                .state_dict()
+                .iter()
+                .filter(|(n, _)| {
+                    let buffer = n.contains("running") || n.contains("num_batches");
+                    buffer == buffers
+                })
+                .map(|(_, t)| t.elem_count() as u64)
+                .sum()
+        };
+        assert_eq!(fp.params, count(false));
+        assert_eq!(fp.buffers, count(true));
+        // What a forward keeps per sample: the conv, batch-norm and ReLU maps
+        // of block 0 (4 x 8 x 10 each), its pooled map (4 x 4 x 5), block 1's
+        // conv and ReLU maps (5 x 4 x 5) and pooled map (5 x 2 x 2), the
+        // unfolded windows (27 x 80, 36 x 20), the features and the logits.
+        let kept = 3 * 320 + 80 + 2 * 100 + 20 + 27 * 80 + 36 * 20 + 5 + 3;
+        assert!(fp.activations >= kept, "{} < {kept}", fp.activations);
+        assert!(
+            fp.activations <= 3 * kept,
+            "{} > 3 * {kept}",
+            fp.activations
+        );
+        assert_eq!(fp.input, 3 * 8 * 10);
+        // Padding far beyond the input grows the activations, not the parameters.
+        let mut padded = spec.clone();
+        padded.input_size = vec![1];
+        padded.blocks = vec![ConvBlockSpec {
+            padding: 1_000_000,
+            ..block(16, true, 2)
+        }];
+        let fp = padded.footprint();
+        assert!(fp.activation_bound && fp.activations > 16 * 2_000_000 * 3);
     }
 
     #[test]

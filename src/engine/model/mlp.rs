@@ -24,6 +24,7 @@ use super::error::{KeyError, KeyProblem};
 use super::layers::{linear, Activation, Dropout, Linear};
 use super::registry::Common;
 use super::{Classifier, ForwardCtx};
+use crate::engine::budget::{linear_params, n, Footprint};
 
 /// Dropout when `model.dropout` is not set.
 pub const DEFAULT_DROPOUT: f64 = 0.0;
@@ -76,6 +77,39 @@ pub struct MlpSpec {
     pub activation: Activation,
     #[serde(default)]
     pub dropout: f64,
+}
+
+impl MlpSpec {
+    /// Config keys that size the parameters and the activations.
+    pub const SIZE_KEYS: &'static [&'static str] = &["model.hidden"];
+
+    /// Parameters and per-sample activations (see [`Footprint`]).
+    pub fn footprint(&self) -> Footprint {
+        let mut params = 0u64;
+        let mut dim = n(self.input_dim);
+        // Each hidden layer: its output, the activation's, and with dropout the
+        // mask and the dropped output.
+        let per_layer = if self.dropout > 0.0 { 4 } else { 2 };
+        let mut activations = 0u64;
+        for &h in &self.hidden {
+            let h = n(h);
+            params = params.saturating_add(linear_params(dim, h));
+            activations = activations.saturating_add(h.saturating_mul(per_layer));
+            dim = h;
+        }
+        let classes = n(self.num_classes);
+        params = params.saturating_add(linear_params(dim, classes));
+        // Logits, their softmax and the loss's gradient.
+        activations = activations.saturating_add(classes.saturating_mul(3));
+        Footprint {
+            params,
+            buffers: 0,
+            input: n(self.input_dim),
+            activations,
+            activation_bound: false,
+        }
+        .finish()
+    }
 }
 
 /// The MLP itself.
@@ -153,6 +187,38 @@ mod tests {
                 ("layers.1.weight".into(), vec![4, 5]),
             ]
         );
+    }
+
+    #[test]
+    fn footprint_counts_the_real_parameters() {
+        // The digits MLP: 64 features, [128, 64], 10 classes.
+        let spec = MlpSpec {
+            input_dim: 64,
+            hidden: vec![128, 64],
+            num_classes: 10,
+            activation: Activation::Relu,
+            dropout: 0.1,
+        };
+        let fp = spec.footprint();
+        let m = Model::new(ModelSpec::Mlp(spec), 1, &Device::Cpu).unwrap();
+        let real: usize = m
+            .params
+            .trainable()
+            .iter()
+            .map(|(_, v)| v.elem_count())
+            .sum();
+        assert_eq!(fp.params, real as u64);
+        assert_eq!(fp.params, 64 * 128 + 128 + 128 * 64 + 64 + 64 * 10 + 10);
+        assert_eq!(fp.input, 64);
+        // Absurd widths saturate instead of overflowing.
+        let huge = MlpSpec {
+            input_dim: usize::MAX,
+            hidden: vec![usize::MAX, usize::MAX],
+            num_classes: 2,
+            activation: Activation::Relu,
+            dropout: 0.0,
+        };
+        assert_eq!(huge.footprint().params, u64::MAX);
     }
 
     #[test]

@@ -14,6 +14,7 @@ use super::error::{KeyError, KeyProblem, ModelError};
 use super::mlp::{self, MlpConfig, MlpSpec};
 use super::textcnn::{self, TextCnnConfig, TextCnnSpec};
 use super::{Activation, Classifier};
+use crate::engine::budget::Footprint;
 use crate::engine::data::Vocab;
 
 /// `model.arch`: the architectures by name.
@@ -109,6 +110,27 @@ impl ModelSpec {
             ModelSpec::TextCnn(t) => t.dropout = 0.0,
         }
         s
+    }
+
+    /// Parameters and per-sample activations, from the resolved shapes.
+    pub fn footprint(&self) -> Footprint {
+        match self {
+            ModelSpec::Mlp(s) => s.footprint(),
+            ModelSpec::Cnn(s) | ModelSpec::Cnn1d(s) => s.footprint(),
+            ModelSpec::TextCnn(s) => s.footprint(),
+        }
+    }
+
+    /// The `[model]` keys that size the parameters, or (`activations`) the
+    /// activations: what a refusal over the memory budget names.
+    pub fn size_keys(&self, activations: bool) -> &'static [&'static str] {
+        match (self, activations) {
+            (ModelSpec::Mlp(_), _) => MlpSpec::SIZE_KEYS,
+            (ModelSpec::Cnn(_) | ModelSpec::Cnn1d(_), false) => CnnSpec::PARAM_KEYS,
+            (ModelSpec::Cnn(_) | ModelSpec::Cnn1d(_), true) => CnnSpec::ACTIVATION_KEYS,
+            (ModelSpec::TextCnn(_), false) => TextCnnSpec::PARAM_KEYS,
+            (ModelSpec::TextCnn(_), true) => TextCnnSpec::ACTIVATION_KEYS,
+        }
     }
 
     /// Builds the network, its parameters created under `vb`.
@@ -227,6 +249,34 @@ impl ModelTemplate {
     /// The architecture's name as in `model.arch`.
     pub fn arch_name(&self) -> &'static str {
         self.arch.name()
+    }
+
+    /// A spec for estimating the footprint before the data is read: samples
+    /// of `sample_shape` (as far as the config knows it; sizes it does not
+    /// know are best given as 1, a lower bound), `num_classes` classes and a
+    /// vocabulary of `vocab_size` tokens for text. Unlike [`Self::resolve`],
+    /// inputs too small for the architecture are not refused.
+    pub fn sketch(
+        &self,
+        sample_shape: &[usize],
+        num_classes: usize,
+        vocab_size: usize,
+    ) -> Result<ModelSpec, KeyError> {
+        let common = Common {
+            activation: self.activation,
+            dropout: self.dropout,
+            num_classes,
+        };
+        let a = &self.archs;
+        Ok(match self.arch {
+            ArchKind::Mlp => ModelSpec::Mlp(a.mlp.resolve(&common, sample_shape)),
+            ArchKind::Cnn => ModelSpec::Cnn(a.cnn.sketch(2, &common, sample_shape)?),
+            ArchKind::Cnn1d => ModelSpec::Cnn1d(a.cnn.sketch(1, &common, sample_shape)?),
+            ArchKind::Textcnn => {
+                let seq_len = sample_shape.iter().product();
+                ModelSpec::TextCnn(a.textcnn.sketch(&common, seq_len, vocab_size))
+            }
+        })
     }
 
     /// The full spec for samples of `sample_shape` and `num_classes` classes;

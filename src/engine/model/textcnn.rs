@@ -31,6 +31,7 @@ use super::error::{KeyError, KeyProblem, ModelError, SpecError};
 use super::layers::{linear, Dropout, Embedding, Linear, TextConv};
 use super::registry::Common;
 use super::{Classifier, ForwardCtx};
+use crate::engine::budget::{linear_params, n, sum, Footprint};
 use crate::engine::data::Vocab;
 
 /// Dropout when `model.dropout` is not set: the seed's 0.5.
@@ -155,6 +156,73 @@ impl TextCnnSpec {
             });
         }
         Ok(())
+    }
+}
+
+impl TextCnnConfig {
+    /// The spec for sequences of `seq_len` tokens over a vocabulary of
+    /// `vocab_size`, unchecked: for estimating the footprint before the data
+    /// is known.
+    pub fn sketch(&self, common: &Common, seq_len: usize, vocab_size: usize) -> TextCnnSpec {
+        TextCnnSpec {
+            vocab_size,
+            pad_index: 0,
+            embed_dim: self.embed_dim,
+            filter_sizes: self.filter_sizes.clone(),
+            num_filters: self.num_filters,
+            seq_len,
+            num_classes: common.num_classes,
+            dropout: common.dropout,
+        }
+    }
+}
+
+impl TextCnnSpec {
+    /// Config keys that size the parameters.
+    pub const PARAM_KEYS: &'static [&'static str] =
+        &["model.embed_dim", "model.num_filters", "model.filter_sizes"];
+    /// Config keys that size the activations.
+    pub const ACTIVATION_KEYS: &'static [&'static str] = &[
+        "model.embed_dim",
+        "model.num_filters",
+        "model.filter_sizes",
+        "data.max_len",
+    ];
+
+    /// Parameters and per-sample activations (see [`Footprint`]).
+    pub fn footprint(&self) -> Footprint {
+        let (e, f, l) = (n(self.embed_dim), n(self.num_filters), n(self.seq_len));
+        let embedded = l.saturating_mul(e);
+        let mut params = n(self.vocab_size).saturating_mul(e);
+        let mut activations = embedded;
+        for &k in &self.filter_sizes {
+            let k = n(k);
+            let windows = l.saturating_add(1).saturating_sub(k);
+            params = sum([params, f.saturating_mul(k).saturating_mul(e), f]);
+            activations = sum([
+                activations,
+                // The sliding windows, the convolution and its ReLU, the max.
+                windows.saturating_mul(k).saturating_mul(e),
+                windows.saturating_mul(f).saturating_mul(2),
+                f,
+            ]);
+        }
+        let width = f.saturating_mul(n(self.filter_sizes.len()));
+        let classes = n(self.num_classes);
+        params = params.saturating_add(linear_params(width, classes));
+        activations = sum([
+            activations,
+            width.saturating_mul(2),
+            classes.saturating_mul(3),
+        ]);
+        Footprint {
+            params,
+            buffers: 0,
+            input: l,
+            activations,
+            activation_bound: false,
+        }
+        .finish()
     }
 }
 

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::Device;
 
+use crate::engine::budget::{optimizer_copies, Estimate};
 use crate::engine::checkpoint::{self, CheckpointMeta, TextInput};
 use crate::engine::data::{self, DataSpec, Dataset, Normalization, Split, SplitIndices};
 use crate::engine::error::RunError;
@@ -122,11 +123,14 @@ pub(super) fn prepare(req: &RunRequest) -> Result<Prepared, RunError> {
         return Err(empty(Split::Val, &data, &spec));
     }
     let (model, norm, warm_start) = match built {
-        Some((path, model, meta)) => (
-            model,
-            meta.input.normalization,
-            format!("checkpoint {}", path.display()),
-        ),
+        Some((path, model, meta)) => {
+            check_budget(req, &model.spec, &data.sample_shape)?;
+            (
+                model,
+                meta.input.normalization,
+                format!("checkpoint {}", path.display()),
+            )
+        }
         None => fresh_model(req, &data, &split, &spec)?,
     };
     if !norm.covers(&data.sample_shape) {
@@ -177,6 +181,7 @@ fn fresh_model(
     let model_spec =
         req.model
             .resolve(&data.sample_shape, data.classes.len(), data.vocab.as_ref())?;
+    check_budget(req, &model_spec, &data.sample_shape)?;
     let model = Model::new(model_spec, req.train.seed, &req.device)?;
     let from = match &req.warm_start {
         WarmStart::StateDict(path) => {
@@ -193,6 +198,28 @@ fn fresh_model(
     };
     let norm = Normalization::for_format(data, &split.train, spec.format);
     Ok((model, norm, from))
+}
+
+/// Refuses a model whose training step would need more memory than the
+/// budget, before anything of its size is allocated.
+fn check_budget(req: &RunRequest, spec: &ModelSpec, shape: &[usize]) -> Result<(), RunError> {
+    let t = &req.train;
+    let estimate = Estimate::new(
+        &spec.footprint(),
+        t.batch_size,
+        optimizer_copies(&t.optimizer),
+    );
+    match t.memory_budget.check(estimate) {
+        Ok(e) => {
+            tracing::debug!(run_id = %req.run_id, estimate = %e, budget = %t.memory_budget, "memory budget");
+            Ok(())
+        }
+        Err(source) => Err(RunError::OverBudget {
+            arch: spec.arch_name(),
+            shape: shape.to_vec(),
+            source,
+        }),
+    }
 }
 
 /// The folder of a run.
