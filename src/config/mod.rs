@@ -460,7 +460,7 @@ mod layers;
 pub mod run;
 mod validate;
 
-pub use layers::{env_overrides, load, load_layers, Override};
+pub use layers::{env_overrides, load, load_layers, resolve_alias, Override};
 
 #[cfg(test)]
 mod tests;
