@@ -94,6 +94,25 @@ pub struct DataSpec {
     pub only_files: Option<Vec<String>>,
     /// Files larger than this are refused before they are read.
     pub max_file_bytes: u64,
+    /// Float feature values beyond ±this are refused as absurd (`data.max_abs_value`).
+    pub max_abs_value: f32,
+}
+
+/// `data.max_abs_value` by default: well beyond any scaled feature, far below
+/// what overflows f32 once squared or summed in a layer.
+pub const DEFAULT_MAX_ABS_VALUE: f32 = 1e6;
+
+/// The reason a float feature is refused: non-finite, or beyond `max_abs`.
+pub(crate) fn absurd_value(value: f32, max_abs: f32) -> Option<String> {
+    if !value.is_finite() {
+        Some(format!("a non-finite value ({value})"))
+    } else if value.abs() > max_abs {
+        Some(format!(
+            "the value {value:e}, beyond data.max_abs_value = {max_abs:e} (scale the data, or raise the limit)"
+        ))
+    } else {
+        None
+    }
 }
 
 impl DataSpec {
@@ -120,6 +139,7 @@ impl DataSpec {
             vocab: None,
             only_files: None,
             max_file_bytes: DEFAULT_MAX_FILE_BYTES,
+            max_abs_value: DEFAULT_MAX_ABS_VALUE,
         }
     }
 }
@@ -310,8 +330,10 @@ pub fn read_file(path: &Path, spec: &DataSpec) -> Result<FileSamples, FileError>
         .into());
     }
     if let Features::F32(v) = &samples.features {
-        if let Some(pos) = v.iter().position(|x| !x.is_finite()) {
-            return Err(format!("sample {} has a non-finite value ({})", pos / per, v[pos]).into());
+        let max = spec.max_abs_value;
+        if let Some(pos) = v.iter().position(|x| !(x.abs() <= max)) {
+            let what = absurd_value(v[pos], max).unwrap_or_default();
+            return Err(format!("sample {} has {what}", pos / per).into());
         }
     }
     if let RawLabels::Index(v) = &samples.labels {
