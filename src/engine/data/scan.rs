@@ -8,7 +8,9 @@
 use std::path::Path;
 
 use super::labels::{impossible, release_memory, Budget, LabelCodes};
-use super::{absurd_value, check_file, csv_file, read_file, resolve_labels, text_tsv, DataFormat, DataSpec};
+use super::{
+    absurd_value, check_file, csv_file, read_file, resolve_labels, text_tsv, DataFormat, DataSpec,
+};
 
 /// What a checked file holds.
 #[derive(Debug, Clone, PartialEq, Eq)]
