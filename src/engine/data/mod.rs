@@ -331,7 +331,7 @@ pub fn read_file(path: &Path, spec: &DataSpec) -> Result<FileSamples, FileError>
     }
     if let Features::F32(v) = &samples.features {
         let max = spec.max_abs_value;
-        if let Some(pos) = v.iter().position(|x| !(x.abs() <= max)) {
+        if let Some(pos) = v.iter().position(|x| absurd_value(*x, max).is_some()) {
             let what = absurd_value(v[pos], max).unwrap_or_default();
             return Err(format!("sample {} has {what}", pos / per).into());
         }

@@ -119,7 +119,7 @@ fn scan_csv(
                 }
             }
             let max = spec.max_abs_value;
-            if let Some(i) = values.iter().position(|x| !(x.abs() <= max)) {
+            if let Some(i) = values.iter().position(|x| absurd_value(*x, max).is_some()) {
                 let what = absurd_value(values[i], max).unwrap_or_default();
                 return Err(format!("feature {} has {what}", i + 1));
             }
