@@ -93,6 +93,7 @@ impl Settings {
             vocab: None,
             only_files: None,
             max_file_bytes: d.max_file_mb.saturating_mul(1 << 20),
+            max_abs_value: d.max_abs_value.min(f32::MAX as f64) as f32,
         }
     }
 

@@ -141,7 +141,8 @@ fn schema() -> serde_json::Value {
     serde_json::to_value(Settings::default()).unwrap_or(serde_json::Value::Null)
 }
 
-fn resolve_alias(key: &str) -> String {
+/// The full form of a key that may be an alias (`train.lr` -> `train.optimizer.lr`).
+pub fn resolve_alias(key: &str) -> String {
     KEY_ALIASES
         .iter()
         .find(|(alias, _)| *alias == key)

@@ -181,6 +181,10 @@ pub struct DataSettings {
     pub classes: Option<Vec<String>>,
     /// Data files larger than this many MiB are refused before they are read.
     pub max_file_mb: u64,
+    /// Float features (CSV, safetensors) whose magnitude exceeds this are
+    /// absurd: the file is refused, naming the value and where it is. u8
+    /// features (images, u8 safetensors) cannot exceed it.
+    pub max_abs_value: f64,
 }
 
 impl Default for DataSettings {
@@ -204,6 +208,7 @@ impl Default for DataSettings {
             min_freq: 1,
             classes: None,
             max_file_mb: 512,
+            max_abs_value: crate::engine::data::DEFAULT_MAX_ABS_VALUE as f64,
         }
     }
 }
@@ -477,7 +482,7 @@ pub mod run;
 mod validate;
 
 pub use budget::MAX_IMAGE_SIDE;
-pub use layers::{env_overrides, load, load_layers, Override};
+pub use layers::{env_overrides, load, load_layers, resolve_alias, Override};
 
 #[cfg(test)]
 mod tests;

@@ -104,6 +104,12 @@ impl Settings {
         if !matches!(d.channels, 1 | 3) {
             return Err(invalid("data.channels", "must be 1 or 3"));
         }
+        if !(d.max_abs_value.is_finite() && d.max_abs_value > 0.0) {
+            return Err(invalid(
+                "data.max_abs_value",
+                "must be a finite number > 0 (e.g. 1e6)",
+            ));
+        }
         if d.max_file_mb == 0 {
             return Err(invalid("data.max_file_mb", "must be >= 1"));
         }

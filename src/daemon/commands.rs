@@ -46,7 +46,34 @@ impl Rejection {
             command: Some(self.command.clone()),
             request_id: self.request_id.clone(),
             reason: self.reason.clone(),
+            suppressed: None,
         }
+    }
+}
+
+/// Just the `request_id` of a payload, for answering a command that cannot be
+/// handled in full (the daemon is busy): no other field is kept, no
+/// validation is done. None when the payload is too big, not a JSON object,
+/// or has no usable id; a long string id comes back cut.
+pub fn peek_request_id(payload: &[u8]) -> Option<Value> {
+    /// Every other field is skipped without being built.
+    #[derive(Deserialize)]
+    struct IdOnly {
+        #[serde(default)]
+        request_id: Option<RequestId>,
+    }
+    if payload.len() > MAX_COMMAND_BYTES {
+        return None;
+    }
+    let id = serde_json::from_slice::<IdOnly>(payload)
+        .ok()?
+        .request_id?
+        .0;
+    match id {
+        Value::String(s) if s.len() > super::bounded::MAX_REQUEST_ID_BYTES => Some(Value::String(
+            super::bounded::truncate(&s, super::bounded::MAX_REQUEST_ID_BYTES),
+        )),
+        other => Some(other),
     }
 }
 
@@ -352,6 +379,24 @@ mod tests {
         assert!(echo.len() < 200, "{}", echo.len());
         let payload = format!(r#"{{"request_id": "{}"}}"#, "r".repeat(128));
         assert!(parse("status", payload.as_bytes(), false, ok).is_ok());
+    }
+
+    #[test]
+    fn request_id_is_peeked_without_the_rest() {
+        let p = br#"{"overrides": {"train.lr": [1, {"x": 2}]}, "request_id": "r9"}"#;
+        assert_eq!(peek_request_id(p), Some(Value::from("r9")));
+        assert_eq!(
+            peek_request_id(br#"{"request_id": 4}"#),
+            Some(Value::from(4))
+        );
+        assert_eq!(peek_request_id(br#"{"request_id": true}"#), None);
+        assert_eq!(peek_request_id(b"junk"), None);
+        assert_eq!(peek_request_id(b""), None);
+        let long = format!(r#"{{"request_id": "{}"}}"#, "r".repeat(60_000));
+        let Some(Value::String(cut)) = peek_request_id(long.as_bytes()) else {
+            panic!()
+        };
+        assert!(cut.len() < 200);
     }
 
     #[test]

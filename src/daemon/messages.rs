@@ -287,6 +287,10 @@ pub enum Event {
         command: Option<String>,
         request_id: Option<RequestId>,
         reason: String,
+        /// Only on the summary of a flood: how many rejections in the last
+        /// second were not published one by one (ext).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        suppressed: Option<u64>,
     },
 }
 
@@ -326,10 +330,9 @@ impl Event {
             | Event::ModelKept(_)
             | Event::PromotionFailed { .. }
             | Event::ModelRecovered { .. } => Kind::Lifecycle,
-            Event::RunQueued { .. }
-            | Event::DataAccepted { .. }
-            | Event::DataRejected { .. }
-            | Event::CommandRejected { .. } => Kind::Info,
+            Event::DataAccepted { .. } | Event::DataRejected { .. } => Kind::Info,
+            // Answers to commands: a command flood must not evict anything else.
+            Event::RunQueued { .. } | Event::CommandRejected { .. } => Kind::Reply,
         }
     }
 
@@ -883,6 +886,7 @@ mod tests {
                 command: Some("stop".into()),
                 request_id: Some(json!(5)),
                 reason: "no run in progress".into(),
+                suppressed: None,
             },
             json!({
                 "event": "command_rejected", "command": "stop", "request_id": 5,
@@ -894,8 +898,19 @@ mod tests {
                 command: None,
                 request_id: None,
                 reason: "too big".into(),
+                suppressed: None,
             },
             json!({"event": "command_rejected", "command": null, "request_id": null, "reason": "too big"}),
+        );
+        golden(
+            Event::CommandRejected {
+                command: None,
+                request_id: None,
+                reason: "40 more commands were rejected".into(),
+                suppressed: Some(40),
+            },
+            json!({"event": "command_rejected", "command": null, "request_id": null,
+                   "reason": "40 more commands were rejected", "suppressed": 40}),
         );
     }
 

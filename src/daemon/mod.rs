@@ -152,10 +152,18 @@ pub async fn serve(
     let (existing, reference) = {
         let (spec, current) = (spec.clone(), current.clone());
         let runs = settings.runs_dir();
+        let seen_file = settings.output.dir.join(watcher::SEEN_FILE);
         tokio::task::spawn_blocking(move || {
             let files = data::list_files(&spec).unwrap_or_default();
             let reference = watcher::Reference::discover(&spec, &current, &files);
-            let (old, new) = watcher::split_existing(files, watcher::last_run_start(&runs));
+            // By the list of files seen before (clock steps hide nothing), else by time.
+            let seen = watcher::load_seen(&seen_file);
+            let (old, new) = watcher::split_seen(
+                &spec.dir,
+                files,
+                seen.as_ref(),
+                watcher::last_run_start(&runs),
+            );
             if !new.is_empty() {
                 tracing::info!(
                     files = new.len(),
@@ -213,6 +221,8 @@ pub async fn serve(
             publisher.clone(),
             samples_tx,
         )
+        .with_current_model(current.clone())
+        .with_seen_file(settings.output.dir.join(watcher::SEEN_FILE))
         .run(stop_watching.clone()),
     );
     tasks.spawn(systemd::status_lines(activity_rx, broker_rx));

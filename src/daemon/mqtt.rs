@@ -10,9 +10,11 @@ use rumqttc::{
     AsyncClient, ConnectionError, Event, EventLoop, LastWill, MqttOptions, Outgoing, Packet, QoS,
     StateError, TlsConfiguration, Transport,
 };
+use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
+use super::commands;
 use super::messages;
 use super::publisher::Publisher;
 use super::DaemonError;
@@ -236,11 +238,20 @@ impl Driver {
                         payload: p.payload.to_vec(),
                         retained: p.retain,
                     };
-                    if self.commands.try_send(cmd).is_err() {
+                    if let Err(e) = self.commands.try_send(cmd) {
+                        let (cmd, reason) = match e {
+                            TrySendError::Full(c) => (
+                                c,
+                                "the daemon is busy: too many commands are waiting; send it again later",
+                            ),
+                            TrySendError::Closed(c) => (c, "the daemon is shutting down"),
+                        };
+                        // Answered with its request id, read cheaply (nothing else is parsed).
                         self.publisher.event(messages::Event::CommandRejected {
-                            command: Some(name.to_string()),
-                            request_id: None,
-                            reason: "the daemon is busy or shutting down".into(),
+                            command: Some(cmd.name),
+                            request_id: commands::peek_request_id(&cmd.payload),
+                            reason: reason.into(),
+                            suppressed: None,
                         });
                     }
                 }
@@ -267,6 +278,7 @@ impl Driver {
                             command: None,
                             request_id: None,
                             reason: format!("a message of {n} bytes exceeds the {MAX_PACKET_BYTES}-byte packet limit; it was dropped"),
+                            suppressed: None,
                         });
                     }
                     if self.finish.is_cancelled() {

@@ -12,9 +12,13 @@ use std::collections::VecDeque;
 pub enum Kind {
     /// The retained `status`: a newer one supersedes any not yet sent.
     Status,
+    /// Answers to commands (`command_rejected`, `run_queued`): dropped before
+    /// anything else, and never make room for themselves by evicting another kind,
+    /// so a flood of junk commands cannot push out a run's metrics.
+    Reply,
     /// One evaluation; dropped first when the outbox is full.
     Metrics,
-    /// `data_*` and `command_rejected` events; dropped after metrics.
+    /// `data_*` and other informational events; dropped after metrics.
     Info,
     /// Run and model lifecycle events; never dropped.
     Lifecycle,
@@ -22,7 +26,18 @@ pub enum Kind {
 
 impl Kind {
     fn droppable(self) -> bool {
-        matches!(self, Kind::Metrics | Kind::Info)
+        matches!(self, Kind::Reply | Kind::Metrics | Kind::Info)
+    }
+
+    /// The kinds a message of this kind may evict to make room, in eviction order.
+    fn evicts(self) -> &'static [Kind] {
+        match self {
+            Kind::Reply => &[Kind::Reply],
+            Kind::Metrics => &[Kind::Reply, Kind::Metrics],
+            Kind::Info | Kind::Lifecycle | Kind::Status => {
+                &[Kind::Reply, Kind::Metrics, Kind::Info]
+            }
+        }
     }
 }
 
@@ -127,7 +142,7 @@ impl Outbox {
             self.entries
                 .retain(|e| !(e.msg.kind == Kind::Status && e.state == State::Queued));
         }
-        if self.entries.len() >= self.capacity && !self.make_room() {
+        if self.entries.len() >= self.capacity && !self.make_room(msg.kind) {
             if msg.kind.droppable() {
                 self.dropped += 1;
                 return;
@@ -159,10 +174,11 @@ impl Outbox {
         }
     }
 
-    /// Drops the oldest queued metrics message, else the oldest queued info
-    /// event. Returns whether one was dropped.
-    fn make_room(&mut self) -> bool {
-        for kind in [Kind::Metrics, Kind::Info] {
+    /// Drops the oldest queued command answer, else the oldest queued metrics
+    /// message, else the oldest queued info event, as far as `incoming` may
+    /// evict them. Returns whether one was dropped.
+    fn make_room(&mut self, incoming: Kind) -> bool {
+        for &kind in incoming.evicts() {
             if let Some(pos) = self
                 .entries
                 .iter()
@@ -350,6 +366,23 @@ mod tests {
         o.push(m(Kind::Lifecycle, 8)); // held over capacity
         o.on_connect();
         assert_eq!(drain(&mut o), ["t/0", "t/4", "t/5", "t/6", "t/8"]);
+    }
+
+    #[test]
+    fn command_answers_go_first_and_never_evict_metrics() {
+        let mut o = Outbox::new(4, 10);
+        o.push(m(Kind::Metrics, 0));
+        o.push(m(Kind::Reply, 1));
+        o.push(m(Kind::Metrics, 2));
+        o.push(m(Kind::Info, 3));
+        o.push(m(Kind::Metrics, 4)); // drops reply 1, not metrics 0
+        assert_eq!(o.dropped(), 1);
+        for i in 5..500 {
+            o.push(m(Kind::Reply, i)); // a junk flood: each answer is dropped itself
+        }
+        assert_eq!(o.dropped(), 496);
+        o.on_connect();
+        assert_eq!(drain(&mut o), ["t/0", "t/2", "t/3", "t/4"]);
     }
 
     #[test]

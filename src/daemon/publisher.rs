@@ -57,7 +57,68 @@ impl Topics {
     }
 }
 
+/// Most `command_rejected` events published one by one in a second; the rest
+/// of that second's rejections are summed up in one `command_rejected` with
+/// `suppressed` once the second is over.
+pub const REJECTIONS_PER_SECOND: u32 = 20;
+
+const REJECTION_WINDOW: Duration = Duration::from_secs(1);
+
+/// Counts `command_rejected` events per one-second window.
+#[derive(Debug, Default)]
+struct RejectionLimit {
+    window_start: Option<tokio::time::Instant>,
+    sent: u32,
+    suppressed: u64,
+}
+
+impl RejectionLimit {
+    /// The summary of the window that ended, if it suppressed any.
+    fn close_if_over(&mut self, now: tokio::time::Instant) -> Option<Event> {
+        let over = self
+            .window_start
+            .is_none_or(|start| now >= start + REJECTION_WINDOW);
+        if !over {
+            return None;
+        }
+        self.window_start = None;
+        self.sent = 0;
+        let n = std::mem::take(&mut self.suppressed);
+        (n > 0).then(|| Event::CommandRejected {
+            command: None,
+            request_id: None,
+            reason: format!(
+                "{n} more commands were rejected within one second; a flood is not answered one by one (at most {REJECTIONS_PER_SECOND} a second)"
+            ),
+            suppressed: Some(n),
+        })
+    }
+
+    /// Whether one more rejection may be published now, plus the summary of
+    /// the window before, if one is due.
+    fn admit(&mut self, now: tokio::time::Instant) -> (bool, Option<Event>) {
+        let summary = self.close_if_over(now);
+        self.window_start.get_or_insert(now);
+        if self.sent < REJECTIONS_PER_SECOND {
+            self.sent += 1;
+            (true, summary)
+        } else {
+            self.suppressed += 1;
+            (false, summary)
+        }
+    }
+
+    /// When the pending summary is due, if one is pending.
+    fn due(&self) -> Option<tokio::time::Instant> {
+        match (self.window_start, self.suppressed) {
+            (Some(start), n) if n > 0 => Some(start + REJECTION_WINDOW),
+            _ => None,
+        }
+    }
+}
+
 struct Shared {
+    rejections: Mutex<RejectionLimit>,
     outbox: Mutex<Outbox>,
     status: Mutex<StatusInfo>,
     wake: Notify,
@@ -83,6 +144,7 @@ impl Publisher {
     pub fn new(topics: Topics, device_id: &str, capacity: usize) -> Self {
         Self {
             shared: Arc::new(Shared {
+                rejections: Mutex::new(RejectionLimit::default()),
                 outbox: Mutex::new(Outbox::new(capacity, WINDOW)),
                 status: Mutex::new(StatusInfo::default()),
                 wake: Notify::new(),
@@ -120,7 +182,37 @@ impl Publisher {
     }
 
     /// Queues an `events` message (its payload is built by [`Event::payload`]).
+    /// `command_rejected` events are rate-limited ([`REJECTIONS_PER_SECOND`]).
     pub fn event(&self, event: Event) {
+        if matches!(event, Event::CommandRejected { .. }) {
+            let now = tokio::time::Instant::now();
+            let (admit, summary) = lock(&self.shared.rejections).admit(now);
+            if let Some(s) = summary {
+                self.push_event(s);
+            }
+            if !admit {
+                tracing::debug!("command_rejected suppressed: too many this second");
+                return;
+            }
+        }
+        self.push_event(event);
+    }
+
+    /// Publishes the summary of suppressed rejections once its second is over.
+    pub fn flush_rejections(&self) {
+        let now = tokio::time::Instant::now();
+        let summary = lock(&self.shared.rejections).close_if_over(now);
+        if let Some(s) = summary {
+            self.push_event(s);
+        }
+    }
+
+    /// When [`Publisher::flush_rejections`] has a summary to publish.
+    fn rejections_due(&self) -> Option<tokio::time::Instant> {
+        lock(&self.shared.rejections).due()
+    }
+
+    fn push_event(&self, event: Event) {
         tracing::debug!(event = event.name(), "queued event");
         self.push(Message {
             topic: self.shared.topics.events(),
@@ -194,6 +286,7 @@ pub async fn run(
 ) {
     let mut deadline: Option<tokio::time::Instant> = None;
     loop {
+        publisher.flush_rejections();
         publisher.pump(&client);
         if finish.is_cancelled() {
             let now = tokio::time::Instant::now();
@@ -218,10 +311,12 @@ pub async fn run(
         }
         let sleep_until =
             deadline.unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
+        let summary_at = publisher.rejections_due();
         tokio::select! {
             _ = publisher.shared.wake.notified() => {}
             _ = finish.cancelled(), if deadline.is_none() => {}
             _ = tokio::time::sleep_until(sleep_until), if deadline.is_some() => {}
+            _ = tokio::time::sleep_until(summary_at.unwrap_or(sleep_until)), if summary_at.is_some() => {}
         }
     }
 }
@@ -239,6 +334,56 @@ mod tests {
         assert_eq!(t.command_of("edge-trainer/dev1/cmd/train"), Some("train"));
         assert_eq!(t.command_of("edge-trainer/dev2/cmd/train"), None);
         assert_eq!(t.command_of("edge-trainer/dev1/status"), None);
+    }
+
+    fn events_of(p: &Publisher) -> Vec<Value> {
+        p.with_outbox(|o| {
+            o.on_connect();
+            let mut out = Vec::new();
+            while let Some(m) = o.next_to_send() {
+                o.on_outgoing(1);
+                o.on_ack(1);
+                out.push(serde_json::from_slice(&m.payload).unwrap());
+            }
+            out
+        })
+    }
+
+    fn rejection(id: u64) -> Event {
+        Event::CommandRejected {
+            command: Some("train".into()),
+            request_id: Some(Value::from(id)),
+            reason: "junk".into(),
+            suppressed: None,
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_rejection_flood_is_summed_up_once_a_second() {
+        let p = Publisher::new(Topics::new("p", "d"), "d", 10_000);
+        for i in 0..1000 {
+            p.event(rejection(i));
+        }
+        let first = events_of(&p);
+        assert_eq!(first.len(), REJECTIONS_PER_SECOND as usize);
+        assert_eq!(first[0]["request_id"], 0);
+        // Nothing more until the second is over; then one summary.
+        p.flush_rejections();
+        assert!(events_of(&p).is_empty());
+        tokio::time::advance(Duration::from_millis(1001)).await;
+        p.flush_rejections();
+        let summary = events_of(&p);
+        assert_eq!(summary.len(), 1, "{summary:?}");
+        let n = 1000 - REJECTIONS_PER_SECOND as u64;
+        assert_eq!(summary[0]["suppressed"], n);
+        assert_eq!(summary[0]["event"], "command_rejected");
+        assert!(summary[0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains(&n.to_string()));
+        // A new second answers one by one again.
+        p.event(rejection(5000));
+        assert_eq!(events_of(&p)[0]["request_id"], 5000);
     }
 
     #[test]

@@ -89,12 +89,44 @@ struct ActiveRun {
 
 #[derive(Default)]
 struct Queued {
+    /// Merged by key (aliases resolved), the later value winning: at most one
+    /// per config key, however many requests coalesced.
     overrides: Vec<Override>,
+    /// The first [`MAX_REQUEST_IDS`](super::bounded::MAX_REQUEST_IDS) request ids.
     request_ids: Vec<Value>,
+    /// Request ids past the cap, counted only.
+    more_request_ids: u64,
     triggers: BTreeSet<Trigger>,
 }
 
+/// `base` with `later` on top, one override per key, the later value winning.
+fn merge_overrides(base: &[Override], later: Vec<Override>) -> Vec<Override> {
+    let mut out = base.to_vec();
+    for ov in later {
+        let key = crate::config::resolve_alias(&ov.key);
+        match out
+            .iter_mut()
+            .find(|o| crate::config::resolve_alias(&o.key) == key)
+        {
+            Some(slot) => *slot = ov,
+            None => out.push(ov),
+        }
+    }
+    out
+}
+
 impl Queued {
+    fn add(&mut self, overrides: Vec<Override>, request_id: Option<Value>) {
+        self.overrides = merge_overrides(&self.overrides, overrides);
+        if let Some(id) = request_id {
+            if self.request_ids.len() < super::bounded::MAX_REQUEST_IDS {
+                self.request_ids.push(id);
+            } else {
+                self.more_request_ids += 1;
+            }
+        }
+    }
+
     fn origin(&self) -> RunOrigin {
         RunOrigin {
             triggers: self.triggers.iter().copied().collect(),
@@ -199,20 +231,22 @@ impl Scheduler {
             self.request(Trigger::OnStart, Vec::new(), None);
         }
         loop {
+            // Watchdog probes before anything else: a flood of commands or of
+            // run messages must not starve them (systemd would restart us).
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
+                Some(p) = inputs.probes.recv() => { let _ = p.send(()); }
                 Some((id, msg)) = self.run_rx.recv() => self.on_run_msg(&id, msg),
                 Some(cmd) = inputs.commands.recv() => self.on_command(cmd),
                 Some(n) = inputs.new_samples.recv() => self.on_new_samples(n),
-                Some(p) = inputs.probes.recv() => { let _ = p.send(()); }
             }
         }
         self.shutting_down = true;
         self.activity.send_replace(Activity::ShuttingDown);
         if let Some(q) = self.queued.take() {
             tracing::info!(
-                requests = q.request_ids.len(),
+                requests = q.request_ids.len() as u64 + q.more_request_ids,
                 "dropping the queued run: shutting down"
             );
         }
@@ -261,14 +295,15 @@ impl Scheduler {
         if self.shutting_down {
             return;
         }
-        let queued_overrides: Vec<Override> = match (&self.running, &self.queued) {
-            (Some(_), Some(q)) => q.overrides.clone(),
-            _ => Vec::new(),
+        // The queued overrides hold one value per key, so checking a request
+        // against them costs the same however many requests coalesced.
+        let queued_overrides: &[Override] = match (&self.running, &self.queued) {
+            (Some(_), Some(q)) => &q.overrides,
+            _ => &[],
         };
         let base = &self.base;
         let parsed = commands::parse(&raw.name, &raw.payload, raw.retained, |ovs| {
-            let mut all = queued_overrides.clone();
-            all.extend_from_slice(ovs);
+            let all = merge_overrides(queued_overrides, ovs.to_vec());
             base.resolve(&all).map(|_| ()).map_err(|e| {
                 if queued_overrides.is_empty() {
                     e.to_string()
@@ -312,17 +347,17 @@ impl Scheduler {
     /// Starts a run now, or queues it (coalescing with what is queued).
     fn request(&mut self, trigger: Trigger, overrides: Vec<Override>, request_id: Option<Value>) {
         if self.running.is_none() {
-            self.start(Queued {
-                overrides,
-                request_ids: request_id.into_iter().collect(),
+            let mut q = Queued {
                 triggers: BTreeSet::from([trigger]),
-            });
+                ..Queued::default()
+            };
+            q.add(overrides, request_id);
+            self.start(q);
             return;
         }
         let coalesced = self.queued.is_some();
         let q = self.queued.get_or_insert_with(Queued::default);
-        q.overrides.extend(overrides);
-        q.request_ids.extend(request_id.clone());
+        q.add(overrides, request_id.clone());
         q.triggers.insert(trigger);
         let running = self.running.as_ref().map(|r| r.run_id.clone());
         self.publisher.event(Event::RunQueued {

@@ -117,6 +117,64 @@ pub fn split_existing(
     })
 }
 
+/// File under `output.dir` listing the data files the watcher has seen (name,
+/// size, mtime), so that files arriving while the daemon is down are found by
+/// comparing listings, whatever the clock did meanwhile.
+pub const SEEN_FILE: &str = "seen-data.json";
+
+/// One data file as last seen: relative name, size, mtime in ns since the epoch.
+type SeenEntry = (String, u64, i128);
+
+fn seen_entry(dir: &Path, path: &Path) -> SeenEntry {
+    let (size, mtime) = stat(path);
+    let ns = mtime.map_or(0, |t| match t.duration_since(SystemTime::UNIX_EPOCH) {
+        Ok(d) => d.as_nanos() as i128,
+        Err(e) => -(e.duration().as_nanos() as i128),
+    });
+    (data::relative_name(dir, path), size, ns)
+}
+
+/// The seen-files list in `path`, if one was written (and reads back).
+pub fn load_seen(path: &Path) -> Option<HashSet<SeenEntry>> {
+    let bytes = std::fs::read(path).ok()?;
+    match serde_json::from_slice::<Vec<SeenEntry>>(&bytes) {
+        Ok(v) => Some(v.into_iter().collect()),
+        Err(e) => {
+            tracing::warn!(file = %path.display(), error = %e, "unreadable list of seen data files; using file times");
+            None
+        }
+    }
+}
+
+/// Writes the seen-files list for `files` (atomically).
+pub fn save_seen(path: &Path, dir: &Path, files: impl Iterator<Item = impl AsRef<Path>>) {
+    let mut v: Vec<SeenEntry> = files.map(|f| seen_entry(dir, f.as_ref())).collect();
+    v.sort();
+    let written = serde_json::to_vec(&v)
+        .map_err(std::io::Error::other)
+        .and_then(|b| atomic_write(path, &b));
+    if let Err(e) = written {
+        tracing::warn!(file = %path.display(), error = %e, "cannot save the list of seen data files");
+    }
+}
+
+/// [`split_existing`], but by the list of files seen before (`seen`) when there
+/// is one: a file not in it, or changed since (size, mtime), is new. Listings do
+/// not depend on the clock, so a clock stepped back hides nothing.
+pub fn split_seen(
+    dir: &Path,
+    files: Vec<PathBuf>,
+    seen: Option<&HashSet<SeenEntry>>,
+    last_run: Option<SystemTime>,
+) -> (Vec<PathBuf>, Vec<PathBuf>) {
+    match seen {
+        Some(seen) => files
+            .into_iter()
+            .partition(|f| seen.contains(&seen_entry(dir, f))),
+        None => split_existing(files, last_run),
+    }
+}
+
 /// Checks one new file; returns its number of samples, or why it is rejected.
 pub fn validate_file(
     path: &Path,
@@ -171,8 +229,22 @@ struct Candidate {
     since: Instant,
 }
 
+/// Identifies one version of the current model file (a promotion replaces it).
+type ModelStamp = Option<(u64, u64, Option<SystemTime>)>;
+
+fn model_stamp(path: &Path) -> ModelStamp {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.ino(), m.len(), m.modified().ok()))
+}
+
 /// The watcher's state; [`Watcher::run`] is its task.
 pub struct Watcher {
+    /// The model in service and the version the reference was taken from:
+    /// after a promotion, new files are checked against the new model.
+    current: Option<(PathBuf, ModelStamp)>,
+    /// Where the list of seen files is kept, if anywhere.
+    seen_file: Option<PathBuf>,
     spec: DataSpec,
     settle: Duration,
     rescan: Duration,
@@ -196,6 +268,8 @@ impl Watcher {
         new_samples: mpsc::UnboundedSender<u64>,
     ) -> Self {
         Self {
+            current: None,
+            seen_file: None,
             spec,
             settle,
             rescan,
@@ -208,8 +282,63 @@ impl Watcher {
         }
     }
 
+    /// Refreshes the reference from `current` (the model file) whenever a
+    /// promotion replaced it.
+    pub fn with_current_model(mut self, current: PathBuf) -> Self {
+        let stamp = model_stamp(&current);
+        self.current = Some((current, stamp));
+        self
+    }
+
+    /// Keeps the list of seen data files in `path` ([`SEEN_FILE`]).
+    pub fn with_seen_file(mut self, path: PathBuf) -> Self {
+        self.seen_file = Some(path);
+        self
+    }
+
+    async fn save_seen(&self) {
+        let Some(path) = self.seen_file.clone() else {
+            return;
+        };
+        let dir = self.spec.dir.clone();
+        let files: Vec<PathBuf> = self.known.iter().cloned().collect();
+        let _ = tokio::task::spawn_blocking(move || save_seen(&path, &dir, files.iter())).await;
+    }
+
+    /// A new model was promoted since the reference was taken: take it again.
+    async fn refresh_reference(&mut self) {
+        let Some((path, stamp)) = &self.current else {
+            return;
+        };
+        let now = model_stamp(path);
+        if now.is_none() || now == *stamp {
+            return;
+        }
+        let p = path.clone();
+        let loaded = tokio::task::spawn_blocking(move || {
+            crate::engine::checkpoint::load(&p, &candle_core::Device::Cpu)
+                .map(|ck| (ck.meta.input.sample_shape, ck.meta.classes))
+        })
+        .await;
+        match loaded {
+            Ok(Ok((shape, classes))) => {
+                tracing::info!(classes = classes.len(), shape = ?shape, "new model in service: new data is checked against it");
+                self.reference = Reference {
+                    sample_shape: Some(shape),
+                    classes: Some(classes),
+                };
+                self.current = Some((path.clone(), now));
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "cannot read the new current model; the data reference stays")
+            }
+            Err(e) => tracing::warn!(error = %e, "reading the current model panicked"),
+        }
+    }
+
     /// Watches until `stop` fires.
     pub async fn run(mut self, stop: CancellationToken) {
+        self.save_seen().await;
         let (tx, mut events) = mpsc::unbounded_channel();
         let mode = if self.spec.format == DataFormat::ImageFolder {
             RecursiveMode::Recursive
@@ -331,12 +460,20 @@ impl Watcher {
             }
         }
         ready.sort();
+        if ready.is_empty() {
+            return;
+        }
+        self.refresh_reference().await;
         for path in ready {
             self.pending.remove(&path);
             self.renamed.remove(&path);
-            self.known.insert(path.clone());
-            self.take(path).await;
+            self.take(path.clone()).await;
+            // Accepted files stay; rejected ones left for rejected/.
+            if path.exists() {
+                self.known.insert(path);
+            }
         }
+        self.save_seen().await;
     }
 
     async fn take(&mut self, path: PathBuf) {
@@ -494,5 +631,44 @@ mod tests {
         let reason = std::fs::read_to_string(d.join("rejected/bad.csv.reason")).unwrap();
         assert!(reason.starts_with("not a csv\n"));
         assert!(d.join("rejected/bad.csv.1.reason").is_file());
+    }
+
+    /// Issue 18: a clock stepped back hid data that arrived while the daemon
+    /// was down (its mtime is older than the last run's start). The list of
+    /// seen files finds it whatever the clock says.
+    #[test]
+    fn files_that_arrived_while_down_are_new_whatever_the_clock_did() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let old = d.join("old.csv");
+        std::fs::write(&old, "a,label\n1,0\n").unwrap();
+        let seen_path = d.join(SEEN_FILE);
+        save_seen(&seen_path, d, [&old].iter());
+        // While down: a new file, written with the clock stepped back by a day,
+        // and the old one rewritten in place.
+        let new = d.join("new.csv");
+        std::fs::write(&new, "a,label\n2,1\n").unwrap();
+        let day_ago = SystemTime::now() - Duration::from_secs(86_400);
+        std::fs::File::options()
+            .write(true)
+            .open(&new)
+            .unwrap()
+            .set_modified(day_ago)
+            .unwrap();
+        let last_run = Some(SystemTime::now());
+        let files = vec![old.clone(), new.clone()];
+        // By time alone, the new file is hidden.
+        let (_, by_time) = split_existing(files.clone(), last_run);
+        assert!(by_time.is_empty());
+        let seen = load_seen(&seen_path);
+        assert!(seen.is_some());
+        let (kept, found) = split_seen(d, files.clone(), seen.as_ref(), last_run);
+        assert_eq!((kept, found), (vec![old.clone()], vec![new.clone()]));
+        std::fs::write(&old, "a,label\n1,0\n3,1\n").unwrap();
+        let (_, found) = split_seen(d, files.clone(), seen.as_ref(), last_run);
+        assert_eq!(found, files);
+        // No list yet (first start after an upgrade): by time, as before.
+        let (_, found) = split_seen(d, files, None, None);
+        assert!(found.is_empty());
     }
 }

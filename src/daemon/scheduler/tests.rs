@@ -137,7 +137,7 @@ struct Harness {
     publisher: Publisher,
     commands: mpsc::Sender<RawCommand>,
     samples: mpsc::UnboundedSender<u64>,
-    _probes: mpsc::Sender<oneshot::Sender<()>>,
+    probes: mpsc::Sender<oneshot::Sender<()>>,
     activity: watch::Receiver<Activity>,
     shutdown: CancellationToken,
     task: tokio::task::JoinHandle<()>,
@@ -152,6 +152,11 @@ struct Harness {
 impl Harness {
     /// A scheduler with a fake trainer; `extra` is appended to its config file.
     async fn start(extra: &str) -> Self {
+        Self::start_with(extra, 64).await
+    }
+
+    /// As [`Harness::start`], with room for `queue` commands waiting.
+    async fn start_with(extra: &str, queue: usize) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let cfg = dir.path().join("config.toml");
         std::fs::write(
@@ -169,7 +174,7 @@ impl Harness {
         let ctl = Arc::new(Control::default());
         let scheduler = Scheduler::new(base, settings, Device::Cpu, publisher.clone(), activity_tx)
             .with_runner(fake(ctl.clone()));
-        let (commands, commands_rx) = mpsc::channel(64);
+        let (commands, commands_rx) = mpsc::channel(queue);
         let (samples, samples_rx) = mpsc::unbounded_channel();
         let (probes, probes_rx) = mpsc::channel(4);
         let shutdown = CancellationToken::new();
@@ -185,7 +190,7 @@ impl Harness {
             publisher,
             commands,
             samples,
-            _probes: probes,
+            probes,
             activity,
             shutdown,
             task,
@@ -470,4 +475,79 @@ async fn a_run_that_does_not_end_is_left_behind_after_its_stop_budget() {
     assert_eq!(h.count(RUN_ENDS), 0);
     // Let the fake run end before the runtime waits for its blocking pool.
     h.ctl.release(1);
+}
+
+/// Issue 18 break 4: a flood of valid `cmd/train` during a run. The watchdog
+/// probe is answered before the flood is worked off, the queued overrides stay
+/// one per key (the last value wins), the coalesced request ids stay capped,
+/// and a `cmd/stop` behind the flood is still honoured with its request id.
+#[tokio::test(start_paused = true)]
+async fn a_command_flood_neither_starves_the_watchdog_nor_grows_the_queue() {
+    const FLOOD: usize = 10_000;
+    let mut h = Harness::start_with("", FLOOD + 8).await;
+    h.send("train", r#"{"request_id": "first"}"#);
+    let started = h.event("run_started").await;
+    for i in 0..FLOOD {
+        h.send(
+            "train",
+            &format!(
+                r#"{{"request_id": {i}, "overrides": {{"train.max_epochs": {}, "train.lr": 0.0{}}}}}"#,
+                i % 50 + 1,
+                i % 9 + 1
+            ),
+        );
+    }
+    h.send("stop", r#"{"request_id": "halt"}"#);
+    let t0 = Instant::now();
+    let (tx, rx) = oneshot::channel();
+    h.probes.try_send(tx).unwrap();
+    rx.await.unwrap();
+    let waiting = h.commands.max_capacity() - h.commands.capacity();
+    // Answered at once, not after the flood was worked off.
+    assert!(waiting > FLOOD - 200, "{waiting} commands still waiting");
+
+    let c = h.event("run_cancelled").await;
+    let flood_s = t0.elapsed().as_secs_f64();
+    assert_eq!(c["run_id"], started["run_id"]);
+    assert_eq!(c["stop_request_id"], "halt");
+    eprintln!(
+        "{FLOOD} queued cmd/train worked off in {flood_s:.2} s ({:.0} us each)",
+        flood_s * 1e6 / FLOOD as f64
+    );
+    let next = h.event("run_started").await;
+    let ids = next["request_ids"].as_array().unwrap();
+    assert_eq!(ids.len(), crate::daemon::bounded::MAX_REQUEST_IDS);
+    assert_eq!(ids[0], 0);
+    // The last request's values won.
+    let last = FLOOD - 1;
+    assert_eq!(next["max_epochs"], (last % 50 + 1) as u64);
+    let req = h.ctl.requests.lock().unwrap()[1].clone();
+    assert_eq!(req.train.max_epochs, (last % 50 + 1) as u64);
+    h.ctl.release(1);
+    h.event("run_finished").await;
+    h.status("idle").await;
+    h.finish().await;
+}
+
+#[test]
+fn queued_overrides_merge_by_key_with_aliases() {
+    let ov = |k: &str, v: i64| Override {
+        key: k.into(),
+        value: toml::Value::Integer(v),
+        origin: "t".into(),
+    };
+    let mut q = Queued::default();
+    for i in 0..1000 {
+        q.add(
+            vec![ov("train.max_epochs", i), ov("train.lr", i)],
+            Some(Value::from(i)),
+        );
+    }
+    q.add(vec![ov("train.optimizer.lr", 7)], None);
+    assert_eq!(q.overrides.len(), 2);
+    assert_eq!(q.overrides[0].value, toml::Value::Integer(999));
+    assert_eq!(q.overrides[1].key, "train.optimizer.lr");
+    assert_eq!(q.overrides[1].value, toml::Value::Integer(7));
+    assert_eq!(q.request_ids.len(), crate::daemon::bounded::MAX_REQUEST_IDS);
+    assert_eq!(q.more_request_ids, 1000 - q.request_ids.len() as u64);
 }

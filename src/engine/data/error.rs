@@ -138,9 +138,12 @@ pub enum FileError {
         samples: usize,
         shape: Vec<usize>,
     },
-    /// A NaN or infinite feature value.
-    #[error("sample {sample} has a non-finite value ({value})")]
-    NonFiniteSample { sample: usize, value: f32 },
+    /// A feature value of a sample that no file may hold (`data.max_abs_value`).
+    #[error("sample {sample} has {bad}")]
+    BadSampleValue { sample: usize, bad: BadValue },
+    /// A feature value of a CSV row that no file may hold (`data.max_abs_value`).
+    #[error("feature {feature} has {bad}")]
+    BadFeatureValue { feature: usize, bad: BadValue },
     /// An image outside any class folder.
     #[error("the image is not inside a class folder (expected class_name/image.png)")]
     NoClassFolder,
@@ -216,6 +219,52 @@ pub enum FileError {
         #[source]
         source: Box<FileError>,
     },
+}
+
+/// A float feature value refused by [`BadValue::check`]: NaN or infinite, or
+/// beyond `data.max_abs_value` (finite but absurd: 3e38 made training diverge).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum BadValue {
+    /// NaN or infinite.
+    NonFinite(f32),
+    /// Finite, but larger in magnitude than `max`.
+    TooLarge { value: f32, max: f32 },
+}
+
+impl BadValue {
+    /// Why `value` is refused under `max_abs`, if it is.
+    pub fn check(value: f32, max_abs: f32) -> Option<Self> {
+        if !value.is_finite() {
+            Some(BadValue::NonFinite(value))
+        } else if value.abs() > max_abs {
+            Some(BadValue::TooLarge {
+                value,
+                max: max_abs,
+            })
+        } else {
+            None
+        }
+    }
+
+    /// The first refused value of `values`: its index and why.
+    pub fn first(values: &[f32], max_abs: f32) -> Option<(usize, Self)> {
+        values
+            .iter()
+            .enumerate()
+            .find_map(|(i, &v)| Self::check(v, max_abs).map(|b| (i, b)))
+    }
+}
+
+impl std::fmt::Display for BadValue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BadValue::NonFinite(v) => write!(f, "a non-finite value ({v})"),
+            BadValue::TooLarge { value, max } => write!(
+                f,
+                "the value {value:e}, beyond data.max_abs_value = {max:e} (scale the data, or raise the limit)"
+            ),
+        }
+    }
 }
 
 impl FileError {

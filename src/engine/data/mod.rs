@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 pub use batch::{Batch, Batcher, Normalization};
-pub use error::FileError;
+pub use error::{BadValue, FileError};
 pub use scan::{scan_file, FileCheck};
 pub use split::{fixed_split, split_of, Split, SplitIndices};
 pub use vocab::{tokenize, Vocab};
@@ -96,7 +96,13 @@ pub struct DataSpec {
     pub only_files: Option<Vec<String>>,
     /// Files larger than this are refused before they are read.
     pub max_file_bytes: u64,
+    /// Float feature values beyond ±this are refused as absurd (`data.max_abs_value`).
+    pub max_abs_value: f32,
 }
+
+/// `data.max_abs_value` by default: well beyond any scaled feature, far below
+/// what overflows f32 once squared or summed in a layer.
+pub const DEFAULT_MAX_ABS_VALUE: f32 = 1e6;
 
 impl DataSpec {
     /// A spec for `dir` in `format` with every other setting at its default.
@@ -122,6 +128,7 @@ impl DataSpec {
             vocab: None,
             only_files: None,
             max_file_bytes: DEFAULT_MAX_FILE_BYTES,
+            max_abs_value: DEFAULT_MAX_ABS_VALUE,
         }
     }
 }
@@ -271,10 +278,10 @@ pub fn read_file(path: &Path, spec: &DataSpec) -> Result<FileSamples, FileError>
         });
     }
     if let Features::F32(v) = &samples.features {
-        if let Some(pos) = v.iter().position(|x| !x.is_finite()) {
-            return Err(FileError::NonFiniteSample {
+        if let Some((pos, bad)) = BadValue::first(v, spec.max_abs_value) {
+            return Err(FileError::BadSampleValue {
                 sample: pos / per,
-                value: v[pos],
+                bad,
             });
         }
     }

@@ -9,7 +9,8 @@ use std::path::Path;
 
 use super::labels::{impossible, release_memory, Budget, LabelCodes};
 use super::{
-    check_file, csv_file, read_file, resolve_labels, text_tsv, DataFormat, DataSpec, FileError,
+    check_file, csv_file, read_file, resolve_labels, text_tsv, BadValue, DataFormat, DataSpec,
+    FileError,
 };
 
 /// What a checked file holds.
@@ -117,6 +118,12 @@ fn scan_csv(
                         return Err(shape_error(&[values.len()], expected));
                     }
                 }
+            }
+            if let Some((i, bad)) = BadValue::first(values, spec.max_abs_value) {
+                return Err(FileError::BadFeatureValue {
+                    feature: i + 1,
+                    bad,
+                });
             }
             let int = label_check(&mut labels, classes, label, row)?;
             budget.charge(4 * values.len() as u64, int, row)?;
@@ -244,5 +251,51 @@ mod tests {
         assert!(ds.is_err());
         s.max_file_bytes = 2 << 20;
         assert_eq!(scan_file(&p, &s, None, None).unwrap().samples, 10_000);
+    }
+
+    /// Issue 18 break 5: a finite but absurd value (3e38) is refused with a
+    /// reason naming the value and where it is; the limit is configurable.
+    #[test]
+    fn absurd_magnitudes_are_refused_naming_value_and_place() {
+        let t = tempfile::tempdir().unwrap();
+        let d = t.path();
+        let csv = d.join("huge.csv");
+        std::fs::write(&csv, "a,b,label\n1,2,0\n3,3e38,1\n").unwrap();
+        let mut s = spec(d, DataFormat::Csv);
+        let e = scan_file(&csv, &s, None, None).unwrap_err().to_string();
+        assert!(e.starts_with("line 3: feature 2 has the value 3e38"), "{e}");
+        assert!(e.contains("data.max_abs_value"), "{e}");
+        let e = read_file(&csv, &s).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                FileError::BadSampleValue {
+                    sample: 1,
+                    bad: BadValue::TooLarge { .. }
+                }
+            ),
+            "{e:?}"
+        );
+        assert!(e.to_string().contains("sample 1 has the value 3e38"), "{e}");
+        s.max_abs_value = f32::MAX;
+        assert_eq!(scan_file(&csv, &s, None, None).unwrap().samples, 2);
+
+        // Float safetensors alike; u8 features cannot exceed the limit.
+        use safetensors::tensor::TensorView;
+        use safetensors::Dtype;
+        let x: Vec<u8> = [0.5f32, 1.0, -2.0, -3e38]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        let y: Vec<u8> = [0i64, 1].iter().flat_map(|v| v.to_le_bytes()).collect();
+        let views = vec![
+            ("x", TensorView::new(Dtype::F32, vec![2, 2], &x).unwrap()),
+            ("y", TensorView::new(Dtype::I64, vec![2], &y).unwrap()),
+        ];
+        let st = d.join("huge.safetensors");
+        std::fs::write(&st, safetensors::tensor::serialize(views, None).unwrap()).unwrap();
+        let s = spec(d, DataFormat::Safetensors);
+        let e = scan_file(&st, &s, None, None).unwrap_err().to_string();
+        assert!(e.contains("sample 1 has the value -3e38"), "{e}");
     }
 }
