@@ -235,16 +235,19 @@ fn check_table(
     Ok(())
 }
 
+/// Reads and parses a config file into its TOML table (no layering, no checks).
+pub fn read_table(path: &Path) -> Result<toml::Table, ConfigError> {
+    let file_error = |reason: String| ConfigError::File {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| file_error(e.to_string()))?;
+    toml::from_str(&text).map_err(|e| file_error(e.to_string()))
+}
+
 /// Loads settings from a file plus overrides (environment first, then `--set`).
 pub fn load(path: &Path, overrides: &[Override]) -> Result<Settings, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File {
-        path: path.to_path_buf(),
-        reason: e.to_string(),
-    })?;
-    let table: toml::Table = toml::from_str(&text).map_err(|e| ConfigError::File {
-        path: path.to_path_buf(),
-        reason: e.to_string(),
-    })?;
+    let table = read_table(path)?;
     let settings = load_layers(&table, &path.display().to_string(), overrides)?;
     // Relative paths in the file are relative to the working directory, as a
     // user typing them at a shell expects; nothing to rewrite here.

@@ -482,7 +482,7 @@ pub mod run;
 mod validate;
 
 pub use budget::MAX_IMAGE_SIDE;
-pub use layers::{env_overrides, load, load_layers, resolve_alias, Override};
+pub use layers::{env_overrides, load, load_layers, read_table, resolve_alias, Override};
 
 #[cfg(test)]
 mod tests;

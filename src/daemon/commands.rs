@@ -133,14 +133,7 @@ pub struct ConfigBase {
 impl ConfigBase {
     /// Reads the config file once; later runs do not re-read it.
     pub fn load(path: &Path, overrides: Vec<Override>) -> Result<(Self, Settings), ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File {
-            path: path.to_path_buf(),
-            reason: e.to_string(),
-        })?;
-        let table: toml::Table = toml::from_str(&text).map_err(|e| ConfigError::File {
-            path: path.to_path_buf(),
-            reason: e.to_string(),
-        })?;
+        let table = config::read_table(path)?;
         let base = Self {
             table,
             origin: path.display().to_string(),

@@ -577,9 +577,9 @@ mod tests {
         }
     }
 
-    #[test]
-    fn names_shapes_and_output() {
-        let spec = CnnSpec {
+    /// Two blocks over 3x8x10 images (the second without batch-norm), 3 classes.
+    fn two_block_spec() -> CnnSpec {
+        CnnSpec {
             in_channels: 3,
             input_size: vec![8, 10],
             blocks: vec![block(4, true, 2), block(5, false, 2)],
@@ -588,7 +588,12 @@ mod tests {
             dropout: 0.0,
             flatten: false,
             hidden: Vec::new(),
-        };
+        }
+    }
+
+    #[test]
+    fn names_shapes_and_output() {
+        let spec = two_block_spec();
         assert_eq!(spec.feature_sizes().unwrap(), vec![vec![4, 5], vec![2, 2]]);
         let m = Model::new(ModelSpec::Cnn(spec), 1, &Device::Cpu).unwrap();
         let names: Vec<(String, Vec<usize>)> = m
@@ -625,16 +630,7 @@ mod tests {
 
     #[test]
     fn footprint_counts_the_real_parameters_and_bounds_the_activations() {
-        let spec = CnnSpec {
-            in_channels: 3,
-            input_size: vec![8, 10],
-            blocks: vec![block(4, true, 2), block(5, false, 2)],
-            num_classes: 3,
-            activation: Activation::Relu,
-            dropout: 0.0,
-            flatten: false,
-            hidden: Vec::new(),
-        };
+        let spec = two_block_spec();
         let fp = spec.footprint();
         let m = Model::new(ModelSpec::Cnn(spec.clone()), 1, &Device::Cpu).unwrap();
         let count = |buffers: bool| -> u64 {
