@@ -14,6 +14,7 @@
 //! `scripts/make_arch_fixtures.py --verify DIR`, which loads them into the
 //! PyTorch twins.
 
+use crate::tensors::max_abs_diff;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
@@ -48,20 +49,6 @@ fn export_dir() -> PathBuf {
     std::env::var_os("EDGE_TRAINER_ARCH_EXPORT")
         .map(PathBuf::from)
         .unwrap_or_else(|| Path::new(env!("CARGO_TARGET_TMPDIR")).join("arch-export"))
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 struct Loaded {

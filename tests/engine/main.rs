@@ -9,3 +9,4 @@ mod arch_parity;
 mod fuzz_inputs;
 mod optim_parity;
 mod plateau_parity;
+mod tensors;

@@ -2,6 +2,7 @@
 //! `scripts/make_torch_fixtures.py`) with our optimisers and checks every
 //! parameter after the last step against torch's.
 
+use crate::tensors::max_abs_diff;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -35,20 +36,6 @@ struct Case {
 
 fn fixture_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/optim")
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 /// The fixture's loss: mean cross-entropy of `x @ weight.T + bias`, times
