@@ -185,6 +185,8 @@ pub struct DataSettings {
     /// absurd: the file is refused, naming the value and where it is. u8
     /// features (images, u8 safetensors) cannot exceed it.
     pub max_abs_value: f64,
+    /// `[data.retention]`: how much of the data already trained on is kept.
+    pub retention: RetentionSettings,
 }
 
 impl Default for DataSettings {
@@ -209,6 +211,7 @@ impl Default for DataSettings {
             classes: None,
             max_file_mb: 512,
             max_abs_value: crate::engine::data::DEFAULT_MAX_ABS_VALUE as f64,
+            retention: RetentionSettings::default(),
         }
     }
 }
@@ -464,12 +467,19 @@ impl Default for RetrainSettings {
 #[serde(default, deny_unknown_fields)]
 pub struct OutputSettings {
     pub dir: PathBuf,
+    /// The daemon keeps the newest this many run folders (0: all); runs behind
+    /// `current`/`previous.safetensors` and runs with a resume state stay.
+    pub keep_runs: u64,
+    /// MiB a run must leave free on the disk beyond what it will write.
+    pub min_free_mb: u64,
 }
 
 impl Default for OutputSettings {
     fn default() -> Self {
         Self {
             dir: PathBuf::from("output"),
+            keep_runs: 0,
+            min_free_mb: DEFAULT_MIN_FREE_MB,
         }
     }
 }
@@ -478,8 +488,11 @@ mod budget;
 mod checks;
 mod convert;
 mod layers;
+mod retention;
 pub mod run;
 mod validate;
+
+pub use retention::{RetentionPolicy, RetentionSettings, DEFAULT_MIN_FREE_MB};
 
 pub use budget::MAX_IMAGE_SIDE;
 pub use layers::{env_overrides, load, load_layers, read_table, resolve_alias, Override};

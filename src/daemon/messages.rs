@@ -11,6 +11,7 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 
 use super::outbox::Kind;
+use super::retention::{Eviction, Footprint, Pruned, ReplayCounts};
 use crate::engine::data::SkippedFile;
 use crate::engine::promote::{PromoteMetric, Promotion, Score};
 use crate::engine::run::{self, now_rfc3339, BestRecord, Metrics, Outcome, RunSummary, SplitSizes};
@@ -113,6 +114,8 @@ pub struct RunOrigin {
     pub request_ids: Vec<RequestId>,
     pub stopped_by: Option<StopCause>,
     pub stop_request_id: Option<RequestId>,
+    /// New and replayed data of the run, when the daemon counted them (ext).
+    pub replay: Option<ReplayCounts>,
 }
 
 impl RunEnd {
@@ -208,6 +211,10 @@ pub enum Event {
         max_epochs: u64,
         run_dir: PathBuf,
         skipped_files: Vec<SkippedFile>,
+        /// New files and the replayed ones kept from earlier runs (ext; absent
+        /// for a resumed run).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        replay: Option<ReplayCounts>,
     },
     /// A new best model was written.
     CheckpointSaved {
@@ -292,6 +299,21 @@ pub enum Event {
         #[serde(skip_serializing_if = "Option::is_none")]
         suppressed: Option<u64>,
     },
+    /// Data files over the `[data.retention]` budget were deleted or
+    /// archived before a run (ext).
+    DataEvicted {
+        /// The run about to start.
+        run_id: String,
+        #[serde(flatten)]
+        eviction: Eviction,
+    },
+    /// Run folders beyond `output.keep_runs` were deleted (ext).
+    RunsPruned {
+        /// The run whose start or end pruned them.
+        run_id: String,
+        #[serde(flatten)]
+        pruned: Pruned,
+    },
 }
 
 impl Event {
@@ -312,6 +334,8 @@ impl Event {
             Event::DataRejected { .. } => "data_rejected",
             Event::ModelRecovered { .. } => "model_recovered",
             Event::CommandRejected { .. } => "command_rejected",
+            Event::DataEvicted { .. } => "data_evicted",
+            Event::RunsPruned { .. } => "runs_pruned",
         }
     }
 
@@ -329,7 +353,9 @@ impl Event {
             | Event::ModelPromoted(_)
             | Event::ModelKept(_)
             | Event::PromotionFailed { .. }
-            | Event::ModelRecovered { .. } => Kind::Lifecycle,
+            | Event::ModelRecovered { .. }
+            | Event::DataEvicted { .. }
+            | Event::RunsPruned { .. } => Kind::Lifecycle,
             Event::DataAccepted { .. } | Event::DataRejected { .. } => Kind::Info,
             // Answers to commands: a command flood must not evict anything else.
             Event::RunQueued { .. } | Event::CommandRejected { .. } => Kind::Reply,
@@ -351,6 +377,7 @@ impl Event {
             max_epochs: s.max_epochs,
             run_dir: s.run_dir.clone(),
             skipped_files: s.skipped_files.clone(),
+            replay: origin.replay,
         }
     }
 
@@ -446,6 +473,20 @@ pub struct StatusInfo {
     pub current_model: Option<String>,
     /// Train requests waiting for the running run (0 or 1: they coalesce).
     pub queued: usize,
+    /// Disk usage and what retention removed since start (ext).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub storage: Option<Storage>,
+}
+
+/// `storage` in `status`: the footprint after the last run's housekeeping,
+/// and counts of evictions and pruning since the daemon started.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Storage {
+    #[serde(flatten)]
+    pub footprint: Footprint,
+    pub evicted_files: u64,
+    pub evicted_samples: u64,
+    pub pruned_runs: u64,
 }
 
 #[derive(Serialize)]
@@ -528,6 +569,7 @@ mod tests {
 
     fn origin() -> RunOrigin {
         RunOrigin {
+            replay: None,
             triggers: vec![Trigger::Command, Trigger::NewData],
             request_ids: vec![json!("a"), json!(7)],
             stopped_by: None,
@@ -928,6 +970,7 @@ mod tests {
     #[test]
     fn status_and_metrics() {
         let info = StatusInfo {
+            storage: None,
             state: State::Training,
             run_id: Some("r1".into()),
             current_model: None,

@@ -24,6 +24,7 @@ pub mod mqtt;
 pub mod outbox;
 pub mod publisher;
 pub mod recovery;
+pub mod retention;
 pub mod scheduler;
 pub mod shutdown;
 pub mod systemd;
