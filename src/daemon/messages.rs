@@ -957,6 +957,106 @@ mod tests {
     }
 
     #[test]
+    fn data_evicted_and_runs_pruned() {
+        use crate::daemon::retention::{Eviction, Pruned};
+        use std::collections::BTreeMap;
+        let ev = Event::DataEvicted {
+            run_id: "r3".into(),
+            eviction: Eviction {
+                files: vec!["a.csv".into()],
+                evicted_files: 1,
+                samples: 3,
+                per_class: BTreeMap::from([("0".to_string(), 2), ("1".to_string(), 1)]),
+                bytes: 40,
+                action: "archived",
+                archive_dir: Some(PathBuf::from("/arch")),
+                reason: "over the replay budget".into(),
+                kept_files: 4,
+                kept_samples: 12,
+                errors: Vec::new(),
+            },
+        };
+        assert_eq!(ev.kind(), Kind::Lifecycle);
+        golden(
+            ev,
+            json!({
+                "event": "data_evicted", "run_id": "r3", "files": ["a.csv"], "evicted_files": 1,
+                "samples": 3, "per_class": {"0": 2, "1": 1}, "bytes": 40, "action": "archived",
+                "archive_dir": "/arch", "reason": "over the replay budget", "kept_files": 4,
+                "kept_samples": 12, "errors": [],
+            }),
+        );
+        golden(
+            Event::RunsPruned {
+                run_id: "r3".into(),
+                pruned: Pruned {
+                    runs: vec!["r1".into()],
+                    bytes: 99,
+                    kept: 2,
+                    keep_runs: 2,
+                    errors: Vec::new(),
+                },
+            },
+            json!({
+                "event": "runs_pruned", "run_id": "r3", "runs": ["r1"], "bytes": 99, "kept": 2,
+                "keep_runs": 2, "errors": [],
+            }),
+        );
+    }
+
+    #[test]
+    fn run_started_says_what_was_new_and_what_replayed() {
+        let s = run::RunStarted {
+            run_id: "r1".into(),
+            run_dir: PathBuf::from("/o/runs/r1"),
+            samples: SplitSizes::default(),
+            classes: Vec::new(),
+            skipped_files: Vec::new(),
+            trainable_params: 1,
+            steps_per_epoch: 1,
+            max_epochs: 1,
+            device: "cpu".into(),
+            warm_start: "scratch".into(),
+            resumed_at_step: None,
+        };
+        let mut o = origin();
+        o.replay = Some(crate::daemon::retention::ReplayCounts {
+            new_files: 2,
+            new_samples: 20,
+            replayed_files: 3,
+            replayed_samples: 30,
+        });
+        let v = wire(&Event::run_started(&s, &o).payload());
+        assert_eq!(
+            v["replay"],
+            json!({"new_files": 2, "new_samples": 20, "replayed_files": 3, "replayed_samples": 30})
+        );
+    }
+
+    #[test]
+    fn status_storage() {
+        let info = StatusInfo {
+            storage: Some(Storage {
+                footprint: crate::daemon::retention::Footprint {
+                    free_mb: 10.5,
+                    data_mb: 1.25,
+                    runs_mb: 2.0,
+                    runs: 3,
+                },
+                evicted_files: 4,
+                evicted_samples: 40,
+                pruned_runs: 1,
+            }),
+            ..StatusInfo::default()
+        };
+        assert_eq!(
+            wire(&status_payload(&info, "d1", 0))["storage"],
+            json!({"free_mb": 10.5, "data_mb": 1.25, "runs_mb": 2.0, "runs": 3,
+                   "evicted_files": 4, "evicted_samples": 40, "pruned_runs": 1})
+        );
+    }
+
+    #[test]
     fn kinds_drive_the_drop_policy() {
         let info = Event::DataAccepted {
             file: "a".into(),

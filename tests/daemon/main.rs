@@ -23,6 +23,7 @@ mod daemon_full_disk;
 mod daemon_measure;
 mod daemon_no_broker;
 mod daemon_outage;
+mod daemon_retention;
 mod daemon_secrets;
 mod daemon_sigterm;
 mod daemon_soak;
@@ -44,6 +45,7 @@ fn main() -> ExitCode {
         daemon_measure::tests(),
         daemon_no_broker::tests(),
         daemon_outage::tests(),
+        daemon_retention::tests(),
         daemon_secrets::tests(),
         daemon_sigterm::tests(),
         daemon_soak::tests(),
