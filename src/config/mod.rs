@@ -472,6 +472,8 @@ pub struct OutputSettings {
     pub keep_runs: u64,
     /// MiB a run must leave free on the disk beyond what it will write.
     pub min_free_mb: u64,
+    /// Check the free space before a run (the disk guard).
+    pub disk_guard: bool,
 }
 
 impl Default for OutputSettings {
@@ -480,6 +482,7 @@ impl Default for OutputSettings {
             dir: PathBuf::from("output"),
             keep_runs: 0,
             min_free_mb: DEFAULT_MIN_FREE_MB,
+            disk_guard: true,
         }
     }
 }

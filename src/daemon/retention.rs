@@ -618,6 +618,9 @@ pub fn disk_need(settings: &Settings) -> u64 {
 /// The disk guard: `Err(reason)` when the file system of `output.dir` has
 /// less free space than the run will write plus `output.min_free_mb`.
 pub fn check_disk(settings: &Settings) -> Result<(), String> {
+    if !settings.output.disk_guard {
+        return Ok(());
+    }
     let Some(free) = free_bytes(&settings.output.dir) else {
         tracing::warn!(dir = %settings.output.dir.display(), "cannot read the free space; the disk guard is skipped");
         return Ok(());
@@ -824,5 +827,7 @@ mod tests {
             "{e}"
         );
         assert!(disk_need(&s) > MIB);
+        s.output.disk_guard = false;
+        assert!(check_disk(&s).is_ok());
     }
 }

@@ -253,6 +253,17 @@ fn class_incremental_replay_within_a_fifth_rivals_keeping_everything() {
         new_only.accuracy,
         replay.accuracy / keep.accuracy
     );
+    for (name, o) in [
+        ("replay", &replay),
+        ("keep-everything", &keep),
+        ("new-only", &new_only),
+    ] {
+        let r = &o.started[4]["replay"];
+        println!(
+            "forgetting: {name}'s last run trained on {} new and {} replayed samples",
+            r["new_samples"], r["replayed_samples"]
+        );
+    }
 
     // The bounded runs: each trained on its new files plus at most the budget.
     for (p, st) in replay.started.iter().enumerate() {
@@ -352,6 +363,10 @@ fn the_disk_guard_fails_a_run_up_front_and_keeps_the_model() {
         &h.env,
         &[("EDGE_TRAINER__OUTPUT__MIN_FREE_MB", "1000000000000".into())],
     );
+    let from = h.dash.seen.len();
+    h.wait_from(from, "the restarted daemon's status", LONG, |m| {
+        m.topic.ends_with("/status") && m.json["state"] == "idle"
+    });
     let from = h.dash.seen.len();
     h.dash.send("train", r#"{"request_id": "two"}"#);
     let events = h.dash.topic("events");
