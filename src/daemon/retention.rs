@@ -782,6 +782,36 @@ mod tests {
     }
 
     #[test]
+    fn the_split_of_the_samples_that_remain_does_not_change() {
+        let spec = DataSpec::new("/d", DataFormat::Csv);
+        let files: Vec<String> = (0..6).map(|i| format!("f{i}.csv")).collect();
+        let origins: Vec<(u32, u32)> = (0..6u32)
+            .flat_map(|f| (0..20u32).map(move |p| (f, p)))
+            .collect();
+        let before = data::split_indices(&origins, &files, &spec);
+        let which = |s: &data::SplitIndices, i: usize| {
+            if s.train.contains(&i) {
+                0
+            } else if s.val.contains(&i) {
+                1
+            } else {
+                2
+            }
+        };
+        // Files 1 and 4 evicted: the others keep their names and positions.
+        let kept: Vec<usize> = vec![0, 2, 3, 5];
+        let files2: Vec<String> = kept.iter().map(|&f| files[f].clone()).collect();
+        let origins2: Vec<(u32, u32)> = (0..4u32)
+            .flat_map(|f| (0..20u32).map(move |p| (f, p)))
+            .collect();
+        let after = data::split_indices(&origins2, &files2, &spec);
+        for (j, (f, p)) in origins2.iter().enumerate() {
+            let old = kept[*f as usize] * 20 + *p as usize;
+            assert_eq!(which(&after, j), which(&before, old), "{f} {p}");
+        }
+    }
+
+    #[test]
     fn pruning_keeps_the_newest_and_the_protected() {
         let tmp = tempfile::tempdir().unwrap();
         let out = tmp.path();
