@@ -141,6 +141,8 @@ impl Queued {
 pub struct Inputs {
     /// Raw commands from the MQTT driver.
     pub commands: mpsc::Receiver<RawCommand>,
+    /// `cmd/stop` and `cmd/status`, served before the train requests.
+    pub urgent: mpsc::Receiver<RawCommand>,
     /// Sample counts of newly accepted data files, from the watcher.
     pub new_samples: mpsc::UnboundedReceiver<u64>,
     /// Watchdog probes: answered to prove the loop is alive.
@@ -233,10 +235,27 @@ impl Scheduler {
         loop {
             // Watchdog probes before anything else: a flood of commands or of
             // run messages must not starve them (systemd would restart us).
+            // Then stop and status, however many train requests wait.
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
                 Some(p) = inputs.probes.recv() => { let _ = p.send(()); }
+                Some(cmd) = inputs.urgent.recv() => {
+                    if cmd.name == "stop" && self.running.is_none() {
+                        // A `cmd/train` sent just before this stop may still
+                        // wait in the other channel: serve what waits there
+                        // (at most its capacity) until a run starts, so that
+                        // the stop finds the run it was meant for.
+                        for _ in 0..inputs.commands.max_capacity() {
+                            let Ok(c) = inputs.commands.try_recv() else { break };
+                            self.on_command(c);
+                            if self.running.is_some() {
+                                break;
+                            }
+                        }
+                    }
+                    self.on_command(cmd)
+                }
                 Some((id, msg)) = self.run_rx.recv() => self.on_run_msg(&id, msg),
                 Some(cmd) = inputs.commands.recv() => self.on_command(cmd),
                 Some(n) = inputs.new_samples.recv() => self.on_new_samples(n),
@@ -340,7 +359,7 @@ impl Scheduler {
                     self.publisher.event(rej.to_event());
                 }
             },
-            Ok(Command::Status { .. }) => self.publisher.publish_status(),
+            Ok(Command::Status { request_id }) => self.publisher.answer_status(request_id),
         }
     }
 
@@ -366,7 +385,12 @@ impl Scheduler {
             behind_run_id: running,
             coalesced,
         });
-        self.publisher.update_status(|s| s.queued = 1);
+        if !coalesced {
+            // Once per queued run, not per request: a flood of requests must
+            // not flood `status` (nor replace a `cmd/status` answer waiting
+            // in the outbox).
+            self.publisher.update_status(|s| s.queued = 1);
+        }
     }
 
     fn start(&mut self, q: Queued) {
