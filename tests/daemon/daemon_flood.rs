@@ -159,6 +159,11 @@ struct Figures {
     watchdog_pings: usize,
     watchdog_max_gap_s: f64,
     metrics: usize,
+    /// `run_queued` events seen: valid requests the daemon took.
+    queued: usize,
+    /// `command_rejected` events seen, and the rejections they summed up.
+    rejected: usize,
+    suppressed: u64,
 }
 
 impl Figures {
@@ -168,10 +173,13 @@ impl Figures {
         let median = ms.get(ms.len() / 2).copied().unwrap_or(f64::NAN);
         let worst = ms.last().copied().unwrap_or(f64::NAN);
         eprintln!(
-            "MEASURE {label}: {} cmd/train in {:.1} s ({:.0}/s); cmd/status round trip median {median:.1} ms, worst {worst:.1} ms over {} requests; RSS {:.1} -> peak {:.1} MiB; {} WATCHDOG=1, largest gap {:.2} s; {} metrics, none lost",
+            "MEASURE {label}: {} cmd/train in {:.1} s ({:.0}/s), the daemon answered {} with run_queued and {} with command_rejected (+{} suppressed); cmd/status round trip median {median:.1} ms, worst {worst:.1} ms over {} requests; RSS {:.1} -> peak {:.1} MiB; {} WATCHDOG=1, largest gap {:.2} s; {} metrics, none lost",
             self.sent,
             self.flood_s,
             self.sent as f64 / self.flood_s,
+            self.queued,
+            self.rejected,
+            self.suppressed,
             ms.len(),
             self.rss_before_kib as f64 / 1024.0,
             self.rss_peak_kib as f64 / 1024.0,
@@ -298,6 +306,16 @@ fn flood_a_run(flood: Duration, status_every: Duration) -> Figures {
         h.daemon.child.try_wait().unwrap().is_none(),
         "the daemon exited"
     );
+    let answers = h.dash.on("events");
+    let queued = answers.iter().filter(|m| m.event() == "run_queued").count();
+    let rejections: Vec<_> = answers
+        .iter()
+        .filter(|m| m.event() == "command_rejected")
+        .collect();
+    let suppressed = rejections
+        .iter()
+        .filter_map(|m| m.json["suppressed"].as_u64())
+        .sum();
     Figures {
         sent,
         flood_s,
@@ -307,6 +325,9 @@ fn flood_a_run(flood: Duration, status_every: Duration) -> Figures {
         watchdog_pings: pings.len(),
         watchdog_max_gap_s: max_gap.as_secs_f64(),
         metrics: want.len(),
+        queued,
+        rejected: rejections.len(),
+        suppressed,
     }
 }
 
@@ -315,6 +336,7 @@ fn a_command_flood_through_the_broker_starves_nothing() {
     let f = flood_a_run(Duration::from_secs(4), Duration::from_millis(250));
     f.print("flood (test)");
     assert!(f.sent >= 1_000, "only {} commands sent", f.sent);
+    assert!(f.queued > 100, "the flood hardly reached the daemon");
     // Bounded: the queue holds one override per key and the outbox is capped.
     let growth_mib = f.rss_peak_kib.saturating_sub(f.rss_before_kib) as f64 / 1024.0;
     assert!(growth_mib < 64.0, "RSS grew by {growth_mib:.1} MiB");

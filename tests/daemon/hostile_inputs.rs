@@ -399,6 +399,50 @@ fn absurd_model_sizes_in_a_command_are_rejected_and_the_daemon_lives() {
     );
 }
 
+/// Break 5, the reference: on a fresh device (no model, no class file) a CSV
+/// row labelled `cat` among digit data was accepted, and the next run from
+/// scratch inferred the classes as `["cat"]`. The watcher now checks new files
+/// against the classes of the data already there: the row is refused, named,
+/// with the reason; a file with a known label is still accepted.
+fn a_stray_class_on_a_fresh_device_is_refused_before_any_model() {
+    let port = free_port();
+    let env = Env::new(port, "[data]\nformat = \"csv\"\n", &[]);
+    let mut rows = String::from("a,b,c,label\n");
+    for i in 0..200 {
+        rows.push_str(&format!("{},{},{},{}\n", i % 7, i % 5, i % 3, i % 10));
+    }
+    std::fs::write(env.data.join("digits.csv"), rows).unwrap();
+    let broker = Broker::start(&env.dir.path().join("broker"), port);
+    let dash = Dashboard::connect(port, &env.base_topic(), None);
+    let daemon = Daemon::start(&env, &[]);
+    let mut h = Harness {
+        env,
+        broker,
+        daemon,
+        dash,
+    };
+    let status = h.dash.topic("status");
+    h.wait("the daemon's first status", SHORT, |m| m.topic == status);
+    let events = h.dash.topic("events");
+    for (name, body) in [("cat.csv", "1,2,3,cat\n"), ("seven.csv", "1,2,3,7\n")] {
+        let tmp = h.env.dir.path().join(name);
+        std::fs::write(&tmp, format!("a,b,c,label\n{body}")).unwrap();
+        std::fs::rename(&tmp, h.env.data.join(name)).unwrap();
+    }
+    let (_, m) = h.wait("data_rejected for cat.csv", LONG, |m| {
+        m.topic == events && m.event() == "data_rejected" && m.json["file"] == "cat.csv"
+    });
+    let reason = m.json["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("\"cat\"") && reason.contains("10 classes"),
+        "{reason}"
+    );
+    h.wait("data_accepted for seven.csv", LONG, |m| {
+        m.topic == events && m.event() == "data_accepted" && m.json["file"] == "seven.csv"
+    });
+    assert!(h.env.data.join("rejected/cat.csv").is_file());
+}
+
 /// This module's tests.
 pub fn tests() -> Vec<Test> {
     vec![
@@ -408,6 +452,7 @@ pub fn tests() -> Vec<Test> {
         test!(a_csv_with_a_2mb_field_is_rejected_with_a_short_reason),
         test!(absurd_model_sizes_in_a_command_are_rejected_and_the_daemon_lives),
         test!(a_corrupt_current_model_heals_and_an_unpromoted_run_is_promoted_after_restart),
+        test!(a_stray_class_on_a_fresh_device_is_refused_before_any_model),
         // Its own Mosquitto with `set_tcp_nodelay`, so that only the daemon's socket is measured.
         test!(commands_are_answered_without_a_nagle_floor).needs(MOSQUITTO),
     ]
