@@ -153,7 +153,11 @@ pub async fn serve(
         let (spec, current) = (spec.clone(), current.clone());
         let runs = settings.runs_dir();
         let seen_file = settings.output.dir.join(watcher::SEEN_FILE);
+        let out = settings.output.dir.clone();
         tokio::task::spawn_blocking(move || {
+            // Temporary files of interrupted writes, before any task writes its
+            // own (the watcher's seen-data list was removed mid-write).
+            recovery::clean_stale_temps(&out);
             let files = data::list_files(&spec).unwrap_or_default();
             // By the list of files seen before (clock steps hide nothing), else by time.
             let seen = watcher::load_seen(&seen_file);

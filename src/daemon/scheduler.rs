@@ -203,11 +203,11 @@ impl Scheduler {
     /// Runs until `shutdown` fires, then cancels the run, waits for it to end,
     /// and publishes the final events and the `offline` status.
     pub async fn run(mut self, mut inputs: Inputs, shutdown: CancellationToken) {
-        // What a crash or shutdown left behind: temporary files, runs to continue.
+        // What a crash or shutdown left behind: runs to continue (temporary
+        // files are removed by `serve` before any task starts writing).
         let out = self.settings.output.dir.clone();
         let runs = self.settings.runs_dir();
         let (found, repaired, undecided) = tokio::task::spawn_blocking(move || {
-            recovery::clean_stale_temps(&out);
             // A corrupt current model, and a finished run killed before its promotion.
             let repaired = model_recovery::repair_current(&out);
             let current = promote::current_model_run_id(&out);
@@ -240,22 +240,7 @@ impl Scheduler {
                 biased;
                 _ = shutdown.cancelled() => break,
                 Some(p) = inputs.probes.recv() => { let _ = p.send(()); }
-                Some(cmd) = inputs.urgent.recv() => {
-                    if cmd.name == "stop" && self.running.is_none() {
-                        // A `cmd/train` sent just before this stop may still
-                        // wait in the other channel: serve what waits there
-                        // (at most its capacity) until a run starts, so that
-                        // the stop finds the run it was meant for.
-                        for _ in 0..inputs.commands.max_capacity() {
-                            let Ok(c) = inputs.commands.try_recv() else { break };
-                            self.on_command(c);
-                            if self.running.is_some() {
-                                break;
-                            }
-                        }
-                    }
-                    self.on_command(cmd)
-                }
+                Some(cmd) = inputs.urgent.recv() => self.on_urgent(cmd, &mut inputs.commands),
                 Some((id, msg)) = self.run_rx.recv() => self.on_run_msg(&id, msg),
                 Some(cmd) = inputs.commands.recv() => self.on_command(cmd),
                 Some(n) = inputs.new_samples.recv() => self.on_new_samples(n),
@@ -308,6 +293,23 @@ impl Scheduler {
                 self.request(Trigger::NewData, Vec::new(), None);
             }
         }
+    }
+
+    /// A `cmd/stop` or `cmd/status`, served ahead of the train requests.
+    fn on_urgent(&mut self, raw: RawCommand, trains: &mut mpsc::Receiver<RawCommand>) {
+        if raw.name == "stop" && self.running.is_none() {
+            // A `cmd/train` sent just before this stop may still wait in the
+            // other channel: serve what waits there (at most its capacity)
+            // until a run starts, so that the stop finds the run it was meant for.
+            for _ in 0..trains.max_capacity() {
+                let Ok(c) = trains.try_recv() else { break };
+                self.on_command(c);
+                if self.running.is_some() {
+                    break;
+                }
+            }
+        }
+        self.on_command(raw);
     }
 
     fn on_command(&mut self, raw: RawCommand) {

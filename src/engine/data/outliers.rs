@@ -64,7 +64,10 @@ impl fmt::Display for Num {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let a = self.0.abs();
         if a == 0.0 || (1e-3..1e6).contains(&a) {
-            write!(f, "{}", self.0)
+            // Four decimals at most, trailing zeros cut: 2.9799528 -> 2.98.
+            let s = format!("{:.4}", self.0);
+            let s = s.trim_end_matches('0').trim_end_matches('.');
+            write!(f, "{s}")
         } else {
             write!(f, "{:e}", self.0)
         }
@@ -151,6 +154,10 @@ mod tests {
         assert!(text.contains("big.csv (values up to 3e38)"), "{text}");
         assert!(text.contains("37 orders"), "{text}");
         assert!(!text.contains("a.csv"), "{text}");
+        assert_eq!(Num(2.979_952_8).to_string(), "2.98");
+        assert_eq!(Num(300_000.0).to_string(), "300000");
+        assert_eq!(Num(0.0).to_string(), "0");
+        assert_eq!(Num(3e-5).to_string(), "3e-5");
     }
 
     #[test]
