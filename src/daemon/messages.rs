@@ -509,6 +509,31 @@ pub fn status_payload(info: &StatusInfo, device_id: &str, dropped_messages: u64)
     })
 }
 
+/// The `status` published in answer to a `cmd/status`: the status as
+/// [`status_payload`] builds it, plus the command's `request_id`.
+pub fn status_answer_payload(
+    info: &StatusInfo,
+    device_id: &str,
+    dropped_messages: u64,
+    request_id: &Value,
+) -> Vec<u8> {
+    #[derive(Serialize)]
+    struct StatusAnswer<'a> {
+        #[serde(flatten)]
+        body: StatusBody<'a>,
+        request_id: &'a Value,
+    }
+    encode(&StatusAnswer {
+        body: StatusBody {
+            info,
+            version: env!("CARGO_PKG_VERSION"),
+            device_id,
+            dropped_messages,
+        },
+        request_id,
+    })
+}
+
 #[derive(Serialize)]
 struct LastWillBody<'a> {
     state: State,
@@ -1080,6 +1105,13 @@ mod tests {
             wire(&status_payload(&info, "d1", 3)),
             json!({
                 "state": "training", "run_id": "r1", "queued": 1,
+                "version": env!("CARGO_PKG_VERSION"), "device_id": "d1", "dropped_messages": 3,
+            })
+        );
+        assert_eq!(
+            wire(&status_answer_payload(&info, "d1", 3, &json!("q7"))),
+            json!({
+                "state": "training", "run_id": "r1", "queued": 1, "request_id": "q7",
                 "version": env!("CARGO_PKG_VERSION"), "device_id": "d1", "dropped_messages": 3,
             })
         );

@@ -154,9 +154,12 @@ pub async fn serve(
         let (spec, current) = (spec.clone(), current.clone());
         let runs = settings.runs_dir();
         let seen_file = settings.output.dir.join(watcher::SEEN_FILE);
+        let out = settings.output.dir.clone();
         tokio::task::spawn_blocking(move || {
+            // Temporary files of interrupted writes, before any task writes its
+            // own (the watcher's seen-data list was removed mid-write).
+            recovery::clean_stale_temps(&out);
             let files = data::list_files(&spec).unwrap_or_default();
-            let reference = watcher::Reference::discover(&spec, &current, &files);
             // By the list of files seen before (clock steps hide nothing), else by time.
             let seen = watcher::load_seen(&seen_file);
             let (old, new) = watcher::split_seen(
@@ -165,6 +168,8 @@ pub async fn serve(
                 seen.as_ref(),
                 watcher::last_run_start(&runs),
             );
+            // From the data already there, not from the files about to be checked.
+            let reference = watcher::Reference::discover(&spec, &current, &old);
             if !new.is_empty() {
                 tracing::info!(
                     files = new.len(),
@@ -182,6 +187,7 @@ pub async fn serve(
     let (broker_tx, broker_rx) = watch::channel(false);
     let (activity_tx, activity_rx) = watch::channel(systemd::Activity::Idle);
     let (cmd_tx, cmd_rx) = mpsc::channel(64);
+    let (urgent_tx, urgent_rx) = mpsc::channel(commands::URGENT_QUEUE);
     let (samples_tx, samples_rx) = mpsc::unbounded_channel();
     let (probe_tx, probe_rx) = mpsc::channel(4);
 
@@ -198,6 +204,7 @@ pub async fn serve(
             client: client.clone(),
             publisher: publisher.clone(),
             commands: cmd_tx,
+            urgent: urgent_tx,
             broker_up: broker_tx,
             finish: finish.clone(),
             reconnect_max: Duration::from_secs_f64(m.reconnect_max_s),
@@ -238,6 +245,7 @@ pub async fn serve(
         .run(
             scheduler::Inputs {
                 commands: cmd_rx,
+                urgent: urgent_rx,
                 new_samples: samples_rx,
                 probes: probe_rx,
             },

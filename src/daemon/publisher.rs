@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use rumqttc::{AsyncClient, QoS};
+use serde_json::Value;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
@@ -247,6 +248,24 @@ impl Publisher {
     pub fn publish_status(&self) {
         let msg = self.status_message();
         self.push(msg);
+    }
+
+    /// Answers a `cmd/status`: the status as it is now; with the command's
+    /// `request_id` when it had one, as a message of its own (not retained,
+    /// [`Kind::Answer`]: a newer status does not replace it, nor a flood of
+    /// command answers push it out), else republished (retained).
+    pub fn answer_status(&self, request_id: Option<Value>) {
+        let Some(id) = request_id else {
+            return self.publish_status();
+        };
+        let info = self.status_info();
+        let dropped = self.with_outbox(|o| o.dropped());
+        self.push(Message {
+            topic: self.shared.topics.status(),
+            payload: messages::status_answer_payload(&info, &self.shared.device_id, dropped, &id),
+            retain: false,
+            kind: Kind::Answer,
+        });
     }
 
     /// The retained status message as it is now.

@@ -156,6 +156,8 @@ impl Queued {
 pub struct Inputs {
     /// Raw commands from the MQTT driver.
     pub commands: mpsc::Receiver<RawCommand>,
+    /// `cmd/stop` and `cmd/status`, served before the train requests.
+    pub urgent: mpsc::Receiver<RawCommand>,
     /// Sample counts of newly accepted data files, from the watcher.
     pub new_samples: mpsc::UnboundedReceiver<u64>,
     /// Watchdog probes: answered to prove the loop is alive.
@@ -219,12 +221,12 @@ impl Scheduler {
     /// Runs until `shutdown` fires, then cancels the run, waits for it to end,
     /// and publishes the final events and the `offline` status.
     pub async fn run(mut self, mut inputs: Inputs, shutdown: CancellationToken) {
-        // What a crash or shutdown left behind: temporary files, runs to continue.
+        // What a crash or shutdown left behind: runs to continue (temporary
+        // files are removed by `serve` before any task starts writing).
         let out = self.settings.output.dir.clone();
         let runs = self.settings.runs_dir();
         let settings = self.settings.clone();
         let (found, repaired, undecided, footprint) = tokio::task::spawn_blocking(move || {
-            recovery::clean_stale_temps(&out);
             // A corrupt current model, and a finished run killed before its promotion.
             let repaired = model_recovery::repair_current(&out);
             let current = promote::current_model_run_id(&out);
@@ -261,10 +263,12 @@ impl Scheduler {
         loop {
             // Watchdog probes before anything else: a flood of commands or of
             // run messages must not starve them (systemd would restart us).
+            // Then stop and status, however many train requests wait.
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
                 Some(p) = inputs.probes.recv() => { let _ = p.send(()); }
+                Some(cmd) = inputs.urgent.recv() => self.on_urgent(cmd, &mut inputs.commands),
                 Some((id, msg)) = self.run_rx.recv() => self.on_run_msg(&id, msg),
                 Some(cmd) = inputs.commands.recv() => self.on_command(cmd),
                 Some(n) = inputs.new_samples.recv() => self.on_new_samples(n),
@@ -319,6 +323,23 @@ impl Scheduler {
         }
     }
 
+    /// A `cmd/stop` or `cmd/status`, served ahead of the train requests.
+    fn on_urgent(&mut self, raw: RawCommand, trains: &mut mpsc::Receiver<RawCommand>) {
+        if raw.name == "stop" && self.running.is_none() {
+            // A `cmd/train` sent just before this stop may still wait in the
+            // other channel: serve what waits there (at most its capacity)
+            // until a run starts, so that the stop finds the run it was meant for.
+            for _ in 0..trains.max_capacity() {
+                let Ok(c) = trains.try_recv() else { break };
+                self.on_command(c);
+                if self.running.is_some() {
+                    break;
+                }
+            }
+        }
+        self.on_command(raw);
+    }
+
     fn on_command(&mut self, raw: RawCommand) {
         if self.shutting_down {
             return;
@@ -368,7 +389,7 @@ impl Scheduler {
                     self.publisher.event(rej.to_event());
                 }
             },
-            Ok(Command::Status { .. }) => self.publisher.publish_status(),
+            Ok(Command::Status { request_id }) => self.publisher.answer_status(request_id),
         }
     }
 
@@ -394,7 +415,12 @@ impl Scheduler {
             behind_run_id: running,
             coalesced,
         });
-        self.publisher.update_status(|s| s.queued = 1);
+        if !coalesced {
+            // Once per queued run, not per request: a flood of requests must
+            // not flood `status` (nor replace a `cmd/status` answer waiting
+            // in the outbox).
+            self.publisher.update_status(|s| s.queued = 1);
+        }
     }
 
     fn start(&mut self, q: Queued) {

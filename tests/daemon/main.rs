@@ -19,6 +19,7 @@ mod daemon_commands;
 mod daemon_crash;
 mod daemon_data;
 mod daemon_embedded_broker;
+mod daemon_flood;
 mod daemon_full_disk;
 mod daemon_measure;
 mod daemon_no_broker;
@@ -41,6 +42,7 @@ fn main() -> ExitCode {
         daemon_crash::tests(),
         daemon_data::tests(),
         daemon_embedded_broker::tests(),
+        daemon_flood::tests(),
         daemon_full_disk::tests(),
         daemon_measure::tests(),
         daemon_no_broker::tests(),
