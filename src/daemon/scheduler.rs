@@ -340,7 +340,16 @@ impl Scheduler {
                     self.publisher.event(rej.to_event());
                 }
             },
-            Ok(Command::Status { .. }) => self.publisher.publish_status(),
+            Ok(Command::Status { request_id }) => {
+                self.publisher.publish_status();
+                // Fleet senders collect one answer per device by request id.
+                if let Some(request_id) = request_id {
+                    self.publisher.event(Event::StatusReported {
+                        request_id,
+                        status: self.publisher.status_info(),
+                    });
+                }
+            }
         }
     }
 
