@@ -30,6 +30,7 @@ mod daemon_stop;
 mod daemon_tls;
 mod daemon_tls_acl;
 mod daemon_train;
+mod fleet;
 mod fuzz_commands;
 mod hostile_inputs;
 
@@ -51,6 +52,7 @@ fn main() -> ExitCode {
         daemon_tls::tests(),
         daemon_tls_acl::tests(),
         daemon_train::tests(),
+        fleet::tests(),
         fuzz_commands::tests(),
         hostile_inputs::tests(),
     ])
