@@ -393,7 +393,7 @@ fn fleet_dashboard_in_headless_chromium() {
     let broker_dir = tempfile::tempdir().unwrap();
     let _broker = Broker::start(broker_dir.path(), port);
     // Runs long enough for their curves to be seen growing.
-    let slow = "[train]\nmax_epochs = 12\n[train.early_stopping]\npatience = 100\n";
+    let slow = "[train]\nmax_epochs = 200\n[train.early_stopping]\npatience = 100\n";
     let members = start_members(
         port,
         &[
@@ -473,10 +473,12 @@ fn fleet_dashboard_in_headless_chromium() {
         "a command reached the wrong device"
     );
     // The row shows the new model and its accuracy.
-    let row = b.eval(&format!(
-        "document.querySelector('#devices tr[data-device=\"{target}\"]').textContent"
-    ));
-    assert!(row.as_str().unwrap().contains("promoted"), "{row}");
+    page_until(
+        &mut b,
+        "the row with the promoted model",
+        &format!("document.querySelector('#devices tr[data-device=\"{target}\"]').textContent.includes('promoted')"),
+        &members,
+    );
 
     // Train the group from the page: its two members train, the third does not.
     b.eval("document.getElementById('group').value = 'line-1'; document.getElementById('train-group').click(); true");
@@ -484,7 +486,7 @@ fn fleet_dashboard_in_headless_chromium() {
     page_until(
         &mut b,
         "the group's runs",
-        &format!("!!document.querySelector('#feed li[data-event=model_promoted][data-device=\"{id0}\"]') && document.querySelectorAll('#feed li[data-event=model_promoted][data-device=\"{target}\"]').length === 2"),
+        &format!("document.querySelectorAll('#feed li[data-event^=model_][data-device=\"{id0}\"]').length === 1 && document.querySelectorAll('#feed li[data-event^=model_][data-device=\"{target}\"]').length === 2"),
         &members,
     );
     assert_eq!(
