@@ -115,6 +115,12 @@ enum Command {
         #[arg(long, default_value_t = 1883)]
         port: u16,
     },
+    /// The operator's side of a fleet: list devices, watch their runs, command a
+    /// device, a group or every device, serve the web dashboard.
+    Fleet {
+        #[command(subcommand)]
+        action: edge_trainer::fleet::Action,
+    },
     /// Validate the config and print the effective values (secrets masked).
     CheckConfig {
         #[command(flatten)]
@@ -162,6 +168,17 @@ fn main() -> ExitCode {
         Command::CheckConfig { cfg } => check_config(&cfg),
         Command::Bench(args) => bench::main(&args),
         Command::Run { cfg } => run_daemon(&cfg),
+        Command::Fleet { action } => match edge_trainer::fleet::main(action) {
+            Ok(code) => ExitCode::from(code),
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(if e.is_usage() {
+                    EXIT_USAGE
+                } else {
+                    EXIT_FAILED
+                })
+            }
+        },
         #[cfg(feature = "embedded-broker")]
         Command::Broker { host, port } => {
             match edge_trainer::daemon::broker::serve_until_signal(&host, port) {

@@ -130,6 +130,9 @@ pub struct MqttSettings {
     /// Messages held for the broker while it is unreachable; when full the oldest
     /// `metrics` go first, lifecycle events never.
     pub outbox_capacity: usize,
+    /// Fleet groups this device belongs to: it also obeys
+    /// `{topic_prefix}/group/{name}/cmd/...` for each (and always `{topic_prefix}/fleet/cmd/...`).
+    pub groups: Vec<String>,
 }
 
 impl Default for MqttSettings {
@@ -147,6 +150,7 @@ impl Default for MqttSettings {
             embedded_broker: false,
             reconnect_max_s: 30.0,
             outbox_capacity: 10_000,
+            groups: Vec::new(),
         }
     }
 }
@@ -488,7 +492,7 @@ impl Default for OutputSettings {
 }
 
 mod budget;
-mod checks;
+pub mod checks;
 mod convert;
 mod layers;
 mod retention;

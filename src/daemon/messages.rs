@@ -314,6 +314,14 @@ pub enum Event {
         #[serde(flatten)]
         pruned: Pruned,
     },
+    /// The answer to a `cmd/status` that carried a `request_id` (fleet): the
+    /// status as republished, on `events`, so a sender can collect one answer
+    /// per device.
+    StatusReported {
+        request_id: RequestId,
+        #[serde(flatten)]
+        status: StatusInfo,
+    },
 }
 
 impl Event {
@@ -336,6 +344,7 @@ impl Event {
             Event::CommandRejected { .. } => "command_rejected",
             Event::DataEvicted { .. } => "data_evicted",
             Event::RunsPruned { .. } => "runs_pruned",
+            Event::StatusReported { .. } => "status_reported",
         }
     }
 
@@ -358,7 +367,9 @@ impl Event {
             | Event::RunsPruned { .. } => Kind::Lifecycle,
             Event::DataAccepted { .. } | Event::DataRejected { .. } => Kind::Info,
             // Answers to commands: a command flood must not evict anything else.
-            Event::RunQueued { .. } | Event::CommandRejected { .. } => Kind::Reply,
+            Event::RunQueued { .. }
+            | Event::CommandRejected { .. }
+            | Event::StatusReported { .. } => Kind::Reply,
         }
     }
 
@@ -473,6 +484,15 @@ pub struct StatusInfo {
     pub current_model: Option<String>,
     /// Train requests waiting for the running run (0 or 1: they coalesce).
     pub queued: usize,
+    /// `mqtt.groups` (fleet; absent when none).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub groups: Vec<String>,
+    /// The current model's scores, when known (fleet).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub current_score: Option<super::fleet_status::ModelScore>,
+    /// How the last run since start ended (fleet).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_run: Option<super::fleet_status::LastRun>,
     /// Disk usage and what retention removed since start (ext).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub storage: Option<Storage>,
@@ -1082,6 +1102,57 @@ mod tests {
     }
 
     #[test]
+    fn status_reported_and_fleet_status_fields() {
+        let status = StatusInfo {
+            state: State::Idle,
+            current_model: Some("r1".into()),
+            groups: vec!["line-1".into()],
+            current_score: Some(super::super::fleet_status::ModelScore {
+                run_id: "r1".into(),
+                split: "test".into(),
+                accuracy: 0.75,
+                loss: 0.5,
+                macro_f1: 0.7,
+                samples: 8,
+            }),
+            last_run: Some(super::super::fleet_status::LastRun {
+                run_id: "r1".into(),
+                outcome: Outcome::Finished,
+                reason: "max_epochs".into(),
+                epochs: 3,
+                ended: "2026-01-01T00:00:00Z".into(),
+                promoted: Some(true),
+            }),
+            ..StatusInfo::default()
+        };
+        let score = json!({"run_id": "r1", "split": "test", "accuracy": 0.75, "loss": 0.5,
+                           "macro_f1": 0.7, "samples": 8});
+        let last = json!({"run_id": "r1", "outcome": "finished", "reason": "max_epochs",
+                          "epochs": 3, "ended": "2026-01-01T00:00:00Z", "promoted": true});
+        golden(
+            Event::StatusReported {
+                request_id: json!("q1"),
+                status: status.clone(),
+            },
+            json!({"event": "status_reported", "request_id": "q1", "state": "idle",
+                   "current_model": "r1", "queued": 0, "groups": ["line-1"],
+                   "current_score": score, "last_run": last}),
+        );
+        assert_eq!(
+            Event::StatusReported {
+                request_id: json!(1),
+                status: StatusInfo::default()
+            }
+            .kind(),
+            Kind::Reply
+        );
+        let v = wire(&status_payload(&status, "d1", 0));
+        assert_eq!(v["groups"], json!(["line-1"]));
+        assert_eq!(v["current_score"], score);
+        assert_eq!(v["last_run"], last);
+    }
+
+    #[test]
     fn kinds_drive_the_drop_policy() {
         let info = Event::DataAccepted {
             file: "a".into(),
@@ -1100,6 +1171,7 @@ mod tests {
             run_id: Some("r1".into()),
             current_model: None,
             queued: 1,
+            ..StatusInfo::default()
         };
         assert_eq!(
             wire(&status_payload(&info, "d1", 3)),

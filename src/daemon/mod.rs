@@ -18,6 +18,7 @@ pub mod bounded;
 #[cfg(feature = "embedded-broker")]
 pub mod broker;
 pub mod commands;
+pub mod fleet_status;
 pub mod messages;
 pub mod model_recovery;
 pub mod mqtt;
@@ -130,7 +131,10 @@ pub async fn serve(
         .map_err(|e| DaemonError::Config(e.to_string()))?;
     let m = &settings.mqtt;
     let device_id = m.device_id.clone().unwrap_or_else(default_device_id);
-    let topics = publisher::Topics::new(&m.topic_prefix, &device_id);
+    let topics = publisher::Topics::new(&m.topic_prefix, &device_id).with_groups(&m.groups);
+    if matches!(device_id.as_str(), "fleet" | "group") {
+        tracing::warn!(%device_id, "this device id is also a fleet topic level: its own commands reach the fleet or its groups; choose another mqtt.device_id");
+    }
 
     let connect_host = if m.embedded_broker {
         start_embedded_broker(&settings)?
@@ -146,7 +150,20 @@ pub async fn serve(
             .await
             .unwrap_or(None)
     };
-    publisher.update_status(|s| s.current_model = current_model.clone());
+    let current_score = match &current_model {
+        Some(id) => {
+            let (runs, id) = (settings.runs_dir(), id.clone());
+            tokio::task::spawn_blocking(move || fleet_status::score_at_start(&runs, &id))
+                .await
+                .unwrap_or(None)
+        }
+        None => None,
+    };
+    publisher.update_status(|s| {
+        s.current_model = current_model.clone();
+        s.groups = m.groups.clone();
+        s.current_score = current_score;
+    });
 
     // The data folder as it is now: these files are not new.
     let spec = settings.data_spec();

@@ -205,6 +205,14 @@ impl Driver {
                     {
                         tracing::error!(error = %e, "cannot subscribe to commands");
                     }
+                    // Fleet-wide and group commands (`mqtt.groups`), in one SUBSCRIBE.
+                    let fleet = topics
+                        .fleet_filters()
+                        .into_iter()
+                        .map(|f| rumqttc::SubscribeFilter::new(f, QoS::AtLeastOnce));
+                    if let Err(e) = self.client.try_subscribe_many(fleet) {
+                        tracing::error!(error = %e, "cannot subscribe to fleet commands");
+                    }
                     self.broker_up.send_replace(true);
                     self.publisher.wake();
                 }

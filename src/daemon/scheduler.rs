@@ -389,7 +389,17 @@ impl Scheduler {
                     self.publisher.event(rej.to_event());
                 }
             },
-            Ok(Command::Status { request_id }) => self.publisher.answer_status(request_id),
+            Ok(Command::Status { request_id }) => {
+                // Fleet senders collect one answer per device by request id:
+                // a `status` carrying it, and a `status_reported` event.
+                if let Some(id) = request_id.clone() {
+                    self.publisher.event(Event::StatusReported {
+                        request_id: id,
+                        status: self.publisher.status_info(),
+                    });
+                }
+                self.publisher.answer_status(request_id);
+            }
         }
     }
 

@@ -32,6 +32,7 @@ mod daemon_stop;
 mod daemon_tls;
 mod daemon_tls_acl;
 mod daemon_train;
+mod fleet;
 mod fuzz_commands;
 mod hostile_inputs;
 
@@ -55,6 +56,7 @@ fn main() -> ExitCode {
         daemon_tls::tests(),
         daemon_tls_acl::tests(),
         daemon_train::tests(),
+        fleet::tests(),
         fuzz_commands::tests(),
         hostile_inputs::tests(),
     ])
