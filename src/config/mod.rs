@@ -464,12 +464,16 @@ impl Default for RetrainSettings {
 #[serde(default, deny_unknown_fields)]
 pub struct OutputSettings {
     pub dir: PathBuf,
+    /// Write `current.onnx` and `current.labels.txt` beside `current.safetensors`
+    /// on each promotion (opset 13, input `input_0`, output `output_0`).
+    pub export_onnx: bool,
 }
 
 impl Default for OutputSettings {
     fn default() -> Self {
         Self {
             dir: PathBuf::from("output"),
+            export_onnx: false,
         }
     }
 }

@@ -22,6 +22,7 @@ mod daemon_embedded_broker;
 mod daemon_full_disk;
 mod daemon_measure;
 mod daemon_no_broker;
+mod daemon_onnx;
 mod daemon_outage;
 mod daemon_secrets;
 mod daemon_sigterm;
@@ -43,6 +44,7 @@ fn main() -> ExitCode {
         daemon_full_disk::tests(),
         daemon_measure::tests(),
         daemon_no_broker::tests(),
+        daemon_onnx::tests(),
         daemon_outage::tests(),
         daemon_secrets::tests(),
         daemon_sigterm::tests(),
