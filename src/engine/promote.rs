@@ -491,6 +491,35 @@ mod tests {
     }
 
     #[test]
+    fn the_onnx_export_follows_the_promoted_model_and_never_lags_behind() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cand = tmp.path().join("cand.safetensors");
+        let data = fixture(tmp.path(), 40, &cand);
+        let out = tmp.path().join("out");
+        std::fs::create_dir_all(&out).unwrap();
+        let mut req = request(&cand, &out, &data);
+        req.export_onnx = true;
+        let p = promote(&req, &CancelFlag::new()).unwrap();
+        let f = p.onnx.expect("exported");
+        assert_eq!(f.path, out.join(CURRENT_ONNX_FILE));
+        assert_eq!(f.sha256, sha256_hex(&std::fs::read(&f.path).unwrap()));
+        assert_eq!(std::fs::read_to_string(&f.labels_path).unwrap(), "hi\nlo\n");
+        assert!(p.onnx_error.is_none());
+        // An export that cannot be written: the promotion stands, the stale
+        // labels are removed, and the event will say why.
+        std::fs::remove_file(&f.path).unwrap();
+        std::fs::create_dir_all(f.path.join("in-the-way")).unwrap();
+        let p = promote(&req, &CancelFlag::new()).unwrap();
+        assert!(p.promoted && p.onnx.is_none());
+        assert!(p.onnx_error.unwrap().contains("current.onnx"));
+        assert!(!out.join(CURRENT_LABELS_FILE).exists());
+        assert_eq!(
+            sha256_hex(b"abc"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
+
+    #[test]
     fn an_unreadable_candidate_is_a_typed_failure() {
         let tmp = tempfile::tempdir().unwrap();
         let cand = tmp.path().join("cand.safetensors");

@@ -1,5 +1,5 @@
 //! An ONNX graph under construction: nodes, initializers (the weights) and
-//! unique value names, built with the protobuf messages of `onnx-protobuf`.
+//! unique value names, built with the protobuf messages of [`super::proto`].
 //! The layer emitters ([`super::layers`]) and each architecture's
 //! [`Classifier::export_onnx`](crate::engine::model::Classifier::export_onnx)
 //! add to it; [`Graph::into_model`] wraps it into a `ModelProto`.
@@ -7,13 +7,11 @@
 use std::collections::{BTreeSet, HashMap};
 
 use candle_core::Tensor;
-use onnx_protobuf::attribute_proto::AttributeType;
-use onnx_protobuf::tensor_proto::DataType;
-use onnx_protobuf::tensor_shape_proto::{dimension, Dimension};
-use onnx_protobuf::type_proto::{self, Value};
-use onnx_protobuf::{
-    AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, StringStringEntryProto,
-    TensorProto, TensorShapeProto, TypeProto, ValueInfoProto,
+
+use super::proto::{
+    attribute_type, data_type, AttributeProto, Dimension, DimensionValue, GraphProto, ModelProto,
+    NodeProto, OperatorSetIdProto, StringStringEntryProto, TensorProto, TensorShapeProto,
+    TensorTypeProto, TypeProto, ValueInfoProto,
 };
 
 use super::ExportError;
@@ -80,13 +78,13 @@ impl Graph {
 
     /// Adds a node writing to the value `out`.
     pub fn node_into(&mut self, op: &str, inputs: &[&str], attrs: &[(&str, Attr)], out: &str) {
-        let mut n = NodeProto::new();
-        n.op_type = op.to_string();
-        n.name = format!("{op}_{}", self.nodes.len());
-        n.input = inputs.iter().map(|s| s.to_string()).collect();
-        n.output = vec![out.to_string()];
-        n.attribute = attrs.iter().map(|(k, v)| attribute(k, v)).collect();
-        self.nodes.push(n);
+        self.nodes.push(NodeProto {
+            op_type: op.to_string(),
+            name: format!("{op}_{}", self.nodes.len()),
+            input: inputs.iter().map(|s| s.to_string()).collect(),
+            output: vec![out.to_string()],
+            attribute: attrs.iter().map(|(k, v)| attribute(k, v)).collect(),
+        });
     }
 
     /// An f32 initializer holding `t` (any shape), named after `hint`.
@@ -106,24 +104,24 @@ impl Graph {
     /// An f32 initializer of `dims` holding `values` (row-major).
     pub fn floats(&mut self, hint: &str, values: &[f32], dims: &[usize]) -> String {
         let name = self.fresh(hint);
-        let mut t = TensorProto::new();
-        t.name = name.clone();
-        t.data_type = DataType::FLOAT as i32;
-        t.dims = dims.iter().map(|&d| d as i64).collect();
-        t.raw_data = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-        self.initializers.push(t);
+        self.initializers.push(TensorProto {
+            name: name.clone(),
+            data_type: data_type::FLOAT,
+            dims: dims.iter().map(|&d| d as i64).collect(),
+            raw_data: values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        });
         name
     }
 
     /// A one-dimensional int64 initializer (shapes, axes).
     pub fn ints(&mut self, hint: &str, values: &[i64]) -> String {
         let name = self.fresh(hint);
-        let mut t = TensorProto::new();
-        t.name = name.clone();
-        t.data_type = DataType::INT64 as i32;
-        t.dims = vec![values.len() as i64];
-        t.raw_data = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-        self.initializers.push(t);
+        self.initializers.push(TensorProto {
+            name: name.clone(),
+            data_type: data_type::INT64,
+            dims: vec![values.len() as i64],
+            raw_data: values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        });
         name
     }
 
@@ -142,32 +140,32 @@ impl Graph {
         classes: usize,
         metadata: &[(String, String)],
     ) -> ModelProto {
-        let mut g = GraphProto::new();
-        g.name = "edge-trainer".into();
         let mut in_dims = vec![None];
         in_dims.extend(self.sample_shape.iter().map(|&d| Some(d)));
-        g.input = vec![value_info(input, &in_dims)];
-        g.output = vec![value_info(output, &[None, Some(classes)])];
-        g.node = self.nodes;
-        g.initializer = self.initializers;
-        let mut m = ModelProto::new();
-        m.ir_version = ir_version(self.opset);
-        m.producer_name = "edge-trainer".into();
-        m.producer_version = env!("CARGO_PKG_VERSION").into();
-        let mut op = OperatorSetIdProto::new();
-        op.version = self.opset;
-        m.opset_import = vec![op];
-        m.metadata_props = metadata
-            .iter()
-            .map(|(k, v)| {
-                let mut e = StringStringEntryProto::new();
-                e.key = k.clone();
-                e.value = v.clone();
-                e
-            })
-            .collect();
-        m.graph = protobuf::MessageField::some(g);
-        m
+        let graph = GraphProto {
+            name: "edge-trainer".into(),
+            input: vec![value_info(input, &in_dims)],
+            output: vec![value_info(output, &[None, Some(classes)])],
+            node: self.nodes,
+            initializer: self.initializers,
+        };
+        ModelProto {
+            ir_version: ir_version(self.opset),
+            producer_name: "edge-trainer".into(),
+            producer_version: env!("CARGO_PKG_VERSION").into(),
+            graph: Some(graph),
+            opset_import: vec![OperatorSetIdProto {
+                domain: String::new(),
+                version: self.opset,
+            }],
+            metadata_props: metadata
+                .iter()
+                .map(|(k, v)| StringStringEntryProto {
+                    key: k.clone(),
+                    value: v.clone(),
+                })
+                .collect(),
+        }
     }
 }
 
@@ -184,19 +182,21 @@ pub fn ir_version(opset: i64) -> i64 {
 }
 
 fn attribute(name: &str, v: &Attr) -> AttributeProto {
-    let mut a = AttributeProto::new();
-    a.name = name.to_string();
+    let mut a = AttributeProto {
+        name: name.to_string(),
+        ..Default::default()
+    };
     match v {
         Attr::Int(i) => {
-            a.type_ = AttributeType::INT.into();
+            a.r#type = attribute_type::INT;
             a.i = *i;
         }
         Attr::Ints(v) => {
-            a.type_ = AttributeType::INTS.into();
+            a.r#type = attribute_type::INTS;
             a.ints = v.clone();
         }
         Attr::Float(f) => {
-            a.type_ = AttributeType::FLOAT.into();
+            a.r#type = attribute_type::FLOAT;
             a.f = *f;
         }
     }
@@ -205,27 +205,24 @@ fn attribute(name: &str, v: &Attr) -> AttributeProto {
 
 /// An f32 tensor value of `dims` (`None`: the symbolic batch dim).
 fn value_info(name: &str, dims: &[Option<usize>]) -> ValueInfoProto {
-    let mut shape = TensorShapeProto::new();
-    shape.dim = dims
+    let dim = dims
         .iter()
-        .map(|d| {
-            let mut dim = Dimension::new();
-            dim.value = Some(match d {
-                Some(n) => dimension::Value::DimValue(*n as i64),
-                None => dimension::Value::DimParam(BATCH_DIM.into()),
-            });
-            dim
+        .map(|d| Dimension {
+            value: Some(match d {
+                Some(n) => DimensionValue::DimValue(*n as i64),
+                None => DimensionValue::DimParam(BATCH_DIM.into()),
+            }),
         })
         .collect();
-    let mut tt = type_proto::Tensor::new();
-    tt.elem_type = DataType::FLOAT as i32;
-    tt.shape = protobuf::MessageField::some(shape);
-    let mut ty = TypeProto::new();
-    ty.value = Some(Value::TensorType(tt));
-    let mut vi = ValueInfoProto::new();
-    vi.name = name.to_string();
-    vi.type_ = protobuf::MessageField::some(ty);
-    vi
+    ValueInfoProto {
+        name: name.to_string(),
+        r#type: Some(TypeProto {
+            tensor_type: Some(TensorTypeProto {
+                elem_type: data_type::FLOAT,
+                shape: Some(TensorShapeProto { dim }),
+            }),
+        }),
+    }
 }
 
 #[cfg(test)]

@@ -14,11 +14,12 @@
 
 pub mod graph;
 pub mod layers;
+pub mod proto;
 
 use std::path::{Path, PathBuf};
 
 use candle_core::Device;
-use protobuf::Message;
+use prost::Message;
 
 use super::checkpoint::{self, CheckpointError, CheckpointMeta};
 use super::fsutil::atomic_write;
@@ -72,8 +73,6 @@ pub enum ExportError {
         #[source]
         source: candle_core::Error,
     },
-    #[error("cannot encode the ONNX model: {0}")]
-    Encode(#[from] protobuf::Error),
     #[error("cannot write {path}: {source}")]
     Write {
         path: PathBuf,
@@ -152,7 +151,7 @@ pub fn export_model(
     let operators: Vec<String> = g.operators().into_iter().collect();
     let metadata = metadata_props(meta, opts);
     let m = g.into_model(INPUT_NAME, OUTPUT_NAME, meta.classes.len(), &metadata);
-    let onnx = m.write_to_bytes()?;
+    let onnx = m.encode_to_vec();
     let mut labels = meta.classes.join("\n");
     labels.push('\n');
     Ok(Exported {
@@ -243,11 +242,11 @@ pub fn write_files(
 
 #[cfg(test)]
 mod tests {
+    use super::proto::ModelProto;
     use super::*;
     use crate::engine::checkpoint::{CheckpointMetrics, InputSpec};
     use crate::engine::data::{DataFormat, Normalization};
     use crate::engine::model::{Activation, CnnSpec, ConvBlockSpec, MlpSpec, ModelSpec};
-    use onnx_protobuf::ModelProto;
 
     fn meta(model: ModelSpec, shape: Vec<usize>, norm: Normalization) -> CheckpointMeta {
         CheckpointMeta {
@@ -269,8 +268,9 @@ mod tests {
     }
 
     fn ops(e: &Exported) -> Vec<String> {
-        let m = ModelProto::parse_from_bytes(&e.onnx).unwrap();
-        m.graph.node.iter().map(|n| n.op_type.clone()).collect()
+        let m = ModelProto::decode(e.onnx.as_slice()).unwrap();
+        let g = m.graph.unwrap();
+        g.node.iter().map(|n| n.op_type.clone()).collect()
     }
 
     #[test]
@@ -291,11 +291,12 @@ mod tests {
         let model = Model::new(spec, 1, &Device::Cpu).unwrap();
         let e = export_model(&model, &m, ExportOptions::default()).unwrap();
         assert_eq!(e.labels, "c0\nc1\n");
-        let p = ModelProto::parse_from_bytes(&e.onnx).unwrap();
+        let p = ModelProto::decode(e.onnx.as_slice()).unwrap();
         assert_eq!(p.opset_import[0].version, 13);
         assert_eq!(p.ir_version, 7);
-        assert_eq!(p.graph.input[0].name, INPUT_NAME);
-        assert_eq!(p.graph.output[0].name, OUTPUT_NAME);
+        let g = p.graph.as_ref().unwrap();
+        assert_eq!(g.input[0].name, INPUT_NAME);
+        assert_eq!(g.output[0].name, OUTPUT_NAME);
         assert_eq!(
             ops(&e),
             [
