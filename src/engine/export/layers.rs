@@ -189,3 +189,145 @@ impl Emit for TextConv {
         Ok(flatten(g, &m))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::export::{INPUT_NAME, OUTPUT_NAME};
+    use crate::engine::model::layers::{conv, linear, ConvConfig};
+    use crate::engine::model::{ForwardCtx, ParamStore};
+    use candle_core::{Device, Tensor};
+    use prost::Message;
+    use rand::{Rng, SeedableRng};
+
+    /// Runs an ONNX model with tract on one f32 input.
+    fn run_in_tract(bytes: &[u8], shape: &[usize], values: &[f32]) -> Vec<f32> {
+        use tract_onnx::prelude::*;
+        let model = tract_onnx::onnx()
+            .model_for_read(&mut &bytes[..])
+            .unwrap()
+            .into_optimized()
+            .unwrap()
+            .into_runnable()
+            .unwrap();
+        let input = Tensor::from_shape(shape, values).unwrap();
+        let out = model.run(tvec!(input.into())).unwrap();
+        let view = out[0].to_plain_array_view::<f32>().unwrap();
+        view.iter().copied().collect()
+    }
+
+    fn random(shape: &[usize], seed: u64) -> Tensor {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n).map(|_| rng.random::<f32>() * 4.0 - 2.0).collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    /// The emitters the backbones need (grouped and dilated convolutions, a
+    /// depthwise one, batch-norm with moved statistics, ReLU6, padded average
+    /// and max pools, a residual add, global average pooling, every
+    /// activation) give what the layers compute, as tract runs them.
+    #[test]
+    fn every_emitter_matches_its_layer_in_tract() {
+        let store = ParamStore::new(5, &Device::Cpu);
+        let vb = store.var_builder();
+        let grouped = ConvConfig {
+            stride: 1,
+            padding: 2,
+            dilation: 2,
+            groups: 2,
+        };
+        let c1 = conv(2, (4, 6), 3, grouped, true, vb.pp("c1")).unwrap();
+        let bn = BatchNorm::new(6, vb.pp("bn")).unwrap();
+        let depthwise = ConvConfig {
+            stride: 1,
+            padding: 1,
+            dilation: 1,
+            groups: 6,
+        };
+        let c2 = conv(2, (6, 6), 3, depthwise, false, vb.pp("c2")).unwrap();
+        let avg = AvgPool::new(PoolConfig {
+            kernel: 3,
+            stride: 2,
+            padding: 1,
+        })
+        .unwrap();
+        let max = MaxPool::new(PoolConfig {
+            kernel: 3,
+            stride: 2,
+            padding: 1,
+        })
+        .unwrap();
+        let fc1 = linear(6, 5, vb.pp("fc1")).unwrap();
+        let fc2 = linear(5, 3, vb.pp("fc2")).unwrap();
+        let x = random(&[3, 4, 9, 9], 1);
+        // Running statistics away from 0 and 1.
+        let warm = c1.forward(&x, &ForwardCtx::eval()).unwrap();
+        for _ in 0..3 {
+            bn.forward(&warm, &ForwardCtx::train(0)).unwrap();
+        }
+
+        let ctx = ForwardCtx::eval();
+        let acts = [
+            Activation::Gelu,
+            Activation::Silu,
+            Activation::LeakyRelu,
+            Activation::Tanh,
+            Activation::Sigmoid,
+        ];
+        let want = {
+            let y = bn.forward(&c1.forward(&x, &ctx).unwrap(), &ctx).unwrap();
+            let y = y.clamp(0f32, 6f32).unwrap();
+            let y = avg.forward(&y, &ctx).unwrap();
+            let y = (c2.forward(&y, &ctx).unwrap() + &y).unwrap();
+            let y = Activation::Relu.apply(&y).unwrap();
+            let y = max.forward(&y, &ctx).unwrap();
+            let y = y.mean((2, 3)).unwrap();
+            let mut y = fc1.forward(&y, &ctx).unwrap();
+            for a in &acts[..3] {
+                y = a.apply(&y).unwrap();
+            }
+            let mut y = fc2.forward(&y, &ctx).unwrap();
+            for a in &acts[3..] {
+                y = a.apply(&y).unwrap();
+            }
+            y.to_vec2::<f32>().unwrap()
+        };
+
+        let mut g = Graph::new(13, &[4, 9, 9]);
+        let y = c1.emit(&mut g, INPUT_NAME).unwrap();
+        let y = bn.emit(&mut g, &y).unwrap();
+        let y = relu6(&mut g, &y);
+        let y = avg_pool(&mut g, &avg, 2, &y);
+        let z = c2.emit(&mut g, &y).unwrap();
+        let y = add(&mut g, &z, &y);
+        let y = activation(&mut g, Activation::Relu, &y);
+        let y = max_pool(&mut g, &max, 2, &y);
+        let y = global_avg_pool(&mut g, &y);
+        let mut y = fc1.emit(&mut g, &y).unwrap();
+        for a in &acts[..3] {
+            y = activation(&mut g, *a, &y);
+        }
+        let mut y = fc2.emit(&mut g, &y).unwrap();
+        for a in &acts[3..] {
+            y = activation(&mut g, *a, &y);
+        }
+        g.node_into("Identity", &[&y], &[], OUTPUT_NAME);
+        let bytes = g
+            .into_model(INPUT_NAME, OUTPUT_NAME, 3, &[])
+            .encode_to_vec();
+        let got = run_in_tract(
+            &bytes,
+            &[3, 4, 9, 9],
+            &x.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        );
+        let want: Vec<f32> = want.into_iter().flatten().collect();
+        assert_eq!(got.len(), want.len());
+        let diff = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(diff < 1e-5, "ONNX and the layers differ by {diff}");
+    }
+}
