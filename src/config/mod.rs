@@ -478,6 +478,9 @@ pub struct OutputSettings {
     pub min_free_mb: u64,
     /// Check the free space before a run (the disk guard).
     pub disk_guard: bool,
+    /// Write `current.onnx` and `current.labels.txt` beside `current.safetensors`
+    /// on each promotion (opset 13, input `input_0`, output `output_0`).
+    pub export_onnx: bool,
 }
 
 impl Default for OutputSettings {
@@ -487,6 +490,7 @@ impl Default for OutputSettings {
             keep_runs: 0,
             min_free_mb: DEFAULT_MIN_FREE_MB,
             disk_guard: true,
+            export_onnx: false,
         }
     }
 }

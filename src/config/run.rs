@@ -239,6 +239,7 @@ impl RunSettings<'_> {
                 device,
                 batch_size: s.train.batch_size,
                 metric: s.retrain.promote_metric,
+                export_onnx: s.output.export_onnx,
             },
             cancel,
         )

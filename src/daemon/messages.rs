@@ -13,7 +13,7 @@ use serde_json::{Map, Value};
 use super::outbox::Kind;
 use super::retention::{Eviction, Footprint, Pruned, ReplayCounts};
 use crate::engine::data::SkippedFile;
-use crate::engine::promote::{PromoteMetric, Promotion, Score};
+use crate::engine::promote::{OnnxFiles, PromoteMetric, Promotion, Score};
 use crate::engine::run::{self, now_rfc3339, BestRecord, Metrics, Outcome, RunSummary, SplitSizes};
 
 /// A `request_id` as the sender wrote it: a JSON string or number.
@@ -191,6 +191,13 @@ pub struct PromotionDecision {
     /// `current.safetensors`.
     pub path: PathBuf,
     pub previous_path: Option<PathBuf>,
+    /// With `output.export_onnx`: `current.onnx` and `current.labels.txt`
+    /// (`path`, `sha256`, `labels_path`, `labels_sha256`); absent otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub onnx: Option<OnnxFiles>,
+    /// With `output.export_onnx`: why the export failed (the promotion stands).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub onnx_error: Option<String>,
 }
 
 /// One message on the `events` topic: `{"event": NAME, "ts", ...fields}`.
@@ -449,6 +456,8 @@ impl Event {
             reason: p.reason.clone(),
             path: p.current_path.clone(),
             previous_path: p.previous_path.clone(),
+            onnx: p.onnx.clone(),
+            onnx_error: p.onnx_error.clone(),
         };
         if p.promoted {
             Event::ModelPromoted(d)
@@ -901,6 +910,8 @@ mod tests {
             reason: "why".into(),
             current_path: PathBuf::from("/o/current.safetensors"),
             previous_path: promoted.then(|| PathBuf::from("/o/previous.safetensors")),
+            onnx: None,
+            onnx_error: None,
         }
     }
 

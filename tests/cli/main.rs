@@ -15,6 +15,7 @@ mod bench_smoke;
 mod cli_train;
 mod formats_e2e;
 mod full_disk;
+mod onnx_export;
 mod resume;
 
 fn main() -> ExitCode {
@@ -23,6 +24,7 @@ fn main() -> ExitCode {
         cli_train::tests(),
         formats_e2e::tests(),
         full_disk::tests(),
+        onnx_export::tests(),
         resume::tests(),
     ])
 }

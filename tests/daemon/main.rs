@@ -23,6 +23,7 @@ mod daemon_flood;
 mod daemon_full_disk;
 mod daemon_measure;
 mod daemon_no_broker;
+mod daemon_onnx;
 mod daemon_outage;
 mod daemon_retention;
 mod daemon_secrets;
@@ -47,6 +48,7 @@ fn main() -> ExitCode {
         daemon_full_disk::tests(),
         daemon_measure::tests(),
         daemon_no_broker::tests(),
+        daemon_onnx::tests(),
         daemon_outage::tests(),
         daemon_retention::tests(),
         daemon_secrets::tests(),

@@ -88,6 +88,20 @@ pub fn read(
     channels: usize,
 ) -> Result<FileSamples, FileError> {
     let class = class_of(&relative_name(dir, path))?;
+    let data = decode(path, size, channels)?;
+    let [h, w] = size;
+    Ok(FileSamples {
+        features: Features::U8(data),
+        labels: RawLabels::Name(vec![class]),
+        sample_shape: vec![channels, h, w],
+    })
+}
+
+/// Decodes one image file (PNG or JPEG, by its content), converts it to
+/// `channels` (1: grey, else RGB), resizes it to `size` `[H, W]` (bilinear) and
+/// lays it out channels first: `channels * H * W` bytes. The training reader
+/// and `predict` both use it.
+pub fn decode(path: &Path, size: [usize; 2], channels: usize) -> Result<Vec<u8>, FileError> {
     let mut reader = image::ImageReader::open(path)
         .map_err(FileError::Io)?
         .with_guessed_format()
@@ -128,11 +142,7 @@ pub fn read(
             chw
         }
     };
-    Ok(FileSamples {
-        features: Features::U8(data),
-        labels: RawLabels::Name(vec![class]),
-        sample_shape: vec![channels, h, w],
-    })
+    Ok(data)
 }
 
 #[cfg(test)]

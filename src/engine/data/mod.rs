@@ -3,13 +3,13 @@
 //! train/val/test split, normalisation and batching.
 
 mod batch;
-mod csv_file;
+pub mod csv_file;
 mod entries;
 mod error;
 pub mod image_folder;
 mod labels;
 mod outliers;
-mod safetensors_file;
+pub mod safetensors_file;
 mod scan;
 mod split;
 pub mod text_tsv;

@@ -132,6 +132,7 @@ fn scan_csv(
     let n = csv_file::for_each_row(
         path,
         &spec.label_column,
+        true,
         spec.delimiter,
         |row, values, label| {
             if row == 0 {

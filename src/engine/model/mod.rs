@@ -151,6 +151,17 @@ impl ForwardCtx {
 pub trait Classifier: Send {
     /// The forward pass; `ctx` says train or eval mode.
     fn forward(&self, x: &Tensor, ctx: &mut ForwardCtx) -> candle_core::Result<Tensor>;
+
+    /// Adds the evaluation-mode forward pass to an ONNX graph, from the
+    /// (normalised) input `x` `[N, ...sample_shape]`; returns the logits'
+    /// name. Built from the layers' emitters ([`crate::engine::export::layers`]).
+    fn export_onnx(
+        &self,
+        _g: &mut crate::engine::export::Graph,
+        _x: &str,
+    ) -> Result<String, crate::engine::export::ExportError> {
+        Err(crate::engine::export::ExportError::Unsupported)
+    }
 }
 
 /// Builds the model of `spec`, creating its parameters in `store`.

@@ -108,6 +108,16 @@ impl BatchNorm {
         normalised.broadcast_mul(&weight)?.broadcast_add(&bias)
     }
 
+    /// Weight, bias, running mean and running variance (for the ONNX export).
+    pub fn params(&self) -> (&Param, &Param, &Tensor, &Tensor) {
+        (
+            &self.weight,
+            &self.bias,
+            self.running_mean.as_tensor(),
+            self.running_var.as_tensor(),
+        )
+    }
+
     /// The current running mean (for tests).
     pub fn running_mean(&self) -> candle_core::Result<Vec<f32>> {
         self.running_mean

@@ -106,6 +106,11 @@ pub fn conv(
 }
 
 impl Conv {
+    /// The weight, the bias if any, and the number of spatial dims (for the ONNX export).
+    pub fn params(&self) -> (&Param, Option<&Param>, usize) {
+        (&self.weight, self.bias.as_ref(), self.dims)
+    }
+
     /// The layer's configuration.
     pub fn config(&self) -> &ConvConfig {
         &self.cfg

@@ -30,6 +30,11 @@ pub fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> candle_core::Res
 }
 
 impl Linear {
+    /// The weight `[out, in]` and bias `[out]` (for the ONNX export).
+    pub fn params(&self) -> (&Param, &Param) {
+        (&self.weight, &self.bias)
+    }
+
     /// Applies the layer to `x` of shape `[B, in]`.
     pub fn forward(&self, x: &Tensor, ctx: &ForwardCtx) -> candle_core::Result<Tensor> {
         self.apply(x, false, ctx)
