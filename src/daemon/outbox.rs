@@ -409,6 +409,64 @@ mod tests {
         assert_eq!(drain(&mut o), ["t/2", "t/101", "t/102"]);
     }
 
+    proptest::proptest! {
+        /// Floods of any mix (issue 18), the broker taking some messages as
+        /// they come: a message only ever evicts the kinds it may
+        /// ([`Kind::evicts`]; a status its queued predecessor), droppable
+        /// messages never exceed the capacity, and every lifecycle event is
+        /// delivered once, in order.
+        #[test]
+        fn floods_of_any_mix_keep_the_drop_policy(
+            ops in proptest::collection::vec((0usize..7, proptest::bool::ANY), 1..300),
+            cap in 1usize..10,
+        ) {
+            const KINDS: [Kind; 7] = [
+                Kind::Reply, Kind::Reply, Kind::Answer, Kind::Metrics,
+                Kind::Info, Kind::Lifecycle, Kind::Status,
+            ];
+            let mut o = Outbox::new(cap, 3);
+            o.on_connect();
+            let (mut pkid, mut delivered, mut lifecycle) = (0u16, Vec::new(), Vec::new());
+            for (i, (k, ack)) in ops.iter().enumerate() {
+                let kind = KINDS[*k];
+                let before: Vec<(u64, Kind)> =
+                    o.entries.iter().map(|e| (e.seq, e.msg.kind)).collect();
+                o.push(m(kind, i as u32));
+                if kind == Kind::Lifecycle {
+                    lifecycle.push(format!("t/{i}"));
+                }
+                for (seq, gone) in before {
+                    if o.entries.iter().all(|e| e.seq != seq) {
+                        let replaced = kind == Kind::Status && gone == Kind::Status;
+                        proptest::prop_assert!(
+                            replaced || kind.evicts().contains(&gone),
+                            "{kind:?} evicted {gone:?}"
+                        );
+                    }
+                }
+                let droppable = o.entries.iter().filter(|e| e.msg.kind.droppable()).count();
+                proptest::prop_assert!(droppable <= cap, "{droppable} droppable, capacity {cap}");
+                if *ack {
+                    if let Some(msg) = o.next_to_send() {
+                        pkid = pkid.wrapping_add(1).max(1);
+                        o.on_outgoing(pkid);
+                        o.on_ack(pkid);
+                        delivered.push(msg.topic);
+                    }
+                }
+            }
+            while let Some(msg) = o.next_to_send() {
+                pkid = pkid.wrapping_add(1).max(1);
+                o.on_outgoing(pkid);
+                o.on_ack(pkid);
+                delivered.push(msg.topic);
+            }
+            proptest::prop_assert!(o.is_empty());
+            let got: Vec<&String> = delivered.iter().filter(|t| lifecycle.contains(t)).collect();
+            proptest::prop_assert_eq!(got, lifecycle.iter().collect::<Vec<_>>());
+        }
+    }
+
     #[test]
     fn newer_status_replaces_queued_one_and_front_goes_first() {
         let mut o = Outbox::new(10, 10);
