@@ -153,6 +153,8 @@ mod tests {
             reason: "x".into(),
             path: "/o/current.safetensors".into(),
             previous_path: None,
+            onnx: None,
+            onnx_error: None,
         }
     }
 
