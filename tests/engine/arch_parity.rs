@@ -165,15 +165,6 @@ fn architectures_match_pytorch() {
             }
             d_grad = d_grad.max(d);
         }
-        if std::env::var_os("DUMP_GRADS").is_some() {
-            let gs: Vec<(String, Tensor)> = case
-                .grads
-                .iter()
-                .map(|p| (p.clone(), grads.get(vars[p].as_tensor()).unwrap().clone()))
-                .collect();
-            let bytes = checkpoint::to_safetensors_bytes(&gs, None).unwrap();
-            std::fs::write(out_dir.join(format!("grads-{name}-{path:?}.st")), bytes).unwrap();
-        }
         let sd: HashMap<String, Tensor> = model.params.state_dict().into_iter().collect();
         for b in &case.buffers {
             let want = f.all[&format!("after.{b}")].to_dtype(DType::F32).unwrap();
