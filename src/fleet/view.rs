@@ -415,7 +415,7 @@ mod tests {
         }
         assert!(r.points.len() <= MAX_POINTS);
         // The start of the run is still there, thinned; order is kept.
-        assert!(r.points[0].step < 16, "{}", r.points[0].step);
+        assert!(r.points[0].step < 512, "{}", r.points[0].step);
         assert!(r.points.windows(2).all(|w| w[0].step < w[1].step));
         assert_eq!(r.points.last().unwrap().step, MAX_POINTS as u64 * 3 - 1);
     }

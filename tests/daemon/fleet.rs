@@ -143,6 +143,20 @@ fn fleet_groups_broadcast_and_device_commands() {
     assert!(table.stdout.starts_with("DEVICE"), "{table:?}");
     assert!(ids.iter().all(|id| table.stdout.contains(id)), "{table:?}");
 
+    // `fleet watch` follows the runs (one line per message on a pipe).
+    let watch_log = members[0].env.dir.path().join("watch.log");
+    let mut watch = KillOnDrop(
+        Command::new(BIN)
+            .args(["fleet", "watch", "--config"])
+            .arg(&cfg)
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&watch_log).unwrap())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start fleet watch"),
+    );
+    std::thread::sleep(Duration::from_secs(1));
+
     // A group train reaches its two members only; each is followed to its promotion.
     let out = fleet(
         &cfg,
@@ -156,6 +170,17 @@ fn fleet_groups_broadcast_and_device_commands() {
         assert_eq!(lines[*id]["ok"], true);
     }
     assert!(!members[2].env.out.join("current.safetensors").exists());
+    assert!(eventually(SHORT, || {
+        let w = std::fs::read_to_string(&watch_log).unwrap_or_default();
+        ids[..2]
+            .iter()
+            .all(|id| w.contains(&format!("{id}  model_promoted")))
+    }));
+    let _ = watch.0.kill();
+    let w = std::fs::read_to_string(&watch_log).unwrap();
+    assert!(w.contains(&format!("{}  run_started", ids[0])), "{w}");
+    assert!(w.contains("epoch 1  step"), "{w}");
+    assert!(!w.contains(ids[2]), "{w}");
 
     // The retained status now carries the model, its scores and the last run.
     let rows = wait_listed(&cfg, &ids, &["idle"], &members);
@@ -506,6 +531,103 @@ fn fleet_dashboard_in_headless_chromium() {
     );
 }
 
+/// Counts every message on `et/+/metrics` and `et/+/events` (QoS 1).
+fn count_messages(port: u16) -> std::sync::mpsc::Receiver<(String, Value)> {
+    use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
+    let mut o = MqttOptions::new(
+        format!("count-{}", rand::random::<u32>()),
+        "127.0.0.1",
+        port,
+    );
+    o.set_keep_alive(Duration::from_secs(10));
+    o.set_max_packet_size(4 << 20, 4 << 20);
+    let (client, mut conn) = Client::new(o, 1024);
+    client.subscribe("et/+/metrics", QoS::AtLeastOnce).unwrap();
+    client.subscribe("et/+/events", QoS::AtLeastOnce).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _client = client;
+        for ev in conn.iter() {
+            if let Ok(Event::Incoming(Packet::Publish(p))) = ev {
+                let v = serde_json::from_slice(&p.payload).unwrap_or(Value::Null);
+                if tx.send((p.topic.clone(), v)).is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    rx
+}
+
+/// Scale: `FLEET_SCALE` (default 50) daemons on one Mosquitto; `fleet ls` lists
+/// every one, `fleet train --all` reaches every one and collects every terminal
+/// event, and no `metrics` message is lost. Prints the figures (README "The fleet").
+/// `cargo test --release --test daemon fleet_scale -- --ignored --nocapture`
+fn fleet_scale_measure() {
+    let n: usize = std::env::var("FLEET_SCALE")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(50);
+    let port = free_port();
+    let broker_dir = tempfile::tempdir().unwrap();
+    let _broker = Broker::start(broker_dir.path(), port);
+    let extras: Vec<String> = (0..n)
+        .map(|i| format!("{QUICK}[mqtt]\ngroups = [\"g{}\"]\n", i % 5))
+        .collect();
+    let t_start = Instant::now();
+    let members = start_members(port, &extras);
+    let owned: Vec<String> = members.iter().map(|m| m.env.device_id.clone()).collect();
+    let ids: Vec<&str> = owned.iter().map(String::as_str).collect();
+    let cfg = members[0].env.config.clone();
+    wait_listed(&cfg, &ids, &["idle"], &members);
+    let up = t_start.elapsed();
+    let mut ls_times = Vec::new();
+    for _ in 0..3 {
+        let t0 = Instant::now();
+        let out = fleet(&cfg, &["ls", "--json"]);
+        ls_times.push(t0.elapsed().as_secs_f64());
+        let rows: Vec<Value> = serde_json::from_str(out.stdout.trim()).unwrap();
+        assert_eq!(rows.len(), n, "{out:?}");
+    }
+    let rx = count_messages(port);
+    std::thread::sleep(Duration::from_millis(500));
+    let t0 = Instant::now();
+    let out = fleet(&cfg, &["train", "--all", "--json", "--timeout", "900"]);
+    let train_s = t0.elapsed().as_secs_f64();
+    assert_eq!(out.code, Some(0), "{out:?}");
+    let lines = out.json_lines();
+    assert_eq!(lines.len(), n, "{out:?}");
+    std::thread::sleep(Duration::from_secs(2));
+    let got: Vec<(String, Value)> = rx.try_iter().collect();
+    let metrics = got.iter().filter(|(t, _)| t.ends_with("/metrics")).count();
+    let events = got.len() - metrics;
+    // Every evaluation of every run in metrics.jsonl arrived on the topic.
+    let mut expected = 0;
+    for line in &lines {
+        let dev = line["device"].as_str().unwrap();
+        let run = line["run_id"].as_str().unwrap();
+        let member = members.iter().find(|x| x.env.device_id == dev).unwrap();
+        let on_disk = member.env.metrics_lines(run).len();
+        let seen = got
+            .iter()
+            .filter(|(t, v)| t == &format!("et/{dev}/metrics") && v["run_id"] == run)
+            .count();
+        assert_eq!(seen, on_disk, "{dev} {run}: metrics lost");
+        expected += on_disk;
+    }
+    assert_eq!(metrics, expected);
+    let mut ls_sorted = ls_times.clone();
+    ls_sorted.sort_by(f64::total_cmp);
+    println!(
+        "fleet scale: {n} daemons up and listed in {:.1} s; fleet ls (median of 3): {:.2} s; \
+         fleet train --all: {n} terminal answers in {train_s:.1} s; {metrics} metrics + {events} events \
+         received ({:.0} messages/s over the train), none lost",
+        up.as_secs_f64(),
+        ls_sorted[1],
+        (metrics + events) as f64 / train_s
+    );
+}
+
 /// A child killed when dropped.
 pub struct KillOnDrop(pub Child);
 
@@ -523,6 +645,7 @@ pub fn tests() -> Vec<Test> {
         test!(fleet_dashboard_in_headless_chromium)
             .needs(MOSQUITTO)
             .needs(CHROMIUM),
+        test!(fleet_scale_measure, ignored).needs(MOSQUITTO),
         test!(fleet_over_tls_with_credentials)
             .needs(MOSQUITTO)
             .needs(MOSQUITTO_PASSWD)

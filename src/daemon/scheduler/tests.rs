@@ -535,7 +535,9 @@ async fn a_command_flood_neither_starves_the_watchdog_nor_grows_the_queue() {
     assert!(waiting > FLOOD - 500, "{waiting} commands still waiting");
     assert!(h.ctl.cancels.lock().unwrap()[0].is_cancelled());
     let st = h
-        .wait("status answer", |m| m.json["request_id"] == "how")
+        .wait("status answer", |m| {
+            m.topic.ends_with("/status") && m.json["request_id"] == "how"
+        })
         .await;
     assert_eq!(st.state(), "training");
 
@@ -600,7 +602,9 @@ async fn stop_and_status_are_served_past_a_full_train_queue() {
     h.probes.try_send(tx).unwrap();
     rx.await.unwrap();
     let st = h
-        .wait("status answer", |m| m.json["request_id"] == "s-1")
+        .wait("status answer", |m| {
+            m.topic.ends_with("/status") && m.json["request_id"] == "s-1"
+        })
         .await;
     assert_eq!(st.state(), "training");
     assert_eq!(st.json["run_id"], started["run_id"]);
