@@ -33,6 +33,8 @@ use edge_trainer::engine::model::{
 use edge_trainer::engine::optim::{AnyOptimizer, OptimizerConfig, OptimizerKind};
 use edge_trainer::engine::trainer::{train_step, Phase, StepError, StepObserver};
 
+mod layers;
+
 /// Environment variable through which the parent passes the wall-clock time
 /// (Unix nanoseconds) at which it started a child; the child's time to the
 /// first step counts from there.
@@ -115,6 +117,11 @@ pub struct BenchArgs {
     /// (`MODEL.safetensors`, `MODEL.json`) to DIR and exit, for scripts/bench-vs-pytorch.
     #[arg(long, value_name = "DIR")]
     pub export: Option<PathBuf>,
+    /// Time single layers instead (MobileNetV2's depthwise convolutions,
+    /// forward and backward, our kernels and candle's generic ops; `--steps`
+    /// repetitions each), in this process.
+    #[arg(long)]
+    pub layers: bool,
     /// Run one model in this process (what the parent runs in each child).
     #[arg(long, value_enum, hide = true)]
     pub one: Option<BenchModel>,
@@ -725,6 +732,29 @@ fn print_table(report: &BenchReport) {
 }
 
 fn run(args: &BenchArgs) -> Result<(), BenchError> {
+    if args.layers {
+        if let Some(t) = args.threads {
+            // In this process: the pool is not built yet, so this cannot fail
+            // but for a pool built already, which then keeps its size.
+            let _ = rayon::ThreadPoolBuilder::new()
+                .num_threads(t)
+                .build_global();
+        }
+        let (_, steps) = args.effective_steps();
+        let reports = layers::run(steps, args.smoke)?;
+        if args.json {
+            for r in &reports {
+                let line = serde_json::to_string(r).map_err(|e| BenchError::Report {
+                    model: "layers",
+                    reason: e.to_string(),
+                })?;
+                println!("{line}");
+            }
+        } else {
+            layers::print(&reports);
+        }
+        return Ok(());
+    }
     if let Some(model) = args.one {
         let report = run_one(model, args)?;
         let line = serde_json::to_string(&report).map_err(|e| BenchError::Report {
