@@ -32,7 +32,7 @@ pub enum BnAct {
 
 impl BnAct {
     #[inline(always)]
-    fn apply(self, v: f32) -> f32 {
+    pub(super) fn apply(self, v: f32) -> f32 {
         match self {
             BnAct::None => v,
             // `v < 0` keeps NaN as NaN, as torch does.
@@ -49,7 +49,7 @@ impl BnAct {
 
     /// Whether the gradient passes where the output is `y`.
     #[inline(always)]
-    fn passes(self, y: f32) -> bool {
+    pub(super) fn passes(self, y: f32) -> bool {
         match self {
             BnAct::None => true,
             BnAct::Relu => y > 0.0,
@@ -354,44 +354,6 @@ pub fn batch_norm(
     Ok((y, out))
 }
 
-/// `relu6(x)` (`min(max(x, 0), 6)`, PyTorch's gradient: 1 strictly between 0
-/// and 6): one pass forward, one masked pass backward. CPU and f32 only.
-pub fn relu6(x: &Tensor) -> Result<Tensor> {
-    if !super::on_cpu_f32(&[x]) {
-        candle_core::bail!("relu6: the kernel runs on f32 CPU tensors only");
-    }
-    x.contiguous()?.apply_op1(Relu6Op)
-}
-
-struct Relu6Op;
-
-impl candle_core::CustomOp1 for Relu6Op {
-    fn name(&self) -> &'static str {
-        "relu6"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = super::f32_slice("relu6", s, l, "input")?;
-        let y: Vec<f32> = x.par_iter().map(|&v| BnAct::Relu6.apply(v)).collect();
-        Ok((CpuStorage::F32(y), l.shape().clone()))
-    }
-
-    fn bwd(&self, _x: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let grad = grad.contiguous()?;
-        let dx: Vec<f32> = {
-            let (ys, yl) = res.storage_and_layout();
-            let (gs, gl) = grad.storage_and_layout();
-            let y = super::cpu_f32_slice("relu6", &ys, yl, "output")?;
-            let g = super::cpu_f32_slice("relu6", &gs, gl, "gradient")?;
-            y.par_iter()
-                .zip(g)
-                .map(|(&y, &g)| if BnAct::Relu6.passes(y) { g } else { 0.0 })
-                .collect()
-        };
-        Ok(Some(Tensor::from_vec(dx, res.shape(), res.device())?))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::super::test_util::{max_diff, rand};
@@ -522,21 +484,6 @@ mod tests {
                 assert!(d < 1e-3, "{what}: {name} differs by {d}");
             }
         }
-    }
-
-    #[test]
-    fn relu6_values_and_gradient_are_torchs() {
-        let x = Var::new(&[-1f32, 0.0, 0.5, 5.9, 6.0, 7.5], &Device::Cpu).unwrap();
-        let y = relu6(&x).unwrap();
-        assert_eq!(
-            y.to_vec1::<f32>().unwrap(),
-            vec![0.0, 0.0, 0.5, 5.9, 6.0, 6.0]
-        );
-        let g = y.sum_all().unwrap().backward().unwrap();
-        assert_eq!(
-            g.get(&x).unwrap().to_vec1::<f32>().unwrap(),
-            vec![0.0, 0.0, 1.0, 1.0, 0.0, 0.0]
-        );
     }
 
     #[test]

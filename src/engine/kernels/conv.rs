@@ -46,6 +46,11 @@ impl Geom {
     pub fn n(&self) -> usize {
         self.ho * self.wo
     }
+    /// A 1x1 convolution with stride 1 and no padding: the unfolded input
+    /// is the input itself (no im2col, no col2im).
+    fn pointwise(&self) -> bool {
+        (self.kh, self.kw, self.sh, self.sw, self.ph, self.pw) == (1, 1, 1, 1, 0, 0)
+    }
     pub fn in_len(&self) -> usize {
         self.cin * self.h * self.w
     }
@@ -166,7 +171,12 @@ fn conv_sample(
     out: &mut [f32],
 ) -> Result<()> {
     let (k, n) = (g.k(), g.n());
-    im2col(g, xs, cols);
+    let cols: &[f32] = if g.pointwise() {
+        xs
+    } else {
+        im2col(g, xs, cols);
+        cols
+    };
     if let Some(b) = b {
         for (row, &bias) in out.chunks_mut(n).zip(b) {
             row.fill(bias);
@@ -192,7 +202,7 @@ fn forward(g: &Geom, x: &[f32], w: &[f32], b: Option<&[f32]>) -> Result<Vec<f32>
     y.par_chunks_mut(per * out_len)
         .enumerate()
         .try_for_each(|(ci, ys)| -> Result<()> {
-            let mut cols = vec![0f32; k * n];
+            let mut cols = vec![0f32; if g.pointwise() { 0 } else { k * n }];
             for (i, yn) in ys.chunks_mut(out_len).enumerate() {
                 let s = ci * per + i;
                 let xs = &x[s * g.in_len()..(s + 1) * g.in_len()];
@@ -277,12 +287,13 @@ fn backward_chunk(
     let (k, n) = (g.k(), g.n());
     let mut dw = vec![0f32; g.cout * k];
     let mut db = vec![0f32; g.cout];
-    let mut cols = vec![0f32; k * n];
+    let pointwise = g.pointwise();
+    let mut cols = vec![0f32; if pointwise { 0 } else { k * n }];
     let mut scratch = match dy {
         ConvOutGrad::Dense(_) => Vec::new(),
         ConvOutGrad::Pooled { .. } => vec![0f32; g.cout * n],
     };
-    let mut dcols = if dx.is_some() {
+    let mut dcols = if dx.is_some() && !pointwise {
         vec![0f32; k * n]
     } else {
         Vec::new()
@@ -290,7 +301,13 @@ fn backward_chunk(
     for i in 0..count {
         let s = first + i;
         let dyn_ = dy.sample(g, s, &mut scratch, &mut db);
-        im2col(g, &x[s * g.in_len()..(s + 1) * g.in_len()], &mut cols);
+        let xs = &x[s * g.in_len()..(s + 1) * g.in_len()];
+        let cols: &[f32] = if pointwise {
+            xs
+        } else {
+            im2col(g, xs, &mut cols);
+            &cols
+        };
         // dW += dY [Cout, N] * colsᵀ [N, K]
         matmul(
             (g.cout, k, n),
@@ -298,16 +315,19 @@ fn backward_chunk(
             Strides::rows(k),
             dyn_,
             Strides::rows(n),
-            &cols,
+            cols,
             Strides::transposed(n),
             true,
             Parallelism::None,
         )?;
         if let Some(dx) = dx.as_deref_mut() {
-            // dcols = Wᵀ [K, Cout] * dY [Cout, N], folded back onto the input.
+            let dxs = &mut dx[i * g.in_len()..(i + 1) * g.in_len()];
+            // dcols = Wᵀ [K, Cout] * dY [Cout, N], folded back onto the input
+            // (for a pointwise convolution, dcols is the input's gradient).
+            let dst = if pointwise { &mut *dxs } else { &mut dcols[..] };
             matmul(
                 (k, n, g.cout),
-                &mut dcols,
+                dst,
                 Strides::rows(n),
                 w,
                 Strides::transposed(k),
@@ -316,7 +336,9 @@ fn backward_chunk(
                 false,
                 Parallelism::None,
             )?;
-            col2im(g, &dcols, &mut dx[i * g.in_len()..(i + 1) * g.in_len()]);
+            if !pointwise {
+                col2im(g, &dcols, dxs);
+            }
         }
     }
     Ok((dw, db))

@@ -8,6 +8,7 @@
 //! between them and candle's generic ops (the path CUDA takes) is made in one
 //! place per layer, in `model::layers`.
 
+pub mod act;
 pub mod batchnorm;
 pub mod conv;
 pub mod depthwise;
