@@ -250,6 +250,9 @@ pub struct ModelSettings {
     pub reinit: Vec<String>,
     /// Parameter-name patterns (`*` wildcard) held fixed during training.
     pub freeze: Vec<String>,
+    /// Which parameters train: `"full"`, `"head"`, `"last:N"` or `"bias"`
+    /// (see `engine::model::finetune`); combines with `freeze`.
+    pub finetune: crate::engine::model::FineTune,
 }
 
 impl Default for ModelSettings {
@@ -264,6 +267,7 @@ impl Default for ModelSettings {
             rename: BTreeMap::new(),
             reinit: Vec::new(),
             freeze: Vec::new(),
+            finetune: crate::engine::model::FineTune::Full,
         }
     }
 }

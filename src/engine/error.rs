@@ -152,6 +152,9 @@ pub enum RunError {
     /// `model.freeze` freezes everything.
     #[error("model.freeze leaves no parameter to train")]
     NothingToTrain,
+    /// `model.finetune` does not fit the model.
+    #[error(transparent)]
+    FineTune(#[from] crate::engine::model::FineTuneError),
     /// The training loss became NaN or infinite.
     #[error("training loss became {loss} at epoch {epoch}, step {step}; the learning rate ({lr}) may be too high")]
     Diverged {
@@ -247,6 +250,7 @@ impl RunError {
             | RunError::ModelConfig(_)
             | RunError::OverBudget { .. }
             | RunError::FreezeMatchesNothing(_)
+            | RunError::FineTune(_)
             | RunError::NothingToTrain => K::BadConfig,
             RunError::Diverged { .. } | RunError::NoFiniteMetric => K::Diverged,
             RunError::Io { source, .. } => FailureKind::of_io(source),

@@ -11,6 +11,7 @@ mod paths;
 #[path = "../support/trials.rs"]
 mod trials;
 
+mod backbones_e2e;
 mod bench_smoke;
 mod cli_train;
 mod formats_e2e;
@@ -19,6 +20,7 @@ mod resume;
 
 fn main() -> ExitCode {
     trials::run([
+        backbones_e2e::tests(),
         bench_smoke::tests(),
         cli_train::tests(),
         formats_e2e::tests(),
