@@ -27,6 +27,8 @@ use edge_trainer::engine::data::{
 };
 use edge_trainer::engine::device::{self, DeviceKind};
 use edge_trainer::engine::loss::CrossEntropy;
+use edge_trainer::engine::model::mobilenet::MobileNetSpec;
+use edge_trainer::engine::model::resnet::ResNetSpec;
 use edge_trainer::engine::model::{
     Activation, CnnSpec, ConvBlockSpec, ForwardCtx, MlpSpec, Model, ModelSpec, TextCnnSpec,
 };
@@ -55,15 +57,22 @@ pub enum BenchModel {
     Cnn,
     /// The seed's TextCNN (embed 300, filters 2/3/4 x 256, dropout 0.5), batch 128.
     Textcnn,
+    /// torchvision's resnet18 (10 classes) on 3x112x112, batch 32.
+    Resnet18,
+    /// torchvision's mobilenet_v2 (width 1.0, 10 classes, dropout 0.2) on
+    /// 3x112x112, batch 32.
+    MobilenetV2,
 }
 
 impl BenchModel {
     /// Every model, in table order.
-    pub const ALL: [BenchModel; 4] = [
+    pub const ALL: [BenchModel; 6] = [
         BenchModel::MlpDigits,
         BenchModel::MlpWide,
         BenchModel::Cnn,
         BenchModel::Textcnn,
+        BenchModel::Resnet18,
+        BenchModel::MobilenetV2,
     ];
 
     /// The name used on the command line and in reports.
@@ -73,6 +82,8 @@ impl BenchModel {
             BenchModel::MlpWide => "mlp-wide",
             BenchModel::Cnn => "cnn",
             BenchModel::Textcnn => "textcnn",
+            BenchModel::Resnet18 => "resnet18",
+            BenchModel::MobilenetV2 => "mobilenet-v2",
         }
     }
 }
@@ -390,6 +401,50 @@ fn setup(model: BenchModel, args: &BenchArgs) -> Result<Setup, BenchError> {
                 norm,
                 128,
             )
+        }
+        BenchModel::Resnet18 | BenchModel::MobilenetV2 => {
+            // Smoke runs use small images and batches (CI runs a debug build).
+            let (n, side, batch) = if args.smoke {
+                (8, 32, 4)
+            } else {
+                (128, 112, 32)
+            };
+            let mut x = vec![0u8; n * 3 * side * side];
+            rng.fill_bytes(&mut x);
+            let data = synthetic(Features::U8(x), n, vec![3, side, side], 10, &mut rng);
+            let all: Vec<usize> = (0..n).collect();
+            let norm = Normalization::fit_per_channel(&data, &all);
+            if model == BenchModel::Resnet18 {
+                let spec = ModelSpec::Resnet18(ResNetSpec {
+                    in_channels: 3,
+                    input_size: [side, side],
+                    base_width: 64,
+                    num_classes: 10,
+                    dropout: 0.0,
+                });
+                (
+                    "torchvision resnet18, 3x112x112 synthetic",
+                    spec,
+                    data,
+                    norm,
+                    batch,
+                )
+            } else {
+                let spec = ModelSpec::MobilenetV2(MobileNetSpec {
+                    in_channels: 3,
+                    input_size: [side, side],
+                    width_mult: 1.0,
+                    num_classes: 10,
+                    dropout: 0.2,
+                });
+                (
+                    "torchvision mobilenet_v2, 3x112x112 synthetic",
+                    spec,
+                    data,
+                    norm,
+                    batch,
+                )
+            }
         }
     };
     // Epoch after epoch of the trainer's seeded shuffle, full batches only.
