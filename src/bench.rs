@@ -27,11 +27,15 @@ use edge_trainer::engine::data::{
 };
 use edge_trainer::engine::device::{self, DeviceKind};
 use edge_trainer::engine::loss::CrossEntropy;
+use edge_trainer::engine::model::mobilenet::MobileNetSpec;
+use edge_trainer::engine::model::resnet::ResNetSpec;
 use edge_trainer::engine::model::{
     Activation, CnnSpec, ConvBlockSpec, ForwardCtx, MlpSpec, Model, ModelSpec, TextCnnSpec,
 };
 use edge_trainer::engine::optim::{AnyOptimizer, OptimizerConfig, OptimizerKind};
 use edge_trainer::engine::trainer::{train_step, Phase, StepError, StepObserver};
+
+mod layers;
 
 /// Environment variable through which the parent passes the wall-clock time
 /// (Unix nanoseconds) at which it started a child; the child's time to the
@@ -53,15 +57,22 @@ pub enum BenchModel {
     Cnn,
     /// The seed's TextCNN (embed 300, filters 2/3/4 x 256, dropout 0.5), batch 128.
     Textcnn,
+    /// torchvision's resnet18 (10 classes) on 3x112x112, batch 32.
+    Resnet18,
+    /// torchvision's mobilenet_v2 (width 1.0, 10 classes, dropout 0.2) on
+    /// 3x112x112, batch 32.
+    MobilenetV2,
 }
 
 impl BenchModel {
     /// Every model, in table order.
-    pub const ALL: [BenchModel; 4] = [
+    pub const ALL: [BenchModel; 6] = [
         BenchModel::MlpDigits,
         BenchModel::MlpWide,
         BenchModel::Cnn,
         BenchModel::Textcnn,
+        BenchModel::Resnet18,
+        BenchModel::MobilenetV2,
     ];
 
     /// The name used on the command line and in reports.
@@ -71,6 +82,8 @@ impl BenchModel {
             BenchModel::MlpWide => "mlp-wide",
             BenchModel::Cnn => "cnn",
             BenchModel::Textcnn => "textcnn",
+            BenchModel::Resnet18 => "resnet18",
+            BenchModel::MobilenetV2 => "mobilenet-v2",
         }
     }
 }
@@ -115,6 +128,11 @@ pub struct BenchArgs {
     /// (`MODEL.safetensors`, `MODEL.json`) to DIR and exit, for scripts/bench-vs-pytorch.
     #[arg(long, value_name = "DIR")]
     pub export: Option<PathBuf>,
+    /// Time single layers instead (MobileNetV2's depthwise convolutions,
+    /// forward and backward, our kernels and candle's generic ops; `--steps`
+    /// repetitions each), in this process.
+    #[arg(long)]
+    pub layers: bool,
     /// Run one model in this process (what the parent runs in each child).
     #[arg(long, value_enum, hide = true)]
     pub one: Option<BenchModel>,
@@ -383,6 +401,50 @@ fn setup(model: BenchModel, args: &BenchArgs) -> Result<Setup, BenchError> {
                 norm,
                 128,
             )
+        }
+        BenchModel::Resnet18 | BenchModel::MobilenetV2 => {
+            // Smoke runs use small images and batches (CI runs a debug build).
+            let (n, side, batch) = if args.smoke {
+                (8, 32, 4)
+            } else {
+                (128, 112, 32)
+            };
+            let mut x = vec![0u8; n * 3 * side * side];
+            rng.fill_bytes(&mut x);
+            let data = synthetic(Features::U8(x), n, vec![3, side, side], 10, &mut rng);
+            let all: Vec<usize> = (0..n).collect();
+            let norm = Normalization::fit_per_channel(&data, &all);
+            if model == BenchModel::Resnet18 {
+                let spec = ModelSpec::Resnet18(ResNetSpec {
+                    in_channels: 3,
+                    input_size: [side, side],
+                    base_width: 64,
+                    num_classes: 10,
+                    dropout: 0.0,
+                });
+                (
+                    "torchvision resnet18, 3x112x112 synthetic",
+                    spec,
+                    data,
+                    norm,
+                    batch,
+                )
+            } else {
+                let spec = ModelSpec::MobilenetV2(MobileNetSpec {
+                    in_channels: 3,
+                    input_size: [side, side],
+                    width_mult: 1.0,
+                    num_classes: 10,
+                    dropout: 0.2,
+                });
+                (
+                    "torchvision mobilenet_v2, 3x112x112 synthetic",
+                    spec,
+                    data,
+                    norm,
+                    batch,
+                )
+            }
         }
     };
     // Epoch after epoch of the trainer's seeded shuffle, full batches only.
@@ -725,6 +787,29 @@ fn print_table(report: &BenchReport) {
 }
 
 fn run(args: &BenchArgs) -> Result<(), BenchError> {
+    if args.layers {
+        if let Some(t) = args.threads {
+            // In this process: the pool is not built yet, so this cannot fail
+            // but for a pool built already, which then keeps its size.
+            let _ = rayon::ThreadPoolBuilder::new()
+                .num_threads(t)
+                .build_global();
+        }
+        let (_, steps) = args.effective_steps();
+        let reports = layers::run(steps, args.smoke)?;
+        if args.json {
+            for r in &reports {
+                let line = serde_json::to_string(r).map_err(|e| BenchError::Report {
+                    model: "layers",
+                    reason: e.to_string(),
+                })?;
+                println!("{line}");
+            }
+        } else {
+            layers::print(&reports);
+        }
+        return Ok(());
+    }
     if let Some(model) = args.one {
         let report = run_one(model, args)?;
         let line = serde_json::to_string(&report).map_err(|e| BenchError::Report {

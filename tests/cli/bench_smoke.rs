@@ -74,11 +74,33 @@ fn export_writes_data_weights_and_settings() {
     assert_eq!(tensors["x"].dims()[1..], [3, 32, 32]);
 }
 
+/// `bench --layers` times the depthwise convolutions on both paths.
+fn layers_report_both_paths() {
+    let out = bench(&["--layers", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("one JSON object per line"))
+        .collect();
+    assert!(lines.len() >= 2 && lines.len() % 2 == 0, "{lines:?}");
+    for pair in lines.chunks(2) {
+        assert_eq!(pair[0]["path"], "ours");
+        assert_eq!(pair[1]["path"], "generic");
+        assert_eq!(pair[0]["case"], pair[1]["case"]);
+        assert!(pair[0]["forward_ms"].as_f64().is_some_and(|v| v >= 0.0));
+    }
+}
+
 /// This module's tests.
 pub fn tests() -> Vec<Test> {
     vec![
         test!(smoke_prints_every_model),
         test!(smoke_json_reports_every_model),
         test!(export_writes_data_weights_and_settings),
+        test!(layers_report_both_paths),
     ]
 }

@@ -21,38 +21,43 @@ use super::pool::{pool_plane, NONE};
 
 /// The sizes of one convolution; a 1-D one is a 2-D one with height 1.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Geom {
-    batch: usize,
-    cin: usize,
-    h: usize,
-    w: usize,
-    cout: usize,
-    kh: usize,
-    kw: usize,
-    sh: usize,
-    sw: usize,
-    ph: usize,
-    pw: usize,
-    ho: usize,
-    wo: usize,
+pub(super) struct Geom {
+    pub batch: usize,
+    pub cin: usize,
+    pub h: usize,
+    pub w: usize,
+    pub cout: usize,
+    pub kh: usize,
+    pub kw: usize,
+    pub sh: usize,
+    pub sw: usize,
+    pub ph: usize,
+    pub pw: usize,
+    pub ho: usize,
+    pub wo: usize,
     /// The output is `[B, Cout, L]` rather than `[B, Cout, H, W]`.
-    one_d: bool,
+    pub one_d: bool,
 }
 
 impl Geom {
     fn k(&self) -> usize {
         self.cin * self.kh * self.kw
     }
-    fn n(&self) -> usize {
+    pub fn n(&self) -> usize {
         self.ho * self.wo
     }
-    fn in_len(&self) -> usize {
+    /// A 1x1 convolution with stride 1 and no padding: the unfolded input
+    /// is the input itself (no im2col, no col2im).
+    fn pointwise(&self) -> bool {
+        (self.kh, self.kw, self.sh, self.sw, self.ph, self.pw) == (1, 1, 1, 1, 0, 0)
+    }
+    pub fn in_len(&self) -> usize {
         self.cin * self.h * self.w
     }
-    fn out_len(&self) -> usize {
+    pub fn out_len(&self) -> usize {
         self.cout * self.n()
     }
-    fn out_shape(&self) -> Shape {
+    pub fn out_shape(&self) -> Shape {
         if self.one_d {
             Shape::from((self.batch, self.cout, self.wo))
         } else {
@@ -61,7 +66,7 @@ impl Geom {
     }
 }
 
-fn out_size(len: usize, k: usize, stride: usize, pad: usize) -> Result<usize> {
+pub(super) fn out_size(len: usize, k: usize, stride: usize, pad: usize) -> Result<usize> {
     let padded = len + 2 * pad;
     if stride == 0 || padded < k {
         candle_core::bail!("conv: input of size {len} (padding {pad}) is smaller than kernel {k}");
@@ -166,7 +171,12 @@ fn conv_sample(
     out: &mut [f32],
 ) -> Result<()> {
     let (k, n) = (g.k(), g.n());
-    im2col(g, xs, cols);
+    let cols: &[f32] = if g.pointwise() {
+        xs
+    } else {
+        im2col(g, xs, cols);
+        cols
+    };
     if let Some(b) = b {
         for (row, &bias) in out.chunks_mut(n).zip(b) {
             row.fill(bias);
@@ -192,7 +202,7 @@ fn forward(g: &Geom, x: &[f32], w: &[f32], b: Option<&[f32]>) -> Result<Vec<f32>
     y.par_chunks_mut(per * out_len)
         .enumerate()
         .try_for_each(|(ci, ys)| -> Result<()> {
-            let mut cols = vec![0f32; k * n];
+            let mut cols = vec![0f32; if g.pointwise() { 0 } else { k * n }];
             for (i, yn) in ys.chunks_mut(out_len).enumerate() {
                 let s = ci * per + i;
                 let xs = &x[s * g.in_len()..(s + 1) * g.in_len()];
@@ -277,12 +287,13 @@ fn backward_chunk(
     let (k, n) = (g.k(), g.n());
     let mut dw = vec![0f32; g.cout * k];
     let mut db = vec![0f32; g.cout];
-    let mut cols = vec![0f32; k * n];
+    let pointwise = g.pointwise();
+    let mut cols = vec![0f32; if pointwise { 0 } else { k * n }];
     let mut scratch = match dy {
         ConvOutGrad::Dense(_) => Vec::new(),
         ConvOutGrad::Pooled { .. } => vec![0f32; g.cout * n],
     };
-    let mut dcols = if dx.is_some() {
+    let mut dcols = if dx.is_some() && !pointwise {
         vec![0f32; k * n]
     } else {
         Vec::new()
@@ -290,7 +301,13 @@ fn backward_chunk(
     for i in 0..count {
         let s = first + i;
         let dyn_ = dy.sample(g, s, &mut scratch, &mut db);
-        im2col(g, &x[s * g.in_len()..(s + 1) * g.in_len()], &mut cols);
+        let xs = &x[s * g.in_len()..(s + 1) * g.in_len()];
+        let cols: &[f32] = if pointwise {
+            xs
+        } else {
+            im2col(g, xs, &mut cols);
+            &cols
+        };
         // dW += dY [Cout, N] * colsᵀ [N, K]
         matmul(
             (g.cout, k, n),
@@ -298,16 +315,19 @@ fn backward_chunk(
             Strides::rows(k),
             dyn_,
             Strides::rows(n),
-            &cols,
+            cols,
             Strides::transposed(n),
             true,
             Parallelism::None,
         )?;
         if let Some(dx) = dx.as_deref_mut() {
-            // dcols = Wᵀ [K, Cout] * dY [Cout, N], folded back onto the input.
+            let dxs = &mut dx[i * g.in_len()..(i + 1) * g.in_len()];
+            // dcols = Wᵀ [K, Cout] * dY [Cout, N], folded back onto the input
+            // (for a pointwise convolution, dcols is the input's gradient).
+            let dst = if pointwise { &mut *dxs } else { &mut dcols[..] };
             matmul(
                 (k, n, g.cout),
-                &mut dcols,
+                dst,
                 Strides::rows(n),
                 w,
                 Strides::transposed(k),
@@ -316,14 +336,16 @@ fn backward_chunk(
                 false,
                 Parallelism::None,
             )?;
-            col2im(g, &dcols, &mut dx[i * g.in_len()..(i + 1) * g.in_len()]);
+            if !pointwise {
+                col2im(g, &dcols, dxs);
+            }
         }
     }
     Ok((dw, db))
 }
 
 /// (dx, dw, db)
-type Grads = (Option<Vec<f32>>, Vec<f32>, Vec<f32>);
+pub(super) type Grads = (Option<Vec<f32>>, Vec<f32>, Vec<f32>);
 
 fn backward(g: &Geom, x: &[f32], w: &[f32], dy: &ConvOutGrad, need_dx: bool) -> Result<Grads> {
     let per = chunk_size(g.batch);
@@ -373,17 +395,18 @@ fn sum_partials(partials: Vec<(Vec<f32>, Vec<f32>)>, g: &Geom) -> (Vec<f32>, Vec
 
 /// A convolution kernel over (input, weight[, bias]), made a candle custom op
 /// by [`Op`].
-trait ConvKernel: Send + Sync {
+pub(super) trait ConvKernel: Send + Sync {
     /// The op's names without and with a bias.
     const NAMES: [&'static str; 2];
     fn geom(&self) -> &Geom;
     fn forward(&self, x: &[f32], w: &[f32], b: Option<&[f32]>) -> Result<(Vec<f32>, Shape)>;
-    /// (dx, dw, db) from the gradient of the op's output.
-    fn backward(&self, x: &[f32], w: &[f32], dy: &[f32], need_dx: bool) -> Result<Grads>;
+    /// (dx, dw, db) from the gradient of the op's output; `dx` only when
+    /// `need.0`, and `dw` may be left empty when not `need.1` (a frozen weight).
+    fn backward(&self, x: &[f32], w: &[f32], dy: &[f32], need: (bool, bool)) -> Result<Grads>;
 }
 
 /// The candle custom op of a [`ConvKernel`].
-struct Op<K>(K);
+pub(super) struct Op<K>(pub K);
 
 impl<K: ConvKernel> Op<K> {
     fn forward(
@@ -407,7 +430,7 @@ impl<K: ConvKernel> Op<K> {
         x: &Tensor,
         w: &Tensor,
         grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Tensor, Tensor)> {
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Tensor)> {
         let name = K::NAMES[0];
         let grad = grad.contiguous()?;
         let (dx, dw, db) = {
@@ -417,18 +440,20 @@ impl<K: ConvKernel> Op<K> {
             let xs = super::cpu_f32_slice(name, &xs, xl, "input")?;
             let ws = super::cpu_f32_slice(name, &ws, wl, "weight")?;
             let gs = super::cpu_f32_slice(name, &gs, gl, "gradient")?;
-            self.0.backward(xs, ws, gs, x.track_op())?
+            self.0.backward(xs, ws, gs, (x.track_op(), w.track_op()))?
         };
         let dev = x.device();
         let dx = match dx {
             Some(v) => Some(Tensor::from_vec(v, x.shape(), dev)?),
             None => None,
         };
-        Ok((
-            dx,
-            Tensor::from_vec(dw, w.shape(), dev)?,
-            Tensor::from_vec(db, self.0.geom().cout, dev)?,
-        ))
+        // A frozen weight's gradient may have been skipped; it is not asked for.
+        let dw = if w.track_op() {
+            Some(Tensor::from_vec(dw, w.shape(), dev)?)
+        } else {
+            None
+        };
+        Ok((dx, dw, Tensor::from_vec(db, self.0.geom().cout, dev)?))
     }
 }
 
@@ -455,7 +480,12 @@ impl<K: ConvKernel> CustomOp2 for Op<K> {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let (dx, dw, _) = self.grads(x, w, grad)?;
-        Ok((dx, direct_grads::param(w, || Ok(dw))?))
+        Ok((
+            dx,
+            dw.map(|dw| direct_grads::deliver(w, dw))
+                .transpose()?
+                .flatten(),
+        ))
     }
 }
 
@@ -488,14 +518,16 @@ impl<K: ConvKernel> CustomOp3 for Op<K> {
         let (dx, dw, db) = self.grads(x, w, grad)?;
         Ok((
             dx,
-            direct_grads::param(w, || Ok(dw))?,
+            dw.map(|dw| direct_grads::deliver(w, dw))
+                .transpose()?
+                .flatten(),
             direct_grads::param(b, || Ok(db))?,
         ))
     }
 }
 
 /// Applies kernel `k` to contiguous operands.
-fn apply<K: ConvKernel + 'static>(
+pub(super) fn apply<K: ConvKernel + 'static>(
     x: &Tensor,
     w: &Tensor,
     b: Option<&Tensor>,
@@ -525,7 +557,8 @@ impl ConvKernel for ConvOp {
         Ok((forward(&self.g, x, w, b)?, self.g.out_shape()))
     }
 
-    fn backward(&self, x: &[f32], w: &[f32], dy: &[f32], need_dx: bool) -> Result<Grads> {
+    fn backward(&self, x: &[f32], w: &[f32], dy: &[f32], need: (bool, bool)) -> Result<Grads> {
+        let need_dx = need.0;
         backward(&self.g, x, w, &ConvOutGrad::Dense(dy), need_dx)
     }
 }
@@ -605,7 +638,8 @@ impl ConvKernel for ConvPoolOp {
         Ok((y, self.out_shape()))
     }
 
-    fn backward(&self, x: &[f32], w: &[f32], dy: &[f32], need_dx: bool) -> Result<Grads> {
+    fn backward(&self, x: &[f32], w: &[f32], dy: &[f32], need: (bool, bool)) -> Result<Grads> {
+        let need_dx = need.0;
         let Some(argmax) = self.argmax.get() else {
             candle_core::bail!("conv-relu-pool: backward before forward");
         };
@@ -678,7 +712,7 @@ pub fn conv_relu_pool1d(
     apply_pool(x, w, b, geom1d(x, w, b, stride, padding)?, (1, pool))
 }
 
-fn check_bias(b: Option<&Tensor>, cout: usize) -> Result<()> {
+pub(super) fn check_bias(b: Option<&Tensor>, cout: usize) -> Result<()> {
     if let Some(b) = b {
         if b.dims() != [cout] {
             candle_core::bail!("conv: bias of shape {:?} for {cout} channels", b.dims());

@@ -8,7 +8,10 @@
 //! between them and candle's generic ops (the path CUDA takes) is made in one
 //! place per layer, in `model::layers`.
 
+pub mod act;
+pub mod batchnorm;
 pub mod conv;
+pub mod depthwise;
 pub mod direct_grads;
 pub mod elementwise;
 pub mod gemm;
@@ -17,6 +20,7 @@ pub mod pool;
 pub mod text;
 
 pub use conv::{conv1d, conv2d, conv_relu_pool1d, conv_relu_pool2d};
+pub use depthwise::{depthwise_conv1d, depthwise_conv2d};
 
 /// Whether every tensor is an f32 tensor on the CPU, where these kernels run.
 pub fn on_cpu_f32(ts: &[&candle_core::Tensor]) -> bool {

@@ -25,6 +25,9 @@ struct PoolOp {
     kw: usize,
     relu: bool,
     one_d: bool,
+    /// Stride and padding (height, width); `None` for tiling windows
+    /// (stride = window, no padding).
+    strided: Option<((usize, usize), (usize, usize))>,
     /// Per output: the position of the window's maximum within its input
     /// plane, or [`NONE`]; set by the forward pass.
     argmax: OnceLock<Vec<u32>>,
@@ -32,10 +35,16 @@ struct PoolOp {
 
 impl PoolOp {
     fn ho(&self) -> usize {
-        self.h / self.kh
+        match self.strided {
+            None => self.h / self.kh,
+            Some(((sh, _), (ph, _))) => (self.h + 2 * ph - self.kh) / sh + 1,
+        }
     }
     fn wo(&self) -> usize {
-        self.w / self.kw
+        match self.strided {
+            None => self.w / self.kw,
+            Some(((_, sw), (_, pw))) => (self.w + 2 * pw - self.kw) / sw + 1,
+        }
     }
     fn out_shape(&self, in_dims: &[usize]) -> Shape {
         let mut d = in_dims.to_vec();
@@ -49,9 +58,47 @@ impl PoolOp {
         Shape::from(d)
     }
 
-    /// Pools one plane (see [`pool_plane`]).
+    /// Pools one plane (see [`pool_plane`], [`pool_plane_strided`]).
     fn plane(&self, x: &[f32], y: &mut [f32], at: &mut [u32]) {
-        pool_plane(x, (self.h, self.w), (self.kh, self.kw), self.relu, y, at);
+        match self.strided {
+            None => pool_plane(x, (self.h, self.w), (self.kh, self.kw), self.relu, y, at),
+            Some((s, p)) => self.plane_strided(x, s, p, y, at),
+        }
+    }
+
+    /// Max-pools one plane with any stride and padding (padding never wins:
+    /// it is at most half the window, so every window holds a value), like
+    /// [`pool_plane`] otherwise.
+    fn plane_strided(
+        &self,
+        x: &[f32],
+        (sh, sw): (usize, usize),
+        (ph, pw): (usize, usize),
+        y: &mut [f32],
+        at: &mut [u32],
+    ) {
+        let (h, w, wo) = (self.h, self.w, self.wo());
+        for (oi, (yr, ar)) in y.chunks_mut(wo).zip(at.chunks_mut(wo)).enumerate() {
+            let r0 = (oi * sh).saturating_sub(ph);
+            let r1 = (oi * sh + self.kh).saturating_sub(ph).min(h);
+            for (oj, (yv, av)) in yr.iter_mut().zip(ar.iter_mut()).enumerate() {
+                let c0 = (oj * sw).saturating_sub(pw);
+                let c1 = (oj * sw + self.kw).saturating_sub(pw).min(w);
+                let (mut best, mut pos) = (f32::NEG_INFINITY, NONE as usize);
+                for r in r0..r1 {
+                    for (c, &v) in x[r * w + c0..r * w + c1].iter().enumerate() {
+                        if v > best || pos == NONE as usize {
+                            (best, pos) = (v, r * w + c0 + c);
+                        }
+                    }
+                }
+                if self.relu && !(best > 0.0 || best.is_nan()) {
+                    (best, pos) = (0.0, NONE as usize);
+                }
+                *yv = best;
+                *av = pos as u32;
+            }
+        }
     }
 }
 
@@ -161,9 +208,10 @@ impl CustomOp1 for PoolOp {
             dx.par_chunks_mut(plane_in)
                 .zip(argmax.par_chunks(out).zip(g.par_chunks(out)))
                 .for_each(|(dp, (ap, gp))| {
+                    // Overlapping windows may share their maximum.
                     for (&a, &g) in ap.iter().zip(gp) {
                         if a != NONE {
-                            dp[a as usize] = g;
+                            dp[a as usize] += g;
                         }
                     }
                 });
@@ -189,6 +237,39 @@ pub fn max_pool2d(x: &Tensor, k: usize, relu: bool) -> Result<Tensor> {
         kw: k,
         relu,
         one_d: false,
+        strided: None,
+        argmax: OnceLock::new(),
+    };
+    x.contiguous()?.apply_op1(op)
+}
+
+/// `MaxPool2d(k, stride, padding)` on `[B, C, H, W]` (floor mode, padding at
+/// most half the window), after a ReLU when `relu`. CPU and f32 only.
+pub fn max_pool2d_strided(
+    x: &Tensor,
+    k: usize,
+    stride: usize,
+    padding: usize,
+    relu: bool,
+) -> Result<Tensor> {
+    let (b, c, h, w) = x.dims4()?;
+    if k == 0 || stride == 0 || 2 * padding > k || h + 2 * padding < k || w + 2 * padding < k {
+        candle_core::bail!(
+            "max-pool: window {k}, stride {stride}, padding {padding} do not fit a {h}x{w} input"
+        );
+    }
+    if !super::on_cpu_f32(&[x]) {
+        candle_core::bail!("max-pool: the kernel runs on f32 CPU tensors only");
+    }
+    let op = PoolOp {
+        planes: b * c,
+        h,
+        w,
+        kh: k,
+        kw: k,
+        relu,
+        one_d: false,
+        strided: Some(((stride, stride), (padding, padding))),
         argmax: OnceLock::new(),
     };
     x.contiguous()?.apply_op1(op)
@@ -211,6 +292,7 @@ pub fn max_pool1d(x: &Tensor, k: usize, relu: bool) -> Result<Tensor> {
         kw: k,
         relu,
         one_d: true,
+        strided: None,
         argmax: OnceLock::new(),
     };
     x.contiguous()?.apply_op1(op)

@@ -26,6 +26,7 @@ use serde::{Deserialize, Serialize};
 
 use super::backbone::{self, Tally, CONV_INIT};
 use super::error::{KeyError, KeyProblem, ModelError};
+use super::layers::batchnorm::BnAct;
 use super::layers::{
     conv_with_init, linear_with_init, BatchNorm, Conv, ConvConfig, Dropout, GlobalAvgPool, Linear,
     Relu6, Residual,
@@ -246,11 +247,13 @@ impl ConvBnAct {
     }
 
     fn forward(&self, x: &Tensor, ctx: &ForwardCtx) -> candle_core::Result<Tensor> {
-        let y = self.bn.forward(&self.conv.forward(x, ctx)?, ctx)?;
-        match &self.act {
-            Some(a) => a.forward(&y, ctx),
-            None => Ok(y),
-        }
+        // ReLU6 fused into the batch-norm (one kernel on the CPU).
+        let act = if self.act.is_some() {
+            BnAct::Relu6
+        } else {
+            BnAct::None
+        };
+        self.bn.forward_act(&self.conv.forward(x, ctx)?, act, ctx)
     }
 }
 

@@ -26,6 +26,7 @@ use serde::{Deserialize, Serialize};
 
 use super::backbone::{self, Tally, CONV_INIT};
 use super::error::{KeyError, KeyProblem, ModelError};
+use super::layers::batchnorm::BnAct;
 use super::layers::{
     conv_with_init, linear, BatchNorm, Conv, ConvConfig, Dropout, GlobalAvgPool, Linear, MaxPool,
     PoolConfig, Residual,
@@ -177,6 +178,12 @@ impl ConvBn {
     fn forward(&self, x: &Tensor, ctx: &ForwardCtx) -> candle_core::Result<Tensor> {
         self.bn.forward(&self.conv.forward(x, ctx)?, ctx)
     }
+
+    /// `relu(forward(x))`, the ReLU fused into the batch-norm.
+    fn forward_relu(&self, x: &Tensor, ctx: &ForwardCtx) -> candle_core::Result<Tensor> {
+        self.bn
+            .forward_act(&self.conv.forward(x, ctx)?, BnAct::Relu, ctx)
+    }
 }
 
 fn conv_bn(
@@ -224,7 +231,7 @@ impl BasicBlock {
     }
 
     fn forward(&self, x: &Tensor, ctx: &ForwardCtx) -> candle_core::Result<Tensor> {
-        let out = self.first.forward(x, ctx)?.relu()?;
+        let out = self.first.forward_relu(x, ctx)?;
         let out = self.second.forward(&out, ctx)?;
         let identity = match &self.downsample {
             Some(d) => d.forward(x, ctx)?,

@@ -15,6 +15,8 @@ use candle_core::{DType, Tensor, Var};
 use candle_nn::{Init, VarBuilder};
 
 use super::Param;
+pub use crate::engine::kernels::batchnorm::BnAct;
+use crate::engine::kernels::batchnorm::{self, BnStats};
 use crate::engine::model::ForwardCtx;
 
 /// Names of the buffers a batch-norm layer keeps (never optimised).
@@ -24,6 +26,15 @@ pub const BUFFER_SUFFIXES: [&str; 3] = [".running_mean", ".running_var", ".num_b
 pub const EPS: f64 = 1e-5;
 /// PyTorch's default `momentum`.
 pub const MOMENTUM: f64 = 0.1;
+
+/// `relu6(x)` with candle's ops and PyTorch's gradient (1 strictly between 0
+/// and 6: the mask is computed outside the graph).
+fn relu6_generic(x: &Tensor) -> candle_core::Result<Tensor> {
+    let d = x.detach();
+    let inside = d.gt(0.0)?.mul(&d.lt(6.0)?)?.to_dtype(x.dtype())?;
+    let top = (d.ge(6.0)?.to_dtype(x.dtype())? * 6.0)?;
+    x.mul(&inside)?.add(&top)
+}
 
 /// One batch-norm layer.
 pub struct BatchNorm {
@@ -56,6 +67,75 @@ impl BatchNorm {
 
     /// Normalises `x` of shape [B, C, ...].
     pub fn forward(&self, x: &Tensor, ctx: &ForwardCtx) -> candle_core::Result<Tensor> {
+        self.forward_act(x, BnAct::None, ctx)
+    }
+
+    /// `act(forward(x))`: on f32 CPU tensors (kernels on) one fused kernel
+    /// ([`kernels::batchnorm`]), elsewhere candle's ops then the activation.
+    pub fn forward_act(
+        &self,
+        x: &Tensor,
+        act: BnAct,
+        ctx: &ForwardCtx,
+    ) -> candle_core::Result<Tensor> {
+        if ctx.use_kernels(&[x, self.weight.tensor(), self.bias.tensor()]) {
+            return self.kernel(x, act, ctx);
+        }
+        let y = self.generic(x, ctx)?;
+        match act {
+            BnAct::None => Ok(y),
+            BnAct::Relu => y.relu(),
+            BnAct::Relu6 => relu6_generic(&y),
+        }
+    }
+
+    /// The fused kernel; the running statistics move as in [`Self::generic`].
+    fn kernel(&self, x: &Tensor, act: BnAct, ctx: &ForwardCtx) -> candle_core::Result<Tensor> {
+        if x.rank() < 2 || x.dim(1)? != self.channels {
+            candle_core::bail!(
+                "batch-norm over {} channels got input of shape {:?}",
+                self.channels,
+                x.dims()
+            );
+        }
+        let frozen = self.weight.frozen(ctx);
+        let (weight, bias) = (self.weight.live(ctx), self.bias.live(ctx));
+        if ctx.train && !frozen {
+            let (y, stats) = batchnorm::batch_norm(x, &weight, &bias, BnStats::Batch, EPS, act)?;
+            if let Some((mean, var)) = stats {
+                let n = x.elem_count() / self.channels;
+                let dev = x.device();
+                let m = MOMENTUM;
+                let unbiased = n as f64 / (n.max(2) - 1) as f64;
+                let rm = self.running_mean.as_tensor();
+                let rv = self.running_var.as_tensor();
+                let bm = Tensor::from_vec(mean, self.channels, dev)?.to_dtype(rm.dtype())?;
+                let bv = Tensor::from_vec(var, self.channels, dev)?.to_dtype(rv.dtype())?;
+                self.running_mean.set(&((rm * (1.0 - m))? + (bm * m)?)?)?;
+                self.running_var
+                    .set(&((rv * (1.0 - m))? + (bv * (m * unbiased))?)?)?;
+                let nbt = (self.num_batches_tracked.as_tensor() + 1.0)?;
+                self.num_batches_tracked.set(&nbt)?;
+            }
+            return Ok(y);
+        }
+        let stats = BnStats::Fixed {
+            mean: self
+                .running_mean
+                .as_tensor()
+                .to_dtype(DType::F32)?
+                .to_vec1()?,
+            var: self
+                .running_var
+                .as_tensor()
+                .to_dtype(DType::F32)?
+                .to_vec1()?,
+        };
+        Ok(batchnorm::batch_norm(x, &weight, &bias, stats, EPS, act)?.0)
+    }
+
+    /// Candle's ops (the path CUDA takes).
+    fn generic(&self, x: &Tensor, ctx: &ForwardCtx) -> candle_core::Result<Tensor> {
         let rank = x.rank();
         if rank < 2 || x.dim(1)? != self.channels {
             candle_core::bail!(
@@ -144,6 +224,72 @@ mod tests {
     use super::*;
     use crate::engine::model::ParamStore;
     use candle_core::Device;
+
+    /// The fused kernel against candle's ops (the CUDA path): outputs,
+    /// gradients and running statistics, in training, evaluation and frozen,
+    /// with each fused activation.
+    #[test]
+    fn kernel_matches_the_generic_path() {
+        use crate::engine::model::KernelPolicy;
+        use candle_core::Var;
+        let x = Var::from_tensor(&(Tensor::rand(-3f32, 5f32, (4, 3, 5, 7), &Device::Cpu).unwrap()))
+            .unwrap();
+        for act in [BnAct::None, BnAct::Relu, BnAct::Relu6] {
+            for mode in ["train", "eval", "frozen"] {
+                let mut runs = Vec::new();
+                for policy in [KernelPolicy::Ours, KernelPolicy::Generic] {
+                    let store = ParamStore::new(0, &Device::Cpu);
+                    let bn = BatchNorm::new(3, store.var_builder().pp("bn")).unwrap();
+                    // Non-trivial affine and running statistics.
+                    let t = |v: [f32; 3]| Tensor::new(&v, &Device::Cpu).unwrap();
+                    let values = std::collections::HashMap::from([
+                        ("bn.weight".to_string(), t([1.5, -0.5, 2.0])),
+                        ("bn.bias".to_string(), t([0.5, 1.0, -0.25])),
+                        ("bn.running_mean".to_string(), t([0.3, -0.1, 1.0])),
+                        ("bn.running_var".to_string(), t([0.7, 2.0, 1.3])),
+                    ]);
+                    store.load_partial(&values).unwrap();
+                    let ctx = match mode {
+                        "train" => ForwardCtx::train(0),
+                        "eval" => ForwardCtx::eval(),
+                        _ => ForwardCtx::train(0).with_frozen(vec!["bn.*".into()]),
+                    }
+                    .with_kernels(policy);
+                    // Two steps, so the running statistics feed the second.
+                    let mut out = Vec::new();
+                    for _ in 0..2 {
+                        let y = bn.forward_act(&x, act, &ctx).unwrap();
+                        let wts = crate::engine::kernels::test_util::rand(y.dims(), 9);
+                        let loss = (&y * &wts).unwrap().sum_all().unwrap();
+                        let g = crate::engine::kernels::direct_grads::backward(&loss).unwrap();
+                        out.push(y.flatten_all().unwrap());
+                        out.push(g.get(&x).unwrap().flatten_all().unwrap());
+                        for p in [bn.weight.tensor(), bn.bias.tensor()] {
+                            assert_eq!(g.get(p).is_none(), mode == "frozen", "{mode}");
+                            if let Some(t) = g.get(p) {
+                                out.push(t.clone());
+                            }
+                        }
+                    }
+                    for (_, t) in store.state_dict() {
+                        out.push(t.flatten_all().unwrap());
+                    }
+                    runs.push(out);
+                }
+                for (i, (a, b)) in runs[0].iter().zip(&runs[1]).enumerate() {
+                    let d = (a - b)
+                        .unwrap()
+                        .abs()
+                        .unwrap()
+                        .max(0)
+                        .unwrap()
+                        .to_scalar::<f32>()
+                        .unwrap();
+                    assert!(d < 1e-4, "{act:?} {mode}: tensor {i} differs by {d}");
+                }
+            }
+        }
+    }
 
     #[test]
     fn train_mode_updates_running_statistics_like_torch() {

@@ -4,8 +4,10 @@
 //! On f32 CPU tensors with one group and no dilation the convolution is our
 //! im2col + gemm kernel ([`kernels::conv2d`], [`kernels::conv1d`]), and a
 //! convolution followed by ReLU and a max-pool can be one fused kernel
-//! ([`Conv::forward_relu_pool`]). Everywhere else (CUDA, other dtypes, groups,
-//! dilation, kernels switched off) it is candle's `conv2d` per group, built so
+//! ([`Conv::forward_relu_pool`]); a depthwise convolution (groups = in = out
+//! channels, no dilation) is our direct kernel ([`kernels::depthwise_conv2d`]).
+//! Everywhere else (CUDA, other dtypes, other groups, dilation, kernels
+//! switched off) it is candle's `conv2d` per group, built so
 //! that its backward is right: candle derives the output padding of its
 //! backward from the first spatial dim alone, and its strided `conv1d`
 //! kernel gradient is wrong; so a signal is computed as a 1-pixel-high image,
@@ -155,6 +157,27 @@ impl Conv {
         self.cfg.groups == 1 && self.cfg.dilation == 1 && ctx.use_kernels(&all)
     }
 
+    /// Whether this is a depthwise convolution (one filter per channel,
+    /// `groups` = in = out channels) that our depthwise kernel computes on
+    /// these tensors.
+    fn depthwise_applies(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: Option<&Tensor>,
+        ctx: &ForwardCtx,
+    ) -> bool {
+        let g = self.cfg.groups;
+        let mut all = vec![x, w];
+        all.extend(b);
+        g > 1
+            && self.cfg.dilation == 1
+            && w.dim(0).ok() == Some(g)
+            && w.dim(1).ok() == Some(1)
+            && x.dim(1).ok() == Some(g)
+            && ctx.use_kernels(&all)
+    }
+
     /// The convolution of `x` `[B, C, L]` or `[B, C, H, W]`.
     pub fn forward(&self, x: &Tensor, ctx: &ForwardCtx) -> candle_core::Result<Tensor> {
         let (w, b) = self.live(ctx);
@@ -164,6 +187,13 @@ impl Conv {
                 kernels::conv2d(x, &w, b.as_ref(), s, p)
             } else {
                 kernels::conv1d(x, &w, b.as_ref(), s, p)
+            };
+        }
+        if self.depthwise_applies(x, &w, b.as_ref(), ctx) {
+            return if self.dims == 2 {
+                kernels::depthwise_conv2d(x, &w, b.as_ref(), s, p)
+            } else {
+                kernels::depthwise_conv1d(x, &w, b.as_ref(), s, p)
             };
         }
         generic(x, &w, b.as_ref(), self.dims, &self.cfg)
@@ -437,6 +467,55 @@ mod tests {
                     1e-3,
                     &format!("{what}: db"),
                 );
+            }
+        }
+    }
+
+    /// The depthwise kernel against candle's generic path (the CUDA path):
+    /// values and the gradients of input, weight and bias, at odd sizes,
+    /// strides 1 to 3, padding 0 to 2, 1-D and 2-D, and a frozen weight.
+    #[test]
+    fn depthwise_kernel_matches_the_generic_path() {
+        let dw = |stride, padding| ConvConfig {
+            stride,
+            padding,
+            dilation: 1,
+            groups: 5,
+        };
+        for (dims, xs, k, cfg, bias, frozen) in [
+            (2, vec![3, 5, 13, 11], 3, dw(1, 1), false, false),
+            (2, vec![2, 5, 13, 11], 3, dw(2, 1), true, false),
+            (2, vec![2, 5, 8, 9], 3, dw(2, 0), false, false),
+            (2, vec![2, 5, 7, 7], 5, dw(3, 2), true, false),
+            (2, vec![2, 5, 9, 10], 3, dw(2, 1), true, true),
+            (1, vec![3, 5, 17], 3, dw(2, 1), true, false),
+            (1, vec![2, 5, 9], 4, dw(1, 2), false, false),
+        ] {
+            let what = format!("{dims}-D {xs:?} k {k} {cfg:?} bias {bias} frozen {frozen}");
+            let mut runs = Vec::new();
+            for policy in [KernelPolicy::Ours, KernelPolicy::Generic] {
+                let store = ParamStore::new(5, &Device::Cpu);
+                let layer = conv(dims, (5, 5), k, cfg, bias, store.var_builder()).unwrap();
+                let x = Var::from_tensor(&rand(&xs, 1)).unwrap();
+                let mut ctx = ForwardCtx::train(0).with_kernels(policy);
+                if frozen {
+                    ctx = ctx.with_frozen(vec!["weight".into()]);
+                }
+                let y = layer.forward(&x, &ctx).unwrap();
+                let wts = rand(y.dims(), 7);
+                let loss = (&y * &wts).unwrap().sum_all().unwrap();
+                let grads = crate::engine::kernels::direct_grads::backward(&loss).unwrap();
+                let mut got = vec![flat(&y), flat(grads.get(&x).unwrap())];
+                let wg = grads.get(layer.weight.tensor());
+                assert_eq!(wg.is_none(), frozen, "{what}: weight gradient");
+                got.extend(wg.map(flat));
+                if let Some(b) = &layer.bias {
+                    got.push(flat(grads.get(b.tensor()).unwrap()));
+                }
+                runs.push(got);
+            }
+            for (i, (a, b)) in runs[0].iter().zip(&runs[1]).enumerate() {
+                close(a, b, 1e-4, &format!("{what}: output {i}"));
             }
         }
     }

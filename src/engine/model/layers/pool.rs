@@ -6,7 +6,8 @@
 //! it to every tied maximum, which matters where windows are flat: padding,
 //! ReLU zeros, image backgrounds). Tiling windows (stride = kernel, no
 //! padding) on f32 CPU tensors are our kernel ([`kernels::max_pool2d`],
-//! fused with a preceding ReLU); everything else is built from candle's
+//! fused with a preceding ReLU), and so are 2-D windows with any stride and
+//! padding ([`kernels::pool::max_pool2d_strided`]); everything else is built from candle's
 //! generic ops: a max (or mean) over the stacked window positions.
 
 use candle_core::Tensor;
@@ -93,6 +94,10 @@ impl MaxPool {
                 3 => kernels::max_pool1d(x, k, relu),
                 _ => candle_core::bail!("max-pooling takes [B, C, L] or [B, C, H, W]"),
             };
+        }
+        if x.rank() == 4 && ctx.use_kernels(&[x]) {
+            let (s, p) = (self.cfg.stride, self.cfg.padding);
+            return kernels::pool::max_pool2d_strided(x, k, s, p, relu);
         }
         let x = if relu { x.relu()? } else { x.clone() };
         let (windows, last) = windows(&x, &self.cfg, f32::NEG_INFINITY)?;

@@ -13,7 +13,10 @@ impl Relu6 {
     /// `relu6(x)`. Candle's generic ops on every device: the pass-through
     /// mask is computed outside the graph, so the gradient is exactly the
     /// mask (candle's `clamp` would halve it at ties).
-    pub fn forward(&self, x: &Tensor, _ctx: &ForwardCtx) -> candle_core::Result<Tensor> {
+    pub fn forward(&self, x: &Tensor, ctx: &ForwardCtx) -> candle_core::Result<Tensor> {
+        if ctx.use_kernels(&[x]) {
+            return crate::engine::kernels::act::relu6(x);
+        }
         let d = x.detach();
         let inside = d.gt(0.0)?.mul(&d.lt(6.0)?)?.to_dtype(x.dtype())?;
         let top = (d.ge(6.0)?.to_dtype(x.dtype())? * 6.0)?;

@@ -20,7 +20,7 @@ impl Residual {
         &self,
         branch: &Tensor,
         shortcut: &Tensor,
-        _ctx: &ForwardCtx,
+        ctx: &ForwardCtx,
     ) -> candle_core::Result<Tensor> {
         if branch.dims() != shortcut.dims() {
             candle_core::bail!(
@@ -28,6 +28,9 @@ impl Residual {
                 branch.dims(),
                 shortcut.dims()
             );
+        }
+        if ctx.use_kernels(&[branch, shortcut]) {
+            return crate::engine::kernels::act::add_act(branch, shortcut, self.relu);
         }
         let sum = branch.add(shortcut)?;
         if self.relu {
