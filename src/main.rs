@@ -21,6 +21,7 @@ use edge_trainer::engine::trainer;
 use edge_trainer::report;
 
 mod bench;
+mod bench_images;
 mod runtime;
 
 /// Exit code of a run that failed.
