@@ -119,12 +119,11 @@ fn metrics(run_dir: &Path) -> Vec<serde_json::Value> {
         .collect()
 }
 
-#[test]
-fn augmented_run_cancelled_and_resumed_matches_the_uninterrupted_run() {
-    let t = tempfile::tempdir().unwrap();
-    let data_dir = t.path().join("data");
+/// Settings of a small augmented cnn run on [`folder`]'s images in `root/data`.
+fn settings(root: &Path, overrides: &[&str]) -> config::Settings {
+    let data_dir = root.join("data");
     folder(&data_dir);
-    let cfg = t.path().join("c.toml");
+    let cfg = root.join("c.toml");
     std::fs::write(
         &cfg,
         format!(
@@ -161,11 +160,21 @@ enabled = false
 dir = "{}"
 "#,
             data_dir.display(),
-            t.path().join("out").display()
+            root.join("out").display()
         ),
     )
     .unwrap();
-    let settings = config::load(&cfg, &[]).unwrap();
+    let ovs: Vec<config::Override> = overrides
+        .iter()
+        .map(|o| config::Override::parse_set(o).unwrap())
+        .collect();
+    config::load(&cfg, &ovs).unwrap()
+}
+
+#[test]
+fn augmented_run_cancelled_and_resumed_matches_the_uninterrupted_run() {
+    let t = tempfile::tempdir().unwrap();
+    let settings = settings(t.path(), &[]);
     let req = |id: &str| {
         settings
             .run_request(id.to_string(), Device::Cpu, WarmStart::Scratch)
@@ -196,4 +205,33 @@ dir = "{}"
         serde_json::to_value(&resumed.best).unwrap(),
         serde_json::to_value(&whole.best).unwrap()
     );
+}
+
+#[test]
+fn imagenet_normalisation_is_stored_in_the_checkpoint() {
+    let t = tempfile::tempdir().unwrap();
+    let s = settings(
+        t.path(),
+        &["data.normalize=\"imagenet\"", "train.max_epochs=1"],
+    );
+    let req = s
+        .run_request("in".into(), Device::Cpu, WarmStart::Scratch)
+        .unwrap();
+    let (tx, _rx) = std::sync::mpsc::channel();
+    let summary = trainer::run(&req, &tx, &CancelFlag::new());
+    assert!(summary.outcome.is_success(), "{}", summary.reason);
+    let best = summary.best_checkpoint.expect("a best checkpoint");
+    let ck = edge_trainer::engine::checkpoint::load(&best, &Device::Cpu).unwrap();
+    let n = ck.meta.input.normalization;
+    assert!(n.per_channel);
+    let want_mean = [0.485f32 * 255.0, 0.456 * 255.0, 0.406 * 255.0];
+    let want_std = [0.229f32 * 255.0, 0.224 * 255.0, 0.225 * 255.0];
+    for (got, want) in n
+        .mean
+        .iter()
+        .zip(want_mean)
+        .chain(n.std.iter().zip(want_std))
+    {
+        assert!((got - want).abs() < 1e-3, "{n:?}");
+    }
 }
