@@ -5,8 +5,6 @@
 //! run sees the same batches, a resumed run the batches it would have seen, and
 //! each epoch a different augmentation.
 
-use image::imageops::{self, FilterType};
-use image::{ImageBuffer, Luma, Rgb};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -135,25 +133,49 @@ impl Hwc {
         Hwc { w, h, c, data }
     }
 
-    /// Resized to `w` x `h` (bilinear, antialiased when shrinking, as PIL).
+    /// Resized to `w` x `h` (bilinear, antialiased when shrinking, as PIL's
+    /// and so torchvision's `Resize`; see [`taps`]).
     pub fn resize(&self, w: u32, h: u32) -> Hwc {
         if w == self.w && h == self.h {
             return self.clone();
         }
-        let data = match self.c {
-            1 => ImageBuffer::<Luma<u8>, _>::from_raw(self.w, self.h, self.data.as_slice())
-                .map(|img| imageops::resize(&img, w, h, FilterType::Triangle).into_raw()),
-            _ => ImageBuffer::<Rgb<u8>, _>::from_raw(self.w, self.h, self.data.as_slice())
-                .map(|img| imageops::resize(&img, w, h, FilterType::Triangle).into_raw()),
-        };
-        // from_raw fails only on a buffer of the wrong length, which Hwc never holds.
-        let data = data.unwrap_or_else(|| vec![0; w as usize * h as usize * self.c]);
-        Hwc {
-            w,
-            h,
-            c: self.c,
-            data,
+        let c = self.c;
+        let (sw, sh) = (self.w as usize, self.h as usize);
+        let (dw, dh) = (w as usize, h as usize);
+        // Horizontal pass into f32 rows, then the vertical pass into bytes.
+        let xt = taps(sw, dw);
+        let mut mid = vec![0f32; sh * dw * c];
+        for (src, out) in self
+            .data
+            .chunks_exact(sw * c)
+            .zip(mid.chunks_exact_mut(dw * c))
+        {
+            for (t, px) in xt.iter().zip(out.chunks_exact_mut(c)) {
+                let from = &src[t.start * c..(t.start + t.weights.len()) * c];
+                for (wt, s) in t.weights.iter().zip(from.chunks_exact(c)) {
+                    for (o, &v) in px.iter_mut().zip(s) {
+                        *o += wt * f32::from(v);
+                    }
+                }
+            }
         }
+        let yt = taps(sh, dh);
+        let row = dw * c;
+        let mut data = vec![0u8; dh * row];
+        let mut acc = vec![0f32; row];
+        for (t, out) in yt.iter().zip(data.chunks_exact_mut(row)) {
+            acc.iter_mut().for_each(|a| *a = 0.0);
+            let rows = mid[t.start * row..(t.start + t.weights.len()) * row].chunks_exact(row);
+            for (wt, r) in t.weights.iter().zip(rows) {
+                for (a, &v) in acc.iter_mut().zip(r) {
+                    *a += wt * v;
+                }
+            }
+            for (o, &a) in out.iter_mut().zip(&acc) {
+                *o = a.round().clamp(0.0, 255.0) as u8;
+            }
+        }
+        Hwc { w, h, c, data }
     }
 
     fn flip_horizontal(&mut self) {
@@ -166,6 +188,44 @@ impl Hwc {
             }
         }
     }
+}
+
+/// The source span and weights of one output position of a resize.
+struct Taps {
+    start: usize,
+    weights: Vec<f32>,
+}
+
+/// PIL's bilinear resampling weights from `src` to `dst` positions: a
+/// triangle filter widened by the scale when shrinking (antialiasing), centred
+/// on each output pixel's centre, normalised to sum 1.
+fn taps(src: usize, dst: usize) -> Vec<Taps> {
+    let scale = src as f64 / dst as f64;
+    let filter_scale = scale.max(1.0);
+    let support = filter_scale;
+    (0..dst)
+        .map(|i| {
+            let center = (i as f64 + 0.5) * scale;
+            let lo = ((center - support + 0.5).floor().max(0.0) as usize).min(src - 1);
+            let hi = ((center + support + 0.5).floor() as usize).clamp(lo + 1, src);
+            let mut weights: Vec<f64> = (lo..hi)
+                .map(|j| {
+                    let x = (j as f64 - center + 0.5) / filter_scale;
+                    (1.0 - x.abs()).max(0.0)
+                })
+                .collect();
+            let sum: f64 = weights.iter().sum();
+            if sum > 0.0 {
+                weights.iter_mut().for_each(|w| *w /= sum);
+            } else {
+                weights = vec![1.0 / (hi - lo) as f64; hi - lo];
+            }
+            Taps {
+                start: lo,
+                weights: weights.into_iter().map(|w| w as f32).collect(),
+            }
+        })
+        .collect()
 }
 
 /// torchvision's `RandomResizedCrop.get_params`: (x, y, w, h) of the crop.
@@ -391,6 +451,60 @@ mod tests {
         assert_ne!(a, c);
         let d = apply(&spec, &img, &mut sample_rng(2, 3, "cat/a.jpg", 0));
         assert_ne!(a, d);
+    }
+
+    #[test]
+    fn resize_is_pil_bilinear() {
+        // Halving: a triangle of radius 2 source pixels, cut at the edge (weights 3/7, 3/7, 1/7).
+        let row = Hwc {
+            w: 4,
+            h: 1,
+            c: 1,
+            data: vec![0, 80, 160, 240],
+        };
+        let t = taps(4, 2);
+        assert_eq!(t[0].start, 0);
+        let w: Vec<f32> = t[0].weights.clone();
+        assert_eq!(w.len(), 3);
+        assert!(
+            (w[0] - 3.0 / 7.0).abs() < 1e-6 && (w[2] - 1.0 / 7.0).abs() < 1e-6,
+            "{w:?}"
+        );
+        let half = row.resize(2, 1);
+        assert_eq!(half.data, vec![57, 183]);
+        // A 13x9 RGB image to 5x4, against Pillow's `resize((5, 4), BILINEAR)`
+        // (which rounds to bytes between its passes: within 1).
+        let img = Hwc {
+            w: 13,
+            h: 9,
+            c: 3,
+            data: (0..13 * 9 * 3)
+                .map(|i| ((i * 37 + 11) % 256) as u8)
+                .collect(),
+        };
+        let pil: [u8; 60] = [
+            115, 122, 139, 146, 130, 120, 127, 144, 119, 119, 125, 127, 124, 122, 121, 132, 132,
+            117, 124, 134, 138, 137, 124, 131, 136, 111, 121, 122, 131, 108, 116, 119, 138, 132,
+            118, 127, 130, 140, 124, 125, 129, 140, 145, 126, 134, 130, 108, 125, 123, 128, 119,
+            118, 126, 127, 133, 126, 126, 133, 132, 140,
+        ];
+        let ours = img.resize(5, 4).data;
+        for (a, b) in ours.iter().zip(pil) {
+            assert!(a.abs_diff(b) <= 1, "{ours:?}");
+        }
+        // Same size: unchanged; a constant image stays constant at any size.
+        assert_eq!(row.resize(4, 1), row);
+        let flat = Hwc {
+            w: 7,
+            h: 5,
+            c: 3,
+            data: vec![77; 105],
+        };
+        for (w, h) in [(3, 2), (11, 9), (1, 1), (7, 13)] {
+            let r = flat.resize(w, h);
+            assert_eq!(r.data.len(), (w * h * 3) as usize);
+            assert!(r.data.iter().all(|&v| v == 77), "{w}x{h}");
+        }
     }
 
     #[test]
