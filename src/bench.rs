@@ -136,6 +136,29 @@ pub struct BenchArgs {
     /// Run one model in this process (what the parent runs in each child).
     #[arg(long, value_enum, hide = true)]
     pub one: Option<BenchModel>,
+    /// Measure the image-folder pipeline alone on the images of DIR (decode,
+    /// resize, augment, normalise on the data workers) instead of training.
+    #[arg(long, value_name = "DIR")]
+    pub images: Option<PathBuf>,
+    /// --images: the square side images are resized to.
+    #[arg(long, default_value_t = 224)]
+    pub image_size: usize,
+    /// --images: apply torchvision's usual training augmentation (random
+    /// resized crop, flip, colour jitter 0.4/0.4/0.4/0.1).
+    #[arg(long)]
+    pub augment: bool,
+    /// --images: data workers.
+    #[arg(long, default_value_t = 2)]
+    pub workers: usize,
+    /// --images: epochs.
+    #[arg(long, default_value_t = 2)]
+    pub epochs: usize,
+    /// --images: batch size.
+    #[arg(long, default_value_t = 32)]
+    pub batch: usize,
+    /// --images: data.cache_mb.
+    #[arg(long, default_value_t = 256)]
+    pub cache_mb: u64,
 }
 
 impl BenchArgs {
@@ -486,7 +509,7 @@ fn open_device(kind: BenchDevice) -> Result<Device, BenchError> {
 }
 
 /// Peak resident set size of this process in KiB (`VmHWM`), 0 where unknown.
-fn peak_rss_kib() -> u64 {
+pub(crate) fn peak_rss_kib() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
@@ -809,6 +832,9 @@ fn run(args: &BenchArgs) -> Result<(), BenchError> {
             layers::print(&reports);
         }
         return Ok(());
+    }
+    if let Some(dir) = &args.images {
+        return super::bench_images::run(dir, args);
     }
     if let Some(model) = args.one {
         let report = run_one(model, args)?;

@@ -22,6 +22,7 @@ use edge_trainer::report;
 
 mod bench;
 mod predict;
+mod bench_images;
 mod runtime;
 
 /// Exit code of a run that failed.

@@ -94,6 +94,14 @@ impl Settings {
             only_files: None,
             max_file_bytes: d.max_file_mb.saturating_mul(1 << 20),
             max_abs_value: d.max_abs_value.min(f32::MAX as f64) as f32,
+            images: crate::engine::data::ImageOptions {
+                normalize: d.normalize,
+                resize: d.resize,
+                cache_bytes: d.cache_mb.saturating_mul(1 << 20),
+                workers: d.workers,
+                prefetch: d.prefetch,
+                augment: d.augment.clone(),
+            },
         }
     }
 

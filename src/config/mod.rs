@@ -155,6 +155,9 @@ impl Default for MqttSettings {
     }
 }
 
+pub use crate::engine::data::augment::AugmentSpec;
+pub use crate::engine::data::image_folder::ResizeMode;
+pub use crate::engine::data::NormalizeKind;
 pub use crate::engine::data::{DataFormat, TokenizerKind};
 
 /// `[data]`
@@ -191,6 +194,21 @@ pub struct DataSettings {
     pub max_abs_value: f64,
     /// `[data.retention]`: how much of the data already trained on is kept.
     pub retention: RetentionSettings,
+    // --- image-folder streaming (issue 14) ---
+    /// image-folder: `"dataset"` (per-channel statistics of the training
+    /// split) or `"imagenet"` (torchvision's mean and std).
+    pub normalize: NormalizeKind,
+    /// image-folder: `"stretch"` to `image_size`, or `"center-crop"` (resize
+    /// keeping the aspect ratio, then the central crop, as torchvision's eval transform).
+    pub resize: ResizeMode,
+    /// image-folder: MiB of resized samples kept in memory across epochs.
+    pub cache_mb: u64,
+    /// image-folder: threads decoding and augmenting batches ahead of training.
+    pub workers: usize,
+    /// image-folder: batches each worker prepares ahead.
+    pub prefetch: usize,
+    /// image-folder: train-split augmentation.
+    pub augment: AugmentSpec,
 }
 
 impl Default for DataSettings {
@@ -216,6 +234,12 @@ impl Default for DataSettings {
             max_file_mb: 512,
             max_abs_value: crate::engine::data::DEFAULT_MAX_ABS_VALUE as f64,
             retention: RetentionSettings::default(),
+            normalize: NormalizeKind::Dataset,
+            resize: ResizeMode::Stretch,
+            cache_mb: 256,
+            workers: 2,
+            prefetch: 2,
+            augment: AugmentSpec::default(),
         }
     }
 }

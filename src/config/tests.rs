@@ -306,3 +306,45 @@ fn masked_output_hides_username() {
     assert!(!t.contains("alice"));
     assert!(t.contains("***"));
 }
+
+// --- image-folder streaming and augmentation keys (issue 14) ---
+
+#[test]
+fn image_pipeline_keys_load_reach_the_spec_and_are_checked() {
+    let s = load_layers(
+        &table(
+            "[data]\nformat = \"image-folder\"\nnormalize = \"imagenet\"\nresize = \"center-crop\"\ncache_mb = 64\nworkers = 3\n[data.augment]\nrandom_resized_crop = true\nscale = [0.2, 1.0]\nhorizontal_flip = 0.5\nhue = 0.1\n",
+        ),
+        "f.toml",
+        &[Override::parse_set("data.augment.brightness=0.4").unwrap()],
+    )
+    .unwrap();
+    s.validate().unwrap();
+    let spec = s.data_spec();
+    assert_eq!(spec.images.normalize, NormalizeKind::Imagenet);
+    assert_eq!(spec.images.resize, ResizeMode::CenterCrop);
+    assert_eq!(spec.images.cache_bytes, 64 << 20);
+    assert_eq!(spec.images.workers, 3);
+    assert!(spec.images.augment.random_resized_crop);
+    assert_eq!(spec.images.augment.scale, [0.2, 1.0]);
+    assert_eq!(spec.images.augment.brightness, 0.4);
+    let err = |t: &str| {
+        load_layers(&table(t), "f.toml", &[])
+            .and_then(|s| s.validate())
+            .unwrap_err()
+            .to_string()
+    };
+    let e = err("[data]\nformat = \"image-folder\"\n[data.augment]\nhue = 0.9\n");
+    assert!(e.contains("data.augment.hue"), "{e}");
+    let e = err("[data]\nformat = \"image-folder\"\n[data.augment]\nscale = [0.5, 0.1]\n");
+    assert!(e.contains("data.augment.scale"), "{e}");
+    let e = err("[data]\nformat = \"image-folder\"\n[data.augment]\nflip = 0.5\n");
+    assert!(e.contains("data.augment.flip"), "{e}");
+    let e = err("[data]\nformat = \"csv\"\nnormalize = \"imagenet\"\n");
+    assert!(
+        e.contains("data.normalize") && e.contains("image-folder"),
+        "{e}"
+    );
+    let e = err("[data]\nnormalize = \"imagenet-ish\"\n");
+    assert!(e.contains("normalize"), "{e}");
+}

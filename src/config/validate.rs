@@ -2,7 +2,7 @@
 //! Rules owned by the engine (the optimiser's, each architecture's) are the
 //! engine's own, mapped onto keys here.
 
-use super::{invalid, key_error, ConfigError, Settings};
+use super::{invalid, key_error, ConfigError, DataFormat, NormalizeKind, Settings};
 use crate::engine::model::registry::ConfigContext;
 
 fn check_range(
@@ -113,6 +113,25 @@ impl Settings {
         }
         if d.max_file_mb == 0 {
             return Err(invalid("data.max_file_mb", "must be >= 1"));
+        }
+        // image-folder streaming (issue 14)
+        if d.workers > 16 {
+            return Err(invalid("data.workers", "must be 0 to 16"));
+        }
+        if !(1..=16).contains(&d.prefetch) {
+            return Err(invalid("data.prefetch", "must be 1 to 16"));
+        }
+        if let Some((key, reason)) = d.augment.invalid() {
+            return Err(invalid(key, reason));
+        }
+        let images = d.format == DataFormat::ImageFolder;
+        if !images && (d.normalize != NormalizeKind::Dataset || !d.augment.is_off()) {
+            let key = if d.normalize != NormalizeKind::Dataset {
+                "data.normalize"
+            } else {
+                "data.augment"
+            };
+            return Err(invalid(key, "applies to image-folder data only"));
         }
         if d.max_len == 0 {
             return Err(invalid("data.max_len", "must be > 0"));

@@ -131,11 +131,18 @@ pub fn evaluate(
     let mut loss_num = 0f64;
     let mut loss_den = 0f64;
     let mut ctx = ForwardCtx::eval();
-    for chunk in indices.chunks(batch_size.max(1)) {
+    let chunks = indices
+        .chunks(batch_size.max(1))
+        .map(<[usize]>::to_vec)
+        .collect();
+    for batch in batcher.batches(chunks, None) {
         if cancel.is_cancelled() {
             return Err(RunError::Cancelled);
         }
-        let batch = batcher.batch(chunk)?;
+        let batch = batch?;
+        if batch.is_empty() {
+            continue;
+        }
         let logits = model.forward(&batch.x, &mut ctx)?.detach();
         let parts = loss_fn.forward(&logits, &batch.y)?;
         loss_num += f64::from(parts.loss.to_scalar::<f32>()?) * parts.denom;

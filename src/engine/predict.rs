@@ -1,6 +1,6 @@
 //! Predictions of a checkpoint on files or on a split of the configured data,
 //! through exactly the preprocessing of training: the data readers' decoding
-//! (images decoded, converted and resized by [`image_folder::decode`], CSV rows
+//! (images decoded, converted and resized by [`image_folder::decode`] and [`image_folder::resize_to`], CSV rows
 //! by [`csv_file::for_each_row`], safetensors by [`safetensors_file`], text
 //! tokenised with the checkpoint's vocabulary) and the [`Batcher`]'s
 //! normalisation with the checkpoint's statistics.
@@ -209,7 +209,11 @@ impl Predictor {
                 expected: shape,
             });
         };
-        let data = image_folder::decode(path, [h, w], c)?;
+        // As the training reader: decoded, resized to the checkpoint's size
+        // (`data.resize` is not in the checkpoint: the default, stretch).
+        let img = image_folder::decode(path, c)?;
+        let img = image_folder::resize_to(&img, [h, w], image_folder::ResizeMode::Stretch)?;
+        let data = image_folder::hwc_to_chw(&img);
         let folder = path
             .parent()
             .and_then(|p| p.file_name())

@@ -7,6 +7,7 @@ mod paths;
 
 mod arch_parity;
 mod fuzz_inputs;
+mod image_stream;
 mod optim_parity;
 mod plateau_parity;
 mod tensors;

@@ -1,6 +1,10 @@
 //! Normalisation and batching: gathers samples into tensors, normalised with the
 //! statistics of the training split, in a seeded per-epoch order.
 
+use std::sync::mpsc::{sync_channel, Receiver};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
 use candle_core::{Device, Tensor};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -25,6 +29,11 @@ impl Normalization {
     /// The normalisation a data format calls for: per channel for images, none
     /// for text (token ids must stay ids), per feature otherwise.
     pub fn for_format(data: &Dataset, indices: &[usize], format: super::DataFormat) -> Self {
+        if let Some(src) = data.features.images() {
+            if src.options().normalize == super::NormalizeKind::Imagenet {
+                return Self::imagenet(data.sample_shape.first().copied().unwrap_or(3));
+            }
+        }
         match format {
             super::DataFormat::ImageFolder => Self::fit_per_channel(data, indices),
             super::DataFormat::TextTsv => Self::identity(data.sample_len()),
@@ -38,6 +47,10 @@ impl Normalization {
         let d = data.sample_len();
         let c = data.sample_shape.first().copied().unwrap_or(1).max(1);
         let plane = d / c;
+        if let Some(src) = data.features.images() {
+            let (sum, sq, n) = src.channel_sums(indices);
+            return Self::from_sums(&sum, &sq, n);
+        }
         let mut sum = vec![0f64; c];
         let mut sq = vec![0f64; c];
         for &i in indices {
@@ -51,7 +64,28 @@ impl Normalization {
                 }
             }
         }
-        let n = (indices.len() * plane).max(1) as f64;
+        Self::from_sums(&sum, &sq, (indices.len() * plane) as f64)
+    }
+
+    /// torchvision's ImageNet statistics (`Normalize(mean=[0.485, 0.456, 0.406],
+    /// std=[0.229, 0.224, 0.225])` on values in [0, 1]) for 8-bit values; one
+    /// channel gets their luminance-weighted means.
+    pub fn imagenet(channels: usize) -> Self {
+        let (mean, std) = if channels == 1 {
+            (vec![0.449], vec![0.226])
+        } else {
+            (vec![0.485, 0.456, 0.406], vec![0.229, 0.224, 0.225])
+        };
+        Self {
+            mean: mean.into_iter().map(|m: f32| m * 255.0).collect(),
+            std: std.into_iter().map(|s: f32| s * 255.0).collect(),
+            per_channel: true,
+        }
+    }
+
+    /// Per-channel statistics from sums of values and squares over `n` values a channel.
+    fn from_sums(sum: &[f64], sq: &[f64], n: f64) -> Self {
+        let n = n.max(1.0);
         let mean: Vec<f64> = sum.iter().map(|s| s / n).collect();
         let std = sq
             .iter()
@@ -183,8 +217,8 @@ impl Batch {
 pub struct Batcher<'a> {
     data: &'a Dataset,
     /// Mean and 1/std of every feature value of a sample.
-    mean: Vec<f32>,
-    inv_std: Vec<f32>,
+    mean: Arc<[f32]>,
+    inv_std: Arc<[f32]>,
     device: Device,
 }
 
@@ -194,8 +228,8 @@ impl<'a> Batcher<'a> {
         let (mean, inv_std) = norm.expanded(data.sample_len());
         Self {
             data,
-            mean,
-            inv_std,
+            mean: mean.into(),
+            inv_std: inv_std.into(),
             device: device.clone(),
         }
     }
@@ -209,8 +243,37 @@ impl<'a> Batcher<'a> {
         order
     }
 
-    /// Gathers the given samples into one batch.
+    /// Gathers the given samples into one batch (no augmentation). Streamed
+    /// images that fail to decode are left out of it (and reported by their source).
     pub fn batch(&self, indices: &[usize]) -> candle_core::Result<Batch> {
+        self.batch_with(indices, None)
+    }
+
+    /// The training batch of `indices` in `epoch`: augmented (streamed images
+    /// with `[data.augment]`) with randomness keyed by (seed, epoch, sample).
+    pub fn train_batch(
+        &self,
+        indices: &[usize],
+        seed: u64,
+        epoch: u64,
+    ) -> candle_core::Result<Batch> {
+        self.batch_with(indices, Some((seed, epoch)))
+    }
+
+    /// The batches of `chunks` in order: prepared ahead on `data.workers`
+    /// threads for streamed images, built as they are asked for otherwise.
+    /// `aug = Some((seed, epoch))` for training batches.
+    pub fn batches(&self, chunks: Vec<Vec<usize>>, aug: Option<(u64, u64)>) -> Batches<'_, 'a> {
+        Batches::new(self, chunks, aug)
+    }
+
+    fn batch_with(&self, indices: &[usize], aug: Option<(u64, u64)>) -> candle_core::Result<Batch> {
+        if let Some(src) = self.data.features.images() {
+            let (x, kept) = src
+                .host_batch(indices, aug, &self.mean, &self.inv_std)
+                .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+            return self.assemble(x, &kept);
+        }
         let d = self.data.sample_len();
         // Sized by the data: allocated fallibly, an error instead of an abort.
         let values = indices.len().saturating_mul(d);
@@ -225,7 +288,7 @@ impl<'a> Batcher<'a> {
         for &i in indices {
             let base = i * d;
             // Zipped iterators (no indexing) so that the loop vectorises.
-            let stats = self.mean.iter().zip(&self.inv_std);
+            let stats = self.mean.iter().zip(self.inv_std.iter());
             match &self.data.features {
                 super::Features::F32(v) => x.extend(
                     v[base..base + d]
@@ -239,6 +302,7 @@ impl<'a> Batcher<'a> {
                         .zip(stats)
                         .map(|(&val, (&m, &s))| (f32::from(val) - m) * s),
                 ),
+                super::Features::Images(_) => {}
             }
             labels.push(self.data.labels[i]);
         }
@@ -247,6 +311,112 @@ impl<'a> Batcher<'a> {
         let x = Tensor::from_vec(x, shape, &self.device)?;
         let y = Tensor::from_vec(labels.clone(), indices.len(), &self.device)?;
         Ok(Batch { x, y, labels })
+    }
+
+    /// The batch of the samples `kept`, whose normalised values are `x`.
+    fn assemble(&self, x: Vec<f32>, kept: &[usize]) -> candle_core::Result<Batch> {
+        let labels: Vec<u32> = kept.iter().map(|&i| self.data.labels[i]).collect();
+        let mut shape = vec![kept.len()];
+        shape.extend_from_slice(&self.data.sample_shape);
+        let x = Tensor::from_vec(x, shape, &self.device)?;
+        let y = Tensor::from_vec(labels.clone(), kept.len(), &self.device)?;
+        Ok(Batch { x, y, labels })
+    }
+}
+
+/// What a prefetch worker sends: the normalised values of a batch and the
+/// samples they are, or why the batch could not be made.
+type HostBatch = Result<(Vec<f32>, Vec<usize>), String>;
+
+/// The batches of an epoch (or an evaluation pass) in order, see
+/// [`Batcher::batches`]. Dropping it stops its workers.
+pub struct Batches<'b, 'a> {
+    batcher: &'b Batcher<'a>,
+    chunks: Arc<Vec<Vec<usize>>>,
+    aug: Option<(u64, u64)>,
+    next: usize,
+    /// Worker `w` makes batches `w`, `w + W`, `w + 2W`, ...: receiving from
+    /// the workers in turn delivers the batches in order.
+    rx: Vec<Receiver<HostBatch>>,
+    handles: Vec<JoinHandle<()>>,
+}
+
+impl<'b, 'a> Batches<'b, 'a> {
+    fn new(batcher: &'b Batcher<'a>, chunks: Vec<Vec<usize>>, aug: Option<(u64, u64)>) -> Self {
+        let chunks = Arc::new(chunks);
+        let mut rx = Vec::new();
+        let mut handles = Vec::new();
+        if let Some(src) = batcher.data.features.images() {
+            let opts = src.options();
+            let workers = opts.workers.min(chunks.len());
+            for w in 0..workers {
+                let (tx, r) = sync_channel::<HostBatch>(opts.prefetch.max(1));
+                let (src, chunks) = (Arc::clone(src), Arc::clone(&chunks));
+                let (mean, inv) = (Arc::clone(&batcher.mean), Arc::clone(&batcher.inv_std));
+                let spawned =
+                    std::thread::Builder::new()
+                        .name(format!("data-{w}"))
+                        .spawn(move || {
+                            for chunk in chunks.iter().skip(w).step_by(workers) {
+                                let b = src
+                                    .host_batch(chunk, aug, &mean, &inv)
+                                    .map_err(|e| e.to_string());
+                                // The receiver is gone: the epoch ended early.
+                                if tx.send(b).is_err() {
+                                    return;
+                                }
+                            }
+                        });
+                match spawned {
+                    Ok(h) => {
+                        rx.push(r);
+                        handles.push(h);
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot start a data worker; batches are made in the training thread");
+                        rx.clear();
+                        break;
+                    }
+                }
+            }
+        }
+        Self {
+            batcher,
+            chunks,
+            aug,
+            next: 0,
+            rx,
+            handles,
+        }
+    }
+}
+
+impl Iterator for Batches<'_, '_> {
+    type Item = candle_core::Result<Batch>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let k = self.next;
+        let chunk = self.chunks.get(k)?;
+        self.next += 1;
+        if self.rx.is_empty() {
+            return Some(self.batcher.batch_with(chunk, self.aug));
+        }
+        let got = self.rx[k % self.rx.len()].recv();
+        Some(match got {
+            Ok(Ok((x, kept))) => self.batcher.assemble(x, &kept),
+            Ok(Err(e)) => Err(candle_core::Error::Msg(e)),
+            Err(_) => Err(candle_core::Error::Msg("a data worker stopped".into())),
+        })
+    }
+}
+
+impl Drop for Batches<'_, '_> {
+    fn drop(&mut self) {
+        // Receivers first: a worker blocked on a full channel then returns.
+        self.rx.clear();
+        for h in self.handles.drain(..) {
+            let _ = h.join();
+        }
     }
 }
 

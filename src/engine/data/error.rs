@@ -153,6 +153,14 @@ pub enum FileError {
     /// `data.image_size` does not fit the image library's sizes.
     #[error("image_size too large")]
     ImageSizeTooLarge,
+    /// The header names no image format this build reads (PNG, JPEG).
+    #[error("cannot decode image: not a PNG or JPEG image")]
+    ImageFormat,
+    /// The header gives dimensions that are empty or beyond the decoder's limits.
+    #[error(
+        "the header gives {width}x{height} pixels; images of 1 to {max} pixels a side are read"
+    )]
+    ImageDimensions { width: u32, height: u32, max: u32 },
     /// Not a safetensors file.
     #[error("not a valid safetensors file: {0}")]
     Safetensors(#[source] safetensors::SafeTensorError),

@@ -7,8 +7,9 @@
 
 use std::path::{Path, PathBuf};
 
-use image::imageops::FilterType;
-use image::DynamicImage;
+use serde::{Deserialize, Serialize};
+
+pub use super::augment::Hwc;
 
 /// Largest width or height of an image that is decoded.
 const MAX_IMAGE_SIDE: u32 = 8192;
@@ -80,7 +81,108 @@ pub fn class_of(relative: &str) -> Result<String, FileError> {
     }
 }
 
-/// Reads one image as a sample of shape `[channels, h, w]`.
+/// A reader of `path` with the decoder's limits set: a forged header must not
+/// make the decoder allocate without bound.
+fn open_reader(
+    path: &Path,
+) -> Result<image::ImageReader<std::io::BufReader<std::fs::File>>, FileError> {
+    let mut reader = image::ImageReader::open(path)
+        .map_err(FileError::Io)?
+        .with_guessed_format()
+        .map_err(FileError::Io)?;
+    let mut limits = image::Limits::default();
+    limits.max_image_width = Some(MAX_IMAGE_SIDE);
+    limits.max_image_height = Some(MAX_IMAGE_SIDE);
+    limits.max_alloc = Some(MAX_IMAGE_ALLOC);
+    reader.limits(limits);
+    Ok(reader)
+}
+
+/// Checks an image from its header only (format, dimensions), without decoding
+/// it; returns (width, height).
+pub fn check_header(path: &Path) -> Result<(u32, u32), FileError> {
+    let reader = open_reader(path)?;
+    if reader.format().is_none() {
+        return Err(FileError::ImageFormat);
+    }
+    let (width, height) = reader.into_dimensions().map_err(FileError::Image)?;
+    let fits = u64::from(width) * u64::from(height) * 4 <= MAX_IMAGE_ALLOC;
+    if width == 0 || height == 0 || width > MAX_IMAGE_SIDE || height > MAX_IMAGE_SIDE || !fits {
+        return Err(FileError::ImageDimensions {
+            width,
+            height,
+            max: MAX_IMAGE_SIDE,
+        });
+    }
+    Ok((width, height))
+}
+
+/// Decodes an image as 8-bit grayscale (`channels` 1) or RGB.
+pub fn decode(path: &Path, channels: usize) -> Result<Hwc, FileError> {
+    let img = open_reader(path)?.decode().map_err(FileError::Image)?;
+    let (w, h) = (img.width(), img.height());
+    let (c, data) = match channels {
+        1 => (1, img.into_luma8().into_raw()),
+        _ => (3, img.into_rgb8().into_raw()),
+    };
+    Ok(Hwc { w, h, c, data })
+}
+
+/// How an image is brought to `data.image_size` (the deterministic path, used
+/// for every split; augmentation works on its output).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ResizeMode {
+    /// Resized to exactly `image_size`, aspect ratio not kept.
+    #[default]
+    Stretch,
+    /// torchvision's eval transform: resized, aspect ratio kept, so that the
+    /// image covers `image_size / 0.875` (`Resize(256)` for 224), then the
+    /// central `image_size` cropped (`CenterCrop(224)`).
+    CenterCrop,
+}
+
+/// The fraction of the resized image the centre crop keeps (224 / 256).
+const CENTER_CROP_FRACTION: f64 = 0.875;
+
+/// `img` brought to `size` (`[h, w]`) the way `mode` says.
+pub fn resize_to(img: &Hwc, size: [usize; 2], mode: ResizeMode) -> Result<Hwc, FileError> {
+    let [h, w] = size;
+    let (h, w) = (
+        u32::try_from(h).map_err(|_| FileError::ImageSizeTooLarge)?,
+        u32::try_from(w).map_err(|_| FileError::ImageSizeTooLarge)?,
+    );
+    match mode {
+        ResizeMode::Stretch => Ok(img.resize(w, h)),
+        ResizeMode::CenterCrop => {
+            let scale = (f64::from(h) / f64::from(img.h)).max(f64::from(w) / f64::from(img.w))
+                / CENTER_CROP_FRACTION;
+            let rw = ((f64::from(img.w) * scale).round() as u32).max(w);
+            let rh = ((f64::from(img.h) * scale).round() as u32).max(h);
+            let resized = img.resize(rw, rh);
+            // torchvision's CenterCrop: top-left at round((size - crop) / 2).
+            let x = ((f64::from(rw - w)) / 2.0).round() as u32;
+            let y = ((f64::from(rh - h)) / 2.0).round() as u32;
+            Ok(resized.crop(x, y, w, h))
+        }
+    }
+}
+
+/// `[h, w, c]` bytes to `[c, h, w]`.
+pub fn hwc_to_chw(img: &Hwc) -> Vec<u8> {
+    let plane = img.w as usize * img.h as usize;
+    let c = img.c;
+    let mut chw = vec![0u8; c * plane];
+    for (p, px) in img.data.chunks_exact(c).enumerate() {
+        for (k, &v) in px.iter().enumerate() {
+            chw[k * plane + p] = v;
+        }
+    }
+    chw
+}
+
+/// Reads one image as a sample of shape `[channels, h, w]` (stretched to
+/// `size`): the full check the daemon's watcher runs on a new image.
 pub fn read(
     path: &Path,
     dir: &Path,
@@ -88,61 +190,13 @@ pub fn read(
     channels: usize,
 ) -> Result<FileSamples, FileError> {
     let class = class_of(&relative_name(dir, path))?;
-    let data = decode(path, size, channels)?;
+    let img = resize_to(&decode(path, channels)?, size, ResizeMode::Stretch)?;
     let [h, w] = size;
     Ok(FileSamples {
-        features: Features::U8(data),
+        features: Features::U8(hwc_to_chw(&img)),
         labels: RawLabels::Name(vec![class]),
-        sample_shape: vec![channels, h, w],
+        sample_shape: vec![img.c, h, w],
     })
-}
-
-/// Decodes one image file (PNG or JPEG, by its content), converts it to
-/// `channels` (1: grey, else RGB), resizes it to `size` `[H, W]` (bilinear) and
-/// lays it out channels first: `channels * H * W` bytes. The training reader
-/// and `predict` both use it.
-pub fn decode(path: &Path, size: [usize; 2], channels: usize) -> Result<Vec<u8>, FileError> {
-    let mut reader = image::ImageReader::open(path)
-        .map_err(FileError::Io)?
-        .with_guessed_format()
-        .map_err(FileError::Io)?;
-    // A forged header must not make the decoder allocate without bound.
-    let mut limits = image::Limits::default();
-    limits.max_image_width = Some(MAX_IMAGE_SIDE);
-    limits.max_image_height = Some(MAX_IMAGE_SIDE);
-    limits.max_alloc = Some(MAX_IMAGE_ALLOC);
-    reader.limits(limits);
-    let img = reader.decode().map_err(FileError::Image)?;
-    let [h, w] = size;
-    let (h32, w32) = (
-        u32::try_from(h).map_err(|_| FileError::ImageSizeTooLarge)?,
-        u32::try_from(w).map_err(|_| FileError::ImageSizeTooLarge)?,
-    );
-    let img = match channels {
-        1 => DynamicImage::ImageLuma8(img.to_luma8()),
-        _ => DynamicImage::ImageRgb8(img.to_rgb8()),
-    };
-    let img = if img.width() == w32 && img.height() == h32 {
-        img
-    } else {
-        img.resize_exact(w32, h32, FilterType::Triangle)
-    };
-    let data = match channels {
-        1 => img.to_luma8().into_raw(),
-        _ => {
-            // HWC -> CHW
-            let hwc = img.to_rgb8().into_raw();
-            let plane = h * w;
-            let mut chw = vec![0u8; 3 * plane];
-            for (p, px) in hwc.chunks_exact(3).enumerate() {
-                for c in 0..3 {
-                    chw[c * plane + p] = px[c];
-                }
-            }
-            chw
-        }
-    };
-    Ok(data)
 }
 
 #[cfg(test)]

@@ -2,6 +2,7 @@
 //! assembling the valid ones into an in-memory [`Dataset`], the deterministic
 //! train/val/test split, normalisation and batching.
 
+pub mod augment;
 mod batch;
 pub mod csv_file;
 mod entries;
@@ -12,6 +13,7 @@ mod outliers;
 pub mod safetensors_file;
 mod scan;
 mod split;
+pub mod stream;
 pub mod text_tsv;
 pub mod vocab;
 
@@ -25,6 +27,7 @@ pub use error::{BadValue, FileError};
 pub use outliers::{outlier_files, Outliers};
 pub use scan::{file_labels, scan_file, FileCheck};
 pub use split::{fixed_split, split_of, Split, SplitIndices};
+pub use stream::{ImageOptions, ImageSource, NormalizeKind};
 pub use vocab::{tokenize, Vocab};
 
 /// The on-disk layout of the training data.
@@ -100,6 +103,8 @@ pub struct DataSpec {
     pub max_file_bytes: u64,
     /// Float feature values beyond ±this are refused as absurd (`data.max_abs_value`).
     pub max_abs_value: f32,
+    /// image-folder: normalisation, resizing, cache, workers and augmentation.
+    pub images: ImageOptions,
 }
 
 /// `data.max_abs_value` by default: well beyond any scaled feature, far below
@@ -131,6 +136,7 @@ impl DataSpec {
             only_files: None,
             max_file_bytes: DEFAULT_MAX_FILE_BYTES,
             max_abs_value: DEFAULT_MAX_ABS_VALUE,
+            images: ImageOptions::default(),
         }
     }
 }
@@ -174,11 +180,14 @@ pub struct SkippedFile {
     pub reason: String,
 }
 
-/// Feature values of many samples, row-major, one sample after another.
+/// Feature values of many samples, row-major, one sample after another; or
+/// images read when a batch needs them.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Features {
     F32(Vec<f32>),
     U8(Vec<u8>),
+    /// image-folder data, streamed: nothing of it is held here but a bounded cache.
+    Images(std::sync::Arc<ImageSource>),
 }
 
 impl Features {
@@ -186,27 +195,38 @@ impl Features {
         match self {
             Features::F32(v) => v.len(),
             Features::U8(v) => v.len(),
+            Features::Images(_) => 0,
         }
     }
 
-    /// Value `i` as f32.
+    /// Value `i` as f32 (0 for streamed images, which hold no values here).
     #[inline]
     pub fn get(&self, i: usize) -> f32 {
         match self {
             Features::F32(v) => v[i],
             Features::U8(v) => v[i] as f32,
+            Features::Images(_) => 0.0,
+        }
+    }
+
+    /// The streamed images, if the samples are streamed.
+    pub fn images(&self) -> Option<&std::sync::Arc<ImageSource>> {
+        match self {
+            Features::Images(s) => Some(s),
+            _ => None,
         }
     }
 
     fn append(&mut self, other: Features) {
         match (self, other) {
+            (_, Features::Images(_)) | (Features::Images(_), _) => {}
             (Features::F32(a), Features::F32(b)) => a.extend(b),
             (Features::U8(a), Features::U8(b)) => a.extend(b),
             (Features::F32(a), Features::U8(b)) => a.extend(b.into_iter().map(f32::from)),
             (this @ Features::U8(_), Features::F32(b)) => {
                 let mut a: Vec<f32> = match this {
                     Features::U8(a) => a.iter().map(|&x| f32::from(x)).collect(),
-                    Features::F32(_) => Vec::new(),
+                    _ => Vec::new(),
                 };
                 a.extend(b);
                 *this = Features::F32(a);
@@ -498,6 +518,9 @@ pub fn load_dataset(spec: &DataSpec) -> Result<Dataset, DataError> {
         return text_tsv::load(spec);
     }
     let paths = list_files(spec)?;
+    if spec.format == DataFormat::ImageFolder {
+        return stream::load(spec, &paths);
+    }
     let mut skipped = Vec::new();
     let mut good: Vec<(String, FileSamples)> = Vec::new();
     for path in &paths {

@@ -91,8 +91,14 @@ fn train(
     let prep = prepare::prepare(&req)?;
     let mut s = Session::start(&req, run_dir, sink, &prep, state, t0, summary)?;
     summary.reason = format!("reached max_epochs = {}", req.train.max_epochs);
-    let outcome = epochs(&mut s, cancel, summary)?;
-    finish(s, outcome, cancel, summary)
+    let outcome = epochs(&mut s, cancel, summary);
+    let result = outcome.and_then(|o| finish(s, o, cancel, summary));
+    if let Some(src) = prep.data.features.images() {
+        // Images whose header passed but whose body failed to decode.
+        summary.skipped_files.extend(src.failures());
+        summary.skipped_files.sort_by(|a, b| a.file.cmp(&b.file));
+    }
+    result
 }
 
 /// Trains epoch after epoch until the end, an early stop or a cancel.
@@ -114,8 +120,15 @@ fn epochs(
             epoch,
             batches: s.steps_per_epoch,
         });
-        let first = std::mem::take(&mut s.skip);
-        for (bi, chunk) in order.chunks(bs).enumerate().skip(first as usize) {
+        let first = std::mem::take(&mut s.skip) as usize;
+        let chunks: Vec<Vec<usize>> = order
+            .chunks(bs)
+            .skip(first)
+            .map(<[usize]>::to_vec)
+            .collect();
+        // Streamed images are decoded and augmented ahead, on worker threads.
+        let mut batches = batcher.batches(chunks, Some((req.train.seed, epoch)));
+        for bi in first..order.len().div_ceil(bs) {
             if cancel.is_cancelled() {
                 summary.reason = format!("cancelled at epoch {epoch}, step {}", s.step);
                 s.save_resume(Position {
@@ -124,7 +137,12 @@ fn epochs(
                 })?;
                 return Ok(Outcome::Cancelled);
             }
-            let batch = batcher.batch(chunk)?;
+            let Some(batch) = batches.next() else { break };
+            let batch = batch?;
+            if batch.is_empty() {
+                // Every image of the batch failed to decode (reported at the end).
+                continue;
+            }
             let out = train_step(
                 &prep.model,
                 &batch,
