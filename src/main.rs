@@ -21,8 +21,8 @@ use edge_trainer::engine::trainer;
 use edge_trainer::report;
 
 mod bench;
-mod predict;
 mod bench_images;
+mod predict;
 mod runtime;
 
 /// Exit code of a run that failed.
