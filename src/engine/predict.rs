@@ -110,7 +110,11 @@ impl Samples {
                 (Features::U8(a), Features::U8(b)) => a.extend(b),
                 (Features::F32(a), Features::F32(b)) => a.extend(b),
                 (Features::F32(a), Features::U8(b)) => a.extend(b.into_iter().map(f32::from)),
-                (Features::U8(_), Features::F32(_)) => {}
+                // Not reached: `all_u8` is false when any part is F32, and
+                // predict's readers never stream (`Images`).
+                (Features::U8(_), Features::F32(_))
+                | (Features::Images(_), _)
+                | (_, Features::Images(_)) => {}
             }
             out.names.extend(p.names);
             out.truth.extend(p.truth);

@@ -5,7 +5,14 @@ use crate::paths::BIN;
 use crate::trials::{test, Test};
 use std::process::Command;
 
-const MODELS: [&str; 4] = ["mlp-digits", "mlp-wide", "cnn", "textcnn"];
+const MODELS: [&str; 6] = [
+    "mlp-digits",
+    "mlp-wide",
+    "cnn",
+    "textcnn",
+    "resnet18",
+    "mobilenet-v2",
+];
 
 fn bench(extra: &[&str]) -> std::process::Output {
     Command::new(BIN)
