@@ -110,6 +110,7 @@ fn raw_batch(checkpoint: &Path, inputs: &[PathBuf]) -> (Vec<usize>, Vec<f32>) {
         match s.features {
             Features::F32(v) => values.extend(v),
             Features::U8(v) => values.extend(v.into_iter().map(f32::from)),
+            Features::Images(_) => panic!("predict's readers never stream"),
         }
     }
     let mut shape = vec![n];
@@ -376,6 +377,63 @@ fn textcnn_export_matches_predict_and_eval() {
     assert_eq!(s["accuracy"].as_f64().unwrap(), eval, "{s}");
 }
 
+/// resnet18 (base width 4) and mobilenet_v2 (width 0.25), trained one epoch
+/// on a few 32x32 digit images: the export (residual `Add`, depthwise `Conv`,
+/// `Clip` for ReLU6, `GlobalAveragePool`) run in tract equals `predict`.
+fn backbone_exports_match_predict() {
+    let data = tempfile::tempdir().unwrap();
+    let src = root().join("examples/digits-png");
+    let mut inputs = Vec::new();
+    for class in ["0", "1", "2"] {
+        let mut names: Vec<_> = std::fs::read_dir(src.join(class))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        names.sort();
+        let d = data.path().join(class);
+        std::fs::create_dir_all(&d).unwrap();
+        for (i, p) in names.iter().take(10).enumerate() {
+            let to = d.join(p.file_name().unwrap());
+            std::fs::copy(p, &to).unwrap();
+            if i == 0 {
+                inputs.push(to);
+            }
+        }
+    }
+    for (arch, size) in [
+        ("resnet18", "base_width = 4"),
+        ("mobilenet_v2", "width_mult = 0.25"),
+    ] {
+        let out = tempfile::tempdir().unwrap();
+        let cfg = out.path().join("backbone.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "[data]\ndir = \"{}\"\nformat = \"image-folder\"\nimage_size = [32, 32]\n\
+                 channels = 1\nval_fraction = 0.2\ntest_fraction = 0.2\n\
+                 [model]\narch = \"{arch}\"\n{size}\n\
+                 [train]\nmax_epochs = 1\nbatch_size = 8\n",
+                data.path().display()
+            ),
+        )
+        .unwrap();
+        let best = train(&cfg.display().to_string(), out.path(), &["device.kind=cpu"]);
+        let ops = export_and_compare(&best, &inputs, "13");
+        assert!(
+            ops.contains("Add") && ops.contains("GlobalAveragePool") && ops.contains("Conv"),
+            "{arch}: {ops}"
+        );
+        if arch == "mobilenet_v2" {
+            assert!(ops.contains("Clip"), "{arch}: {ops}");
+        } else {
+            assert!(
+                ops.contains("MaxPool") && ops.contains("Relu"),
+                "{arch}: {ops}"
+            );
+        }
+    }
+}
+
 /// CSV rows (mlp): a fixed `test.csv` predicted row by row reproduces eval;
 /// rows without the label column are predicted too; bad inputs are named
 /// with the reason (exit 1) and the good ones still predicted.
@@ -506,6 +564,7 @@ pub fn tests() -> Vec<Test> {
         test!(cnn_export_matches_predict_and_eval),
         test!(cnn1d_export_matches_predict),
         test!(textcnn_export_matches_predict_and_eval),
+        test!(backbone_exports_match_predict),
         test!(csv_rows_and_bad_inputs),
         test!(export_refuses_bad_opsets_and_files),
     ]

@@ -34,6 +34,8 @@ use super::layers::{
 use super::registry::Common;
 use super::{Classifier, ForwardCtx};
 use crate::engine::budget::{n, product, Footprint};
+use crate::engine::export::layers::{self as onnx, Emit};
+use crate::engine::export::{ExportError, Graph};
 
 /// `classifier.0`'s dropout when `model.dropout` is not set (torchvision's).
 pub const DEFAULT_DROPOUT: f64 = 0.2;
@@ -255,6 +257,17 @@ impl ConvBnAct {
         };
         self.bn.forward_act(&self.conv.forward(x, ctx)?, act, ctx)
     }
+
+    /// The conv, batch-norm and (`Clip`) ReLU6 as ONNX nodes.
+    fn emit(&self, g: &mut Graph, x: &str) -> Result<String, ExportError> {
+        let y = self.conv.emit(g, x)?;
+        let y = self.bn.emit(g, &y)?;
+        Ok(if self.act.is_some() {
+            onnx::relu6(g, &y)
+        } else {
+            y
+        })
+    }
 }
 
 /// torchvision's `InvertedResidual`.
@@ -322,6 +335,21 @@ impl InvertedResidual {
             Some(j) => j.forward(&y, x, ctx),
             None => Ok(y),
         }
+    }
+
+    /// The block as ONNX nodes (the residual join an `Add`).
+    fn emit(&self, g: &mut Graph, x: &str) -> Result<String, ExportError> {
+        let h = match &self.expand {
+            Some(e) => e.emit(g, x)?,
+            None => x.to_string(),
+        };
+        let h = self.depthwise.emit(g, &h)?;
+        let y = self.project.emit(g, &h)?;
+        Ok(if self.join.is_some() {
+            onnx::add(g, &y, x)
+        } else {
+            y
+        })
     }
 }
 
@@ -399,6 +427,23 @@ impl Classifier for MobileNetV2 {
         let x = self.gap.forward(&x, ctx)?;
         let x = self.dropout.forward(&x, ctx)?;
         self.classifier.forward(&x, ctx)
+    }
+
+    fn export_onnx(&self, g: &mut Graph, x: &str) -> Result<String, ExportError> {
+        let [h, w] = self.spec.input_size;
+        let shape = [self.spec.in_channels, h, w];
+        let x = if g.sample_shape() == shape.as_slice() {
+            x.to_string()
+        } else {
+            onnx::reshape(g, x, &shape)
+        };
+        let mut x = self.stem.emit(g, &x)?;
+        for block in &self.blocks {
+            x = block.emit(g, &x)?;
+        }
+        let x = self.last.emit(g, &x)?;
+        let x = onnx::global_avg_pool(g, &x);
+        self.classifier.emit(g, &x)
     }
 }
 

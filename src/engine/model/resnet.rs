@@ -34,6 +34,8 @@ use super::layers::{
 use super::registry::Common;
 use super::{Classifier, ForwardCtx};
 use crate::engine::budget::{n, product, Footprint};
+use crate::engine::export::layers::{self as onnx, Emit};
+use crate::engine::export::{ExportError, Graph};
 
 /// Dropout before `fc` when `model.dropout` is not set (torchvision has none).
 pub const DEFAULT_DROPOUT: f64 = 0.0;
@@ -179,6 +181,12 @@ impl ConvBn {
         self.bn.forward(&self.conv.forward(x, ctx)?, ctx)
     }
 
+    /// The conv and batch-norm as ONNX nodes (evaluation mode).
+    fn emit(&self, g: &mut Graph, x: &str) -> Result<String, ExportError> {
+        let y = self.conv.emit(g, x)?;
+        self.bn.emit(g, &y)
+    }
+
     /// `relu(forward(x))`, the ReLU fused into the batch-norm.
     fn forward_relu(&self, x: &Tensor, ctx: &ForwardCtx) -> candle_core::Result<Tensor> {
         self.bn
@@ -238,6 +246,23 @@ impl BasicBlock {
             None => x.clone(),
         };
         self.join.forward(&out, &identity, ctx)
+    }
+
+    /// The block as ONNX nodes: `Relu(Add(second(Relu(first(x))), identity))`.
+    fn emit(&self, g: &mut Graph, x: &str) -> Result<String, ExportError> {
+        let out = self.first.emit(g, x)?;
+        let out = onnx::activation(g, crate::engine::model::layers::Activation::Relu, &out);
+        let out = self.second.emit(g, &out)?;
+        let identity = match &self.downsample {
+            Some(d) => d.emit(g, x)?,
+            None => x.to_string(),
+        };
+        let sum = onnx::add(g, &out, &identity);
+        Ok(onnx::activation(
+            g,
+            crate::engine::model::layers::Activation::Relu,
+            &sum,
+        ))
     }
 }
 
@@ -307,6 +332,24 @@ impl Classifier for ResNet {
         let x = self.gap.forward(&x, ctx)?;
         let x = self.dropout.forward(&x, ctx)?;
         self.fc.forward(&x, ctx)
+    }
+
+    fn export_onnx(&self, g: &mut Graph, x: &str) -> Result<String, ExportError> {
+        let [h, w] = self.spec.input_size;
+        let shape = [self.spec.in_channels, h, w];
+        let x = if g.sample_shape() == shape.as_slice() {
+            x.to_string()
+        } else {
+            onnx::reshape(g, x, &shape)
+        };
+        let x = self.stem.emit(g, &x)?;
+        let x = onnx::activation(g, crate::engine::model::layers::Activation::Relu, &x);
+        let mut x = onnx::max_pool(g, &self.pool, 2, &x);
+        for block in &self.blocks {
+            x = block.emit(g, &x)?;
+        }
+        let x = onnx::global_avg_pool(g, &x);
+        self.fc.emit(g, &x)
     }
 }
 
