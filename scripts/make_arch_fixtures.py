@@ -97,6 +97,19 @@ CASES = {
     "mlp": dict(
         spec=dict(arch="mlp", input_dim=12, hidden=[7, 5], num_classes=3, activation="tanh", dropout=0.2),
         batch=4, sample_shape=[12]),
+    # torchvision's resnet18 at an eighth of its width (same names), non-square RGB images.
+    "resnet18": dict(
+        spec=dict(arch="resnet18", in_channels=3, input_size=[48, 40], base_width=8, num_classes=5, dropout=0.0),
+        batch=3, sample_shape=[3, 48, 40]),
+    # resnet34 at a sixteenth of its width on grayscale [H, W] samples of odd size, with dropout.
+    "resnet34": dict(
+        spec=dict(arch="resnet34", in_channels=1, input_size=[37, 45], base_width=4, num_classes=3, dropout=0.3),
+        batch=4, sample_shape=[37, 45]),
+    # torchvision's mobilenet_v2 with width_mult 0.25 (its _make_divisible rounding).
+    "mobilenet_v2": dict(
+        spec=dict(arch="mobilenet_v2", in_channels=3, input_size=[64, 64], width_mult=0.25, num_classes=4,
+                  dropout=0.2),
+        batch=8, sample_shape=[3, 64, 64]),
 }
 
 
@@ -131,6 +144,24 @@ def randomise_buffers(model, g):
                 m.num_batches_tracked.fill_(7)
 
 
+def check_conditioning(name, spec, out, x, y, grads):
+    """The float32 gradients must be within 1e-4 of float64 ones: a batch whose
+    batch-norm statistics are degenerate (a channel almost constant over too few
+    values) amplifies rounding beyond the parity test's 1e-3, whoever computes it."""
+    model = pytorch_twins.from_spec(spec).double()
+    model.load_state_dict({k[len("state."):]: v for k, v in out.items() if k.startswith("state.")})
+    model.train()
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.eval()
+    F.cross_entropy(model(x.double()), y).backward()
+    params = dict(model.named_parameters())
+    worst = max((out[f"grad.{k}"].double() - params[k].grad).abs().max().item() for k in grads)
+    if not worst < 1e-4:
+        sys.exit(f"{name}: float32 gradients are {worst:.1e} from float64 ones: an ill-conditioned batch "
+                 "(use more samples or larger inputs)")
+
+
 def make_case(name, case, seed):
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
@@ -159,6 +190,7 @@ def make_case(name, case, seed):
         if p.grad is not None:
             out[f"grad.{k}"] = p.grad.detach().clone().contiguous()
             grads.append(k)
+    check_conditioning(name, case["spec"], out, x, y, grads)
     buffers = []
     for k, b in model.named_buffers():
         if k.endswith("running_mean") or k.endswith("running_var") or k.endswith("num_batches_tracked"):
@@ -168,8 +200,36 @@ def make_case(name, case, seed):
     return dict(spec=case["spec"], grads=grads, buffers=buffers)
 
 
+def check_twins_against_torchvision():
+    """The backbone twins at torchvision's widths have torchvision's state_dict and
+    forward (skipped where torchvision is not installed)."""
+    try:
+        import torchvision
+    except ImportError:
+        print("torchvision not installed: twins not cross-checked")
+        return
+    for name, tv, twin in [
+        ("resnet18", torchvision.models.resnet18(), pytorch_twins.ResNet([2, 2, 2, 2])),
+        ("resnet34", torchvision.models.resnet34(), pytorch_twins.ResNet([3, 4, 6, 3])),
+        ("mobilenet_v2", torchvision.models.mobilenet_v2(), pytorch_twins.MobileNetV2()),
+        ("mobilenet_v2 x0.35", torchvision.models.mobilenet_v2(width_mult=0.35),
+         pytorch_twins.MobileNetV2(width_mult=0.35)),
+    ]:
+        want = {k: tuple(v.shape) for k, v in tv.state_dict().items()}
+        got = {k: tuple(v.shape) for k, v in twin.state_dict().items()}
+        assert want == got, f"{name}: the twin's state_dict differs from torchvision's"
+        twin.load_state_dict(tv.state_dict(), strict=True)
+        tv.eval(), twin.eval()
+        x = torch.randn(2, 3, 40, 48)
+        with torch.no_grad():
+            diff = (tv(x) - twin(x)).abs().max().item()
+        assert diff == 0.0, f"{name}: the twin's logits differ from torchvision's by {diff}"
+    print(f"twins match torchvision {torchvision.__version__} (state_dict and logits)")
+
+
 def make():
     setup()
+    check_twins_against_torchvision()
     OUT.mkdir(parents=True, exist_ok=True)
     cases = {}
     for i, (name, case) in enumerate(CASES.items()):

@@ -22,6 +22,12 @@ examples/pretrained/digits0-4-cnn.safetensors  (model.init for fine-tuning)
     config shows `init_prefix` and `rename`). 5 classes: fine-tuning it on the
     10 classes of digits-png needs `reinit = ["head.*"]`.
 
+examples/pretrained/digits0-4-mobilenet_v2.safetensors  (model.init for fine-tuning)
+    A torchvision-layout `mobilenet_v2` (width_mult 0.25, a 1-channel stem) trained in
+    PyTorch on the same 303 images of digits 0-4 (images 1200.. of scikit-learn's), upscaled to 32x32; a plain
+    `state_dict` as torchvision saves it, in f16 (half the size). Fine-tuning it on
+    the 10 classes needs `reinit = ["classifier.1.*"]` (configs/finetune-digits-mobilenet.toml).
+
 examples/signals/imu-{0,1,2}.safetensors  (safetensors, x [N, 3, 64] f16, y [N])
     Synthetic 3-axis accelerometer windows (2 s at 32 Hz) of four activities:
     idle, walk, run, shake (class.txt). Made up here: sinusoids with random
@@ -43,7 +49,16 @@ import torch
 import torch.nn.functional as F
 from safetensors.numpy import save_file as save_np
 from safetensors.torch import save_file as save_torch
-from sklearn.datasets import load_digits
+try:
+    from sklearn.datasets import load_digits
+except ImportError:  # the same 1,797 images, in order, from the bundled examples/digits
+    def load_digits():
+        from types import SimpleNamespace
+        from safetensors.numpy import load_file
+        parts = [load_file(str(Path(__file__).resolve().parent.parent / "examples" / "digits" / f"digits-{i}.safetensors"))
+                 for i in range(4)]
+        return SimpleNamespace(images=np.concatenate([p["x"] for p in parts]).astype(np.float64),
+                               target=np.concatenate([p["y"] for p in parts]))
 
 import sys
 
@@ -118,6 +133,41 @@ def pretrained_cnn():
     save_torch(state, str(out / "digits0-4-cnn.safetensors"), metadata={
         "note": "cnn trained in PyTorch on scikit-learn digits 1200.. of classes 0-4 (scripts/make_examples.py)"})
     print(f"pretrained cnn on {len(y)} images of digits 0-4, train accuracy {acc:.3f}")
+
+
+def pretrained_mobilenet():
+    """A torchvision-layout mobilenet_v2 (width_mult 0.25, grayscale stem) trained on the
+    other digits images of classes 0-4 at 32x32, saved as a plain state_dict in f16."""
+    torch.manual_seed(0)
+    torch.set_num_threads(2)
+    d = load_digits()
+    idx = [i for i in range(1200, len(d.target)) if d.target[i] < 5]
+    x = torch.tensor(np.round(d.images[idx] * (255.0 / 16.0)), dtype=torch.float32).unsqueeze(1)
+    x = F.interpolate(x, size=(32, 32), mode="bilinear", align_corners=False)
+    y = torch.tensor(d.target[idx], dtype=torch.int64)
+    mean, std = x.mean(), x.std(unbiased=False)
+    x = (x - mean) / std
+    model = pytorch_twins.MobileNetV2(in_channels=1, width_mult=0.25, num_classes=5)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+    for epoch in range(40):
+        model.train()
+        perm = torch.randperm(len(y), generator=g)
+        for s in range(0, len(y), 32):
+            b = perm[s:s + 32]
+            opt.zero_grad()
+            F.cross_entropy(model(x[b]), y[b]).backward()
+            opt.step()
+    model.eval()
+    with torch.no_grad():
+        acc = (model(x).argmax(1) == y).float().mean().item()
+    state = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in model.state_dict().items()}
+    out = EX / "pretrained"
+    out.mkdir(parents=True, exist_ok=True)
+    save_torch(state, str(out / "digits0-4-mobilenet_v2.safetensors"), metadata={
+        "note": "torchvision-layout mobilenet_v2 (width_mult 0.25, 1 input channel) trained in PyTorch on "
+                "scikit-learn digits 1200.. of classes 0-4 at 32x32, f16 (scripts/make_examples.py)"})
+    print(f"pretrained mobilenet_v2 on {len(y)} images of digits 0-4, train accuracy {acc:.3f}")
 
 
 def signals():
@@ -225,8 +275,10 @@ def news_zh():
     print(f"news-zh: {len(classes)} classes, 200/40/40 lines each")
 
 
+PARTS = {"digits_png": digits_png, "pretrained_cnn": pretrained_cnn,
+         "pretrained_mobilenet": pretrained_mobilenet, "signals": signals, "news_zh": news_zh}
+
 if __name__ == "__main__":
-    digits_png()
-    pretrained_cnn()
-    signals()
-    news_zh()
+    # Every part, or only those named: make_examples.py pretrained_mobilenet
+    for name in sys.argv[1:] or list(PARTS):
+        PARTS[name]()

@@ -154,6 +154,133 @@ class TextCNN(nn.Module):
         return self.fc(self.dropout(out))
 
 
+class BasicBlock(nn.Module):
+    """torchvision's `BasicBlock` (same names: conv1, bn1, conv2, bn2, downsample.0|1)."""
+
+    def __init__(self, cin, planes, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample = None
+        if stride != 1 or cin != planes:
+            self.downsample = nn.Sequential(nn.Conv2d(cin, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        identity = x if self.downsample is None else self.downsample(x)
+        return self.relu(out + identity)
+
+
+class ResNet(nn.Module):
+    """`arch = "resnet18" | "resnet34"`: torchvision's ResNet with BasicBlocks and its
+    state_dict names; `base_width` (64 in torchvision) scales every width, for small
+    fixtures. At 64 the state_dict is interchangeable with
+    `torchvision.models.resnet18()`'s / `resnet34()`'s."""
+
+    def __init__(self, layers, in_channels=3, base_width=64, num_classes=1000, dropout=0.0):
+        super().__init__()
+        w = base_width
+        self.in_channels = in_channels
+        self.conv1 = nn.Conv2d(in_channels, w, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(w)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        cin = w
+        for stage, count in enumerate(layers):
+            planes = w * 2**stage
+            blocks = []
+            for i in range(count):
+                blocks.append(BasicBlock(cin, planes, 2 if stage > 0 and i == 0 else 1))
+                cin = planes
+            setattr(self, f"layer{stage + 1}", nn.Sequential(*blocks))
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.drop = nn.Dropout(dropout)  # not in torchvision; no state (identity at p = 0)
+        self.fc = nn.Linear(cin, num_classes)
+        for m in self.modules():  # torchvision's init
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x):
+        if x.dim() == 3:  # [B, H, W]: one channel
+            x = x.unsqueeze(1)
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        x = torch.flatten(self.avgpool(x), 1)
+        return self.fc(self.drop(x))
+
+
+def make_divisible(v, divisor=8):
+    """torchvision's `_make_divisible`."""
+    new_v = max(divisor, int(v + divisor / 2) // divisor * divisor)
+    if new_v < 0.9 * v:
+        new_v += divisor
+    return new_v
+
+
+def conv_bn_act(cin, cout, kernel_size=3, stride=1, groups=1):
+    """torchvision's `Conv2dNormActivation` with ReLU6: `{i}.0` conv, `{i}.1` batch-norm."""
+    return nn.Sequential(nn.Conv2d(cin, cout, kernel_size, stride, (kernel_size - 1) // 2, groups=groups, bias=False),
+                         nn.BatchNorm2d(cout), nn.ReLU6(inplace=True))
+
+
+class InvertedResidual(nn.Module):
+    """torchvision's `InvertedResidual` (`conv.*`)."""
+
+    def __init__(self, inp, oup, stride, expand_ratio):
+        super().__init__()
+        hidden = int(round(inp * expand_ratio))
+        self.use_res_connect = stride == 1 and inp == oup
+        layers = [conv_bn_act(inp, hidden, 1)] if expand_ratio != 1 else []
+        layers += [conv_bn_act(hidden, hidden, 3, stride, groups=hidden),
+                   nn.Conv2d(hidden, oup, 1, 1, 0, bias=False), nn.BatchNorm2d(oup)]
+        self.conv = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return x + self.conv(x) if self.use_res_connect else self.conv(x)
+
+
+class MobileNetV2(nn.Module):
+    """`arch = "mobilenet_v2"`: torchvision's MobileNetV2 (`features.*`, `classifier.1`), its
+    `width_mult` rounding and init; `in_channels` from the data. With 3 channels the
+    state_dict is interchangeable with `torchvision.models.mobilenet_v2(width_mult=...)`'s."""
+
+    SETTINGS = [[1, 16, 1, 1], [6, 24, 2, 2], [6, 32, 3, 2], [6, 64, 4, 2], [6, 96, 3, 1], [6, 160, 3, 2],
+                [6, 320, 1, 1]]
+
+    def __init__(self, in_channels=3, width_mult=1.0, num_classes=1000, dropout=0.2):
+        super().__init__()
+        cin = make_divisible(32 * width_mult)
+        last = make_divisible(1280 * max(1.0, width_mult))
+        features = [conv_bn_act(in_channels, cin, 3, 2)]
+        for t, c, n, s in self.SETTINGS:
+            cout = make_divisible(c * width_mult)
+            for i in range(n):
+                features.append(InvertedResidual(cin, cout, s if i == 0 else 1, t))
+                cin = cout
+        features.append(conv_bn_act(cin, last, 1))
+        self.features = nn.Sequential(*features)
+        self.classifier = nn.Sequential(nn.Dropout(p=dropout), nn.Linear(last, num_classes))
+        for m in self.modules():  # torchvision's init
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out")
+            elif isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, 0, 0.01)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x):
+        if x.dim() == 3:  # [B, H, W]: one channel
+            x = x.unsqueeze(1)
+        x = F.adaptive_avg_pool2d(self.features(x), (1, 1))
+        return self.classifier(torch.flatten(x, 1))
+
+
+RESNET_LAYERS = {"resnet18": [2, 2, 2, 2], "resnet34": [3, 4, 6, 3]}
+
+
 def from_spec(spec):
     """The twin of an edge-trainer `ModelSpec` (the `model` metadata JSON of a checkpoint)."""
     arch = spec["arch"]
@@ -167,4 +294,9 @@ def from_spec(spec):
     if arch == "textcnn":
         return TextCNN(spec["vocab_size"], spec["pad_index"], spec["embed_dim"], spec["filter_sizes"],
                        spec["num_filters"], spec["num_classes"], spec["dropout"])
+    if arch in RESNET_LAYERS:
+        return ResNet(RESNET_LAYERS[arch], spec["in_channels"], spec["base_width"], spec["num_classes"],
+                      spec.get("dropout", 0.0))
+    if arch == "mobilenet_v2":
+        return MobileNetV2(spec["in_channels"], spec["width_mult"], spec["num_classes"], spec.get("dropout", 0.2))
     raise ValueError(f"unknown arch {arch!r}")

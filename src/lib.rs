@@ -10,6 +10,7 @@
 pub mod config;
 pub mod daemon;
 pub mod engine;
+pub mod fleet;
 pub mod outdir_lock;
 pub mod plot;
 pub mod report;

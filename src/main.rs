@@ -22,6 +22,7 @@ use edge_trainer::report;
 
 mod bench;
 mod bench_images;
+mod predict;
 mod runtime;
 
 /// Exit code of a run that failed.
@@ -116,11 +117,83 @@ enum Command {
         #[arg(long, default_value_t = 1883)]
         port: u16,
     },
+    /// The operator's side of a fleet: list devices, watch their runs, command a
+    /// device, a group or every device, serve the web dashboard.
+    Fleet {
+        #[command(subcommand)]
+        action: edge_trainer::fleet::Action,
+    },
+    /// Predict the classes of files (images, CSV rows, text lines, safetensors
+    /// samples) with a checkpoint, preprocessed exactly as in training.
+    Predict(PredictArgs),
+    /// Export a checkpoint to ONNX (for TensorRT, onnxruntime), with `labels.txt` beside it.
+    Export {
+        /// The checkpoint (`best.safetensors`, `current.safetensors`).
+        #[arg(long, value_name = "FILE")]
+        checkpoint: PathBuf,
+        /// The ONNX file to write; `labels.txt` goes in the same folder.
+        #[arg(long, value_name = "FILE.onnx")]
+        out: PathBuf,
+        /// ONNX opset (13 for TensorRT 8.2 / JetPack 4.6, up to 17 for TensorRT 8.5).
+        #[arg(long, default_value_t = edge_trainer::engine::export::DEFAULT_OPSET)]
+        opset: i64,
+        /// Append a Softmax: `output_0` holds probabilities instead of logits.
+        #[arg(long)]
+        softmax: bool,
+    },
     /// Validate the config and print the effective values (secrets masked).
     CheckConfig {
         #[command(flatten)]
         cfg: ConfigArgs,
     },
+}
+
+/// `predict`'s arguments.
+#[derive(clap::Args)]
+struct PredictArgs {
+    /// The checkpoint to predict with.
+    #[arg(
+        long,
+        value_name = "FILE",
+        required_unless_present = "model",
+        conflicts_with = "model"
+    )]
+    checkpoint: Option<PathBuf>,
+    /// `current`: the model in service, `{output.dir}/current.safetensors` of `--config`.
+    #[arg(long, value_enum, requires = "config")]
+    model: Option<ModelArg>,
+    /// The TOML config: its output.dir (for `--model current`), data keys
+    /// (label column, delimiter, x/y keys), batch size and device.
+    #[arg(long, short, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Override a config key, as for `train`.
+    #[arg(long = "set", value_name = "KEY=VALUE", requires = "config")]
+    set: Vec<String>,
+    /// Predict this split of the configured data (read and split as `eval` does) instead of files.
+    #[arg(long, value_enum, requires = "config", conflicts_with = "inputs")]
+    split: Option<SplitArg>,
+    /// Classes shown per sample.
+    #[arg(long, default_value_t = 3)]
+    top_k: usize,
+    /// One JSON object per line, and a final `{"summary": ...}` line.
+    #[arg(long)]
+    json: bool,
+    /// With `--json`: every class's logit and probability too.
+    #[arg(long, requires = "json")]
+    full: bool,
+    /// Samples per forward pass (default: the config's train.batch_size, else 64).
+    #[arg(long)]
+    batch_size: Option<usize>,
+    /// Files to predict: images, CSV files (one sample per row), text files (one
+    /// per line), safetensors files (one per row of `x`), per the checkpoint's data format.
+    #[arg(value_name = "INPUT", required_unless_present = "split")]
+    inputs: Vec<PathBuf>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ModelArg {
+    /// `{output.dir}/current.safetensors`.
+    Current,
 }
 
 fn init_logging() {
@@ -161,8 +234,26 @@ fn main() -> ExitCode {
     init_logging();
     match cli.command {
         Command::CheckConfig { cfg } => check_config(&cfg),
+        Command::Predict(args) => predict::main(&args),
+        Command::Export {
+            checkpoint,
+            out,
+            opset,
+            softmax,
+        } => predict::export(&checkpoint, &out, opset, softmax),
         Command::Bench(args) => bench::main(&args),
         Command::Run { cfg } => run_daemon(&cfg),
+        Command::Fleet { action } => match edge_trainer::fleet::main(action) {
+            Ok(code) => ExitCode::from(code),
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(if e.is_usage() {
+                    EXIT_USAGE
+                } else {
+                    EXIT_FAILED
+                })
+            }
+        },
         #[cfg(feature = "embedded-broker")]
         Command::Broker { host, port } => {
             match edge_trainer::daemon::broker::serve_until_signal(&host, port) {

@@ -65,12 +65,40 @@ fn check_mqtt(s: &Settings) -> Result<(), ConfigError> {
     for level in m.topic_prefix.split('/') {
         check_level("mqtt.topic_prefix", level)?;
     }
+    check_groups(&m.groups)?;
     if let Some(id) = &m.client_id {
         if id.is_empty() || id.contains('\0') || id.len() > 256 {
             return Err(invalid(
                 "mqtt.client_id",
                 "must be 1 to 256 bytes with no NUL",
             ));
+        }
+    }
+    Ok(())
+}
+
+/// Most entries in `mqtt.groups` (one subscription each).
+pub const MAX_GROUPS: usize = 32;
+
+/// `mqtt.groups`: topic levels like `mqtt.device_id`, no duplicates.
+fn check_groups(groups: &[String]) -> Result<(), ConfigError> {
+    const KEY: &str = "mqtt.groups";
+    if groups.len() > MAX_GROUPS {
+        return Err(invalid(
+            KEY,
+            format!("{} groups; at most {MAX_GROUPS}", groups.len()),
+        ));
+    }
+    for (i, g) in groups.iter().enumerate() {
+        if g.is_empty() || g.contains(['#', '+', '/']) {
+            return Err(invalid(
+                KEY,
+                format!("group {g:?} must be non-empty and contain no '/', '#' or '+'"),
+            ));
+        }
+        check_level(KEY, g)?;
+        if groups[..i].contains(g) {
+            return Err(invalid(KEY, format!("group {g:?} is listed twice")));
         }
     }
     Ok(())
@@ -262,6 +290,22 @@ mod tests {
             (
                 "mqtt.client_id",
                 Box::new(|s| s.mqtt.client_id = Some("c\0".into())),
+            ),
+            (
+                "mqtt.groups",
+                Box::new(|s| s.mqtt.groups = vec!["line/1".into()]),
+            ),
+            (
+                "mqtt.groups",
+                Box::new(|s| s.mqtt.groups = vec![String::new()]),
+            ),
+            (
+                "mqtt.groups",
+                Box::new(|s| s.mqtt.groups = vec!["a".into(), "a".into()]),
+            ),
+            (
+                "mqtt.groups",
+                Box::new(|s| s.mqtt.groups = vec!["g".repeat(200)]),
             ),
         ];
         for (key, change) in cases {

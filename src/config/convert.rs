@@ -142,6 +142,7 @@ impl Settings {
                 },
             ),
             freeze: self.model.freeze.clone(),
+            finetune: self.model.finetune,
             init: InitMapping {
                 prefix: self.model.init_prefix.clone(),
                 rename: self

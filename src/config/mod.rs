@@ -130,6 +130,9 @@ pub struct MqttSettings {
     /// Messages held for the broker while it is unreachable; when full the oldest
     /// `metrics` go first, lifecycle events never.
     pub outbox_capacity: usize,
+    /// Fleet groups this device belongs to: it also obeys
+    /// `{topic_prefix}/group/{name}/cmd/...` for each (and always `{topic_prefix}/fleet/cmd/...`).
+    pub groups: Vec<String>,
 }
 
 impl Default for MqttSettings {
@@ -147,6 +150,7 @@ impl Default for MqttSettings {
             embedded_broker: false,
             reconnect_max_s: 30.0,
             outbox_capacity: 10_000,
+            groups: Vec::new(),
         }
     }
 }
@@ -203,6 +207,8 @@ pub struct DataSettings {
     pub prefetch: usize,
     /// image-folder: train-split augmentation.
     pub augment: AugmentSpec,
+    /// `[data.retention]`: how much of the data already trained on is kept.
+    pub retention: RetentionSettings,
 }
 
 impl Default for DataSettings {
@@ -233,6 +239,7 @@ impl Default for DataSettings {
             workers: 2,
             prefetch: 2,
             augment: AugmentSpec::default(),
+            retention: RetentionSettings::default(),
         }
     }
 }
@@ -274,6 +281,9 @@ pub struct ModelSettings {
     pub reinit: Vec<String>,
     /// Parameter-name patterns (`*` wildcard) held fixed during training.
     pub freeze: Vec<String>,
+    /// Which parameters train: `"full"`, `"head"`, `"last:N"` or `"bias"`
+    /// (see `engine::model::finetune`); combines with `freeze`.
+    pub finetune: crate::engine::model::FineTune,
 }
 
 impl Default for ModelSettings {
@@ -288,6 +298,7 @@ impl Default for ModelSettings {
             rename: BTreeMap::new(),
             reinit: Vec::new(),
             freeze: Vec::new(),
+            finetune: crate::engine::model::FineTune::Full,
         }
     }
 }
@@ -488,22 +499,39 @@ impl Default for RetrainSettings {
 #[serde(default, deny_unknown_fields)]
 pub struct OutputSettings {
     pub dir: PathBuf,
+    /// The daemon keeps the newest this many run folders (0: all); runs behind
+    /// `current`/`previous.safetensors` and runs with a resume state stay.
+    pub keep_runs: u64,
+    /// MiB a run must leave free on the disk beyond what it will write.
+    pub min_free_mb: u64,
+    /// Check the free space before a run (the disk guard).
+    pub disk_guard: bool,
+    /// Write `current.onnx` and `current.labels.txt` beside `current.safetensors`
+    /// on each promotion (opset 13, input `input_0`, output `output_0`).
+    pub export_onnx: bool,
 }
 
 impl Default for OutputSettings {
     fn default() -> Self {
         Self {
             dir: PathBuf::from("output"),
+            keep_runs: 0,
+            min_free_mb: DEFAULT_MIN_FREE_MB,
+            disk_guard: true,
+            export_onnx: false,
         }
     }
 }
 
 mod budget;
-mod checks;
+pub mod checks;
 mod convert;
 mod layers;
+mod retention;
 pub mod run;
 mod validate;
+
+pub use retention::{RetentionPolicy, RetentionSettings, DEFAULT_MIN_FREE_MB};
 
 pub use budget::MAX_IMAGE_SIDE;
 pub use layers::{env_overrides, load, load_layers, read_table, resolve_alias, Override};

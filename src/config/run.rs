@@ -87,10 +87,10 @@ pub fn remote_overridable(key: &str) -> bool {
 }
 
 /// `model.*` keys that a run warm-started from the current model does not
-/// use: the checkpoint's architecture and sizes win. (`model.freeze` applies
-/// to any run.)
+/// use: the checkpoint's architecture and sizes win. (`model.freeze` and
+/// `model.finetune` apply to any run.)
 pub fn unused_when_warm_starting(key: &str) -> bool {
-    key.starts_with("model.") && key != "model.freeze"
+    key.starts_with("model.") && key != "model.freeze" && key != "model.finetune"
 }
 
 /// Refuses command overrides that the run would silently ignore: `model.*`
@@ -115,7 +115,7 @@ pub fn check_command_overrides<'a>(
     ignored.dedup();
     Err(ConfigError::Invalid {
         key: ignored.join("`, `"),
-        reason: "retrain.warm_start = \"current\" continues the current model, whose architecture and sizes win, so model.* overrides (but model.freeze) would be ignored; add \"retrain.warm_start\": \"scratch\" (or \"init\") to train a new model with them".into(),
+        reason: "retrain.warm_start = \"current\" continues the current model, whose architecture and sizes win, so model.* overrides (but model.freeze and model.finetune) would be ignored; add \"retrain.warm_start\": \"scratch\" (or \"init\") to train a new model with them".into(),
     })
 }
 
@@ -239,6 +239,7 @@ impl RunSettings<'_> {
                 device,
                 batch_size: s.train.batch_size,
                 metric: s.retrain.promote_metric,
+                export_onnx: s.output.export_onnx,
             },
             cancel,
         )

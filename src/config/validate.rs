@@ -62,6 +62,7 @@ impl Settings {
         self.validate_mqtt()?;
         self.validate_retrain()?;
         self.validate_output()?;
+        self.validate_retention()?;
         super::checks::check(self)?;
         self.check_budget()
     }

@@ -16,6 +16,16 @@ pub const MAX_COMMAND_BYTES: usize = 64 * 1024;
 /// Most overrides one `cmd/train` may carry.
 const MAX_OVERRIDES: usize = 64;
 
+/// Room for `cmd/stop` and `cmd/status` waiting in their own channel, apart
+/// from `cmd/train`: a flood of train requests never makes them "busy".
+pub const URGENT_QUEUE: usize = 16;
+
+/// Whether a command (the last topic level) goes through the urgent channel:
+/// `stop` and `status`, which are cheap and must be answered under load.
+pub fn is_urgent(name: &str) -> bool {
+    matches!(name, "stop" | "status")
+}
+
 /// A valid command.
 #[derive(Debug, Clone)]
 pub enum Command {

@@ -11,8 +11,9 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 
 use super::outbox::Kind;
+use super::retention::{Eviction, Footprint, Pruned, ReplayCounts};
 use crate::engine::data::SkippedFile;
-use crate::engine::promote::{PromoteMetric, Promotion, Score};
+use crate::engine::promote::{OnnxFiles, PromoteMetric, Promotion, Score};
 use crate::engine::run::{self, now_rfc3339, BestRecord, Metrics, Outcome, RunSummary, SplitSizes};
 
 /// A `request_id` as the sender wrote it: a JSON string or number.
@@ -113,6 +114,8 @@ pub struct RunOrigin {
     pub request_ids: Vec<RequestId>,
     pub stopped_by: Option<StopCause>,
     pub stop_request_id: Option<RequestId>,
+    /// New and replayed data of the run, when the daemon counted them (ext).
+    pub replay: Option<ReplayCounts>,
 }
 
 impl RunEnd {
@@ -188,6 +191,13 @@ pub struct PromotionDecision {
     /// `current.safetensors`.
     pub path: PathBuf,
     pub previous_path: Option<PathBuf>,
+    /// With `output.export_onnx`: `current.onnx` and `current.labels.txt`
+    /// (`path`, `sha256`, `labels_path`, `labels_sha256`); absent otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub onnx: Option<OnnxFiles>,
+    /// With `output.export_onnx`: why the export failed (the promotion stands).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub onnx_error: Option<String>,
 }
 
 /// One message on the `events` topic: `{"event": NAME, "ts", ...fields}`.
@@ -208,6 +218,10 @@ pub enum Event {
         max_epochs: u64,
         run_dir: PathBuf,
         skipped_files: Vec<SkippedFile>,
+        /// New files and the replayed ones kept from earlier runs (ext; absent
+        /// for a resumed run).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        replay: Option<ReplayCounts>,
     },
     /// A new best model was written.
     CheckpointSaved {
@@ -292,6 +306,29 @@ pub enum Event {
         #[serde(skip_serializing_if = "Option::is_none")]
         suppressed: Option<u64>,
     },
+    /// Data files over the `[data.retention]` budget were deleted or
+    /// archived before a run (ext).
+    DataEvicted {
+        /// The run about to start.
+        run_id: String,
+        #[serde(flatten)]
+        eviction: Eviction,
+    },
+    /// Run folders beyond `output.keep_runs` were deleted (ext).
+    RunsPruned {
+        /// The run whose start or end pruned them.
+        run_id: String,
+        #[serde(flatten)]
+        pruned: Pruned,
+    },
+    /// The answer to a `cmd/status` that carried a `request_id` (fleet): the
+    /// status as republished, on `events`, so a sender can collect one answer
+    /// per device.
+    StatusReported {
+        request_id: RequestId,
+        #[serde(flatten)]
+        status: StatusInfo,
+    },
 }
 
 impl Event {
@@ -312,6 +349,9 @@ impl Event {
             Event::DataRejected { .. } => "data_rejected",
             Event::ModelRecovered { .. } => "model_recovered",
             Event::CommandRejected { .. } => "command_rejected",
+            Event::DataEvicted { .. } => "data_evicted",
+            Event::RunsPruned { .. } => "runs_pruned",
+            Event::StatusReported { .. } => "status_reported",
         }
     }
 
@@ -329,10 +369,14 @@ impl Event {
             | Event::ModelPromoted(_)
             | Event::ModelKept(_)
             | Event::PromotionFailed { .. }
-            | Event::ModelRecovered { .. } => Kind::Lifecycle,
+            | Event::ModelRecovered { .. }
+            | Event::DataEvicted { .. }
+            | Event::RunsPruned { .. } => Kind::Lifecycle,
             Event::DataAccepted { .. } | Event::DataRejected { .. } => Kind::Info,
             // Answers to commands: a command flood must not evict anything else.
-            Event::RunQueued { .. } | Event::CommandRejected { .. } => Kind::Reply,
+            Event::RunQueued { .. }
+            | Event::CommandRejected { .. }
+            | Event::StatusReported { .. } => Kind::Reply,
         }
     }
 
@@ -351,6 +395,7 @@ impl Event {
             max_epochs: s.max_epochs,
             run_dir: s.run_dir.clone(),
             skipped_files: s.skipped_files.clone(),
+            replay: origin.replay,
         }
     }
 
@@ -411,6 +456,8 @@ impl Event {
             reason: p.reason.clone(),
             path: p.current_path.clone(),
             previous_path: p.previous_path.clone(),
+            onnx: p.onnx.clone(),
+            onnx_error: p.onnx_error.clone(),
         };
         if p.promoted {
             Event::ModelPromoted(d)
@@ -446,6 +493,29 @@ pub struct StatusInfo {
     pub current_model: Option<String>,
     /// Train requests waiting for the running run (0 or 1: they coalesce).
     pub queued: usize,
+    /// `mqtt.groups` (fleet; absent when none).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub groups: Vec<String>,
+    /// The current model's scores, when known (fleet).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub current_score: Option<super::fleet_status::ModelScore>,
+    /// How the last run since start ended (fleet).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_run: Option<super::fleet_status::LastRun>,
+    /// Disk usage and what retention removed since start (ext).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub storage: Option<Storage>,
+}
+
+/// `storage` in `status`: the footprint after the last run's housekeeping,
+/// and counts of evictions and pruning since the daemon started.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Storage {
+    #[serde(flatten)]
+    pub footprint: Footprint,
+    pub evicted_files: u64,
+    pub evicted_samples: u64,
+    pub pruned_runs: u64,
 }
 
 #[derive(Serialize)]
@@ -465,6 +535,31 @@ pub fn status_payload(info: &StatusInfo, device_id: &str, dropped_messages: u64)
         version: env!("CARGO_PKG_VERSION"),
         device_id,
         dropped_messages,
+    })
+}
+
+/// The `status` published in answer to a `cmd/status`: the status as
+/// [`status_payload`] builds it, plus the command's `request_id`.
+pub fn status_answer_payload(
+    info: &StatusInfo,
+    device_id: &str,
+    dropped_messages: u64,
+    request_id: &Value,
+) -> Vec<u8> {
+    #[derive(Serialize)]
+    struct StatusAnswer<'a> {
+        #[serde(flatten)]
+        body: StatusBody<'a>,
+        request_id: &'a Value,
+    }
+    encode(&StatusAnswer {
+        body: StatusBody {
+            info,
+            version: env!("CARGO_PKG_VERSION"),
+            device_id,
+            dropped_messages,
+        },
+        request_id,
     })
 }
 
@@ -528,6 +623,7 @@ mod tests {
 
     fn origin() -> RunOrigin {
         RunOrigin {
+            replay: None,
             triggers: vec![Trigger::Command, Trigger::NewData],
             request_ids: vec![json!("a"), json!(7)],
             stopped_by: None,
@@ -814,6 +910,8 @@ mod tests {
             reason: "why".into(),
             current_path: PathBuf::from("/o/current.safetensors"),
             previous_path: promoted.then(|| PathBuf::from("/o/previous.safetensors")),
+            onnx: None,
+            onnx_error: None,
         }
     }
 
@@ -915,6 +1013,157 @@ mod tests {
     }
 
     #[test]
+    fn data_evicted_and_runs_pruned() {
+        use crate::daemon::retention::{Eviction, Pruned};
+        use std::collections::BTreeMap;
+        let ev = Event::DataEvicted {
+            run_id: "r3".into(),
+            eviction: Eviction {
+                files: vec!["a.csv".into()],
+                evicted_files: 1,
+                samples: 3,
+                per_class: BTreeMap::from([("0".to_string(), 2), ("1".to_string(), 1)]),
+                bytes: 40,
+                action: "archived",
+                archive_dir: Some(PathBuf::from("/arch")),
+                reason: "over the replay budget".into(),
+                kept_files: 4,
+                kept_samples: 12,
+                errors: Vec::new(),
+            },
+        };
+        assert_eq!(ev.kind(), Kind::Lifecycle);
+        golden(
+            ev,
+            json!({
+                "event": "data_evicted", "run_id": "r3", "files": ["a.csv"], "evicted_files": 1,
+                "samples": 3, "per_class": {"0": 2, "1": 1}, "bytes": 40, "action": "archived",
+                "archive_dir": "/arch", "reason": "over the replay budget", "kept_files": 4,
+                "kept_samples": 12, "errors": [],
+            }),
+        );
+        golden(
+            Event::RunsPruned {
+                run_id: "r3".into(),
+                pruned: Pruned {
+                    runs: vec!["r1".into()],
+                    bytes: 99,
+                    kept: 2,
+                    keep_runs: 2,
+                    errors: Vec::new(),
+                },
+            },
+            json!({
+                "event": "runs_pruned", "run_id": "r3", "runs": ["r1"], "bytes": 99, "kept": 2,
+                "keep_runs": 2, "errors": [],
+            }),
+        );
+    }
+
+    #[test]
+    fn run_started_says_what_was_new_and_what_replayed() {
+        let s = run::RunStarted {
+            run_id: "r1".into(),
+            run_dir: PathBuf::from("/o/runs/r1"),
+            samples: SplitSizes::default(),
+            classes: Vec::new(),
+            skipped_files: Vec::new(),
+            trainable_params: 1,
+            steps_per_epoch: 1,
+            max_epochs: 1,
+            device: "cpu".into(),
+            warm_start: "scratch".into(),
+            resumed_at_step: None,
+        };
+        let mut o = origin();
+        o.replay = Some(crate::daemon::retention::ReplayCounts {
+            new_files: 2,
+            new_samples: 20,
+            replayed_files: 3,
+            replayed_samples: 30,
+        });
+        let v = wire(&Event::run_started(&s, &o).payload());
+        assert_eq!(
+            v["replay"],
+            json!({"new_files": 2, "new_samples": 20, "replayed_files": 3, "replayed_samples": 30})
+        );
+    }
+
+    #[test]
+    fn status_storage() {
+        let info = StatusInfo {
+            storage: Some(Storage {
+                footprint: crate::daemon::retention::Footprint {
+                    free_mb: 10.5,
+                    data_mb: 1.25,
+                    runs_mb: 2.0,
+                    runs: 3,
+                },
+                evicted_files: 4,
+                evicted_samples: 40,
+                pruned_runs: 1,
+            }),
+            ..StatusInfo::default()
+        };
+        assert_eq!(
+            wire(&status_payload(&info, "d1", 0))["storage"],
+            json!({"free_mb": 10.5, "data_mb": 1.25, "runs_mb": 2.0, "runs": 3,
+                   "evicted_files": 4, "evicted_samples": 40, "pruned_runs": 1})
+        );
+    }
+
+    #[test]
+    fn status_reported_and_fleet_status_fields() {
+        let status = StatusInfo {
+            state: State::Idle,
+            current_model: Some("r1".into()),
+            groups: vec!["line-1".into()],
+            current_score: Some(super::super::fleet_status::ModelScore {
+                run_id: "r1".into(),
+                split: "test".into(),
+                accuracy: 0.75,
+                loss: 0.5,
+                macro_f1: 0.7,
+                samples: 8,
+            }),
+            last_run: Some(super::super::fleet_status::LastRun {
+                run_id: "r1".into(),
+                outcome: Outcome::Finished,
+                reason: "max_epochs".into(),
+                epochs: 3,
+                ended: "2026-01-01T00:00:00Z".into(),
+                promoted: Some(true),
+            }),
+            ..StatusInfo::default()
+        };
+        let score = json!({"run_id": "r1", "split": "test", "accuracy": 0.75, "loss": 0.5,
+                           "macro_f1": 0.7, "samples": 8});
+        let last = json!({"run_id": "r1", "outcome": "finished", "reason": "max_epochs",
+                          "epochs": 3, "ended": "2026-01-01T00:00:00Z", "promoted": true});
+        golden(
+            Event::StatusReported {
+                request_id: json!("q1"),
+                status: status.clone(),
+            },
+            json!({"event": "status_reported", "request_id": "q1", "state": "idle",
+                   "current_model": "r1", "queued": 0, "groups": ["line-1"],
+                   "current_score": score, "last_run": last}),
+        );
+        assert_eq!(
+            Event::StatusReported {
+                request_id: json!(1),
+                status: StatusInfo::default()
+            }
+            .kind(),
+            Kind::Reply
+        );
+        let v = wire(&status_payload(&status, "d1", 0));
+        assert_eq!(v["groups"], json!(["line-1"]));
+        assert_eq!(v["current_score"], score);
+        assert_eq!(v["last_run"], last);
+    }
+
+    #[test]
     fn kinds_drive_the_drop_policy() {
         let info = Event::DataAccepted {
             file: "a".into(),
@@ -928,15 +1177,24 @@ mod tests {
     #[test]
     fn status_and_metrics() {
         let info = StatusInfo {
+            storage: None,
             state: State::Training,
             run_id: Some("r1".into()),
             current_model: None,
             queued: 1,
+            ..StatusInfo::default()
         };
         assert_eq!(
             wire(&status_payload(&info, "d1", 3)),
             json!({
                 "state": "training", "run_id": "r1", "queued": 1,
+                "version": env!("CARGO_PKG_VERSION"), "device_id": "d1", "dropped_messages": 3,
+            })
+        );
+        assert_eq!(
+            wire(&status_answer_payload(&info, "d1", 3, &json!("q7"))),
+            json!({
+                "state": "training", "run_id": "r1", "queued": 1, "request_id": "q7",
                 "version": env!("CARGO_PKG_VERSION"), "device_id": "d1", "dropped_messages": 3,
             })
         );

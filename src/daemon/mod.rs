@@ -18,12 +18,14 @@ pub mod bounded;
 #[cfg(feature = "embedded-broker")]
 pub mod broker;
 pub mod commands;
+pub mod fleet_status;
 pub mod messages;
 pub mod model_recovery;
 pub mod mqtt;
 pub mod outbox;
 pub mod publisher;
 pub mod recovery;
+pub mod retention;
 pub mod scheduler;
 pub mod shutdown;
 pub mod systemd;
@@ -129,7 +131,10 @@ pub async fn serve(
         .map_err(|e| DaemonError::Config(e.to_string()))?;
     let m = &settings.mqtt;
     let device_id = m.device_id.clone().unwrap_or_else(default_device_id);
-    let topics = publisher::Topics::new(&m.topic_prefix, &device_id);
+    let topics = publisher::Topics::new(&m.topic_prefix, &device_id).with_groups(&m.groups);
+    if matches!(device_id.as_str(), "fleet" | "group") {
+        tracing::warn!(%device_id, "this device id is also a fleet topic level: its own commands reach the fleet or its groups; choose another mqtt.device_id");
+    }
 
     let connect_host = if m.embedded_broker {
         start_embedded_broker(&settings)?
@@ -145,7 +150,20 @@ pub async fn serve(
             .await
             .unwrap_or(None)
     };
-    publisher.update_status(|s| s.current_model = current_model.clone());
+    let current_score = match &current_model {
+        Some(id) => {
+            let (runs, id) = (settings.runs_dir(), id.clone());
+            tokio::task::spawn_blocking(move || fleet_status::score_at_start(&runs, &id))
+                .await
+                .unwrap_or(None)
+        }
+        None => None,
+    };
+    publisher.update_status(|s| {
+        s.current_model = current_model.clone();
+        s.groups = m.groups.clone();
+        s.current_score = current_score;
+    });
 
     // The data folder as it is now: these files are not new.
     let spec = settings.data_spec();
@@ -153,9 +171,12 @@ pub async fn serve(
         let (spec, current) = (spec.clone(), current.clone());
         let runs = settings.runs_dir();
         let seen_file = settings.output.dir.join(watcher::SEEN_FILE);
+        let out = settings.output.dir.clone();
         tokio::task::spawn_blocking(move || {
+            // Temporary files of interrupted writes, before any task writes its
+            // own (the watcher's seen-data list was removed mid-write).
+            recovery::clean_stale_temps(&out);
             let files = data::list_files(&spec).unwrap_or_default();
-            let reference = watcher::Reference::discover(&spec, &current, &files);
             // By the list of files seen before (clock steps hide nothing), else by time.
             let seen = watcher::load_seen(&seen_file);
             let (old, new) = watcher::split_seen(
@@ -164,6 +185,8 @@ pub async fn serve(
                 seen.as_ref(),
                 watcher::last_run_start(&runs),
             );
+            // From the data already there, not from the files about to be checked.
+            let reference = watcher::Reference::discover(&spec, &current, &old);
             if !new.is_empty() {
                 tracing::info!(
                     files = new.len(),
@@ -181,6 +204,7 @@ pub async fn serve(
     let (broker_tx, broker_rx) = watch::channel(false);
     let (activity_tx, activity_rx) = watch::channel(systemd::Activity::Idle);
     let (cmd_tx, cmd_rx) = mpsc::channel(64);
+    let (urgent_tx, urgent_rx) = mpsc::channel(commands::URGENT_QUEUE);
     let (samples_tx, samples_rx) = mpsc::unbounded_channel();
     let (probe_tx, probe_rx) = mpsc::channel(4);
 
@@ -197,6 +221,7 @@ pub async fn serve(
             client: client.clone(),
             publisher: publisher.clone(),
             commands: cmd_tx,
+            urgent: urgent_tx,
             broker_up: broker_tx,
             finish: finish.clone(),
             reconnect_max: Duration::from_secs_f64(m.reconnect_max_s),
@@ -237,6 +262,7 @@ pub async fn serve(
         .run(
             scheduler::Inputs {
                 commands: cmd_rx,
+                urgent: urgent_rx,
                 new_samples: samples_rx,
                 probes: probe_rx,
             },

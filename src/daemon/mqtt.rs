@@ -151,6 +151,9 @@ pub struct Driver {
     pub client: AsyncClient,
     pub publisher: Publisher,
     pub commands: mpsc::Sender<RawCommand>,
+    /// `cmd/stop` and `cmd/status` ([`commands::is_urgent`]), apart from the
+    /// train requests so that a flood of those never makes them "busy".
+    pub urgent: mpsc::Sender<RawCommand>,
     pub broker_up: watch::Sender<bool>,
     /// Fires when the daemon is done publishing; the driver then ends once the
     /// publisher disconnected (or at once if the broker is down).
@@ -202,6 +205,14 @@ impl Driver {
                     {
                         tracing::error!(error = %e, "cannot subscribe to commands");
                     }
+                    // Fleet-wide and group commands (`mqtt.groups`), in one SUBSCRIBE.
+                    let fleet = topics
+                        .fleet_filters()
+                        .into_iter()
+                        .map(|f| rumqttc::SubscribeFilter::new(f, QoS::AtLeastOnce));
+                    if let Err(e) = self.client.try_subscribe_many(fleet) {
+                        tracing::error!(error = %e, "cannot subscribe to fleet commands");
+                    }
                     self.broker_up.send_replace(true);
                     self.publisher.wake();
                 }
@@ -238,7 +249,12 @@ impl Driver {
                         payload: p.payload.to_vec(),
                         retained: p.retain,
                     };
-                    if let Err(e) = self.commands.try_send(cmd) {
+                    let queue = if commands::is_urgent(&cmd.name) {
+                        &self.urgent
+                    } else {
+                        &self.commands
+                    };
+                    if let Err(e) = queue.try_send(cmd) {
                         let (cmd, reason) = match e {
                             TrySendError::Full(c) => (
                                 c,

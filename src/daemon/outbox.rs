@@ -16,6 +16,10 @@ pub enum Kind {
     /// anything else, and never make room for themselves by evicting another kind,
     /// so a flood of junk commands cannot push out a run's metrics.
     Reply,
+    /// The answer to a `cmd/status` (a status with its `request_id`): dropped
+    /// only to make room for metrics and events or another answer, never for
+    /// a [`Kind::Reply`], so a flood of train requests cannot drop it.
+    Answer,
     /// One evaluation; dropped first when the outbox is full.
     Metrics,
     /// `data_*` and other informational events; dropped after metrics.
@@ -26,16 +30,20 @@ pub enum Kind {
 
 impl Kind {
     fn droppable(self) -> bool {
-        matches!(self, Kind::Reply | Kind::Metrics | Kind::Info)
+        matches!(
+            self,
+            Kind::Reply | Kind::Answer | Kind::Metrics | Kind::Info
+        )
     }
 
     /// The kinds a message of this kind may evict to make room, in eviction order.
     fn evicts(self) -> &'static [Kind] {
         match self {
             Kind::Reply => &[Kind::Reply],
-            Kind::Metrics => &[Kind::Reply, Kind::Metrics],
+            Kind::Answer => &[Kind::Reply, Kind::Answer],
+            Kind::Metrics => &[Kind::Reply, Kind::Answer, Kind::Metrics],
             Kind::Info | Kind::Lifecycle | Kind::Status => {
-                &[Kind::Reply, Kind::Metrics, Kind::Info]
+                &[Kind::Reply, Kind::Answer, Kind::Metrics, Kind::Info]
             }
         }
     }
@@ -383,6 +391,80 @@ mod tests {
         assert_eq!(o.dropped(), 496);
         o.on_connect();
         assert_eq!(drain(&mut o), ["t/0", "t/2", "t/3", "t/4"]);
+    }
+
+    #[test]
+    fn status_answers_survive_a_reply_flood_but_never_evict_metrics() {
+        let mut o = Outbox::new(3, 10);
+        o.push(m(Kind::Reply, 0));
+        o.push(m(Kind::Answer, 1));
+        o.push(m(Kind::Metrics, 2));
+        for i in 3..100 {
+            o.push(m(Kind::Reply, i)); // the flood: reply 0 goes, then each new one
+        }
+        o.push(m(Kind::Answer, 100)); // room from the last reply
+        o.push(m(Kind::Metrics, 101)); // evicts answer 1, the oldest answer
+        o.push(m(Kind::Answer, 102)); // evicts answer 100, never metrics
+        o.on_connect();
+        assert_eq!(drain(&mut o), ["t/2", "t/101", "t/102"]);
+    }
+
+    proptest::proptest! {
+        /// Floods of any mix (issue 18), the broker taking some messages as
+        /// they come: a message only ever evicts the kinds it may
+        /// ([`Kind::evicts`]; a status its queued predecessor), droppable
+        /// messages never exceed the capacity, and every lifecycle event is
+        /// delivered once, in order.
+        #[test]
+        fn floods_of_any_mix_keep_the_drop_policy(
+            ops in proptest::collection::vec((0usize..7, proptest::bool::ANY), 1..300),
+            cap in 1usize..10,
+        ) {
+            const KINDS: [Kind; 7] = [
+                Kind::Reply, Kind::Reply, Kind::Answer, Kind::Metrics,
+                Kind::Info, Kind::Lifecycle, Kind::Status,
+            ];
+            let mut o = Outbox::new(cap, 3);
+            o.on_connect();
+            let (mut pkid, mut delivered, mut lifecycle) = (0u16, Vec::new(), Vec::new());
+            for (i, (k, ack)) in ops.iter().enumerate() {
+                let kind = KINDS[*k];
+                let before: Vec<(u64, Kind)> =
+                    o.entries.iter().map(|e| (e.seq, e.msg.kind)).collect();
+                o.push(m(kind, i as u32));
+                if kind == Kind::Lifecycle {
+                    lifecycle.push(format!("t/{i}"));
+                }
+                for (seq, gone) in before {
+                    if o.entries.iter().all(|e| e.seq != seq) {
+                        let replaced = kind == Kind::Status && gone == Kind::Status;
+                        proptest::prop_assert!(
+                            replaced || kind.evicts().contains(&gone),
+                            "{kind:?} evicted {gone:?}"
+                        );
+                    }
+                }
+                let droppable = o.entries.iter().filter(|e| e.msg.kind.droppable()).count();
+                proptest::prop_assert!(droppable <= cap, "{droppable} droppable, capacity {cap}");
+                if *ack {
+                    if let Some(msg) = o.next_to_send() {
+                        pkid = pkid.wrapping_add(1).max(1);
+                        o.on_outgoing(pkid);
+                        o.on_ack(pkid);
+                        delivered.push(msg.topic);
+                    }
+                }
+            }
+            while let Some(msg) = o.next_to_send() {
+                pkid = pkid.wrapping_add(1).max(1);
+                o.on_outgoing(pkid);
+                o.on_ack(pkid);
+                delivered.push(msg.topic);
+            }
+            proptest::prop_assert!(o.is_empty());
+            let got: Vec<&String> = delivered.iter().filter(|t| lifecycle.contains(t)).collect();
+            proptest::prop_assert_eq!(got, lifecycle.iter().collect::<Vec<_>>());
+        }
     }
 
     #[test]

@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use rumqttc::{AsyncClient, QoS};
+use serde_json::Value;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
@@ -19,14 +20,50 @@ use crate::engine::run::Metrics;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Topics {
     base: String,
+    /// `{prefix}`, for the fleet's broadcast and group commands.
+    prefix: String,
+    /// `mqtt.groups`.
+    groups: Vec<String>,
 }
 
 impl Topics {
     /// Topics under `{prefix}/{device_id}`.
     pub fn new(prefix: &str, device_id: &str) -> Self {
+        let prefix = prefix.trim_end_matches('/');
         Self {
-            base: format!("{}/{device_id}", prefix.trim_end_matches('/')),
+            base: format!("{prefix}/{device_id}"),
+            prefix: prefix.to_string(),
+            groups: Vec::new(),
         }
+    }
+
+    /// The same topics, also obeying the commands of these fleet groups.
+    pub fn with_groups(mut self, groups: &[String]) -> Self {
+        self.groups = groups.to_vec();
+        self
+    }
+
+    /// The fleet's command filters besides the device's own:
+    /// `{prefix}/fleet/cmd/+` and `{prefix}/group/{name}/cmd/+` for each group.
+    pub fn fleet_filters(&self) -> Vec<String> {
+        let mut out = vec![format!("{}/fleet/cmd/+", self.prefix)];
+        for g in &self.groups {
+            out.push(format!("{}/group/{g}/cmd/+", self.prefix));
+        }
+        out
+    }
+
+    /// The command name of a fleet-wide or group command topic addressed to
+    /// this device (one of [`Topics::fleet_filters`]).
+    fn fleet_command_of<'a>(&self, topic: &'a str) -> Option<&'a str> {
+        let rest = topic
+            .strip_prefix(self.prefix.as_str())?
+            .strip_prefix('/')?;
+        if let Some(name) = rest.strip_prefix("fleet/cmd/") {
+            return Some(name);
+        }
+        let (group, name) = rest.strip_prefix("group/")?.split_once("/cmd/")?;
+        self.groups.iter().any(|g| g == group).then_some(name)
     }
 
     /// `…/status` (retained).
@@ -50,10 +87,12 @@ impl Topics {
     }
 
     /// The command name of a topic under `…/cmd/`, if it is one.
+    /// Fleet-wide and group commands count as the device's own.
     pub fn command_of<'a>(&self, topic: &'a str) -> Option<&'a str> {
         topic
             .strip_prefix(self.base.as_str())
             .and_then(|rest| rest.strip_prefix("/cmd/"))
+            .or_else(|| self.fleet_command_of(topic))
     }
 }
 
@@ -214,6 +253,21 @@ impl Publisher {
 
     fn push_event(&self, event: Event) {
         tracing::debug!(event = event.name(), "queued event");
+        if let Some(n) = super::fleet_status::note(&event) {
+            // Published with the next status change (every run end has one).
+            let mut s = lock(&self.shared.status);
+            if let Some(last) = n.last_run {
+                s.last_run = Some(last);
+            }
+            if let (Some((run_id, promoted)), Some(last)) = (n.promoted, s.last_run.as_mut()) {
+                if last.run_id == run_id {
+                    last.promoted = Some(promoted);
+                }
+            }
+            if let Some(score) = n.score {
+                s.current_score = Some(score);
+            }
+        }
         self.push(Message {
             topic: self.shared.topics.events(),
             payload: event.payload(),
@@ -247,6 +301,24 @@ impl Publisher {
     pub fn publish_status(&self) {
         let msg = self.status_message();
         self.push(msg);
+    }
+
+    /// Answers a `cmd/status`: the status as it is now; with the command's
+    /// `request_id` when it had one, as a message of its own (not retained,
+    /// [`Kind::Answer`]: a newer status does not replace it, nor a flood of
+    /// command answers push it out), else republished (retained).
+    pub fn answer_status(&self, request_id: Option<Value>) {
+        let Some(id) = request_id else {
+            return self.publish_status();
+        };
+        let info = self.status_info();
+        let dropped = self.with_outbox(|o| o.dropped());
+        self.push(Message {
+            topic: self.shared.topics.status(),
+            payload: messages::status_answer_payload(&info, &self.shared.device_id, dropped, &id),
+            retain: false,
+            kind: Kind::Answer,
+        });
     }
 
     /// The retained status message as it is now.
@@ -334,6 +406,29 @@ mod tests {
         assert_eq!(t.command_of("edge-trainer/dev1/cmd/train"), Some("train"));
         assert_eq!(t.command_of("edge-trainer/dev2/cmd/train"), None);
         assert_eq!(t.command_of("edge-trainer/dev1/status"), None);
+        // Fleet-wide commands always; group commands only for its groups.
+        assert_eq!(t.command_of("edge-trainer/fleet/cmd/stop"), Some("stop"));
+        assert_eq!(t.command_of("edge-trainer/group/a/cmd/train"), None);
+        let t = t.with_groups(&["a".into(), "line-2".into()]);
+        assert_eq!(
+            t.fleet_filters(),
+            [
+                "edge-trainer/fleet/cmd/+",
+                "edge-trainer/group/a/cmd/+",
+                "edge-trainer/group/line-2/cmd/+"
+            ]
+        );
+        assert_eq!(
+            t.command_of("edge-trainer/group/a/cmd/train"),
+            Some("train")
+        );
+        assert_eq!(
+            t.command_of("edge-trainer/group/line-2/cmd/status"),
+            Some("status")
+        );
+        assert_eq!(t.command_of("edge-trainer/group/b/cmd/train"), None);
+        assert_eq!(t.command_of("other/fleet/cmd/train"), None);
+        assert_eq!(t.command_of("edge-trainer/group/a/status"), None);
     }
 
     fn events_of(p: &Publisher) -> Vec<Value> {

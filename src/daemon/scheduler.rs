@@ -15,11 +15,12 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::commands::{self, Command, ConfigBase};
-use super::messages::{Event, FailureKind, RunOrigin, State, StopCause, Trigger};
+use super::messages::{Event, FailureKind, RunOrigin, State, StopCause, Storage, Trigger};
 use super::model_recovery;
 use super::mqtt::RawCommand;
 use super::publisher::Publisher;
 use super::recovery::{self, Interrupted};
+use super::retention::{self, Eviction, Footprint, Pruned, ReplayCounts};
 use super::shutdown::STOP_BUDGET;
 use super::systemd::Activity;
 use crate::config::run::Starter;
@@ -72,8 +73,21 @@ enum RunMsg {
     Promotion(Result<Promotion, String>),
     /// The training thread panicked (a bug); the run counts as failed.
     Crashed(String),
+    /// Retention's work before or after the run (evictions, pruning, the
+    /// footprint, and before a new run what it trains on).
+    Housekeeping(Box<Housekeeping>),
+    /// The disk guard refused the run before it started.
+    Refused(String),
     /// The thread is done; nothing more comes from this run.
     Done,
+}
+
+/// What retention did around a run (see [`retention`]).
+struct Housekeeping {
+    eviction: Option<Eviction>,
+    pruned: Option<Pruned>,
+    replay: Option<ReplayCounts>,
+    footprint: Footprint,
 }
 
 struct ActiveRun {
@@ -133,6 +147,7 @@ impl Queued {
             request_ids: self.request_ids.clone(),
             stopped_by: None,
             stop_request_id: None,
+            replay: None,
         }
     }
 }
@@ -141,6 +156,8 @@ impl Queued {
 pub struct Inputs {
     /// Raw commands from the MQTT driver.
     pub commands: mpsc::Receiver<RawCommand>,
+    /// `cmd/stop` and `cmd/status`, served before the train requests.
+    pub urgent: mpsc::Receiver<RawCommand>,
     /// Sample counts of newly accepted data files, from the watcher.
     pub new_samples: mpsc::UnboundedReceiver<u64>,
     /// Watchdog probes: answered to prove the loop is alive.
@@ -163,6 +180,8 @@ pub struct Scheduler {
     shutting_down: bool,
     /// Interrupted runs found at start, continued one after the other.
     resumes: VecDeque<Interrupted>,
+    /// `storage` in `status`.
+    storage: Storage,
 }
 
 impl Scheduler {
@@ -189,6 +208,7 @@ impl Scheduler {
             run_rx,
             shutting_down: false,
             resumes: VecDeque::new(),
+            storage: Storage::default(),
         }
     }
 
@@ -201,19 +221,29 @@ impl Scheduler {
     /// Runs until `shutdown` fires, then cancels the run, waits for it to end,
     /// and publishes the final events and the `offline` status.
     pub async fn run(mut self, mut inputs: Inputs, shutdown: CancellationToken) {
-        // What a crash or shutdown left behind: temporary files, runs to continue.
+        // What a crash or shutdown left behind: runs to continue (temporary
+        // files are removed by `serve` before any task starts writing).
         let out = self.settings.output.dir.clone();
         let runs = self.settings.runs_dir();
-        let (found, repaired, undecided) = tokio::task::spawn_blocking(move || {
-            recovery::clean_stale_temps(&out);
+        let settings = self.settings.clone();
+        let (found, repaired, undecided, footprint) = tokio::task::spawn_blocking(move || {
             // A corrupt current model, and a finished run killed before its promotion.
             let repaired = model_recovery::repair_current(&out);
             let current = promote::current_model_run_id(&out);
             let undecided = model_recovery::find_undecided(&runs, current.as_deref());
-            (recovery::find_interrupted(&runs), repaired, undecided)
+            let footprint = retention::footprint(&settings);
+            (
+                recovery::find_interrupted(&runs),
+                repaired,
+                undecided,
+                footprint,
+            )
         })
         .await
         .unwrap_or_default();
+        self.storage.footprint = footprint;
+        let storage = self.storage.clone();
+        self.publisher.update_status(|s| s.storage = Some(storage));
         if let Some(r) = repaired {
             self.publisher.event(model_recovery::event(&r));
             let out = self.settings.output.dir.clone();
@@ -233,10 +263,12 @@ impl Scheduler {
         loop {
             // Watchdog probes before anything else: a flood of commands or of
             // run messages must not starve them (systemd would restart us).
+            // Then stop and status, however many train requests wait.
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
                 Some(p) = inputs.probes.recv() => { let _ = p.send(()); }
+                Some(cmd) = inputs.urgent.recv() => self.on_urgent(cmd, &mut inputs.commands),
                 Some((id, msg)) = self.run_rx.recv() => self.on_run_msg(&id, msg),
                 Some(cmd) = inputs.commands.recv() => self.on_command(cmd),
                 Some(n) = inputs.new_samples.recv() => self.on_new_samples(n),
@@ -291,6 +323,23 @@ impl Scheduler {
         }
     }
 
+    /// A `cmd/stop` or `cmd/status`, served ahead of the train requests.
+    fn on_urgent(&mut self, raw: RawCommand, trains: &mut mpsc::Receiver<RawCommand>) {
+        if raw.name == "stop" && self.running.is_none() {
+            // A `cmd/train` sent just before this stop may still wait in the
+            // other channel: serve what waits there (at most its capacity)
+            // until a run starts, so that the stop finds the run it was meant for.
+            for _ in 0..trains.max_capacity() {
+                let Ok(c) = trains.try_recv() else { break };
+                self.on_command(c);
+                if self.running.is_some() {
+                    break;
+                }
+            }
+        }
+        self.on_command(raw);
+    }
+
     fn on_command(&mut self, raw: RawCommand) {
         if self.shutting_down {
             return;
@@ -340,7 +389,17 @@ impl Scheduler {
                     self.publisher.event(rej.to_event());
                 }
             },
-            Ok(Command::Status { .. }) => self.publisher.publish_status(),
+            Ok(Command::Status { request_id }) => {
+                // Fleet senders collect one answer per device by request id:
+                // a `status` carrying it, and a `status_reported` event.
+                if let Some(id) = request_id.clone() {
+                    self.publisher.event(Event::StatusReported {
+                        request_id: id,
+                        status: self.publisher.status_info(),
+                    });
+                }
+                self.publisher.answer_status(request_id);
+            }
         }
     }
 
@@ -366,7 +425,12 @@ impl Scheduler {
             behind_run_id: running,
             coalesced,
         });
-        self.publisher.update_status(|s| s.queued = 1);
+        if !coalesced {
+            // Once per queued run, not per request: a flood of requests must
+            // not flood `status` (nor replace a `cmd/status` answer waiting
+            // in the outbox).
+            self.publisher.update_status(|s| s.queued = 1);
+        }
     }
 
     fn start(&mut self, q: Queued) {
@@ -573,12 +637,54 @@ impl Scheduler {
                     &run.origin,
                 ));
             }
+            RunMsg::Refused(reason) => {
+                run.ended = true;
+                tracing::error!(run_id = %run.run_id, %reason, "the run is refused");
+                p.event(Event::run_failed(
+                    &run.run_id,
+                    reason,
+                    FailureKind::DiskFull,
+                    &run.origin,
+                ));
+            }
+            RunMsg::Housekeeping(h) => {
+                if h.replay.is_some() {
+                    run.origin.replay = h.replay;
+                }
+                let run_id = run.run_id.clone();
+                self.on_housekeeping(&run_id, *h);
+            }
             RunMsg::Promotion(result) => {
                 let run_id = run.run_id.clone();
                 self.on_promotion(&run_id, result);
             }
             RunMsg::Done => self.on_run_done(),
         }
+    }
+
+    fn on_housekeeping(&mut self, run_id: &str, h: Housekeeping) {
+        let st = &mut self.storage;
+        st.footprint = h.footprint;
+        if let Some(ev) = h.eviction {
+            st.evicted_files += ev.evicted_files;
+            st.evicted_samples += ev.samples;
+            self.publisher.event(Event::DataEvicted {
+                run_id: run_id.to_string(),
+                eviction: ev,
+            });
+        }
+        if let Some(pr) = h
+            .pruned
+            .filter(|p| !p.runs.is_empty() || !p.errors.is_empty())
+        {
+            st.pruned_runs += pr.runs.len() as u64;
+            self.publisher.event(Event::RunsPruned {
+                run_id: run_id.to_string(),
+                pruned: pr,
+            });
+        }
+        let storage = self.storage.clone();
+        self.publisher.update_status(|s| s.storage = Some(storage));
     }
 
     fn on_promotion(&mut self, run_id: &str, result: Result<Promotion, String>) {
@@ -664,6 +770,30 @@ fn run_body(
     let send = |m: RunMsg| {
         let _ = out.send((run_id.clone(), m));
     };
+    let keep_runs = settings.output.keep_runs;
+    let prune = |active: Option<&str>| {
+        (keep_runs > 0)
+            .then(|| retention::prune_runs(&settings.output.dir, &req.runs_dir, keep_runs, active))
+    };
+    // Between runs: old run folders, data over the budget, the disk guard.
+    let mut trained_on = None;
+    if !req.resume {
+        let pruned = prune(Some(&run_id));
+        let (data, eviction) = retention::prepare_data(&settings);
+        let guard = retention::check_disk(&settings);
+        send(RunMsg::Housekeeping(Box::new(Housekeeping {
+            eviction,
+            pruned,
+            replay: Some(data.replay),
+            footprint: retention::footprint(&settings),
+        })));
+        if let Err(reason) = guard {
+            send(RunMsg::Refused(reason));
+            send(RunMsg::Done);
+            return;
+        }
+        trained_on = Some(data.files);
+    }
     // The engine's events go straight into the scheduler's channel (tokio's
     // unbounded `send` is synchronous), in order; steps are dropped.
     let sink = |ev: RunEvent| {
@@ -673,6 +803,7 @@ fn run_body(
     };
     let result =
         std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| train(&req, &sink, &cancel)));
+    let success = matches!(&result, Ok(s) if s.outcome.is_success());
     match result {
         Ok(summary) => {
             if summary.outcome.is_success() {
@@ -695,6 +826,16 @@ fn run_body(
             send(RunMsg::Crashed(reason));
         }
     }
+    if let Some(files) = trained_on.filter(|_| success) {
+        retention::mark_trained(&settings, &files);
+    }
+    let pruned = prune(None);
+    send(RunMsg::Housekeeping(Box::new(Housekeeping {
+        eviction: None,
+        pruned,
+        replay: None,
+        footprint: retention::footprint(&settings),
+    })));
     send(RunMsg::Done);
 }
 

@@ -36,7 +36,10 @@ pub struct Reference {
 }
 
 impl Reference {
-    /// From the model in `current` if it loads, else from the data folder.
+    /// From the model in `current` if it loads, else from the data folder: the
+    /// class list (`data.classes`, the class file) or, without one, the classes
+    /// a run would infer from the data already there, so that a stray label
+    /// (`cat` among digits) is refused before the first promotion.
     pub fn discover(spec: &DataSpec, current: &Path, files: &[PathBuf]) -> Self {
         if current.exists() {
             match crate::engine::checkpoint::load(current, &candle_core::Device::Cpu) {
@@ -54,7 +57,8 @@ impl Reference {
         let classes = spec
             .classes
             .clone()
-            .or_else(|| data::read_class_file(&spec.dir).ok().flatten());
+            .or_else(|| data::read_class_file(&spec.dir).ok().flatten())
+            .or_else(|| data::infer_classes_of(spec, files));
         let sample_shape = files
             .iter()
             .find_map(|f| data::scan_file(f, spec, None, None).ok())
@@ -575,6 +579,40 @@ mod tests {
         assert!(changes_files(&EventKind::Modify(ModifyKind::Name(
             RenameMode::To
         ))));
+    }
+
+    /// Issue 18: on a fresh device (no model, no class file) a CSV row
+    /// labelled `cat` among digit data was accepted; a from-scratch run then
+    /// inferred the classes as `["cat"]`. The reference now holds the classes
+    /// inferred from the data already there.
+    #[test]
+    fn without_a_model_new_files_are_checked_against_the_classes_of_the_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        std::fs::create_dir_all(&data).unwrap();
+        let mut rows = String::from("a,b,label\n");
+        for i in 0..10 {
+            rows.push_str(&format!("{i},1,{i}\n"));
+        }
+        std::fs::write(data.join("digits.csv"), rows).unwrap();
+        std::fs::write(data.join("more.csv"), "a,b,label\n1,2,3\n").unwrap();
+        let spec = DataSpec::new(&data, DataFormat::Csv);
+        let old = data::list_files(&spec).unwrap();
+        let r = Reference::discover(&spec, &dir.path().join("current.safetensors"), &old);
+        let want: Vec<String> = (0..10).map(|i| i.to_string()).collect();
+        assert_eq!(r.classes.as_deref(), Some(want.as_slice()));
+        assert_eq!(r.sample_shape, Some(vec![2]));
+
+        let cat = data.join("cat.csv");
+        std::fs::write(&cat, "a,b,label\n1,2,cat\n").unwrap();
+        let e = validate_file(&cat, &spec, &r).unwrap_err().to_string();
+        assert!(e.contains("\"cat\"") && e.contains("10 classes"), "{e}");
+        std::fs::write(data.join("ok.csv"), "a,b,label\n1,2,9\n").unwrap();
+        assert_eq!(validate_file(&data.join("ok.csv"), &spec, &r).unwrap(), 1);
+        // A class file still decides when there is one.
+        std::fs::write(data.join("classes.txt"), "cat\ndog\n").unwrap();
+        let r = Reference::discover(&spec, &dir.path().join("current.safetensors"), &old);
+        assert_eq!(r.classes, Some(vec!["cat".to_string(), "dog".to_string()]));
     }
 
     #[test]

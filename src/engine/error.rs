@@ -152,13 +152,18 @@ pub enum RunError {
     /// `model.freeze` freezes everything.
     #[error("model.freeze leaves no parameter to train")]
     NothingToTrain,
+    /// `model.finetune` does not fit the model.
+    #[error(transparent)]
+    FineTune(#[from] crate::engine::model::FineTuneError),
     /// The training loss became NaN or infinite.
-    #[error("training loss became {loss} at epoch {epoch}, step {step}; the learning rate ({lr}) may be too high")]
+    #[error("training loss became {loss} at epoch {epoch}, step {step}; the learning rate ({lr}) may be too high{suspects}")]
     Diverged {
         epoch: u64,
         step: u64,
         loss: f64,
         lr: f64,
+        /// Data files whose values dwarf the others' (named when any).
+        suspects: crate::engine::data::Outliers,
     },
     /// No evaluation gave a finite validation metric, so no model was kept.
     #[error("no evaluation produced a finite validation metric; no model was saved")]
@@ -247,6 +252,7 @@ impl RunError {
             | RunError::ModelConfig(_)
             | RunError::OverBudget { .. }
             | RunError::FreezeMatchesNothing(_)
+            | RunError::FineTune(_)
             | RunError::NothingToTrain => K::BadConfig,
             RunError::Diverged { .. } | RunError::NoFiniteMetric => K::Diverged,
             RunError::Io { source, .. } => FailureKind::of_io(source),
@@ -337,6 +343,7 @@ mod tests {
                     step: 3,
                     loss: f64::NAN,
                     lr: 10.0,
+                    suspects: Default::default(),
                 },
                 FailureKind::Diverged,
             ),
@@ -425,6 +432,7 @@ mod tests {
             step: 7,
             loss: f64::INFINITY,
             lr: 5.0,
+            suspects: Default::default(),
         };
         assert_eq!(
             e.to_string(),

@@ -12,6 +12,7 @@ use super::checkpoint;
 use super::data::{DataSpec, Split};
 use super::error::{FailureKind, RunError};
 use super::eval::evaluate_checkpoint;
+use super::export;
 use super::fsutil::atomic_write;
 use super::loss::CrossEntropy;
 use super::run::CancelFlag;
@@ -20,6 +21,10 @@ use super::run::CancelFlag;
 pub const CURRENT_FILE: &str = "current.safetensors";
 /// The model that was in service before the last promotion.
 pub const PREVIOUS_FILE: &str = "previous.safetensors";
+/// The model in service as ONNX (`output.export_onnx`).
+pub const CURRENT_ONNX_FILE: &str = "current.onnx";
+/// Its class names, one per line (`output.export_onnx`).
+pub const CURRENT_LABELS_FILE: &str = "current.labels.txt";
 
 /// The metric a candidate must match or beat.
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -97,6 +102,58 @@ pub struct Promotion {
     pub current_path: PathBuf,
     /// Where the replaced model went, when one was replaced.
     pub previous_path: Option<PathBuf>,
+    /// `current.onnx` and `current.labels.txt`, when written (`output.export_onnx`).
+    pub onnx: Option<OnnxFiles>,
+    /// Why they could not be written (the promotion stands; stale ones are removed).
+    pub onnx_error: Option<String>,
+}
+
+/// The ONNX export of a promoted model and its labels, with their SHA-256.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OnnxFiles {
+    pub path: PathBuf,
+    pub sha256: String,
+    pub labels_path: PathBuf,
+    pub labels_sha256: String,
+}
+
+/// Hex SHA-256 of `bytes`.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Exports `candidate` as `current.onnx` and `current.labels.txt` in
+/// `output_dir`, each written atomically. On failure the stale files of the
+/// previous model are removed, so that no `current.onnx` ever disagrees with
+/// `current.safetensors`.
+fn export_current(candidate: &Path, output_dir: &Path) -> Result<OnnxFiles, String> {
+    let onnx_path = output_dir.join(CURRENT_ONNX_FILE);
+    let labels_path = output_dir.join(CURRENT_LABELS_FILE);
+    let result = export::export_checkpoint(candidate, export::ExportOptions::default())
+        .and_then(|e| export::write_files(&e, &onnx_path, &labels_path).map(|()| e));
+    match result {
+        Ok(e) => Ok(OnnxFiles {
+            sha256: sha256_hex(&e.onnx),
+            labels_sha256: sha256_hex(e.labels.as_bytes()),
+            path: onnx_path,
+            labels_path,
+        }),
+        Err(err) => {
+            tracing::warn!(error = %err, "the promoted model could not be exported to ONNX");
+            for p in [&onnx_path, &labels_path] {
+                if let Err(e) = std::fs::remove_file(p) {
+                    if e.kind() != std::io::ErrorKind::NotFound {
+                        tracing::warn!(file = %p.display(), error = %e, "cannot remove the stale export");
+                    }
+                }
+            }
+            Err(err.to_string())
+        }
+    }
 }
 
 /// Why a promotion could not be carried out (the current model is then untouched).
@@ -153,6 +210,8 @@ pub struct PromoteRequest<'a> {
     pub device: &'a Device,
     pub batch_size: usize,
     pub metric: PromoteMetric,
+    /// Also write `current.onnx` and `current.labels.txt` (`output.export_onnx`).
+    pub export_onnx: bool,
 }
 
 /// Scores a checkpoint on `split` (plain cross-entropy, so scores of models
@@ -249,6 +308,7 @@ pub fn promote(req: &PromoteRequest, cancel: &CancelFlag) -> Result<Promotion, P
     };
 
     let mut previous_path = None;
+    let (mut onnx, mut onnx_error) = (None, None);
     if promote {
         if cancel.is_cancelled() {
             return Err(PromoteError::Cancelled);
@@ -268,6 +328,12 @@ pub fn promote(req: &PromoteRequest, cancel: &CancelFlag) -> Result<Promotion, P
             previous_path = Some(prev);
         }
         atomic_write(&current_path, &bytes).map_err(|e| write_err(&current_path, e))?;
+        if req.export_onnx {
+            match export_current(req.candidate, req.output_dir) {
+                Ok(f) => onnx = Some(f),
+                Err(e) => onnx_error = Some(e),
+            }
+        }
     }
     Ok(Promotion {
         promoted: promote,
@@ -278,6 +344,8 @@ pub fn promote(req: &PromoteRequest, cancel: &CancelFlag) -> Result<Promotion, P
         reason,
         current_path,
         previous_path,
+        onnx,
+        onnx_error,
     })
 }
 
@@ -367,6 +435,7 @@ mod tests {
             device: &Device::Cpu,
             batch_size: 4,
             metric: PromoteMetric::Accuracy,
+            export_onnx: false,
         }
     }
 
@@ -419,6 +488,35 @@ mod tests {
         assert_eq!(p.split, "val");
         assert!(p.promoted);
         assert!(p.candidate.samples > 0);
+    }
+
+    #[test]
+    fn the_onnx_export_follows_the_promoted_model_and_never_lags_behind() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cand = tmp.path().join("cand.safetensors");
+        let data = fixture(tmp.path(), 40, &cand);
+        let out = tmp.path().join("out");
+        std::fs::create_dir_all(&out).unwrap();
+        let mut req = request(&cand, &out, &data);
+        req.export_onnx = true;
+        let p = promote(&req, &CancelFlag::new()).unwrap();
+        let f = p.onnx.expect("exported");
+        assert_eq!(f.path, out.join(CURRENT_ONNX_FILE));
+        assert_eq!(f.sha256, sha256_hex(&std::fs::read(&f.path).unwrap()));
+        assert_eq!(std::fs::read_to_string(&f.labels_path).unwrap(), "hi\nlo\n");
+        assert!(p.onnx_error.is_none());
+        // An export that cannot be written: the promotion stands, the stale
+        // labels are removed, and the event will say why.
+        std::fs::remove_file(&f.path).unwrap();
+        std::fs::create_dir_all(f.path.join("in-the-way")).unwrap();
+        let p = promote(&req, &CancelFlag::new()).unwrap();
+        assert!(p.promoted && p.onnx.is_none());
+        assert!(p.onnx_error.unwrap().contains("current.onnx"));
+        assert!(!out.join(CURRENT_LABELS_FILE).exists());
+        assert_eq!(
+            sha256_hex(b"abc"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
     }
 
     #[test]

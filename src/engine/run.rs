@@ -126,6 +126,8 @@ pub struct TrainSpec {
     pub early_stopping: (Monitor, EarlyStopConfig),
     /// Parameter-name patterns held fixed.
     pub freeze: Vec<String>,
+    /// Which parameters train (`model.finetune`); combines with `freeze`.
+    pub finetune: super::model::FineTune,
     /// How the tensors of a `WarmStart::StateDict` map onto the model.
     pub init: InitMapping,
     /// Memory a training step may take; checked before the model is built.

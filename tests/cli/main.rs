@@ -11,18 +11,22 @@ mod paths;
 #[path = "../support/trials.rs"]
 mod trials;
 
+mod backbones_e2e;
 mod bench_smoke;
 mod cli_train;
 mod formats_e2e;
 mod full_disk;
+mod onnx_export;
 mod resume;
 
 fn main() -> ExitCode {
     trials::run([
+        backbones_e2e::tests(),
         bench_smoke::tests(),
         cli_train::tests(),
         formats_e2e::tests(),
         full_disk::tests(),
+        onnx_export::tests(),
         resume::tests(),
     ])
 }

@@ -1,6 +1,7 @@
 //! Soak: many short runs back to back with data arriving and commands flying
 //! (status requests, malformed and forbidden commands, train requests that
-//! queue and coalesce, the odd `cmd/stop`). The daemon's resident memory
+//! queue and coalesce, the odd `cmd/stop`, a flood of 200 junk commands at
+//! QoS 0 during every run). The daemon's resident memory
 //! (VmRSS) and open file descriptors are sampled after a warm-up and at the
 //! end and must stay flat: fds within +2, RSS within +25% + 16 MiB (allocator
 //! and page-cache noise on a busy machine).
@@ -10,6 +11,7 @@
 
 use std::time::Instant;
 
+use crate::daemon_flood::Flooder;
 use crate::helpers::*;
 use crate::paths::root;
 use crate::trials::{test, Test};
@@ -24,6 +26,9 @@ min_new_samples = 0
 file_settle_s = 0.1
 rescan_s = 0.5
 "#;
+
+/// Junk commands flooded during each run.
+const FLOOD_PER_RUN: u64 = 200;
 
 fn vm_rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -53,6 +58,7 @@ fn many_runs_with_data_and_commands_keep_memory_and_fds_flat() {
     let t0 = Instant::now();
     let mut warm = None;
     let (mut finished, mut cancelled) = (0usize, 0usize);
+    let mut flooded = 0u64;
     for i in 0..runs {
         // Data arrives: one of three names, rewritten, so the data set stays bounded.
         std::fs::write(
@@ -87,6 +93,16 @@ fn many_runs_with_data_and_commands_keep_memory_and_fds_flat() {
                     .is_some_and(|a| a.iter().any(|v| v.as_str() == Some(rid.as_str())))
         });
         let run_id = started.run_id().to_string();
+        // A junk flood during the run: 200 commands at QoS 0 as fast as the
+        // broker takes them (bounded in count and time; never blocks).
+        let mut flood = Flooder::start(
+            h.broker.port,
+            &h.env.base_topic(),
+            std::time::Duration::from_secs(10),
+            FLOOD_PER_RUN,
+            true,
+        );
+        flooded += flood.wait();
         if stop {
             h.dash.send("stop", r#"{"request_id": "halt"}"#);
         }
@@ -122,7 +138,7 @@ fn many_runs_with_data_and_commands_keep_memory_and_fds_flat() {
     let (rss0, fds0) = warm.unwrap();
     let (rss1, fds1) = (vm_rss_kib(pid), open_fds(pid));
     println!(
-        "daemon_soak: {runs} runs ({finished} finished, {cancelled} cancelled) in {:.1}s; \
+        "daemon_soak: {runs} runs ({finished} finished, {cancelled} cancelled, {flooded} junk commands flooded) in {:.1}s; \
          after {warm_up} runs RSS {} KiB, {fds0} fds; at the end RSS {} KiB, {fds1} fds",
         t0.elapsed().as_secs_f64(),
         rss0,

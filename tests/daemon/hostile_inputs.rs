@@ -399,6 +399,113 @@ fn absurd_model_sizes_in_a_command_are_rejected_and_the_daemon_lives() {
     );
 }
 
+/// Break 5, the reference: on a fresh device (no model, no class file) a CSV
+/// row labelled `cat` among digit data was accepted, and the next run from
+/// scratch inferred the classes as `["cat"]`. The watcher now checks new files
+/// against the classes of the data already there: the row is refused, named,
+/// with the reason; a file with a known label is still accepted.
+fn a_stray_class_on_a_fresh_device_is_refused_before_any_model() {
+    let port = free_port();
+    let env = Env::new(port, "[data]\nformat = \"csv\"\n", &[]);
+    let mut rows = String::from("a,b,c,label\n");
+    for i in 0..200 {
+        rows.push_str(&format!("{},{},{},{}\n", i % 7, i % 5, i % 3, i % 10));
+    }
+    std::fs::write(env.data.join("digits.csv"), rows).unwrap();
+    let broker = Broker::start(&env.dir.path().join("broker"), port);
+    let dash = Dashboard::connect(port, &env.base_topic(), None);
+    let daemon = Daemon::start(&env, &[]);
+    let mut h = Harness {
+        env,
+        broker,
+        daemon,
+        dash,
+    };
+    let status = h.dash.topic("status");
+    h.wait("the daemon's first status", SHORT, |m| m.topic == status);
+    let events = h.dash.topic("events");
+    for (name, body) in [("cat.csv", "1,2,3,cat\n"), ("seven.csv", "1,2,3,7\n")] {
+        let tmp = h.env.dir.path().join(name);
+        std::fs::write(&tmp, format!("a,b,c,label\n{body}")).unwrap();
+        std::fs::rename(&tmp, h.env.data.join(name)).unwrap();
+    }
+    let (_, m) = h.wait("data_rejected for cat.csv", LONG, |m| {
+        m.topic == events && m.event() == "data_rejected" && m.json["file"] == "cat.csv"
+    });
+    let reason = m.json["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("\"cat\"") && reason.contains("10 classes"),
+        "{reason}"
+    );
+    h.wait("data_accepted for seven.csv", LONG, |m| {
+        m.topic == events && m.event() == "data_accepted" && m.json["file"] == "seven.csv"
+    });
+    assert!(h.env.data.join("rejected/cat.csv").is_file());
+}
+
+/// Break 5: five samples of 3e38 (finite f32, accepted under a raised
+/// `data.max_abs_value`) made every warm-started run fail with "the learning
+/// rate may be too high", naming no file. The failure names the file now.
+fn a_run_made_non_finite_by_a_data_file_names_the_file() {
+    let port = free_port();
+    let extra = "[data]\nformat = \"csv\"\nmax_abs_value = 3.4e38\n[model]\nhidden = [16]\n[train]\nmax_epochs = 5\n[train.optimizer]\nlr = 0.5\n";
+    let env = Env::new(port, extra, &[]);
+    for f in 0..3 {
+        let mut rows = String::from("a,b,c,label\n");
+        for i in 0..100u32 {
+            let l = i % 3;
+            let jitter = ((i * 37 + f * 11) % 100) as f32 / 100.0;
+            rows.push_str(&format!(
+                "{},{jitter},{},{l}\n",
+                l as f32 + jitter,
+                jitter - l as f32
+            ));
+        }
+        std::fs::write(env.data.join(format!("part{f}.csv")), rows).unwrap();
+    }
+    let broker = Broker::start(&env.dir.path().join("broker"), port);
+    let dash = Dashboard::connect(port, &env.base_topic(), None);
+    let daemon = Daemon::start(&env, &[]);
+    let mut h = Harness {
+        env,
+        broker,
+        daemon,
+        dash,
+    };
+    let status = h.dash.topic("status");
+    h.wait("the daemon's first status", SHORT, |m| m.topic == status);
+    let events = h.dash.topic("events");
+    let first = h.train("clean", r#"{"request_id":"clean"}"#);
+    let (_, m) = h.wait("the first promotion", LONG, |m| {
+        m.topic == events && m.event().starts_with("model_") && m.run_id() == first
+    });
+    assert_eq!(m.event(), "model_promoted", "{}", m.json);
+
+    let tmp = h.env.dir.path().join("big.csv");
+    let big: String = (0..5)
+        .map(|i| format!("3e38,1,-2e38,{}\n", i % 3))
+        .collect();
+    std::fs::write(&tmp, format!("a,b,c,label\n{big}")).unwrap();
+    std::fs::rename(&tmp, h.env.data.join("big.csv")).unwrap();
+    h.wait("data_accepted for big.csv", LONG, |m| {
+        m.topic == events && m.event() == "data_accepted" && m.json["file"] == "big.csv"
+    });
+    h.dash.send("train", r#"{"request_id":"warm"}"#);
+    let (_, m) = h.wait("run_failed for warm", LONG, |m| {
+        m.topic == events
+            && m.event() == "run_failed"
+            && m.json["request_ids"]
+                .as_array()
+                .is_some_and(|a| a.iter().any(|v| v == "warm"))
+    });
+    assert_eq!(m.json["kind"], "diverged", "{}", m.json);
+    let reason = m.json["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("big.csv (values up to 3e38)") && !reason.contains("part0.csv"),
+        "{reason}"
+    );
+}
+
 /// This module's tests.
 pub fn tests() -> Vec<Test> {
     vec![
@@ -408,6 +515,8 @@ pub fn tests() -> Vec<Test> {
         test!(a_csv_with_a_2mb_field_is_rejected_with_a_short_reason),
         test!(absurd_model_sizes_in_a_command_are_rejected_and_the_daemon_lives),
         test!(a_corrupt_current_model_heals_and_an_unpromoted_run_is_promoted_after_restart),
+        test!(a_stray_class_on_a_fresh_device_is_refused_before_any_model),
+        test!(a_run_made_non_finite_by_a_data_file_names_the_file),
         // Its own Mosquitto with `set_tcp_nodelay`, so that only the daemon's socket is measured.
         test!(commands_are_answered_without_a_nagle_floor).needs(MOSQUITTO),
     ]

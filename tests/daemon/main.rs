@@ -19,10 +19,13 @@ mod daemon_commands;
 mod daemon_crash;
 mod daemon_data;
 mod daemon_embedded_broker;
+mod daemon_flood;
 mod daemon_full_disk;
 mod daemon_measure;
 mod daemon_no_broker;
+mod daemon_onnx;
 mod daemon_outage;
+mod daemon_retention;
 mod daemon_secrets;
 mod daemon_sigterm;
 mod daemon_soak;
@@ -30,6 +33,7 @@ mod daemon_stop;
 mod daemon_tls;
 mod daemon_tls_acl;
 mod daemon_train;
+mod fleet;
 mod fuzz_commands;
 mod hostile_inputs;
 
@@ -40,10 +44,13 @@ fn main() -> ExitCode {
         daemon_crash::tests(),
         daemon_data::tests(),
         daemon_embedded_broker::tests(),
+        daemon_flood::tests(),
         daemon_full_disk::tests(),
         daemon_measure::tests(),
         daemon_no_broker::tests(),
+        daemon_onnx::tests(),
         daemon_outage::tests(),
+        daemon_retention::tests(),
         daemon_secrets::tests(),
         daemon_sigterm::tests(),
         daemon_soak::tests(),
@@ -51,6 +58,7 @@ fn main() -> ExitCode {
         daemon_tls::tests(),
         daemon_tls_acl::tests(),
         daemon_train::tests(),
+        fleet::tests(),
         fuzz_commands::tests(),
         hostile_inputs::tests(),
     ])

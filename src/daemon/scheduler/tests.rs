@@ -26,6 +26,8 @@ struct Control {
     ignore_cancel: AtomicBool,
     /// The requests of the runs so far.
     requests: Mutex<Vec<RunRequest>>,
+    /// The cancel flags of the runs so far.
+    cancels: Mutex<Vec<CancelFlag>>,
 }
 
 impl Control {
@@ -67,6 +69,7 @@ fn summary(req: &RunRequest, outcome: Outcome, reason: String) -> RunSummary {
 fn fake(ctl: Arc<Control>) -> Runner {
     Runner::new(Arc::new(move |req, tx, cancel| {
         ctl.requests.lock().unwrap().push(req.clone());
+        ctl.cancels.lock().unwrap().push(cancel.clone());
         if ctl.panic.load(Ordering::SeqCst) {
             panic!("a bug in the fake trainer");
         }
@@ -136,6 +139,7 @@ impl Msg {
 struct Harness {
     publisher: Publisher,
     commands: mpsc::Sender<RawCommand>,
+    urgent: mpsc::Sender<RawCommand>,
     samples: mpsc::UnboundedSender<u64>,
     probes: mpsc::Sender<oneshot::Sender<()>>,
     activity: watch::Receiver<Activity>,
@@ -175,12 +179,14 @@ impl Harness {
         let scheduler = Scheduler::new(base, settings, Device::Cpu, publisher.clone(), activity_tx)
             .with_runner(fake(ctl.clone()));
         let (commands, commands_rx) = mpsc::channel(queue);
+        let (urgent, urgent_rx) = mpsc::channel(commands::URGENT_QUEUE);
         let (samples, samples_rx) = mpsc::unbounded_channel();
         let (probes, probes_rx) = mpsc::channel(4);
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(scheduler.run(
             Inputs {
                 commands: commands_rx,
+                urgent: urgent_rx,
                 new_samples: samples_rx,
                 probes: probes_rx,
             },
@@ -189,6 +195,7 @@ impl Harness {
         Self {
             publisher,
             commands,
+            urgent,
             samples,
             probes,
             activity,
@@ -201,14 +208,31 @@ impl Harness {
         }
     }
 
+    /// Sends a command on its channel, as the MQTT driver routes it.
     fn send(&self, name: &str, payload: &str) {
-        self.commands
-            .try_send(RawCommand {
-                name: name.into(),
-                payload: payload.as_bytes().to_vec(),
-                retained: false,
-            })
-            .unwrap();
+        self.try_send(name, payload).unwrap();
+    }
+
+    fn try_send(
+        &self,
+        name: &str,
+        payload: &str,
+    ) -> Result<(), mpsc::error::TrySendError<RawCommand>> {
+        let queue = if commands::is_urgent(name) {
+            &self.urgent
+        } else {
+            &self.commands
+        };
+        queue.try_send(RawCommand {
+            name: name.into(),
+            payload: payload.as_bytes().to_vec(),
+            retained: false,
+        })
+    }
+
+    /// Commands waiting in the train channel.
+    fn waiting(&self) -> usize {
+        self.commands.max_capacity() - self.commands.capacity()
     }
 
     /// Takes everything out of the outbox, as a broker acknowledging it would.
@@ -319,11 +343,14 @@ async fn a_train_request_during_a_run_is_queued_and_coalesced() {
         json!({"event": "run_queued", "request_id": "b", "trigger": "command",
                "behind_run_id": first, "coalesced": false, "ts": q["ts"]})
     );
+    let status = h.wait("queued status", |m| m.state() == "training").await;
+    assert_eq!(status.json["queued"], 1);
     let q = h.event("run_queued").await;
     assert_eq!(q["request_id"], 7);
     assert_eq!(q["coalesced"], true);
-    let status = h.wait("queued status", |m| m.state() == "training").await;
-    assert_eq!(status.json["queued"], 1);
+    // The status said so once: a coalesced request changes nothing in it.
+    h.settle().await;
+    assert!(!h.seen[h.cursor..].iter().any(|m| m.state() == "training"));
 
     h.ctl.release(1);
     let done = h.event("run_finished").await;
@@ -478,9 +505,9 @@ async fn a_run_that_does_not_end_is_left_behind_after_its_stop_budget() {
 }
 
 /// Issue 18 break 4: a flood of valid `cmd/train` during a run. The watchdog
-/// probe is answered before the flood is worked off, the queued overrides stay
-/// one per key (the last value wins), the coalesced request ids stay capped,
-/// and a `cmd/stop` behind the flood is still honoured with its request id.
+/// probe is answered before the flood is worked off, and so are a `cmd/stop`
+/// and a `cmd/status` sent after it (their own channel); the queued overrides
+/// stay one per key (the last value wins) and the coalesced request ids capped.
 #[tokio::test(start_paused = true)]
 async fn a_command_flood_neither_starves_the_watchdog_nor_grows_the_queue() {
     const FLOOD: usize = 10_000;
@@ -498,35 +525,114 @@ async fn a_command_flood_neither_starves_the_watchdog_nor_grows_the_queue() {
         );
     }
     h.send("stop", r#"{"request_id": "halt"}"#);
+    h.send("status", r#"{"request_id": "how"}"#);
     let t0 = Instant::now();
     let (tx, rx) = oneshot::channel();
     h.probes.try_send(tx).unwrap();
     rx.await.unwrap();
-    let waiting = h.commands.max_capacity() - h.commands.capacity();
-    // Answered at once, not after the flood was worked off.
-    assert!(waiting > FLOOD - 200, "{waiting} commands still waiting");
+    // Answered at once, not after the flood was worked off; so was the stop.
+    let waiting = h.waiting();
+    assert!(waiting > FLOOD - 500, "{waiting} commands still waiting");
+    assert!(h.ctl.cancels.lock().unwrap()[0].is_cancelled());
+    let st = h
+        .wait("status answer", |m| m.json["request_id"] == "how")
+        .await;
+    assert_eq!(st.state(), "training");
 
     let c = h.event("run_cancelled").await;
-    let flood_s = t0.elapsed().as_secs_f64();
     assert_eq!(c["run_id"], started["run_id"]);
     assert_eq!(c["stop_request_id"], "halt");
+    // The flood is worked off: it queues behind the runs it starts.
+    while h.waiting() > 0 {
+        h.settle().await;
+    }
+    let flood_s = t0.elapsed().as_secs_f64();
     eprintln!(
         "{FLOOD} queued cmd/train worked off in {flood_s:.2} s ({:.0} us each)",
         flood_s * 1e6 / FLOOD as f64
     );
-    let next = h.event("run_started").await;
-    let ids = next["request_ids"].as_array().unwrap();
+    // Every run may finish now; the last one holds the coalesced rest.
+    h.ctl.release(FLOOD);
+    h.activity
+        .wait_for(|a| matches!(a, Activity::Idle))
+        .await
+        .unwrap();
+    h.drain();
+    let last = h
+        .seen
+        .iter()
+        .rev()
+        .find(|m| m.event() == "run_started")
+        .unwrap()
+        .json
+        .clone();
+    let ids = last["request_ids"].as_array().unwrap();
     assert_eq!(ids.len(), crate::daemon::bounded::MAX_REQUEST_IDS);
-    assert_eq!(ids[0], 0);
     // The last request's values won.
-    let last = FLOOD - 1;
-    assert_eq!(next["max_epochs"], (last % 50 + 1) as u64);
-    let req = h.ctl.requests.lock().unwrap()[1].clone();
-    assert_eq!(req.train.max_epochs, (last % 50 + 1) as u64);
-    h.ctl.release(1);
-    h.event("run_finished").await;
-    h.status("idle").await;
+    let n = FLOOD - 1;
+    assert_eq!(last["max_epochs"], (n % 50 + 1) as u64);
+    let req = h.ctl.requests.lock().unwrap().last().unwrap().clone();
+    assert_eq!(req.train.max_epochs, (n % 50 + 1) as u64);
+    assert!(h.ctl.requests.lock().unwrap().len() <= 3);
     h.finish().await;
+}
+
+/// Issue 18: behind a full train channel, `cmd/stop` and `cmd/status` were
+/// answered "busy". They have their own channel now: the stop cancels the run
+/// and the status is answered with its request id while the train requests
+/// still wait.
+#[tokio::test(start_paused = true)]
+async fn stop_and_status_are_served_past_a_full_train_queue() {
+    let mut h = Harness::start_with("", 8).await;
+    h.send("train", r#"{"request_id": "run"}"#);
+    let started = h.event("run_started").await;
+    let mut sent = 0;
+    while h
+        .try_send("train", &format!(r#"{{"request_id": {sent}}}"#))
+        .is_ok()
+    {
+        sent += 1;
+    }
+    assert_eq!(sent, 8, "the train channel is full");
+    h.send("status", r#"{"request_id": "s-1"}"#);
+    h.send("stop", r#"{"request_id": "x-1"}"#);
+    let (tx, rx) = oneshot::channel();
+    h.probes.try_send(tx).unwrap();
+    rx.await.unwrap();
+    let st = h
+        .wait("status answer", |m| m.json["request_id"] == "s-1")
+        .await;
+    assert_eq!(st.state(), "training");
+    assert_eq!(st.json["run_id"], started["run_id"]);
+    let c = h.event("run_cancelled").await;
+    assert_eq!(c["run_id"], started["run_id"]);
+    assert_eq!(c["stop_request_id"], "x-1");
+    assert_eq!(c["stopped_by"], "cmd/stop");
+    // The waiting requests are served after it, coalesced into one run.
+    let next = h.event("run_started").await;
+    assert!(!next["request_ids"].as_array().unwrap().is_empty());
+    h.ctl.release(2);
+    h.activity
+        .wait_for(|a| matches!(a, Activity::Idle))
+        .await
+        .unwrap();
+    let h = h.finish().await;
+    assert_eq!(h.count(&["command_rejected"]), 0, "{:#?}", h.seen);
+}
+
+/// A `cmd/train` and the `cmd/stop` right behind it: the stop waits for the
+/// run it was meant for, although it travels on the faster channel.
+#[tokio::test(start_paused = true)]
+async fn a_stop_right_after_a_train_stops_that_run() {
+    let mut h = Harness::start("").await;
+    h.send("train", r#"{"request_id": "t"}"#);
+    h.send("stop", r#"{"request_id": "s"}"#);
+    let c = h.event("run_cancelled").await;
+    assert_eq!(c["request_ids"], json!(["t"]));
+    assert_eq!(c["stop_request_id"], "s");
+    h.status("idle").await;
+    let h = h.finish().await;
+    assert_eq!(h.count(&["command_rejected"]), 0, "{:#?}", h.seen);
 }
 
 #[test]

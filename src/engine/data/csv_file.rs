@@ -27,7 +27,7 @@ pub(super) fn read_limited(
     let mut features = Vec::new();
     let mut labels = LabelCodes::default();
     let mut budget = Budget::new(max_bytes);
-    let n_features = for_each_row(path, label_column, delimiter, |row, values, label| {
+    let n_features = for_each_row(path, label_column, true, delimiter, |row, values, label| {
         let int = labels.push(label)?;
         budget.charge(4 * values.len() as u64, int, row)?;
         features.extend_from_slice(values);
@@ -43,10 +43,13 @@ pub(super) fn read_limited(
 
 /// Parses the rows of a CSV file one by one and hands each (row index, feature
 /// values, label text) to `f`, checking the header, field counts, numbers and
-/// finiteness on the way. Returns the number of features per row.
-pub(super) fn for_each_row(
+/// finiteness on the way. Returns the number of features per row. A file
+/// without the label column is an error when `required`; otherwise every
+/// column is a feature and the label text is empty (`predict`'s inputs).
+pub fn for_each_row(
     path: &Path,
     label_column: &str,
+    required: bool,
     delimiter: u8,
     mut f: impl FnMut(usize, &[f32], &str) -> Result<(), FileError>,
 ) -> Result<usize, FileError> {
@@ -57,10 +60,10 @@ pub(super) fn for_each_row(
         .from_path(path)
         .map_err(FileError::CsvOpen)?;
     let headers = reader.headers().map_err(FileError::CsvHeader)?.clone();
-    let label_idx = headers
-        .iter()
-        .position(|h| h == label_column)
-        .ok_or_else(|| {
+    let found = headers.iter().position(|h| h == label_column);
+    let label_idx = match found {
+        None if !required => None,
+        found => Some(found.ok_or_else(|| {
             let mut listed: Vec<String> = headers
                 .iter()
                 .take(MAX_LISTED_HEADERS)
@@ -79,8 +82,9 @@ pub(super) fn for_each_row(
                 column: quote(label_column),
                 headers: listed,
             }
-        })?;
-    let n_features = headers.len() - 1;
+        })?),
+    };
+    let n_features = headers.len() - usize::from(label_idx.is_some());
     if n_features == 0 {
         return Err(FileError::NoFeatureColumns);
     }
@@ -104,7 +108,7 @@ pub(super) fn for_each_row(
         values.clear();
         let mut label = "";
         for (col, field) in record.iter().enumerate() {
-            if col == label_idx {
+            if Some(col) == label_idx {
                 if field.is_empty() {
                     return Err(FileError::EmptyLabel { line });
                 }

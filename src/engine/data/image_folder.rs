@@ -118,7 +118,7 @@ pub fn check_header(path: &Path) -> Result<(u32, u32), FileError> {
 }
 
 /// Decodes an image as 8-bit grayscale (`channels` 1) or RGB.
-pub fn decode(path: &Path, channels: usize) -> Result<Hwc, FileError> {
+pub fn decode_hwc(path: &Path, channels: usize) -> Result<Hwc, FileError> {
     let img = open_reader(path)?.decode().map_err(FileError::Image)?;
     let (w, h) = (img.width(), img.height());
     let (c, data) = match channels {
@@ -190,13 +190,22 @@ pub fn read(
     channels: usize,
 ) -> Result<FileSamples, FileError> {
     let class = class_of(&relative_name(dir, path))?;
-    let img = resize_to(&decode(path, channels)?, size, ResizeMode::Stretch)?;
+    let img = resize_to(&decode_hwc(path, channels)?, size, ResizeMode::Stretch)?;
     let [h, w] = size;
     Ok(FileSamples {
         features: Features::U8(hwc_to_chw(&img)),
         labels: RawLabels::Name(vec![class]),
         sample_shape: vec![img.c, h, w],
     })
+}
+
+/// Decodes one image file (PNG or JPEG, by its content), converts it to
+/// `channels` (1: grey, else RGB), resizes it to `size` `[H, W]` (bilinear,
+/// the training path's `stretch`) and lays it out channels first: `channels *
+/// H * W` bytes. The watcher's reader and `predict` both use it.
+pub fn decode(path: &Path, size: [usize; 2], channels: usize) -> Result<Vec<u8>, FileError> {
+    let img = resize_to(&decode_hwc(path, channels)?, size, ResizeMode::Stretch)?;
+    Ok(hwc_to_chw(&img))
 }
 
 #[cfg(test)]

@@ -98,6 +98,20 @@ impl LabelCodes {
         }
     }
 
+    /// The distinct labels (one each), as [`LabelCodes::finish`] would type them.
+    pub(super) fn distinct(&self) -> RawLabels {
+        if self.all_int() {
+            RawLabels::Index(
+                self.names
+                    .iter()
+                    .map(|(n, _)| n.parse::<i64>().unwrap_or(-1))
+                    .collect(),
+            )
+        } else {
+            RawLabels::Name(self.names.iter().map(|(n, _)| n.clone()).collect())
+        }
+    }
+
     /// Refuses negative class indices (when every label is an integer).
     pub(super) fn check_not_negative(&self) -> Result<(), FileError> {
         if !self.all_int() {

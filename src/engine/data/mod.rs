@@ -4,12 +4,13 @@
 
 pub mod augment;
 mod batch;
-mod csv_file;
+pub mod csv_file;
 mod entries;
 mod error;
 pub mod image_folder;
 mod labels;
-mod safetensors_file;
+mod outliers;
+pub mod safetensors_file;
 mod scan;
 mod split;
 pub mod stream;
@@ -23,7 +24,8 @@ use serde::{Deserialize, Serialize};
 
 pub use batch::{Batch, Batcher, Normalization};
 pub use error::{BadValue, FileError};
-pub use scan::{scan_file, FileCheck};
+pub use outliers::{outlier_files, Outliers};
+pub use scan::{file_labels, scan_file, FileCheck};
 pub use split::{fixed_split, split_of, Split, SplitIndices};
 pub use stream::{ImageOptions, ImageSource, NormalizeKind};
 pub use vocab::{tokenize, Vocab};
@@ -625,6 +627,20 @@ pub fn load_dataset(spec: &DataSpec) -> Result<Dataset, DataError> {
         skipped,
         vocab: None,
     })
+}
+
+/// The classes a run would infer from `files` when no class list is given
+/// (files that do not read are left out); `None` when none reads. Reads every
+/// file; memory per file is bounded as in [`scan_file`].
+pub fn infer_classes_of(spec: &DataSpec, files: &[PathBuf]) -> Option<Vec<String>> {
+    let labels: Vec<RawLabels> = files
+        .iter()
+        .filter_map(|f| file_labels(f, spec).ok())
+        .collect();
+    if labels.is_empty() {
+        return None;
+    }
+    Some(infer_classes(labels.iter()))
 }
 
 /// Class names when no list is given: sorted label names, or `0..=max` for indices.

@@ -11,33 +11,29 @@ use crate::engine::st_decode;
 pub fn read(path: &Path, x_key: &str, y_key: &str) -> Result<FileSamples, FileError> {
     let bytes = std::fs::read(path).map_err(FileError::Io)?;
     let st = SafeTensors::deserialize(&bytes).map_err(FileError::Safetensors)?;
+    let (features, sample_shape, samples) = read_features(&st, x_key)?;
+    let labels = read_labels(&st, y_key, x_key, samples)?;
+    Ok(FileSamples {
+        features,
+        labels: RawLabels::Index(labels),
+        sample_shape,
+    })
+}
+
+/// The samples of `x_key` `[N, ...]`: their values, the shape of one, and `N`.
+pub fn read_features(
+    st: &SafeTensors,
+    x_key: &str,
+) -> Result<(Features, Vec<usize>, usize), FileError> {
     let x = st.tensor(x_key).map_err(|_| FileError::NoTensor {
         name: x_key.to_string(),
-        has: names(&st),
-    })?;
-    let y = st.tensor(y_key).map_err(|_| FileError::NoTensor {
-        name: y_key.to_string(),
-        has: names(&st),
+        has: names(st),
     })?;
     let xs = x.shape();
     if xs.len() < 2 {
         return Err(FileError::FeatureRank {
             key: x_key.to_string(),
             shape: xs.to_vec(),
-        });
-    }
-    if y.shape().len() != 1 {
-        return Err(FileError::LabelRank {
-            key: y_key.to_string(),
-            shape: y.shape().to_vec(),
-        });
-    }
-    if y.shape()[0] != xs[0] {
-        return Err(FileError::LabelCount {
-            x_key: x_key.to_string(),
-            samples: xs[0],
-            y_key: y_key.to_string(),
-            labels: y.shape()[0],
         });
     }
     let features = match x.dtype() {
@@ -55,7 +51,35 @@ pub fn read(path: &Path, x_key: &str, y_key: &str) -> Result<FileSamples, FileEr
             })
         }
     };
-    let labels: Vec<i64> = match y.dtype() {
+    Ok((features, xs[1..].to_vec(), xs[0]))
+}
+
+/// The integer labels `y_key` `[N]` of `samples` samples of `x_key`.
+pub fn read_labels(
+    st: &SafeTensors,
+    y_key: &str,
+    x_key: &str,
+    samples: usize,
+) -> Result<Vec<i64>, FileError> {
+    let y = st.tensor(y_key).map_err(|_| FileError::NoTensor {
+        name: y_key.to_string(),
+        has: names(st),
+    })?;
+    if y.shape().len() != 1 {
+        return Err(FileError::LabelRank {
+            key: y_key.to_string(),
+            shape: y.shape().to_vec(),
+        });
+    }
+    if y.shape()[0] != samples {
+        return Err(FileError::LabelCount {
+            x_key: x_key.to_string(),
+            samples,
+            y_key: y_key.to_string(),
+            labels: y.shape()[0],
+        });
+    }
+    match y.dtype() {
         Dtype::I64
         | Dtype::I32
         | Dtype::I16
@@ -66,19 +90,12 @@ pub fn read(path: &Path, x_key: &str, y_key: &str) -> Result<FileSamples, FileEr
         | Dtype::U64 => st_decode::i64_values(&y).map_err(|source| FileError::Decode {
             key: y_key.to_string(),
             source,
-        })?,
-        other => {
-            return Err(FileError::LabelDtype {
-                key: y_key.to_string(),
-                dtype: other,
-            })
-        }
-    };
-    Ok(FileSamples {
-        features,
-        labels: RawLabels::Index(labels),
-        sample_shape: xs[1..].to_vec(),
-    })
+        }),
+        other => Err(FileError::LabelDtype {
+            key: y_key.to_string(),
+            dtype: other,
+        }),
+    }
 }
 
 fn names(st: &SafeTensors) -> Vec<String> {

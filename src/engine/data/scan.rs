@@ -9,8 +9,8 @@ use std::path::Path;
 
 use super::labels::{impossible, release_memory, Budget, LabelCodes};
 use super::{
-    check_file, csv_file, read_file, resolve_labels, text_tsv, BadValue, DataFormat, DataSpec,
-    FileError,
+    check_file, csv_file, image_folder, read_file, relative_name, resolve_labels, text_tsv,
+    BadValue, DataFormat, DataSpec, FileError, RawLabels,
 };
 
 /// What a checked file holds.
@@ -38,8 +38,8 @@ pub fn scan_file(
     classes: Option<&[String]>,
 ) -> Result<FileCheck, FileError> {
     let result = match spec.format {
-        DataFormat::Csv => scan_csv(path, spec, shape, classes),
-        DataFormat::TextTsv => scan_text(path, spec, shape, classes),
+        DataFormat::Csv => scan_csv(path, spec, shape, classes).map(|(c, _)| c),
+        DataFormat::TextTsv => scan_text(path, spec, shape, classes).map(|(c, _)| c),
         DataFormat::Safetensors | DataFormat::ImageFolder => {
             let samples = read_file(path, spec)?;
             if let Some(expected) = shape {
@@ -55,6 +55,25 @@ pub fn scan_file(
                 sample_shape: samples.sample_shape,
             })
         }
+    };
+    release_memory();
+    result
+}
+
+/// The distinct labels of a file that passes [`scan_file`] on its own, as the
+/// loader reads them (indices when every label is an integer, else names):
+/// what the classes are inferred from when no model or class list gives them.
+/// An image's label is its class folder (the image is not decoded).
+pub fn file_labels(path: &Path, spec: &DataSpec) -> Result<RawLabels, FileError> {
+    let result = match spec.format {
+        DataFormat::Csv => scan_csv(path, spec, None, None).map(|(_, l)| l.distinct()),
+        DataFormat::TextTsv => scan_text(path, spec, None, None).map(|(_, l)| l.distinct()),
+        DataFormat::ImageFolder => {
+            check_file(path, spec)?;
+            image_folder::class_of(&relative_name(&spec.dir, path))
+                .map(|c| RawLabels::Name(vec![c]))
+        }
+        DataFormat::Safetensors => read_file(path, spec).map(|s| s.labels),
     };
     release_memory();
     result
@@ -78,11 +97,11 @@ fn label_check(
 }
 
 fn finish(
-    labels: &LabelCodes,
+    labels: LabelCodes,
     classes: Option<&[String]>,
     samples: usize,
     sample_shape: Vec<usize>,
-) -> Result<FileCheck, FileError> {
+) -> Result<(FileCheck, LabelCodes), FileError> {
     if samples == 0 {
         return Err(FileError::NoSamples);
     }
@@ -91,10 +110,13 @@ fn finish(
     if let Some(classes) = classes {
         labels.check_against(classes)?;
     }
-    Ok(FileCheck {
-        samples,
-        sample_shape,
-    })
+    Ok((
+        FileCheck {
+            samples,
+            sample_shape,
+        },
+        labels,
+    ))
 }
 
 fn scan_csv(
@@ -102,7 +124,7 @@ fn scan_csv(
     spec: &DataSpec,
     shape: Option<&[usize]>,
     classes: Option<&[String]>,
-) -> Result<FileCheck, FileError> {
+) -> Result<(FileCheck, LabelCodes), FileError> {
     check_file(path, spec)?;
     let mut labels = LabelCodes::default();
     let mut budget = Budget::new(spec.max_file_bytes);
@@ -110,6 +132,7 @@ fn scan_csv(
     let n = csv_file::for_each_row(
         path,
         &spec.label_column,
+        true,
         spec.delimiter,
         |row, values, label| {
             if row == 0 {
@@ -131,7 +154,7 @@ fn scan_csv(
             Ok(())
         },
     )?;
-    finish(&labels, classes, samples, vec![n])
+    finish(labels, classes, samples, vec![n])
 }
 
 fn scan_text(
@@ -139,7 +162,7 @@ fn scan_text(
     spec: &DataSpec,
     shape: Option<&[usize]>,
     classes: Option<&[String]>,
-) -> Result<FileCheck, FileError> {
+) -> Result<(FileCheck, LabelCodes), FileError> {
     check_file(path, spec)?;
     let sample_shape = vec![spec.max_len];
     if let Some(expected) = shape {
@@ -153,7 +176,7 @@ fn scan_text(
         let int = label_check(&mut labels, classes, label, row)?;
         budget.charge(4 * spec.max_len as u64, int, row)
     })?;
-    finish(&labels, classes, samples, sample_shape)
+    finish(labels, classes, samples, sample_shape)
 }
 
 #[cfg(test)]

@@ -135,7 +135,7 @@ impl ImageSource {
             }
         }
         let name = self.names.get(i).ok_or(FileError::NoSamples)?;
-        let img = image_folder::decode(&self.dir.join(name), self.channels)?;
+        let img = image_folder::decode_hwc(&self.dir.join(name), self.channels)?;
         let sample = Arc::new(image_folder::resize_to(&img, self.size, self.opts.resize)?);
         drop(img);
         let bytes = sample.data.len() as u64;

@@ -46,6 +46,8 @@ use super::layers::{
 use super::registry::Common;
 use super::{Classifier, ForwardCtx};
 use crate::engine::budget::{linear_params, n, product, sum, Footprint};
+use crate::engine::export::layers::{self as onnx, Emit};
+use crate::engine::export::{ExportError, Graph};
 
 /// Dropout when `model.dropout` is not set.
 pub const DEFAULT_DROPOUT: f64 = 0.0;
@@ -557,6 +559,38 @@ impl Classifier for ConvNet {
         }
         let x = self.dropout.forward(&x, ctx)?;
         self.head.forward(&x, ctx)
+    }
+
+    fn export_onnx(&self, g: &mut Graph, x: &str) -> Result<String, ExportError> {
+        let dims = self.spec.input_size.len();
+        let mut shape = vec![self.spec.in_channels];
+        shape.extend_from_slice(&self.spec.input_size);
+        let mut x = if g.sample_shape() == shape.as_slice() {
+            x.to_string()
+        } else {
+            onnx::reshape(g, x, &shape)
+        };
+        let act = self.spec.activation;
+        for block in &self.blocks {
+            x = block.conv.emit(g, &x)?;
+            if let Some(bn) = &block.bn {
+                x = bn.emit(g, &x)?;
+            }
+            x = onnx::activation(g, act, &x);
+            if let Some(pool) = &block.pool {
+                x = onnx::max_pool(g, pool, dims, &x);
+            }
+        }
+        x = if self.spec.flatten {
+            onnx::flatten(g, &x)
+        } else {
+            onnx::global_avg_pool(g, &x)
+        };
+        for fc in &self.fc {
+            x = fc.emit(g, &x)?;
+            x = onnx::activation(g, act, &x);
+        }
+        self.head.emit(g, &x)
     }
 }
 

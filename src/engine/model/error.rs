@@ -3,7 +3,7 @@
 //! the data (or a spec's sizes do not fit each other, [`SpecError`]).
 
 /// What is wrong with one `[model]` key's value.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum KeyProblem {
     /// A size that must be at least 1.
     #[error("must be >= 1")]
@@ -35,10 +35,18 @@ pub enum KeyProblem {
     /// A per-block list whose length is neither 1 nor the number of blocks.
     #[error("has {got} values but model.conv_channels makes {blocks} blocks; give one value or {blocks}")]
     PerBlockLength { got: usize, blocks: usize },
+    /// `model.width_mult` not a positive finite number (at most 16).
+    #[error("must be a number > 0 and <= 16, got {0}")]
+    WidthMult(f64),
+    /// `model.activation` set on an architecture whose activations are fixed.
+    #[error(
+        "{arch:?} has torchvision's fixed activations; leave model.activation unset (or \"relu\")"
+    )]
+    FixedActivation { arch: &'static str },
 }
 
 /// A config key (its full, documented name) and what is wrong with its value.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[error("{key} {problem}")]
 pub struct KeyError {
     pub key: &'static str,
@@ -92,7 +100,7 @@ pub enum SpecError {
 }
 
 /// Why the model settings cannot be resolved for the data.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum ModelError {
     /// A `[model]` key's value is wrong.
     #[error(transparent)]

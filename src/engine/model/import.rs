@@ -144,13 +144,15 @@ pub fn load_init(
     report.reinitialised = model.keys().filter(|n| reinit(n)).cloned().collect();
     mapped.retain(|n, _| !reinit(n));
 
-    // 4. Strict comparison of the rest.
-    let mut mis_shaped_head = false;
+    // 4. Strict comparison of the rest. A batch-norm counter missing from the
+    // file (state dicts saved without `num_batches_tracked`) stays at 0.
+    let mut mis_shaped_head: Option<String> = None;
     for (name, dims) in &model {
         if reinit(name) {
             continue;
         }
         match mapped.get(name) {
+            None if name.ends_with(".num_batches_tracked") => {}
             None => problems.push(format!("missing tensor `{name}` {dims:?}")),
             Some((from, t)) if t.dims() != dims.as_slice() => {
                 let origin = if from != name {
@@ -162,8 +164,12 @@ pub fn load_init(
                     "`{name}`{origin} has shape {:?}, the model needs {dims:?}",
                     t.dims()
                 ));
-                if name.starts_with("head.") || name.starts_with("fc.") {
-                    mis_shaped_head = true;
+                if ["head.", "fc.", "classifier."]
+                    .iter()
+                    .any(|p| name.starts_with(p))
+                {
+                    let module = name.rsplit_once('.').map_or(name.as_str(), |(m, _)| m);
+                    mis_shaped_head.get_or_insert(format!("{module}.*"));
                 }
             }
             Some(_) => {}
@@ -180,11 +186,10 @@ pub fn load_init(
     }
     if !problems.is_empty() {
         let mut hints = Vec::new();
-        if mis_shaped_head {
-            hints.push(
-                "the class count differs from the weights': re-initialise the head with model.reinit = [\"head.*\"] (textcnn: [\"fc.*\"])"
-                    .to_string(),
-            );
+        if let Some(head) = mis_shaped_head {
+            hints.push(format!(
+                "the class count differs from the weights': re-initialise the head with model.reinit = [{head:?}]"
+            ));
         }
         if let Some(p) = common_prefix_hint(&model, &unexpected) {
             hints.push(format!(
@@ -297,6 +302,51 @@ mod tests {
             vec![vec![1.0, -2.0, 0.5], vec![1.0, -2.0, 0.5]]
         );
         assert_eq!(sd["head.bias"].to_vec1::<f32>().unwrap(), vec![-2.0; 4]);
+    }
+
+    /// A torchvision state dict saved without `num_batches_tracked` (or with
+    /// it as f32 rather than i64) loads; the counters start at 0.
+    #[test]
+    fn batch_norm_counters_may_be_missing_or_f32() {
+        let s = ParamStore::new(0, &Device::Cpu);
+        let vb = s.var_builder();
+        vb.get_with_hints(2, "bn1.weight", Init::Const(0.0))
+            .unwrap();
+        vb.get_with_hints(2, "bn1.running_mean", Init::Const(0.0))
+            .unwrap();
+        vb.get_with_hints((), "bn1.num_batches_tracked", Init::Const(0.0))
+            .unwrap();
+        vb.get_with_hints((), "bn2.num_batches_tracked", Init::Const(0.0))
+            .unwrap();
+        let mut file = HashMap::new();
+        file.insert("bn1.weight".to_string(), t(&[2], 1.0));
+        file.insert("bn1.running_mean".to_string(), t(&[2], 0.5));
+        file.insert("bn2.num_batches_tracked".to_string(), t(&[], 7.0));
+        let r = load_init(&s, file, &InitMapping::default()).unwrap();
+        assert_eq!(r.loaded, 3);
+        let sd: HashMap<String, Tensor> = s.state_dict().into_iter().collect();
+        assert_eq!(
+            sd["bn1.num_batches_tracked"].to_scalar::<f32>().unwrap(),
+            0.0
+        );
+        assert_eq!(
+            sd["bn2.num_batches_tracked"].to_scalar::<f32>().unwrap(),
+            7.0
+        );
+    }
+
+    #[test]
+    fn a_mis_shaped_classifier_names_its_reinit_pattern() {
+        let s = ParamStore::new(0, &Device::Cpu);
+        let vb = s.var_builder();
+        vb.get_with_hints((3, 2), "classifier.1.weight", Init::Const(0.0))
+            .unwrap();
+        let mut file = HashMap::new();
+        file.insert("classifier.1.weight".to_string(), t(&[1000, 2], 1.0));
+        let e = load_init(&s, file, &InitMapping::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("model.reinit = [\"classifier.1.*\"]"), "{e}");
     }
 
     #[test]

@@ -25,6 +25,8 @@ use super::layers::{linear, Activation, Dropout, Linear};
 use super::registry::Common;
 use super::{Classifier, ForwardCtx};
 use crate::engine::budget::{linear_params, n, Footprint};
+use crate::engine::export::layers::{self as onnx, Emit};
+use crate::engine::export::{ExportError, Graph};
 
 /// Dropout when `model.dropout` is not set.
 pub const DEFAULT_DROPOUT: f64 = 0.0;
@@ -148,6 +150,15 @@ impl Classifier for Mlp {
             x = self.dropout.forward(&x, ctx)?;
         }
         self.head.forward(&x, ctx)
+    }
+
+    fn export_onnx(&self, g: &mut Graph, x: &str) -> Result<String, ExportError> {
+        let mut x = onnx::flatten(g, x);
+        for layer in &self.layers {
+            x = layer.emit(g, &x)?;
+            x = onnx::activation(g, self.activation, &x);
+        }
+        self.head.emit(g, &x)
     }
 }
 

@@ -2,13 +2,17 @@
 //! architecture is built through a `VarBuilder`, so parameter names follow the
 //! module tree and match the PyTorch twin's `state_dict` keys.
 
+pub mod backbone;
 pub mod cnn;
 pub mod error;
+pub mod finetune;
 pub mod import;
 pub mod layers;
 pub mod mlp;
+pub mod mobilenet;
 pub mod params;
 pub mod registry;
+pub mod resnet;
 pub mod textcnn;
 
 pub use layers::batchnorm;
@@ -16,13 +20,16 @@ pub use layers::batchnorm;
 use candle_core::{Device, Tensor};
 pub use cnn::{CnnConfig, CnnSpec, ConvBlockSpec, ConvNet, PerBlock};
 pub use error::{KeyError, KeyProblem, ModelError, SpecError};
+pub use finetune::{FineTune, FineTuneError};
 pub use import::{load_init, InitMapping, InitReport};
 pub use layers::Activation;
 pub use mlp::{Mlp, MlpConfig, MlpSpec};
+pub use mobilenet::{MobileNetConfig, MobileNetSpec, MobileNetV2};
 pub use params::{matches_pattern, LoadError, ParamStore};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 pub use registry::{ArchConfigs, ArchKind, ModelSpec, ModelTemplate};
+pub use resnet::{ResNet, ResNetConfig, ResNetSpec};
 pub use textcnn::{TextCnn, TextCnnConfig, TextCnnSpec};
 
 /// Which implementation the layers compute with (see [`layers`]).
@@ -151,6 +158,17 @@ impl ForwardCtx {
 pub trait Classifier: Send {
     /// The forward pass; `ctx` says train or eval mode.
     fn forward(&self, x: &Tensor, ctx: &mut ForwardCtx) -> candle_core::Result<Tensor>;
+
+    /// Adds the evaluation-mode forward pass to an ONNX graph, from the
+    /// (normalised) input `x` `[N, ...sample_shape]`; returns the logits'
+    /// name. Built from the layers' emitters ([`crate::engine::export::layers`]).
+    fn export_onnx(
+        &self,
+        _g: &mut crate::engine::export::Graph,
+        _x: &str,
+    ) -> Result<String, crate::engine::export::ExportError> {
+        Err(crate::engine::export::ExportError::Unsupported)
+    }
 }
 
 /// Builds the model of `spec`, creating its parameters in `store`.

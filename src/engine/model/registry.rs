@@ -12,6 +12,8 @@ use serde::{Deserialize, Serialize};
 use super::cnn::{self, CnnConfig, CnnSpec};
 use super::error::{KeyError, KeyProblem, ModelError};
 use super::mlp::{self, MlpConfig, MlpSpec};
+use super::mobilenet::{self, MobileNetConfig, MobileNetSpec};
+use super::resnet::{self, ResNetConfig, ResNetSpec};
 use super::textcnn::{self, TextCnnConfig, TextCnnSpec};
 use super::{Activation, Classifier};
 use crate::engine::budget::Footprint;
@@ -26,6 +28,13 @@ pub enum ArchKind {
     Cnn,
     Cnn1d,
     Textcnn,
+    /// torchvision's `resnet18`.
+    Resnet18,
+    /// torchvision's `resnet34`.
+    Resnet34,
+    /// torchvision's `mobilenet_v2`.
+    #[serde(rename = "mobilenet_v2")]
+    MobilenetV2,
 }
 
 impl ArchKind {
@@ -36,6 +45,9 @@ impl ArchKind {
             ArchKind::Cnn => "cnn",
             ArchKind::Cnn1d => "cnn1d",
             ArchKind::Textcnn => "textcnn",
+            ArchKind::Resnet18 => "resnet18",
+            ArchKind::Resnet34 => "resnet34",
+            ArchKind::MobilenetV2 => "mobilenet_v2",
         }
     }
 
@@ -50,7 +62,18 @@ impl ArchKind {
             ArchKind::Mlp => mlp::DEFAULT_DROPOUT,
             ArchKind::Cnn | ArchKind::Cnn1d => cnn::DEFAULT_DROPOUT,
             ArchKind::Textcnn => textcnn::DEFAULT_DROPOUT,
+            ArchKind::Resnet18 | ArchKind::Resnet34 => resnet::DEFAULT_DROPOUT,
+            ArchKind::MobilenetV2 => mobilenet::DEFAULT_DROPOUT,
         }
+    }
+
+    /// Whether the architecture is a torchvision backbone, whose activations
+    /// are fixed (`model.activation` does not apply).
+    pub fn is_torchvision(self) -> bool {
+        matches!(
+            self,
+            ArchKind::Resnet18 | ArchKind::Resnet34 | ArchKind::MobilenetV2
+        )
     }
 }
 
@@ -66,6 +89,13 @@ pub enum ModelSpec {
     Cnn1d(CnnSpec),
     /// Text classifier over token ids.
     TextCnn(TextCnnSpec),
+    /// torchvision's resnet18 over `[C, H, W]` images.
+    Resnet18(ResNetSpec),
+    /// torchvision's resnet34 over `[C, H, W]` images.
+    Resnet34(ResNetSpec),
+    /// torchvision's mobilenet_v2 over `[C, H, W]` images.
+    #[serde(rename = "mobilenet_v2")]
+    MobilenetV2(MobileNetSpec),
 }
 
 impl ModelSpec {
@@ -75,6 +105,8 @@ impl ModelSpec {
             ModelSpec::Mlp(s) => s.num_classes,
             ModelSpec::Cnn(s) | ModelSpec::Cnn1d(s) => s.num_classes,
             ModelSpec::TextCnn(s) => s.num_classes,
+            ModelSpec::Resnet18(s) | ModelSpec::Resnet34(s) => s.num_classes,
+            ModelSpec::MobilenetV2(s) => s.num_classes,
         }
     }
 
@@ -90,6 +122,9 @@ impl ModelSpec {
             ModelSpec::Cnn(_) => ArchKind::Cnn,
             ModelSpec::Cnn1d(_) => ArchKind::Cnn1d,
             ModelSpec::TextCnn(_) => ArchKind::Textcnn,
+            ModelSpec::Resnet18(_) => ArchKind::Resnet18,
+            ModelSpec::Resnet34(_) => ArchKind::Resnet34,
+            ModelSpec::MobilenetV2(_) => ArchKind::MobilenetV2,
         }
     }
 
@@ -108,6 +143,8 @@ impl ModelSpec {
             ModelSpec::Mlp(m) => m.dropout = 0.0,
             ModelSpec::Cnn(c) | ModelSpec::Cnn1d(c) => c.dropout = 0.0,
             ModelSpec::TextCnn(t) => t.dropout = 0.0,
+            ModelSpec::Resnet18(r) | ModelSpec::Resnet34(r) => r.dropout = 0.0,
+            ModelSpec::MobilenetV2(m) => m.dropout = 0.0,
         }
         s
     }
@@ -118,6 +155,9 @@ impl ModelSpec {
             ModelSpec::Mlp(s) => s.footprint(),
             ModelSpec::Cnn(s) | ModelSpec::Cnn1d(s) => s.footprint(),
             ModelSpec::TextCnn(s) => s.footprint(),
+            ModelSpec::Resnet18(s) => s.footprint(&resnet::RESNET18_BLOCKS),
+            ModelSpec::Resnet34(s) => s.footprint(&resnet::RESNET34_BLOCKS),
+            ModelSpec::MobilenetV2(s) => s.footprint(),
         }
     }
 
@@ -130,6 +170,8 @@ impl ModelSpec {
             (ModelSpec::Cnn(_) | ModelSpec::Cnn1d(_), true) => CnnSpec::ACTIVATION_KEYS,
             (ModelSpec::TextCnn(_), false) => TextCnnSpec::PARAM_KEYS,
             (ModelSpec::TextCnn(_), true) => TextCnnSpec::ACTIVATION_KEYS,
+            (ModelSpec::Resnet18(_) | ModelSpec::Resnet34(_), _) => ResNetSpec::SIZE_KEYS,
+            (ModelSpec::MobilenetV2(_), _) => MobileNetSpec::SIZE_KEYS,
         }
     }
 
@@ -140,6 +182,13 @@ impl ModelSpec {
             ModelSpec::Cnn(s) => Box::new(cnn::build(s, 2, vb)?),
             ModelSpec::Cnn1d(s) => Box::new(cnn::build(s, 1, vb)?),
             ModelSpec::TextCnn(s) => Box::new(textcnn::TextCnn::new(s, vb)?),
+            ModelSpec::Resnet18(s) => {
+                Box::new(resnet::ResNet::new(s, &resnet::RESNET18_BLOCKS, vb)?)
+            }
+            ModelSpec::Resnet34(s) => {
+                Box::new(resnet::ResNet::new(s, &resnet::RESNET34_BLOCKS, vb)?)
+            }
+            ModelSpec::MobilenetV2(s) => Box::new(mobilenet::MobileNetV2::new(s, vb)?),
         })
     }
 }
@@ -157,6 +206,11 @@ pub struct ArchConfigs {
     pub cnn: CnnConfig,
     #[serde(flatten)]
     pub textcnn: TextCnnConfig,
+    /// `resnet18` and `resnet34`.
+    #[serde(flatten)]
+    pub resnet: ResNetConfig,
+    #[serde(flatten)]
+    pub mobilenet: MobileNetConfig,
 }
 
 /// What an architecture's key checks need from the rest of the config.
@@ -182,6 +236,8 @@ impl ArchConfigs {
     pub fn validate(&self, ctx: &ConfigContext) -> Result<(), KeyError> {
         self.mlp.validate()?;
         self.cnn.validate()?;
+        self.resnet.validate()?;
+        self.mobilenet.validate()?;
         self.textcnn
             .validate(ctx.arch == ArchKind::Textcnn, ctx.max_len)
     }
@@ -190,6 +246,8 @@ impl ArchConfigs {
     pub fn visit<V: ConfigVisitor>(v: &mut V) -> Result<(), V::Error> {
         v.visit::<MlpConfig>()?;
         v.visit::<CnnConfig>()?;
+        v.visit::<ResNetConfig>()?;
+        v.visit::<MobileNetConfig>()?;
         v.visit::<TextCnnConfig>()
     }
 }
@@ -238,6 +296,12 @@ impl ModelTemplate {
         if matches!(arch, ArchKind::Cnn | ArchKind::Cnn1d) {
             archs.cnn.check_blocks()?;
         }
+        if arch.is_torchvision() && activation != Activation::Relu {
+            return Err(KeyError::new(
+                "model.activation",
+                KeyProblem::FixedActivation { arch: arch.name() },
+            ));
+        }
         Ok(Self {
             arch,
             activation,
@@ -276,6 +340,11 @@ impl ModelTemplate {
                 let seq_len = sample_shape.iter().product();
                 ModelSpec::TextCnn(a.textcnn.sketch(&common, seq_len, vocab_size))
             }
+            ArchKind::Resnet18 => ModelSpec::Resnet18(a.resnet.sketch(&common, sample_shape)),
+            ArchKind::Resnet34 => ModelSpec::Resnet34(a.resnet.sketch(&common, sample_shape)),
+            ArchKind::MobilenetV2 => {
+                ModelSpec::MobilenetV2(a.mobilenet.sketch(&common, sample_shape))
+            }
         })
     }
 
@@ -307,6 +376,15 @@ impl ModelTemplate {
             }
             ArchKind::Textcnn => {
                 ModelSpec::TextCnn(a.textcnn.resolve(&common, sample_shape, vocab)?)
+            }
+            ArchKind::Resnet18 => {
+                ModelSpec::Resnet18(a.resnet.resolve("resnet18", &common, sample_shape)?)
+            }
+            ArchKind::Resnet34 => {
+                ModelSpec::Resnet34(a.resnet.resolve("resnet34", &common, sample_shape)?)
+            }
+            ArchKind::MobilenetV2 => {
+                ModelSpec::MobilenetV2(a.mobilenet.resolve(&common, sample_shape)?)
             }
         })
     }

@@ -33,6 +33,8 @@ use super::registry::Common;
 use super::{Classifier, ForwardCtx};
 use crate::engine::budget::{linear_params, n, sum, Footprint};
 use crate::engine::data::Vocab;
+use crate::engine::export::layers::{self as onnx, Emit};
+use crate::engine::export::{ExportError, Graph};
 
 /// Dropout when `model.dropout` is not set: the seed's 0.5.
 pub const DEFAULT_DROPOUT: f64 = 0.5;
@@ -272,6 +274,17 @@ impl Classifier for TextCnn {
         let x = Tensor::cat(&pooled, 1)?;
         let x = self.dropout.forward(&x, ctx)?;
         self.fc.forward(&x, ctx)
+    }
+
+    fn export_onnx(&self, g: &mut Graph, x: &str) -> Result<String, ExportError> {
+        let emb = self.embedding.emit(g, x)?;
+        let pooled = self
+            .convs
+            .iter()
+            .map(|c| c.emit(g, &emb))
+            .collect::<Result<Vec<_>, _>>()?;
+        let x = onnx::concat(g, &pooled);
+        self.fc.emit(g, &x)
     }
 }
 

@@ -157,6 +157,8 @@ fn epochs(
                     step: s.step + 1,
                     loss,
                     lr: s.optimizer.learning_rate(),
+                    // A file of huge values is the likelier cause: name it.
+                    suspects: crate::engine::data::outlier_files(&prep.data),
                 },
                 StepError::Tensor(e) => RunError::Tensor(e),
             })?;

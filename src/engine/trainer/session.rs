@@ -175,25 +175,42 @@ fn truncate_metrics(path: &Path, step: u64) -> Result<(), RunError> {
     Ok(())
 }
 
-/// The parameters to train: all trainable ones minus the frozen patterns.
+/// The parameters to train: all trainable ones minus the frozen patterns
+/// (`model.freeze`) and the names `model.finetune` holds fixed; and every
+/// frozen pattern (for the forward context).
+#[allow(clippy::type_complexity)]
 fn trainable(
     req: &RunRequest,
     prep: &Prepared,
-) -> Result<Vec<(String, candle_core::Var)>, RunError> {
+) -> Result<(Vec<(String, candle_core::Var)>, Vec<String>), RunError> {
     let all = prep.model.params.trainable();
     for pattern in &req.train.freeze {
         if !all.iter().any(|(n, _)| matches_pattern(pattern, n)) {
             return Err(RunError::FreezeMatchesNothing(pattern.clone()));
         }
     }
+    let names: Vec<String> = all.iter().map(|(n, _)| n.clone()).collect();
+    let state: std::collections::BTreeSet<String> = prep
+        .model
+        .params
+        .state_dict()
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
+    let mut frozen = req.train.freeze.clone();
+    frozen.extend(
+        req.train
+            .finetune
+            .frozen(&prep.model.spec, &names, &state)?,
+    );
     let named: Vec<_> = all
         .into_iter()
-        .filter(|(name, _)| !req.train.freeze.iter().any(|p| matches_pattern(p, name)))
+        .filter(|(name, _)| !frozen.iter().any(|p| matches_pattern(p, name)))
         .collect();
     if named.is_empty() {
         return Err(RunError::NothingToTrain);
     }
-    Ok(named)
+    Ok((named, frozen))
 }
 
 impl<'a> Session<'a> {
@@ -241,7 +258,7 @@ impl<'a> Session<'a> {
         std::fs::create_dir_all(run_dir)
             .map_err(|e| RunError::io("create run folder", run_dir, e))?;
 
-        let named = trainable(req, prep)?;
+        let (named, frozen) = trainable(req, prep)?;
         let trainable_params: usize = named.iter().map(|(_, v)| v.elem_count()).sum();
         let mut optimizer = AnyOptimizer::new(named, &req.train.optimizer)?;
         if let Some(st) = &state {
@@ -264,7 +281,7 @@ impl<'a> Session<'a> {
                 &req.device,
             )?,
             optimizer,
-            ctx: ForwardCtx::train(req.train.seed).with_frozen(req.train.freeze.clone()),
+            ctx: ForwardCtx::train(req.train.seed).with_frozen(frozen),
             tracker: Tracker::new(req),
             interval: Interval::default(),
             step: 0,

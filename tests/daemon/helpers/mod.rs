@@ -9,6 +9,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 pub mod broker;
+pub mod browser;
 pub mod daemon;
 pub mod dashboard;
 pub mod env;
@@ -16,6 +17,7 @@ pub mod harness;
 pub mod notify;
 
 pub use broker::*;
+pub use browser::*;
 pub use daemon::*;
 pub use dashboard::*;
 pub use env::*;

@@ -9,8 +9,10 @@ use std::time::{Duration, Instant};
 /// continuously by a thread (as systemd would) into `lines`.
 pub struct NotifySocket {
     pub path: PathBuf,
-    rx: mpsc::Receiver<String>,
+    rx: mpsc::Receiver<(Instant, String)>,
     pub lines: Vec<String>,
+    /// When each of `lines` arrived.
+    pub times: Vec<Instant>,
 }
 
 impl NotifySocket {
@@ -22,7 +24,7 @@ impl NotifySocket {
             let mut buf = vec![0u8; 4096];
             while let Ok(n) = sock.recv(&mut buf) {
                 for line in String::from_utf8_lossy(&buf[..n]).lines() {
-                    if tx.send(line.to_string()).is_err() {
+                    if tx.send((Instant::now(), line.to_string())).is_err() {
                         return;
                     }
                 }
@@ -32,16 +34,33 @@ impl NotifySocket {
             path,
             rx,
             lines: Vec::new(),
+            times: Vec::new(),
         }
+    }
+
+    /// Takes in the lines received so far, without waiting.
+    pub fn take(&mut self) {
+        while let Ok((t, l)) = self.rx.try_recv() {
+            self.times.push(t);
+            self.lines.push(l);
+        }
+    }
+
+    /// When each line equal to `line` arrived.
+    pub fn times_of(&self, line: &str) -> Vec<Instant> {
+        self.lines
+            .iter()
+            .zip(&self.times)
+            .filter(|(l, _)| *l == line)
+            .map(|(_, t)| *t)
+            .collect()
     }
 
     /// Waits until `pred` holds for some line received so far, or `timeout`.
     pub fn wait(&mut self, timeout: Duration, pred: impl Fn(&str) -> bool) -> bool {
         let t0 = Instant::now();
         loop {
-            while let Ok(l) = self.rx.try_recv() {
-                self.lines.push(l);
-            }
+            self.take();
             if self.lines.iter().any(|l| pred(l)) {
                 return true;
             }

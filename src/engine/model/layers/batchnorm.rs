@@ -66,7 +66,6 @@ impl BatchNorm {
         }
         let mut bshape = vec![1usize; rank];
         bshape[1] = self.channels;
-        let reduce: Vec<usize> = (0..rank).filter(|&d| d != 1).collect();
         // A frozen layer computes no gradient for its own parameters.
         let frozen = self.weight.frozen(ctx);
         let (weight, bias) = if frozen {
@@ -78,9 +77,9 @@ impl BatchNorm {
         let bias = bias.reshape(bshape.as_slice())?;
         let normalised = if ctx.train && !frozen {
             let n = x.elem_count() / self.channels;
-            let mean = x.mean_keepdim(reduce.as_slice())?;
+            let mean = channel_mean(x)?;
             let centred = x.broadcast_sub(&mean)?;
-            let var = centred.sqr()?.mean_keepdim(reduce.as_slice())?;
+            let var = channel_mean(&centred.sqr()?)?;
             // Running statistics: outside the autograd graph, unbiased variance.
             let m = MOMENTUM;
             let batch_mean = mean.detach().flatten_all()?;
@@ -108,6 +107,16 @@ impl BatchNorm {
         normalised.broadcast_mul(&weight)?.broadcast_add(&bias)
     }
 
+    /// Weight, bias, running mean and running variance (for the ONNX export).
+    pub fn params(&self) -> (&Param, &Param, &Tensor, &Tensor) {
+        (
+            &self.weight,
+            &self.bias,
+            self.running_mean.as_tensor(),
+            self.running_var.as_tensor(),
+        )
+    }
+
     /// The current running mean (for tests).
     pub fn running_mean(&self) -> candle_core::Result<Vec<f32>> {
         self.running_mean
@@ -115,6 +124,19 @@ impl BatchNorm {
             .to_dtype(DType::F32)?
             .to_vec1()
     }
+}
+
+/// The per-channel mean of `x` `[B, C, ...]`, kept as `[1, C, 1, ...]`,
+/// reduced one dim at a time (last first, the batch last): float32 sums over
+/// a row stay short, so a batch of 8 images of 32x32 has the statistics
+/// PyTorch's (pairwise) reduction gives, not a sum of 8,192 terms in a row
+/// whose rounding a deep network's later batch-norm layers amplify.
+fn channel_mean(x: &Tensor) -> candle_core::Result<Tensor> {
+    let mut m = x.clone();
+    for d in (2..x.rank()).rev() {
+        m = m.mean_keepdim(d)?;
+    }
+    m.mean_keepdim(0)
 }
 
 #[cfg(test)]

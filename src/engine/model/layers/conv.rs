@@ -72,30 +72,55 @@ pub fn conv(
     bias: bool,
     vb: VarBuilder,
 ) -> candle_core::Result<Conv> {
-    if !(dims == 1 || dims == 2) {
-        candle_core::bail!("conv: {dims} spatial dims (1 or 2 are supported)");
-    }
-    let g = cfg.groups;
-    if g == 0 || cin % g != 0 || cout % g != 0 || cfg.stride == 0 || cfg.dilation == 0 {
-        candle_core::bail!(
-            "conv: {cin} -> {cout} channels, stride {}, dilation {} and groups {g} do not fit (channels divisible by groups, all >= 1)",
-            cfg.stride,
-            cfg.dilation
-        );
-    }
+    let g = cfg.groups.max(1);
     let fan_in = cin / g * kernel.pow(dims as u32);
     let bound = 1.0 / (fan_in.max(1) as f64).sqrt();
     let init = Init::Uniform {
         lo: -bound,
         up: bound,
     };
+    conv_with_init(
+        dims,
+        (cin, cout),
+        kernel,
+        cfg,
+        bias.then_some(init),
+        init,
+        vb,
+    )
+}
+
+/// [`conv`] with the weight drawn from `init` and, where `bias` is given, a
+/// bias drawn from it (torchvision's backbones: Kaiming normal, fan-out).
+pub fn conv_with_init(
+    dims: usize,
+    (cin, cout): (usize, usize),
+    kernel: usize,
+    cfg: ConvConfig,
+    bias: Option<Init>,
+    init: Init,
+    vb: VarBuilder,
+) -> candle_core::Result<Conv> {
+    let g = cfg.groups;
+    if !(dims == 1 || dims == 2)
+        || g == 0
+        || cin % g != 0
+        || cout % g != 0
+        || cfg.stride == 0
+        || cfg.dilation == 0
+    {
+        candle_core::bail!(
+            "conv{dims}d: {cin} -> {cout} channels, stride {}, dilation {} and groups {g} do not fit (1 or 2 dims, channels divisible by groups, all >= 1)",
+            cfg.stride,
+            cfg.dilation
+        );
+    }
     let mut shape = vec![cout, cin / g];
     shape.extend(std::iter::repeat_n(kernel, dims));
     let weight = Param::new(&vb, shape.as_slice(), "weight", init)?;
-    let bias = if bias {
-        Some(Param::new(&vb, cout, "bias", init)?)
-    } else {
-        None
+    let bias = match bias {
+        Some(b) => Some(Param::new(&vb, cout, "bias", b)?),
+        None => None,
     };
     Ok(Conv {
         weight,
@@ -106,6 +131,11 @@ pub fn conv(
 }
 
 impl Conv {
+    /// The weight, the bias if any, and the number of spatial dims (for the ONNX export).
+    pub fn params(&self) -> (&Param, Option<&Param>, usize) {
+        (&self.weight, self.bias.as_ref(), self.dims)
+    }
+
     /// The layer's configuration.
     pub fn config(&self) -> &ConvConfig {
         &self.cfg

@@ -40,6 +40,11 @@ impl Embedding {
         Ok(Self { weight, pad })
     }
 
+    /// The table `[V, E]` (for the ONNX export).
+    pub fn weight(&self) -> &Param {
+        &self.weight
+    }
+
     /// The embedding dim `E`.
     pub fn dim(&self) -> candle_core::Result<usize> {
         self.weight.tensor().dim(1)

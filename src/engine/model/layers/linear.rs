@@ -29,7 +29,27 @@ pub fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> candle_core::Res
     })
 }
 
+/// `nn.Linear(in_dim, out_dim)` with its weight and bias drawn from
+/// `weight` and `bias` (torchvision's MobileNetV2 head: N(0, 0.01) and 0).
+pub fn linear_with_init(
+    in_dim: usize,
+    out_dim: usize,
+    weight: Init,
+    bias: Init,
+    vb: VarBuilder,
+) -> candle_core::Result<Linear> {
+    Ok(Linear {
+        weight: Param::new(&vb, (out_dim, in_dim), "weight", weight)?,
+        bias: Param::new(&vb, out_dim, "bias", bias)?,
+    })
+}
+
 impl Linear {
+    /// The weight `[out, in]` and bias `[out]` (for the ONNX export).
+    pub fn params(&self) -> (&Param, &Param) {
+        (&self.weight, &self.bias)
+    }
+
     /// Applies the layer to `x` of shape `[B, in]`.
     pub fn forward(&self, x: &Tensor, ctx: &ForwardCtx) -> candle_core::Result<Tensor> {
         self.apply(x, false, ctx)

@@ -37,6 +37,11 @@ impl TextConv {
         })
     }
 
+    /// The weight `[F, 1, k, E]` and bias `[F]` (for the ONNX export).
+    pub fn params(&self) -> (&Param, &Param) {
+        (&self.weight, &self.bias)
+    }
+
     /// `max_t relu(conv(x)[t])` for `x` `[B, L, E]`: one fused kernel on the
     /// CPU, a matrix product over sliding windows elsewhere (the same arithmetic).
     pub fn forward(&self, x: &Tensor, ctx: &ForwardCtx) -> candle_core::Result<Tensor> {

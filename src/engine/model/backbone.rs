@@ -1,0 +1,156 @@
+//! What the torchvision backbones (`resnet18`, `resnet34`, `mobilenet_v2`)
+//! share: reading the image shape from the data, the Kaiming init torchvision
+//! gives their convolutions, and the running tally their footprints are
+//! counted with.
+
+use candle_nn::init::{FanInOut, NonLinearity, NormalOrUniform};
+use candle_nn::Init;
+
+use super::error::ModelError;
+use crate::engine::budget::{n, product, sum};
+
+/// torchvision's init for a backbone's convolutions:
+/// `kaiming_normal_(mode="fan_out", nonlinearity="relu")`.
+pub const CONV_INIT: Init = Init::Kaiming {
+    dist: NormalOrUniform::Normal,
+    fan: FanInOut::FanOut,
+    non_linearity: NonLinearity::ReLU,
+};
+
+/// Channels and `[H, W]` of image samples `[C, H, W]` (or grayscale `[H, W]`);
+/// the error names `arch`.
+pub fn image_input(
+    arch: &'static str,
+    sample_shape: &[usize],
+) -> Result<(usize, [usize; 2]), ModelError> {
+    match *sample_shape {
+        [h, w] => Ok((1, [h, w])),
+        [c, h, w] => Ok((c, [h, w])),
+        _ => Err(ModelError::SampleShape {
+            arch,
+            spatial_dims: 2,
+            shape: sample_shape.to_vec(),
+        }),
+    }
+}
+
+/// [`image_input`] without failing: a shape the architecture cannot take is
+/// sketched as a 1-channel 1x1 image (a lower bound), for footprints before
+/// the data is read.
+pub fn sketch_input(sample_shape: &[usize]) -> (usize, [usize; 2]) {
+    match *sample_shape {
+        [h, w] => (1, [h, w]),
+        [c, h, w] => (c, [h, w]),
+        _ => (1, [1, 1]),
+    }
+}
+
+/// A running count of a convolutional network's parameters, buffers and the
+/// per-sample activations its forward pass keeps, layer by layer, following
+/// the feature map's size (all arithmetic saturating).
+#[derive(Debug, Clone, Copy)]
+pub struct Tally {
+    pub params: u64,
+    pub buffers: u64,
+    pub activations: u64,
+    /// Channels of the current feature map.
+    pub channels: u64,
+    /// `[H, W]` of the current feature map.
+    pub size: [u64; 2],
+}
+
+impl Tally {
+    /// The tally at the input: `channels` x `size`.
+    pub fn new(channels: usize, size: [usize; 2]) -> Self {
+        Self {
+            params: 0,
+            buffers: 0,
+            activations: 0,
+            channels: n(channels),
+            size: [n(size[0]), n(size[1])],
+        }
+    }
+
+    /// Values of the current feature map.
+    pub fn map(&self) -> u64 {
+        self.channels.saturating_mul(product(self.size))
+    }
+
+    /// A `k`x`k` convolution to `cout` channels (stride, zero padding,
+    /// groups, no bias): its weight, its output and, for `k > 1`, the padded
+    /// input and the unfolded windows.
+    pub fn conv(&mut self, cout: usize, k: usize, stride: usize, padding: usize, groups: usize) {
+        let (cout, k, s, p, g) = (
+            n(cout),
+            n(k),
+            n(stride).max(1),
+            n(padding),
+            n(groups).max(1),
+        );
+        let cin = self.channels;
+        let padded = self.size.map(|v| v.saturating_add(p.saturating_mul(2)));
+        let out = padded.map(|v| if v >= k { (v - k) / s + 1 } else { 0 });
+        let window = k.saturating_mul(k);
+        self.params = sum([
+            self.params,
+            cout.saturating_mul(cin / g).saturating_mul(window),
+        ]);
+        if k > 1 {
+            self.activations = sum([
+                self.activations,
+                cin.saturating_mul(product(padded)),
+                cin.saturating_mul(window).saturating_mul(product(out)),
+            ]);
+        }
+        self.channels = cout;
+        self.size = out;
+        self.activations = self.activations.saturating_add(self.map());
+    }
+
+    /// A batch-norm layer: weight and bias, running statistics, and its
+    /// normalised and output maps.
+    pub fn batch_norm(&mut self) {
+        let c = self.channels;
+        self.params = sum([self.params, c.saturating_mul(2)]);
+        self.buffers = sum([self.buffers, c.saturating_mul(2), 1]);
+        self.activations = sum([self.activations, self.map().saturating_mul(2)]);
+    }
+
+    /// An element-wise layer (activation, residual sum) keeping `maps`
+    /// maps of the current size.
+    pub fn elementwise(&mut self, maps: u64) {
+        self.activations = sum([self.activations, self.map().saturating_mul(maps)]);
+    }
+
+    /// A max-pool (`k`, `stride`, `padding`): the windows and the pooled map.
+    pub fn max_pool(&mut self, k: usize, stride: usize, padding: usize) {
+        let (k, s, p) = (n(k), n(stride).max(1), n(padding));
+        let out = self.size.map(|v| {
+            let padded = v.saturating_add(p.saturating_mul(2));
+            if padded >= k {
+                (padded - k) / s + 1
+            } else {
+                0
+            }
+        });
+        self.size = out;
+        self.activations = sum([
+            self.activations,
+            self.map()
+                .saturating_mul(k.saturating_mul(k).saturating_add(1)),
+        ]);
+    }
+
+    /// Global average pooling, dropout (when `dropout`) and the linear head
+    /// to `classes` (logits, softmax and the loss's gradient).
+    pub fn head(&mut self, classes: usize, dropout: bool) {
+        let (c, classes) = (self.channels, n(classes));
+        self.params = sum([self.params, c.saturating_mul(classes), classes]);
+        self.size = [1, 1];
+        self.activations = sum([
+            self.activations,
+            c.saturating_mul(if dropout { 3 } else { 1 }),
+            classes.saturating_mul(3),
+        ]);
+    }
+}
