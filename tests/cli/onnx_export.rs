@@ -110,6 +110,7 @@ fn raw_batch(checkpoint: &Path, inputs: &[PathBuf]) -> (Vec<usize>, Vec<f32>) {
         match s.features {
             Features::F32(v) => values.extend(v),
             Features::U8(v) => values.extend(v.into_iter().map(f32::from)),
+            Features::Images(_) => unreachable!("predict reads its inputs into memory"),
         }
     }
     let mut shape = vec![n];
