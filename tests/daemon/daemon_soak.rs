@@ -95,6 +95,7 @@ fn many_runs_with_data_and_commands_keep_memory_and_fds_flat() {
         let run_id = started.run_id().to_string();
         // A junk flood during the run: 200 commands at QoS 0 as fast as the
         // broker takes them (bounded in count and time; never blocks).
+        let flood_from = h.dash.seen.len();
         let mut flood = Flooder::start(
             h.broker.port,
             &h.env.base_topic(),
@@ -102,7 +103,24 @@ fn many_runs_with_data_and_commands_keep_memory_and_fds_flat() {
             FLOOD_PER_RUN,
             true,
         );
-        flooded += flood.wait();
+        let sent = flood.wait();
+        flooded += sent;
+        // The flood is QoS 0 and may still be on its way when the run ends: the
+        // next round's `cmd/train` would then meet a queue full of junk and be
+        // answered "busy" (rate-limited, so maybe not even that). Go on once the
+        // dashboard, subscribed to the same broker, has seen all of it (bounded:
+        // a QoS 0 message may be lost).
+        let train_topic = h.dash.topic("cmd/train");
+        let deadline = Instant::now() + std::time::Duration::from_secs(30);
+        while (h.dash.seen[flood_from..]
+            .iter()
+            .filter(|m| m.topic == train_topic)
+            .count() as u64)
+            < sent
+            && Instant::now() < deadline
+        {
+            h.dash.pump(std::time::Duration::from_millis(50));
+        }
         if stop {
             h.dash.send("stop", r#"{"request_id": "halt"}"#);
         }

@@ -97,7 +97,7 @@ impl Dashboard {
         }
     }
 
-    fn pump(&mut self, wait: Duration) {
+    pub fn pump(&mut self, wait: Duration) {
         if let Ok(m) = self.rx.recv_timeout(wait) {
             self.seen.push(m);
             while let Ok(m) = self.rx.try_recv() {
