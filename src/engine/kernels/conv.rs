@@ -758,22 +758,38 @@ fn geom2d(
         candle_core::bail!("conv2d: input has {cin} channels, the weight expects {wcin}");
     }
     check_bias(b, cout)?;
-    Ok(Geom {
-        batch,
-        cin,
-        h,
-        w: wd,
-        cout,
-        kh,
-        kw,
-        sh: stride,
-        sw: stride,
-        ph: padding,
-        pw: padding,
-        ho: out_size(h, kh, stride, padding)?,
-        wo: out_size(wd, kw, stride, padding)?,
-        one_d: false,
-    })
+    Geom::square_2d(batch, cin, (h, wd), cout, (kh, kw), stride, padding)
+}
+
+impl Geom {
+    /// The geometry of a 2-D convolution with the same stride and padding
+    /// along both dims (plain and depthwise kernels alike).
+    pub(super) fn square_2d(
+        batch: usize,
+        cin: usize,
+        (h, w): (usize, usize),
+        cout: usize,
+        (kh, kw): (usize, usize),
+        stride: usize,
+        padding: usize,
+    ) -> Result<Geom> {
+        Ok(Geom {
+            batch,
+            cin,
+            h,
+            w,
+            cout,
+            kh,
+            kw,
+            sh: stride,
+            sw: stride,
+            ph: padding,
+            pw: padding,
+            ho: out_size(h, kh, stride, padding)?,
+            wo: out_size(w, kw, stride, padding)?,
+            one_d: false,
+        })
+    }
 }
 
 /// `F.conv1d(x, w, b, stride, padding)`: x `[B, Cin, L]`, w `[Cout, Cin, k]`.

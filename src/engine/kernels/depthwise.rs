@@ -340,22 +340,7 @@ pub fn depthwise_conv2d(
         );
     }
     check_bias(b, cout)?;
-    let g = Geom {
-        batch,
-        cin,
-        h,
-        w: wd,
-        cout,
-        kh,
-        kw,
-        sh: stride,
-        sw: stride,
-        ph: padding,
-        pw: padding,
-        ho: out_size(h, kh, stride, padding)?,
-        wo: out_size(wd, kw, stride, padding)?,
-        one_d: false,
-    };
+    let g = Geom::square_2d(batch, cin, (h, wd), cout, (kh, kw), stride, padding)?;
     apply(x, w, b, DepthwiseOp { g })
 }
 
