@@ -228,9 +228,30 @@ fn load_settings(args: &ConfigArgs) -> Result<Settings, ExitCode> {
     })
 }
 
+/// Commands whose output is read by people and pipes (`predict ... | head`):
+/// a closed pipe ends them quietly, as it ends `cat`, instead of a panic in
+/// `println!`. The daemon, the broker and `fleet serve` keep Rust's ignored
+/// SIGPIPE: a peer closing a socket must never kill them.
+fn exits_quietly_on_closed_pipe(command: &Command) -> bool {
+    match command {
+        Command::Run { .. } => false,
+        #[cfg(feature = "embedded-broker")]
+        Command::Broker { .. } => false,
+        Command::Fleet { action } => !action.serves(),
+        _ => true,
+    }
+}
+
 fn main() -> ExitCode {
     runtime::init();
     let cli = Cli::parse();
+    if exits_quietly_on_closed_pipe(&cli.command) {
+        // SAFETY: restores the default action of one signal before any thread
+        // starts; no handler of ours is replaced.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     init_logging();
     match cli.command {
         Command::CheckConfig { cfg } => check_config(&cfg),

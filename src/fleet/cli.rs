@@ -124,6 +124,14 @@ pub enum Action {
     },
 }
 
+impl Action {
+    /// Whether this action is a long-running server (`serve`) rather than a
+    /// command whose output goes to a terminal or a pipe.
+    pub fn serves(&self) -> bool {
+        matches!(self, Action::Serve { .. })
+    }
+}
+
 /// Runs a fleet subcommand; the exit code (0, or [`EXIT_FAILED`] when a device
 /// failed or did not answer).
 pub fn main(action: Action) -> Result<u8, FleetError> {

@@ -223,6 +223,35 @@ fn files(dir: &str, names: &[&str]) -> Vec<PathBuf> {
     names.iter().map(|n| root().join(dir).join(n)).collect()
 }
 
+/// `predict ... | head -1`: the reader goes away after one line; the command
+/// ends as `cat` would (SIGPIPE), without a panic on stderr.
+fn closed_pipe_ends_quietly(args: &[&str]) {
+    use std::io::{BufRead, BufReader};
+    use std::os::unix::process::ExitStatusExt;
+    let mut child = Command::new(BIN)
+        .current_dir(root())
+        .env_remove("RUST_LOG")
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start edge-trainer");
+    let mut first = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    assert!(first.starts_with('{'), "{first}");
+    // The reader (and the pipe) is gone here; the output left is > 64 KiB.
+    let out = child.wait_with_output().unwrap();
+    let stderr = text(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(
+        out.status.success() || out.status.signal() == Some(libc::SIGPIPE),
+        "{:?}: {stderr}",
+        out.status
+    );
+}
+
 /// mlp on the digits (safetensors): ONNX = predict; `--split test` = eval.
 fn mlp_export_matches_predict_and_eval() {
     let out = tempfile::tempdir().unwrap();
@@ -247,6 +276,19 @@ fn mlp_export_matches_predict_and_eval() {
     let eval = eval_accuracy(cfg, &best, &["device.kind=cpu"]);
     assert_eq!(s["accuracy"].as_f64().unwrap(), eval, "{s}");
     assert!(s["labelled"].as_u64().unwrap() > 0);
+    closed_pipe_ends_quietly(&[
+        "predict",
+        "--json",
+        "--full",
+        "--checkpoint",
+        &best.display().to_string(),
+        "--config",
+        cfg,
+        "--set",
+        "device.kind=cpu",
+        "--split",
+        "test",
+    ]);
     // `--model current`: the promoted model of the config's output.dir.
     let (lines, _) = predict_json(&[
         "--model",
