@@ -94,6 +94,66 @@ def check(args):
         print(f"input: {inp.get('sample_shape')} pixels 0..255, normalisation {json.dumps(inp.get('normalization'))}")
     if "classes" in meta:
         print(f"classes: {meta['classes']}")
+    if args.predictions:
+        compare_predictions(args, model, spec, meta)
+
+
+def compare_predictions(args, model, spec, meta):
+    """Runs torchvision on the files edge-trainer predicted and compares.
+
+    `args.predictions` is the output of `edge-trainer predict --json
+    --split test ...` with this checkpoint: one JSON line per image (its
+    path relative to `args.data`, the true class, edge-trainer's classes and
+    probabilities). The same pixels go through torchvision here: decoded by
+    Pillow, resized bilinearly (the stretch resize edge-trainer uses), scaled
+    with the checkpoint's normalisation, and the accuracy of both is printed.
+    """
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    inp = json.loads(meta.get("input", "{}"))
+    norm = inp.get("normalization") or {}
+    mean = torch.tensor(norm.get("mean", [0.0] * spec["in_channels"]), dtype=torch.float32).view(-1, 1, 1)
+    std = torch.tensor(norm.get("std", [1.0] * spec["in_channels"]), dtype=torch.float32).view(-1, 1, 1)
+    classes = json.loads(meta.get("classes", "[]"))
+    h, w = spec["input_size"]
+    n = agree = right_tv = right_et = 0
+    worst = 0.0
+    with open(args.predictions) as f:
+        rows = [json.loads(line) for line in f if line.startswith("{")]
+    rows = [r for r in rows if "input" in r and r.get("truth") is not None]
+    if not rows:
+        sys.exit(f"{args.predictions}: no labelled predictions (run `edge-trainer predict --json --split test`)")
+    for start in range(0, len(rows), 64):
+        batch = rows[start:start + 64]
+        xs = []
+        for r in batch:
+            path = r["input"]
+            name, _, tail = path.rpartition(":")
+            if name and tail.isdigit():
+                path = name
+            img = Image.open(f"{args.data}/{path}").convert("RGB" if spec["in_channels"] == 3 else "L")
+            if img.size != (w, h):
+                img = img.resize((w, h), Image.BILINEAR)
+            a = torch.from_numpy(np.asarray(img, dtype=np.float32).copy())
+            a = a.permute(2, 0, 1) if a.dim() == 3 else a.unsqueeze(0)
+            xs.append((a - mean) / std)
+        with torch.no_grad():
+            probs = torch.softmax(model(torch.stack(xs)), dim=1)
+        for r, p in zip(batch, probs):
+            tv = classes[int(p.argmax())] if classes else str(int(p.argmax()))
+            n += 1
+            agree += tv == r["class"]
+            right_tv += tv == r["truth"]
+            right_et += r["class"] == r["truth"]
+            for t in r["top"]:
+                worst = max(worst, abs(float(p[t["index"]]) - t["probability"]))
+    print(f"{n} labelled images: accuracy in torchvision {right_tv / n:.4f} ({right_tv}), "
+          f"in edge-trainer {right_et / n:.4f} ({right_et}); same class on {agree} of {n}; "
+          f"max |probability difference| {worst:.2e}")
+    if right_tv != right_et:
+        sys.exit("the accuracies differ")
 
 
 def main():
@@ -106,6 +166,9 @@ def main():
     g.add_argument("--half", action="store_true", help="store f16 (edge-trainer loads it as f32)")
     c = sub.add_parser("check", help="load an edge-trainer checkpoint into torchvision (strict)")
     c.add_argument("checkpoint")
+    c.add_argument("--predictions", help="`edge-trainer predict --json --split test` output of this "
+                   "checkpoint: torchvision predicts the same images and both accuracies are printed")
+    c.add_argument("--data", default=".", help="the folder the predictions' paths are relative to (data.dir)")
     args = ap.parse_args()
     get(args) if args.cmd == "get" else check(args)
 
