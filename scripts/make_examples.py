@@ -98,22 +98,23 @@ def digits_png():
     print("digits-png: 1200 images")
 
 
-def pretrained_cnn():
-    torch.manual_seed(0)
-    torch.set_num_threads(1)
+def digits_0_4(size):
+    """Images 1200.. of scikit-learn's digits of classes 0-4 (not among the PNG
+    examples), as 0..255 pixels resized bilinearly to `size` and standardised."""
     d = load_digits()
     idx = [i for i in range(1200, len(d.target)) if d.target[i] < 5]
     x = torch.tensor(np.round(d.images[idx] * (255.0 / 16.0)), dtype=torch.float32).unsqueeze(1)
-    x = F.interpolate(x, size=(16, 16), mode="bilinear", align_corners=False)
+    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
     y = torch.tensor(d.target[idx], dtype=torch.int64)
     mean, std = x.mean(), x.std(unbiased=False)
-    x = (x - mean) / std
-    blocks = [dict(out_channels=16, kernel_size=3, stride=1, padding=1, batch_norm=True, pool=2),
-              dict(out_channels=32, kernel_size=3, stride=1, padding=1, batch_norm=True, pool=2)]
-    model = pytorch_twins.CNN(2, 1, blocks, 5)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    return (x - mean) / std, y
+
+
+def fit(model, x, y, lr, epochs):
+    """Adam, batches of 32 in a seeded order; the train accuracy at the end."""
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
     g = torch.Generator().manual_seed(0)
-    for epoch in range(30):
+    for epoch in range(epochs):
         model.train()
         perm = torch.randperm(len(y), generator=g)
         for s in range(0, len(y), 32):
@@ -123,7 +124,17 @@ def pretrained_cnn():
             opt.step()
     model.eval()
     with torch.no_grad():
-        acc = (model(x).argmax(1) == y).float().mean().item()
+        return (model(x).argmax(1) == y).float().mean().item()
+
+
+def pretrained_cnn():
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    x, y = digits_0_4(16)
+    blocks = [dict(out_channels=16, kernel_size=3, stride=1, padding=1, batch_norm=True, pool=2),
+              dict(out_channels=32, kernel_size=3, stride=1, padding=1, batch_norm=True, pool=2)]
+    model = pytorch_twins.CNN(2, 1, blocks, 5)
+    acc = fit(model, x, y, lr=1e-2, epochs=30)
     state = {}
     for k, v in model.state_dict().items():
         k = k.replace("head.", "classifier.", 1) if k.startswith("head.") else k
@@ -140,27 +151,9 @@ def pretrained_mobilenet():
     other digits images of classes 0-4 at 32x32, saved as a plain state_dict in f16."""
     torch.manual_seed(0)
     torch.set_num_threads(2)
-    d = load_digits()
-    idx = [i for i in range(1200, len(d.target)) if d.target[i] < 5]
-    x = torch.tensor(np.round(d.images[idx] * (255.0 / 16.0)), dtype=torch.float32).unsqueeze(1)
-    x = F.interpolate(x, size=(32, 32), mode="bilinear", align_corners=False)
-    y = torch.tensor(d.target[idx], dtype=torch.int64)
-    mean, std = x.mean(), x.std(unbiased=False)
-    x = (x - mean) / std
+    x, y = digits_0_4(32)
     model = pytorch_twins.MobileNetV2(in_channels=1, width_mult=0.25, num_classes=5)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    g = torch.Generator().manual_seed(0)
-    for epoch in range(40):
-        model.train()
-        perm = torch.randperm(len(y), generator=g)
-        for s in range(0, len(y), 32):
-            b = perm[s:s + 32]
-            opt.zero_grad()
-            F.cross_entropy(model(x[b]), y[b]).backward()
-            opt.step()
-    model.eval()
-    with torch.no_grad():
-        acc = (model(x).argmax(1) == y).float().mean().item()
+    acc = fit(model, x, y, lr=3e-3, epochs=40)
     state = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in model.state_dict().items()}
     out = EX / "pretrained"
     out.mkdir(parents=True, exist_ok=True)
