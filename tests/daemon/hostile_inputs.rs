@@ -217,15 +217,7 @@ fn a_corrupt_current_model_heals_and_an_unpromoted_run_is_promoted_after_restart
     std::fs::copy(&current, &previous).unwrap();
     std::fs::write(&current, b"not a model: bit rot").unwrap();
 
-    let broker = Broker::start(&env.dir.path().join("broker"), port);
-    let dash = Dashboard::connect(port, &env.base_topic(), None);
-    let daemon = Daemon::start(&env, &[]);
-    let mut h = Harness {
-        env,
-        broker,
-        daemon,
-        dash,
-    };
+    let mut h = Harness::start_in(env, port, &[], None);
     let (_, m) = h.wait_event("model_recovered", None, LONG);
     assert_eq!(m.json["restored_from"], "previous", "{}", m.json);
     let status = h.dash.topic("status");
@@ -412,17 +404,7 @@ fn a_stray_class_on_a_fresh_device_is_refused_before_any_model() {
         rows.push_str(&format!("{},{},{},{}\n", i % 7, i % 5, i % 3, i % 10));
     }
     std::fs::write(env.data.join("digits.csv"), rows).unwrap();
-    let broker = Broker::start(&env.dir.path().join("broker"), port);
-    let dash = Dashboard::connect(port, &env.base_topic(), None);
-    let daemon = Daemon::start(&env, &[]);
-    let mut h = Harness {
-        env,
-        broker,
-        daemon,
-        dash,
-    };
-    let status = h.dash.topic("status");
-    h.wait("the daemon's first status", SHORT, |m| m.topic == status);
+    let mut h = Harness::start_in(env, port, &[], None);
     let events = h.dash.topic("events");
     for (name, body) in [("cat.csv", "1,2,3,cat\n"), ("seven.csv", "1,2,3,7\n")] {
         let tmp = h.env.dir.path().join(name);
@@ -463,17 +445,7 @@ fn a_run_made_non_finite_by_a_data_file_names_the_file() {
         }
         std::fs::write(env.data.join(format!("part{f}.csv")), rows).unwrap();
     }
-    let broker = Broker::start(&env.dir.path().join("broker"), port);
-    let dash = Dashboard::connect(port, &env.base_topic(), None);
-    let daemon = Daemon::start(&env, &[]);
-    let mut h = Harness {
-        env,
-        broker,
-        daemon,
-        dash,
-    };
-    let status = h.dash.topic("status");
-    h.wait("the daemon's first status", SHORT, |m| m.topic == status);
+    let mut h = Harness::start_in(env, port, &[], None);
     let events = h.dash.topic("events");
     let first = h.train("clean", r#"{"request_id":"clean"}"#);
     let (_, m) = h.wait("the first promotion", LONG, |m| {

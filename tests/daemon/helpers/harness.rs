@@ -29,6 +29,17 @@ impl Harness {
     ) -> Self {
         let port = free_port();
         let env = Env::new(port, extra, hold_back);
+        Self::start_in(env, port, vars, session)
+    }
+
+    /// Broker + dashboard + daemon around an `env` made (and filled with
+    /// data, models) by the caller for `port`; waits for the retained status.
+    pub fn start_in(
+        env: Env,
+        port: u16,
+        vars: &[(&str, String)],
+        session: Option<&str>,
+    ) -> Self {
         let broker = Broker::start(&env.dir.path().join("broker"), port);
         let dash = Dashboard::connect(port, &env.base_topic(), session);
         let daemon = Daemon::start(&env, vars);
