@@ -34,12 +34,7 @@ impl Harness {
 
     /// Broker + dashboard + daemon around an `env` made (and filled with
     /// data, models) by the caller for `port`; waits for the retained status.
-    pub fn start_in(
-        env: Env,
-        port: u16,
-        vars: &[(&str, String)],
-        session: Option<&str>,
-    ) -> Self {
+    pub fn start_in(env: Env, port: u16, vars: &[(&str, String)], session: Option<&str>) -> Self {
         let broker = Broker::start(&env.dir.path().join("broker"), port);
         let dash = Dashboard::connect(port, &env.base_topic(), session);
         let daemon = Daemon::start(&env, vars);
