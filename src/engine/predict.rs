@@ -54,6 +54,8 @@ pub struct InputOptions {
     /// Safetensors: the features (`data.x_key`) and labels (`data.y_key`, optional).
     pub x_key: String,
     pub y_key: String,
+    /// Files larger than this are refused unread (`data.max_file_mb`).
+    pub max_file_bytes: u64,
 }
 
 impl Default for InputOptions {
@@ -64,6 +66,7 @@ impl Default for InputOptions {
             delimiter: d.delimiter,
             x_key: d.x_key,
             y_key: d.y_key,
+            max_file_bytes: d.max_file_bytes,
         }
     }
 }
@@ -76,6 +79,7 @@ impl InputOptions {
             delimiter: spec.delimiter,
             x_key: spec.x_key.clone(),
             y_key: spec.y_key.clone(),
+            max_file_bytes: spec.max_file_bytes,
         }
     }
 }
@@ -169,6 +173,15 @@ impl Predictor {
     pub fn read_input(&self, path: &Path, opts: &InputOptions) -> Result<Samples, InputError> {
         let expected = &self.meta.input.sample_shape;
         let name = path.display().to_string();
+        // As the training readers: nothing larger than data.max_file_mb is read.
+        let bytes = std::fs::metadata(path)?.len();
+        if bytes > opts.max_file_bytes {
+            return Err(FileError::TooLarge {
+                bytes,
+                limit: opts.max_file_bytes,
+            }
+            .into());
+        }
         let (features, shape, truth) = match self.meta.input.format {
             DataFormat::ImageFolder => self.read_image(path)?,
             DataFormat::Csv => self.read_csv(path, opts)?,

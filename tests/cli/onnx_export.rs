@@ -564,6 +564,35 @@ fn csv_rows_and_bad_inputs() {
         "{stderr}"
     );
     assert!(stderr.contains("missing.csv: cannot read"), "{stderr}");
+
+    // A file over data.max_file_mb is refused unread, the others predicted.
+    let big = data.path().join("big.csv");
+    let mut rows = String::from("a,b,c\n");
+    while rows.len() <= 1_200_000 {
+        rows.push_str("0.25,0.5,0.75\n");
+    }
+    std::fs::write(&big, &rows).unwrap();
+    let o = run(&[
+        "predict",
+        "--checkpoint",
+        &best.display().to_string(),
+        "--config",
+        &cfg,
+        "--set",
+        "data.max_file_mb=1",
+        &unlabelled.display().to_string(),
+        &big.display().to_string(),
+    ]);
+    let (stdout, stderr) = (text(&o.stdout), text(&o.stderr));
+    assert_eq!(o.status.code(), Some(1), "{stdout}\n{stderr}");
+    assert!(stdout.contains("new.csv:2: "), "{stdout}");
+    assert!(
+        stderr.contains(&format!(
+            "big.csv: the file has {} bytes, more than the limit of 1048576 (data.max_file_mb)",
+            rows.len()
+        )),
+        "{stderr}"
+    );
 }
 
 /// `export` refuses what it cannot write, naming it.
