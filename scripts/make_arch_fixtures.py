@@ -214,6 +214,9 @@ def check_twins_against_torchvision():
         ("mobilenet_v2", torchvision.models.mobilenet_v2(), pytorch_twins.MobileNetV2()),
         ("mobilenet_v2 x0.35", torchvision.models.mobilenet_v2(width_mult=0.35),
          pytorch_twins.MobileNetV2(width_mult=0.35)),
+        ("mobilenet_v3_small", torchvision.models.mobilenet_v3_small(), pytorch_twins.MobileNetV3Small()),
+        ("mobilenet_v3_small x0.5", torchvision.models.mobilenet_v3_small(width_mult=0.5),
+         pytorch_twins.MobileNetV3Small(width_mult=0.5)),
     ]:
         want = {k: tuple(v.shape) for k, v in tv.state_dict().items()}
         got = {k: tuple(v.shape) for k, v in twin.state_dict().items()}

@@ -278,6 +278,94 @@ class MobileNetV2(nn.Module):
         return self.classifier(torch.flatten(x, 1))
 
 
+def bn_v3(c):
+    """MobileNetV3's batch-norm: eps 1e-3, momentum 0.01."""
+    return nn.BatchNorm2d(c, eps=0.001, momentum=0.01)
+
+
+def conv_bn_v3(cin, cout, kernel_size, stride=1, groups=1, act=None):
+    """`Conv2dNormActivation` with MobileNetV3's batch-norm and `act` (a module class or None)."""
+    layers = [nn.Conv2d(cin, cout, kernel_size, stride, (kernel_size - 1) // 2, groups=groups, bias=False),
+              bn_v3(cout)]
+    if act is not None:
+        layers.append(act(inplace=True))
+    return nn.Sequential(*layers)
+
+
+class SqueezeExcite(nn.Module):
+    """torchvision.ops' `SqueezeExcitation` as MobileNetV3 uses it: global average,
+    `fc1` (1x1 conv, bias), ReLU, `fc2`, hard sigmoid, the input scaled per channel."""
+
+    def __init__(self, channels, squeeze):
+        super().__init__()
+        self.fc1 = nn.Conv2d(channels, squeeze, 1)
+        self.fc2 = nn.Conv2d(squeeze, channels, 1)
+
+    def forward(self, x):
+        s = F.adaptive_avg_pool2d(x, 1)
+        return x * F.hardsigmoid(self.fc2(F.relu(self.fc1(s))))
+
+
+class InvertedResidualV3(nn.Module):
+    """torchvision's MobileNetV3 `InvertedResidual` (`block.*`)."""
+
+    def __init__(self, cin, kernel, expanded, cout, se, hs, stride):
+        super().__init__()
+        act = nn.Hardswish if hs else nn.ReLU
+        self.use_res_connect = stride == 1 and cin == cout
+        layers = [conv_bn_v3(cin, expanded, 1, act=act)] if expanded != cin else []
+        layers.append(conv_bn_v3(expanded, expanded, kernel, stride, groups=expanded, act=act))
+        if se:
+            layers.append(SqueezeExcite(expanded, make_divisible(expanded // 4)))
+        layers.append(conv_bn_v3(expanded, cout, 1))
+        self.block = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return x + self.block(x) if self.use_res_connect else self.block(x)
+
+
+class MobileNetV3Small(nn.Module):
+    """`arch = "mobilenet_v3_small"`: torchvision's MobileNetV3-Small (`features.*`,
+    `classifier.0`, `classifier.3`), its `width_mult` rounding and init; `in_channels`
+    from the data. With 3 channels the state_dict is interchangeable with
+    `torchvision.models.mobilenet_v3_small(width_mult=...)`'s."""
+
+    # input channels, kernel, expanded channels, output channels, squeeze-excite, hard-swish, stride
+    SETTINGS = [[16, 3, 16, 16, True, False, 2], [16, 3, 72, 24, False, False, 2],
+                [24, 3, 88, 24, False, False, 1], [24, 5, 96, 40, True, True, 2],
+                [40, 5, 240, 40, True, True, 1], [40, 5, 240, 40, True, True, 1],
+                [40, 5, 120, 48, True, True, 1], [48, 5, 144, 48, True, True, 1],
+                [48, 5, 288, 96, True, True, 2], [96, 5, 576, 96, True, True, 1],
+                [96, 5, 576, 96, True, True, 1]]
+
+    def __init__(self, in_channels=3, width_mult=1.0, num_classes=1000, dropout=0.2):
+        super().__init__()
+        w = lambda c: make_divisible(c * width_mult)  # noqa: E731
+        features = [conv_bn_v3(in_channels, w(16), 3, 2, act=nn.Hardswish)]
+        for cin, k, exp, cout, se, hs, s in self.SETTINGS:
+            features.append(InvertedResidualV3(w(cin), k, w(exp), w(cout), se, hs, s))
+        last_in = w(self.SETTINGS[-1][3])
+        features.append(conv_bn_v3(last_in, 6 * last_in, 1, act=nn.Hardswish))
+        self.features = nn.Sequential(*features)
+        last = w(1024)
+        self.classifier = nn.Sequential(nn.Linear(6 * last_in, last), nn.Hardswish(inplace=True),
+                                        nn.Dropout(p=dropout), nn.Linear(last, num_classes))
+        for m in self.modules():  # torchvision's init
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out")
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, 0, 0.01)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x):
+        if x.dim() == 3:  # [B, H, W]: one channel
+            x = x.unsqueeze(1)
+        x = F.adaptive_avg_pool2d(self.features(x), (1, 1))
+        return self.classifier(torch.flatten(x, 1))
+
+
 RESNET_LAYERS = {"resnet18": [2, 2, 2, 2], "resnet34": [3, 4, 6, 3]}
 
 
@@ -299,4 +387,7 @@ def from_spec(spec):
                       spec.get("dropout", 0.0))
     if arch == "mobilenet_v2":
         return MobileNetV2(spec["in_channels"], spec["width_mult"], spec["num_classes"], spec.get("dropout", 0.2))
+    if arch == "mobilenet_v3_small":
+        return MobileNetV3Small(spec["in_channels"], spec["width_mult"], spec["num_classes"],
+                                spec.get("dropout", 0.2))
     raise ValueError(f"unknown arch {arch!r}")

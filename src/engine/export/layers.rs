@@ -5,13 +5,14 @@
 //! operators of opset 11 and later that TensorRT 8 supports: `Gemm`, `Conv`
 //! (with groups), `BatchNormalization`, `MaxPool`, `AveragePool`,
 //! `GlobalAveragePool`, `GlobalMaxPool`, `Gather`, `Relu`, `Clip` (ReLU6),
-//! `Add`, `Concat`, `Flatten`, `Reshape` and element-wise maths.
+//! `HardSigmoid` (and hard swish through it), `Add`, `Concat`, `Flatten`,
+//! `Reshape` and element-wise maths.
 
 use super::graph::{Attr, Graph};
 use super::ExportError;
-use crate::engine::model::batchnorm::EPS;
 use crate::engine::model::layers::{
-    Activation, AvgPool, BatchNorm, Conv, Embedding, Linear, MaxPool, PoolConfig, TextConv,
+    Activation, AvgPool, BatchNorm, Conv, Embedding, Linear, MaxPool, PoolConfig, SqueezeExcite,
+    TextConv,
 };
 
 /// A layer that can write itself into an ONNX graph.
@@ -57,7 +58,7 @@ impl Emit for Conv {
 }
 
 impl Emit for BatchNorm {
-    /// `BatchNormalization` with the running statistics (`epsilon = 1e-5`).
+    /// `BatchNormalization` with the running statistics and the layer's `epsilon`.
     fn emit(&self, g: &mut Graph, x: &str) -> Result<String, ExportError> {
         let (w, b, mean, var) = self.params();
         let prefix = w.name().strip_suffix(".weight").unwrap_or(w.name());
@@ -68,7 +69,7 @@ impl Emit for BatchNorm {
         Ok(g.node(
             "BatchNormalization",
             &[x, &wn, &bn, &mn, &vn],
-            &[("epsilon", Attr::Float(EPS as f32))],
+            &[("epsilon", Attr::Float(self.eps() as f32))],
         ))
     }
 }
@@ -130,6 +131,39 @@ pub fn relu6(g: &mut Graph, x: &str) -> String {
     let lo = g.floats("clip_min", &[0.0], &[]);
     let hi = g.floats("clip_max", &[6.0], &[]);
     g.node("Clip", &[x, &lo, &hi], &[])
+}
+
+/// `relu6(x + 3) / 6` (PyTorch's hard sigmoid) as `HardSigmoid` with
+/// alpha 1/6 and beta 1/2 (an operator since opset 6).
+pub fn hard_sigmoid(g: &mut Graph, x: &str) -> String {
+    g.node(
+        "HardSigmoid",
+        &[x],
+        &[
+            ("alpha", Attr::Float(1.0 / 6.0)),
+            ("beta", Attr::Float(0.5)),
+        ],
+    )
+}
+
+/// `x * relu6(x + 3) / 6` (PyTorch's hard swish) as `Mul(x, HardSigmoid(x))`:
+/// `HardSwish` is an operator only from opset 14 on.
+pub fn hard_swish(g: &mut Graph, x: &str) -> String {
+    let s = hard_sigmoid(g, x);
+    g.node("Mul", &[x, &s], &[])
+}
+
+impl Emit for SqueezeExcite {
+    /// `x * HardSigmoid(Conv(Relu(Conv(GlobalAveragePool(x)))))`.
+    fn emit(&self, g: &mut Graph, x: &str) -> Result<String, ExportError> {
+        let (fc1, fc2) = self.convs();
+        let s = g.node("GlobalAveragePool", &[x], &[]);
+        let s = fc1.emit(g, &s)?;
+        let s = g.node("Relu", &[&s], &[]);
+        let s = fc2.emit(g, &s)?;
+        let s = hard_sigmoid(g, &s);
+        Ok(g.node("Mul", &[x, &s], &[]))
+    }
 }
 
 /// An activation, with PyTorch's definitions. GELU is the exact (erf) form,

@@ -1,13 +1,20 @@
-//! What the torchvision backbones (`resnet18`, `resnet34`, `mobilenet_v2`)
-//! share: reading the image shape from the data, the Kaiming init torchvision
-//! gives their convolutions, and the running tally their footprints are
+//! What the torchvision backbones (`resnet18`, `resnet34`, `mobilenet_v2`,
+//! `mobilenet_v3_small`) share: reading the image shape from the data, the
+//! Kaiming init torchvision gives their convolutions, its
+//! `Conv2dNormActivation` block, and the running tally their footprints are
 //! counted with.
 
+use candle_core::Tensor;
 use candle_nn::init::{FanInOut, NonLinearity, NormalOrUniform};
-use candle_nn::Init;
+use candle_nn::{Init, VarBuilder};
 
 use super::error::ModelError;
+use super::layers::batchnorm::{BnAct, EPS, MOMENTUM};
+use super::layers::{conv_with_init, BatchNorm, Conv, ConvConfig, Hardswish};
+use super::ForwardCtx;
 use crate::engine::budget::{n, product, sum};
+use crate::engine::export::layers::{self as onnx, Emit};
+use crate::engine::export::{ExportError, Graph};
 
 /// torchvision's init for a backbone's convolutions:
 /// `kaiming_normal_(mode="fan_out", nonlinearity="relu")`.
@@ -152,5 +159,120 @@ impl Tally {
             c.saturating_mul(if dropout { 3 } else { 1 }),
             classes.saturating_mul(3),
         ]);
+    }
+}
+
+/// The activation after a [`ConvBnAct`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlockAct {
+    None,
+    Relu,
+    /// MobileNetV2's.
+    Relu6,
+    /// MobileNetV3's.
+    Hardswish,
+}
+
+/// The shape of a [`ConvBnAct`]: channels in and out, a square kernel
+/// (padded by `(k - 1) / 2`), stride, groups, the activation, and the
+/// batch-norm's `eps` and `momentum`.
+#[derive(Debug, Clone, Copy)]
+pub struct ConvBnShape {
+    pub channels: (usize, usize),
+    pub kernel: usize,
+    pub stride: usize,
+    pub groups: usize,
+    pub act: BlockAct,
+    pub norm: (f64, f64),
+}
+
+impl ConvBnShape {
+    /// A `kernel`x`kernel` convolution from `cin` to `cout` channels, stride
+    /// 1, no groups, with `act` and PyTorch's default batch-norm.
+    pub fn new((cin, cout): (usize, usize), kernel: usize, act: BlockAct) -> Self {
+        Self {
+            channels: (cin, cout),
+            kernel,
+            stride: 1,
+            groups: 1,
+            act,
+            norm: (EPS, MOMENTUM),
+        }
+    }
+
+    /// The same with `stride`.
+    pub fn stride(self, stride: usize) -> Self {
+        Self { stride, ..self }
+    }
+
+    /// The same as a depthwise convolution (one group per channel).
+    pub fn depthwise(self) -> Self {
+        Self {
+            groups: self.channels.0,
+            ..self
+        }
+    }
+
+    /// The same with the batch-norm's `eps` and `momentum`.
+    pub fn norm(self, eps: f64, momentum: f64) -> Self {
+        Self {
+            norm: (eps, momentum),
+            ..self
+        }
+    }
+}
+
+/// torchvision's `Conv2dNormActivation`: a convolution without bias (under
+/// `conv_vb`), a batch-norm (under `bn_vb`) and an activation.
+pub struct ConvBnAct {
+    conv: Conv,
+    bn: BatchNorm,
+    act: BlockAct,
+}
+
+impl ConvBnAct {
+    /// The block of `shape`, the convolution with torchvision's init.
+    pub fn new(
+        shape: ConvBnShape,
+        conv_vb: VarBuilder,
+        bn_vb: VarBuilder,
+    ) -> candle_core::Result<Self> {
+        let k = shape.kernel;
+        let cfg = ConvConfig {
+            stride: shape.stride,
+            padding: (k.max(1) - 1) / 2,
+            dilation: 1,
+            groups: shape.groups,
+        };
+        let (eps, momentum) = shape.norm;
+        Ok(Self {
+            conv: conv_with_init(2, shape.channels, k, cfg, None, CONV_INIT, conv_vb)?,
+            bn: BatchNorm::with_eps_momentum(shape.channels.1, eps, momentum, bn_vb)?,
+            act: shape.act,
+        })
+    }
+
+    /// `act(bn(conv(x)))`; ReLU and ReLU6 are fused into the batch-norm (one
+    /// kernel on the CPU).
+    pub fn forward(&self, x: &Tensor, ctx: &ForwardCtx) -> candle_core::Result<Tensor> {
+        let y = self.conv.forward(x, ctx)?;
+        match self.act {
+            BlockAct::None => self.bn.forward_act(&y, BnAct::None, ctx),
+            BlockAct::Relu => self.bn.forward_act(&y, BnAct::Relu, ctx),
+            BlockAct::Relu6 => self.bn.forward_act(&y, BnAct::Relu6, ctx),
+            BlockAct::Hardswish => Hardswish.forward(&self.bn.forward_act(&y, BnAct::None, ctx)?),
+        }
+    }
+
+    /// The conv, batch-norm and activation as ONNX nodes.
+    pub fn emit(&self, g: &mut Graph, x: &str) -> Result<String, ExportError> {
+        let y = self.conv.emit(g, x)?;
+        let y = self.bn.emit(g, &y)?;
+        Ok(match self.act {
+            BlockAct::None => y,
+            BlockAct::Relu => g.node("Relu", &[&y], &[]),
+            BlockAct::Relu6 => onnx::relu6(g, &y),
+            BlockAct::Hardswish => onnx::hard_swish(g, &y),
+        })
     }
 }

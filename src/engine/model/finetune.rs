@@ -3,9 +3,10 @@
 //!
 //! - `"full"` (the default): every parameter (less `model.freeze`).
 //! - `"head"`: the classifier head only (`fc.*` for resnet and textcnn,
-//!   `classifier.*` for mobilenet_v2, `head.*` for mlp and cnn).
+//!   `classifier.*` for the mobilenets, `head.*` for mlp and cnn).
 //! - `"last:N"`: the last N stages and the head. The stages are resnet's
-//!   `layer1..layer4`, mobilenet_v2's `features.0..features.18`, the conv
+//!   `layer1..layer4`, mobilenet_v2's `features.0..features.18`,
+//!   mobilenet_v3_small's `features.0..features.12`, the conv
 //!   blocks `features.{i}` and hidden layers `fc.{i}` of cnn, the hidden
 //!   layers `layers.{i}` of mlp, and textcnn's `embedding` then `convs`.
 //! - `"bias"`: TinyTL-style: every bias, every batch-norm weight (its affine
@@ -106,7 +107,7 @@ impl ModelSpec {
         match self {
             ModelSpec::Mlp(_) | ModelSpec::Cnn(_) | ModelSpec::Cnn1d(_) => "head.",
             ModelSpec::TextCnn(_) | ModelSpec::Resnet18(_) | ModelSpec::Resnet34(_) => "fc.",
-            ModelSpec::MobilenetV2(_) => "classifier.",
+            ModelSpec::MobilenetV2(_) | ModelSpec::MobilenetV3Small(_) => "classifier.",
         }
     }
 
@@ -125,6 +126,9 @@ impl ModelSpec {
                 (1..=4).map(|i| format!("layer{i}.")).collect()
             }
             ModelSpec::MobilenetV2(_) => (0..super::mobilenet::MobileNetSpec::STAGES)
+                .map(|i| format!("features.{i}."))
+                .collect(),
+            ModelSpec::MobilenetV3Small(_) => (0..super::mobilenet_v3::STAGES)
                 .map(|i| format!("features.{i}."))
                 .collect(),
         }

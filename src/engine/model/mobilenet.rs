@@ -24,13 +24,9 @@ use candle_core::Tensor;
 use candle_nn::{Init, VarBuilder};
 use serde::{Deserialize, Serialize};
 
-use super::backbone::{self, Tally, CONV_INIT};
+use super::backbone::{self, BlockAct, ConvBnAct, ConvBnShape, Tally};
 use super::error::{KeyError, KeyProblem, ModelError};
-use super::layers::batchnorm::BnAct;
-use super::layers::{
-    conv_with_init, linear_with_init, BatchNorm, Conv, ConvConfig, Dropout, GlobalAvgPool, Linear,
-    Relu6, Residual,
-};
+use super::layers::{linear_with_init, Dropout, GlobalAvgPool, Linear, Residual};
 use super::registry::Common;
 use super::{Classifier, ForwardCtx};
 use crate::engine::budget::{n, product, Footprint};
@@ -62,7 +58,7 @@ pub fn make_divisible(v: f64) -> usize {
     new
 }
 
-/// The `[model]` keys of `mobilenet_v2`.
+/// The `[model]` keys of `mobilenet_v2` and `mobilenet_v3_small`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct MobileNetConfig {
@@ -89,13 +85,15 @@ impl MobileNetConfig {
         Ok(())
     }
 
-    /// The spec for image samples of `sample_shape` (`[C, H, W]` or `[H, W]`).
+    /// The spec of `arch` (`mobilenet_v2`, `mobilenet_v3_small`) for image
+    /// samples of `sample_shape` (`[C, H, W]` or `[H, W]`).
     pub fn resolve(
         &self,
+        arch: &'static str,
         common: &Common,
         sample_shape: &[usize],
     ) -> Result<MobileNetSpec, ModelError> {
-        let (c, size) = backbone::image_input("mobilenet_v2", sample_shape)?;
+        let (c, size) = backbone::image_input(arch, sample_shape)?;
         Ok(self.spec(common, c, size))
     }
 
@@ -116,7 +114,7 @@ impl MobileNetConfig {
     }
 }
 
-/// Sizes of a `mobilenet_v2`.
+/// Sizes of a `mobilenet_v2` or a `mobilenet_v3_small`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MobileNetSpec {
     /// Channels of one sample (3 for RGB, 1 for grayscale).
@@ -217,59 +215,6 @@ impl MobileNetSpec {
     }
 }
 
-/// torchvision's `Conv2dNormActivation` with ReLU6 (`{i}.0` conv, `{i}.1` bn).
-struct ConvBnAct {
-    conv: Conv,
-    bn: BatchNorm,
-    act: Option<Relu6>,
-}
-
-impl ConvBnAct {
-    #[allow(clippy::too_many_arguments)]
-    fn new(
-        (cin, cout): (usize, usize),
-        k: usize,
-        stride: usize,
-        groups: usize,
-        act: bool,
-        conv_vb: VarBuilder,
-        bn_vb: VarBuilder,
-    ) -> candle_core::Result<Self> {
-        let cfg = ConvConfig {
-            stride,
-            padding: (k - 1) / 2,
-            dilation: 1,
-            groups,
-        };
-        Ok(Self {
-            conv: conv_with_init(2, (cin, cout), k, cfg, None, CONV_INIT, conv_vb)?,
-            bn: BatchNorm::new(cout, bn_vb)?,
-            act: act.then_some(Relu6),
-        })
-    }
-
-    fn forward(&self, x: &Tensor, ctx: &ForwardCtx) -> candle_core::Result<Tensor> {
-        // ReLU6 fused into the batch-norm (one kernel on the CPU).
-        let act = if self.act.is_some() {
-            BnAct::Relu6
-        } else {
-            BnAct::None
-        };
-        self.bn.forward_act(&self.conv.forward(x, ctx)?, act, ctx)
-    }
-
-    /// The conv, batch-norm and (`Clip`) ReLU6 as ONNX nodes.
-    fn emit(&self, g: &mut Graph, x: &str) -> Result<String, ExportError> {
-        let y = self.conv.emit(g, x)?;
-        let y = self.bn.emit(g, &y)?;
-        Ok(if self.act.is_some() {
-            onnx::relu6(g, &y)
-        } else {
-            y
-        })
-    }
-}
-
 /// torchvision's `InvertedResidual`.
 struct InvertedResidual {
     expand: Option<ConvBnAct>,
@@ -284,11 +229,7 @@ impl InvertedResidual {
         let mut i = 0;
         let expand = if b.expand {
             let e = ConvBnAct::new(
-                (b.cin, b.hidden),
-                1,
-                1,
-                1,
-                true,
+                ConvBnShape::new((b.cin, b.hidden), 1, BlockAct::Relu6),
                 cv.pp("0").pp("0"),
                 cv.pp("0").pp("1"),
             )?;
@@ -299,20 +240,14 @@ impl InvertedResidual {
         };
         let dv = cv.pp(i.to_string());
         let depthwise = ConvBnAct::new(
-            (b.hidden, b.hidden),
-            3,
-            b.stride,
-            b.hidden,
-            true,
+            ConvBnShape::new((b.hidden, b.hidden), 3, BlockAct::Relu6)
+                .stride(b.stride)
+                .depthwise(),
             dv.pp("0"),
             dv.pp("1"),
         )?;
         let project = ConvBnAct::new(
-            (b.hidden, b.cout),
-            1,
-            1,
-            1,
-            false,
+            ConvBnShape::new((b.hidden, b.cout), 1, BlockAct::None),
             cv.pp((i + 1).to_string()),
             cv.pp((i + 2).to_string()),
         )?;
@@ -375,11 +310,7 @@ impl MobileNetV2 {
         let (stem_c, last_c) = spec.stem_and_last();
         let fv = vb.pp("features");
         let stem = ConvBnAct::new(
-            (spec.in_channels, stem_c),
-            3,
-            2,
-            1,
-            true,
+            ConvBnShape::new((spec.in_channels, stem_c), 3, BlockAct::Relu6).stride(2),
             fv.pp("0").pp("0"),
             fv.pp("0").pp("1"),
         )?;
@@ -391,7 +322,11 @@ impl MobileNetV2 {
             cin = b.cout;
         }
         let lv = fv.pp((shapes.len() + 1).to_string());
-        let last = ConvBnAct::new((cin, last_c), 1, 1, 1, true, lv.pp("0"), lv.pp("1"))?;
+        let last = ConvBnAct::new(
+            ConvBnShape::new((cin, last_c), 1, BlockAct::Relu6),
+            lv.pp("0"),
+            lv.pp("1"),
+        )?;
         let classifier = linear_with_init(
             last_c,
             spec.num_classes,

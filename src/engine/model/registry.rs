@@ -13,6 +13,7 @@ use super::cnn::{self, CnnConfig, CnnSpec};
 use super::error::{KeyError, KeyProblem, ModelError};
 use super::mlp::{self, MlpConfig, MlpSpec};
 use super::mobilenet::{self, MobileNetConfig, MobileNetSpec};
+use super::mobilenet_v3;
 use super::resnet::{self, ResNetConfig, ResNetSpec};
 use super::textcnn::{self, TextCnnConfig, TextCnnSpec};
 use super::{Activation, Classifier};
@@ -35,6 +36,9 @@ pub enum ArchKind {
     /// torchvision's `mobilenet_v2`.
     #[serde(rename = "mobilenet_v2")]
     MobilenetV2,
+    /// torchvision's `mobilenet_v3_small`.
+    #[serde(rename = "mobilenet_v3_small")]
+    MobilenetV3Small,
 }
 
 impl ArchKind {
@@ -48,6 +52,7 @@ impl ArchKind {
             ArchKind::Resnet18 => "resnet18",
             ArchKind::Resnet34 => "resnet34",
             ArchKind::MobilenetV2 => "mobilenet_v2",
+            ArchKind::MobilenetV3Small => "mobilenet_v3_small",
         }
     }
 
@@ -64,6 +69,7 @@ impl ArchKind {
             ArchKind::Textcnn => textcnn::DEFAULT_DROPOUT,
             ArchKind::Resnet18 | ArchKind::Resnet34 => resnet::DEFAULT_DROPOUT,
             ArchKind::MobilenetV2 => mobilenet::DEFAULT_DROPOUT,
+            ArchKind::MobilenetV3Small => mobilenet_v3::DEFAULT_DROPOUT,
         }
     }
 
@@ -72,7 +78,10 @@ impl ArchKind {
     pub fn is_torchvision(self) -> bool {
         matches!(
             self,
-            ArchKind::Resnet18 | ArchKind::Resnet34 | ArchKind::MobilenetV2
+            ArchKind::Resnet18
+                | ArchKind::Resnet34
+                | ArchKind::MobilenetV2
+                | ArchKind::MobilenetV3Small
         )
     }
 }
@@ -96,6 +105,9 @@ pub enum ModelSpec {
     /// torchvision's mobilenet_v2 over `[C, H, W]` images.
     #[serde(rename = "mobilenet_v2")]
     MobilenetV2(MobileNetSpec),
+    /// torchvision's mobilenet_v3_small over `[C, H, W]` images.
+    #[serde(rename = "mobilenet_v3_small")]
+    MobilenetV3Small(MobileNetSpec),
 }
 
 impl ModelSpec {
@@ -106,7 +118,7 @@ impl ModelSpec {
             ModelSpec::Cnn(s) | ModelSpec::Cnn1d(s) => s.num_classes,
             ModelSpec::TextCnn(s) => s.num_classes,
             ModelSpec::Resnet18(s) | ModelSpec::Resnet34(s) => s.num_classes,
-            ModelSpec::MobilenetV2(s) => s.num_classes,
+            ModelSpec::MobilenetV2(s) | ModelSpec::MobilenetV3Small(s) => s.num_classes,
         }
     }
 
@@ -125,6 +137,7 @@ impl ModelSpec {
             ModelSpec::Resnet18(_) => ArchKind::Resnet18,
             ModelSpec::Resnet34(_) => ArchKind::Resnet34,
             ModelSpec::MobilenetV2(_) => ArchKind::MobilenetV2,
+            ModelSpec::MobilenetV3Small(_) => ArchKind::MobilenetV3Small,
         }
     }
 
@@ -144,7 +157,7 @@ impl ModelSpec {
             ModelSpec::Cnn(c) | ModelSpec::Cnn1d(c) => c.dropout = 0.0,
             ModelSpec::TextCnn(t) => t.dropout = 0.0,
             ModelSpec::Resnet18(r) | ModelSpec::Resnet34(r) => r.dropout = 0.0,
-            ModelSpec::MobilenetV2(m) => m.dropout = 0.0,
+            ModelSpec::MobilenetV2(m) | ModelSpec::MobilenetV3Small(m) => m.dropout = 0.0,
         }
         s
     }
@@ -158,6 +171,7 @@ impl ModelSpec {
             ModelSpec::Resnet18(s) => s.footprint(&resnet::RESNET18_BLOCKS),
             ModelSpec::Resnet34(s) => s.footprint(&resnet::RESNET34_BLOCKS),
             ModelSpec::MobilenetV2(s) => s.footprint(),
+            ModelSpec::MobilenetV3Small(s) => mobilenet_v3::footprint(s),
         }
     }
 
@@ -171,7 +185,9 @@ impl ModelSpec {
             (ModelSpec::TextCnn(_), false) => TextCnnSpec::PARAM_KEYS,
             (ModelSpec::TextCnn(_), true) => TextCnnSpec::ACTIVATION_KEYS,
             (ModelSpec::Resnet18(_) | ModelSpec::Resnet34(_), _) => ResNetSpec::SIZE_KEYS,
-            (ModelSpec::MobilenetV2(_), _) => MobileNetSpec::SIZE_KEYS,
+            (ModelSpec::MobilenetV2(_) | ModelSpec::MobilenetV3Small(_), _) => {
+                MobileNetSpec::SIZE_KEYS
+            }
         }
     }
 
@@ -189,6 +205,7 @@ impl ModelSpec {
                 Box::new(resnet::ResNet::new(s, &resnet::RESNET34_BLOCKS, vb)?)
             }
             ModelSpec::MobilenetV2(s) => Box::new(mobilenet::MobileNetV2::new(s, vb)?),
+            ModelSpec::MobilenetV3Small(s) => Box::new(mobilenet_v3::MobileNetV3Small::new(s, vb)?),
         })
     }
 }
@@ -209,6 +226,7 @@ pub struct ArchConfigs {
     /// `resnet18` and `resnet34`.
     #[serde(flatten)]
     pub resnet: ResNetConfig,
+    /// `mobilenet_v2` and `mobilenet_v3_small`.
     #[serde(flatten)]
     pub mobilenet: MobileNetConfig,
 }
@@ -345,6 +363,9 @@ impl ModelTemplate {
             ArchKind::MobilenetV2 => {
                 ModelSpec::MobilenetV2(a.mobilenet.sketch(&common, sample_shape))
             }
+            ArchKind::MobilenetV3Small => {
+                ModelSpec::MobilenetV3Small(a.mobilenet.sketch(&common, sample_shape))
+            }
         })
     }
 
@@ -383,9 +404,16 @@ impl ModelTemplate {
             ArchKind::Resnet34 => {
                 ModelSpec::Resnet34(a.resnet.resolve("resnet34", &common, sample_shape)?)
             }
-            ArchKind::MobilenetV2 => {
-                ModelSpec::MobilenetV2(a.mobilenet.resolve(&common, sample_shape)?)
-            }
+            ArchKind::MobilenetV2 => ModelSpec::MobilenetV2(a.mobilenet.resolve(
+                "mobilenet_v2",
+                &common,
+                sample_shape,
+            )?),
+            ArchKind::MobilenetV3Small => ModelSpec::MobilenetV3Small(a.mobilenet.resolve(
+                "mobilenet_v3_small",
+                &common,
+                sample_shape,
+            )?),
         })
     }
 }

@@ -1,6 +1,7 @@
 //! Batch normalisation over the channel dimension (dim 1), as PyTorch's
-//! `nn.BatchNorm1d` / `nn.BatchNorm2d` with their defaults (`eps = 1e-5`,
-//! `momentum = 0.1`, affine, tracking running statistics).
+//! `nn.BatchNorm1d` / `nn.BatchNorm2d`: affine, tracking running statistics,
+//! with PyTorch's defaults (`eps = 1e-5`, `momentum = 0.1`) or, for
+//! architectures that set others (MobileNetV3: `1e-3`, `0.01`), those.
 //!
 //! Parameters `weight` [C] (init 1) and `bias` [C] (init 0); buffers
 //! `running_mean` [C] (0), `running_var` [C] (1) and `num_batches_tracked` []
@@ -44,11 +45,24 @@ pub struct BatchNorm {
     running_var: Var,
     num_batches_tracked: Var,
     channels: usize,
+    eps: f64,
+    momentum: f64,
 }
 
 impl BatchNorm {
-    /// Builds the layer's parameters and buffers under `vb`.
+    /// Builds the layer's parameters and buffers under `vb`, with PyTorch's
+    /// default `eps` and `momentum`.
     pub fn new(channels: usize, vb: VarBuilder) -> candle_core::Result<Self> {
+        Self::with_eps_momentum(channels, EPS, MOMENTUM, vb)
+    }
+
+    /// [`BatchNorm::new`] with `nn.BatchNorm2d(eps=..., momentum=...)`.
+    pub fn with_eps_momentum(
+        channels: usize,
+        eps: f64,
+        momentum: f64,
+        vb: VarBuilder,
+    ) -> candle_core::Result<Self> {
         let weight = Param::new(&vb, channels, "weight", Init::Const(1.0))?;
         let bias = Param::new(&vb, channels, "bias", Init::Const(0.0))?;
         let rm = vb.get_with_hints(channels, "running_mean", Init::Const(0.0))?;
@@ -62,6 +76,8 @@ impl BatchNorm {
             running_var: Var::from_tensor(&rv)?,
             num_batches_tracked: Var::from_tensor(&nbt)?,
             channels,
+            eps,
+            momentum,
         })
     }
 
@@ -101,11 +117,12 @@ impl BatchNorm {
         let frozen = self.weight.frozen(ctx);
         let (weight, bias) = (self.weight.live(ctx), self.bias.live(ctx));
         if ctx.train && !frozen {
-            let (y, stats) = batchnorm::batch_norm(x, &weight, &bias, BnStats::Batch, EPS, act)?;
+            let (y, stats) =
+                batchnorm::batch_norm(x, &weight, &bias, BnStats::Batch, self.eps, act)?;
             if let Some((mean, var)) = stats {
                 let n = x.elem_count() / self.channels;
                 let dev = x.device();
-                let m = MOMENTUM;
+                let m = self.momentum;
                 let unbiased = n as f64 / (n.max(2) - 1) as f64;
                 let rm = self.running_mean.as_tensor();
                 let rv = self.running_var.as_tensor();
@@ -131,7 +148,7 @@ impl BatchNorm {
                 .to_dtype(DType::F32)?
                 .to_vec1()?,
         };
-        Ok(batchnorm::batch_norm(x, &weight, &bias, stats, EPS, act)?.0)
+        Ok(batchnorm::batch_norm(x, &weight, &bias, stats, self.eps, act)?.0)
     }
 
     /// Candle's ops (the path CUDA takes).
@@ -161,7 +178,7 @@ impl BatchNorm {
             let centred = x.broadcast_sub(&mean)?;
             let var = channel_mean(&centred.sqr()?)?;
             // Running statistics: outside the autograd graph, unbiased variance.
-            let m = MOMENTUM;
+            let m = self.momentum;
             let batch_mean = mean.detach().flatten_all()?;
             let unbiased = (var.detach().flatten_all()? * (n as f64 / (n.max(2) - 1) as f64))?;
             let rm = ((self.running_mean.as_tensor() * (1.0 - m))? + (batch_mean * m)?)?;
@@ -170,7 +187,7 @@ impl BatchNorm {
             self.running_var.set(&rv)?;
             let nbt = (self.num_batches_tracked.as_tensor() + 1.0)?;
             self.num_batches_tracked.set(&nbt)?;
-            centred.broadcast_div(&(var + EPS)?.sqrt()?)?
+            centred.broadcast_div(&(var + self.eps)?.sqrt()?)?
         } else {
             let rm = self
                 .running_mean
@@ -182,9 +199,15 @@ impl BatchNorm {
                 .as_tensor()
                 .detach()
                 .reshape(bshape.as_slice())?;
-            x.broadcast_sub(&rm)?.broadcast_div(&(rv + EPS)?.sqrt()?)?
+            x.broadcast_sub(&rm)?
+                .broadcast_div(&(rv + self.eps)?.sqrt()?)?
         };
         normalised.broadcast_mul(&weight)?.broadcast_add(&bias)
+    }
+
+    /// The `eps` added to the variance (for the ONNX export).
+    pub fn eps(&self) -> f64 {
+        self.eps
     }
 
     /// Weight, bias, running mean and running variance (for the ONNX export).
