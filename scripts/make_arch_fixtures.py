@@ -110,6 +110,15 @@ CASES = {
         spec=dict(arch="mobilenet_v2", in_channels=3, input_size=[64, 64], width_mult=0.25, num_classes=4,
                   dropout=0.2),
         batch=8, sample_shape=[3, 64, 64]),
+    # torchvision's mobilenet_v3_small at a quarter width: squeeze-excitation, hard swish,
+    # 5x5 depthwise convolutions, batch-norm with eps 1e-3 and momentum 0.01.
+    "mobilenet_v3_small": dict(
+        spec=dict(arch="mobilenet_v3_small", in_channels=3, input_size=[64, 64], width_mult=0.25,
+                  num_classes=4, dropout=0.2),
+        batch=8, sample_shape=[3, 64, 64],
+        # torchvision's N(0, 0.01) in both classifier layers makes logits and gradients ~1e-3:
+        # too small for the test's tolerances to mean anything. N(0, 1/fan_in) instead.
+        linear_std="fan_in"),
 }
 
 
@@ -167,6 +176,11 @@ def make_case(name, case, seed):
     torch.manual_seed(seed)
     model = pytorch_twins.from_spec(case["spec"])
     randomise_buffers(model, g)
+    if case.get("linear_std") == "fan_in":
+        with torch.no_grad():
+            for m in model.modules():
+                if isinstance(m, nn.Linear):
+                    m.weight.copy_(torch.randn(m.weight.shape, generator=g) / m.in_features ** 0.5)
     x = make_input(name, case, g)
     y = torch.randint(0, case["spec"]["num_classes"], (case["batch"],), generator=g)
     out = {f"state.{k}": v.detach().clone().contiguous() for k, v in model.state_dict().items()}
@@ -230,13 +244,16 @@ def check_twins_against_torchvision():
     print(f"twins match torchvision {torchvision.__version__} (state_dict and logits)")
 
 
-def make():
+def make(only=None):
     setup()
     check_twins_against_torchvision()
     OUT.mkdir(parents=True, exist_ok=True)
     cases = {}
+    if only:  # the other cases stay as they are
+        cases = json.loads((OUT / "cases.json").read_text())["cases"]
     for i, (name, case) in enumerate(CASES.items()):
-        cases[name] = make_case(name, case, 1000 + i)
+        if not only or name in only:
+            cases[name] = make_case(name, case, 1000 + i)
     (OUT / "cases.json").write_text(json.dumps(
         {"torch": torch.__version__, "cases": cases}, indent=2, sort_keys=True) + "\n")
     print(f"wrote {len(cases)} cases to {OUT.relative_to(ROOT)}")
@@ -271,8 +288,10 @@ def verify(export_dir):
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--verify", metavar="DIR", help="check checkpoints exported by tests/engine/arch_parity.rs")
+    ap.add_argument("--only", metavar="CASE", nargs="+", choices=list(CASES),
+                    help="make only these cases (the others in cases.json are kept)")
     args = ap.parse_args()
     if args.verify:
         verify(args.verify)
     else:
-        make()
+        make(args.only)
