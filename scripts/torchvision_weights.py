@@ -19,9 +19,9 @@ there, yours here: the head is re-initialised):
     channels = 3                 # the weights' stem takes RGB
     image_size = [224, 224]      # any size >= 32x32 works; 112 or 160 train much faster
     [model]
-    arch = "resnet18"            # or "resnet34", "mobilenet_v2"
+    arch = "resnet18"            # or "resnet34", "mobilenet_v2", "mobilenet_v3_small"
     init = "resnet18-imagenet.safetensors"
-    reinit = ["fc.*"]            # mobilenet_v2: ["classifier.1.*"]
+    reinit = ["fc.*"]            # mobilenet_v2: ["classifier.1.*"], v3: ["classifier.3.*"]
     finetune = "last:1"          # or "full", "head", "bias"
 
 Back the other way: a checkpoint edge-trainer wrote (`best.safetensors`)
@@ -41,7 +41,7 @@ import argparse
 import json
 import sys
 
-ARCHS = ("resnet18", "resnet34", "mobilenet_v2")
+ARCHS = ("resnet18", "resnet34", "mobilenet_v2", "mobilenet_v3_small")
 
 
 def get(args):
@@ -55,7 +55,7 @@ def get(args):
         sd = {k: (v.half() if v.is_floating_point() else v) for k, v in sd.items()}
     save_file(sd, args.out)
     n = sum(v.numel() for k, v in sd.items() if v.is_floating_point())
-    head = "fc.*" if args.arch.startswith("resnet") else "classifier.1.*"
+    head = {"mobilenet_v2": "classifier.1.*", "mobilenet_v3_small": "classifier.3.*"}.get(args.arch, "fc.*")
     print(f"{args.out}: {len(sd)} tensors, {n:,} values ({args.arch}, weights {args.weights}, "
           f"{'f16' if args.half else 'f32'}); set model.arch = {args.arch!r}, model.reinit = [{head!r}]")
 
@@ -79,7 +79,7 @@ def check(args):
                  f"{spec.get('base_width', 64)}: no torchvision model has this shape; load it into "
                  "scripts/pytorch_twins.py's from_spec(spec) instead")
     kwargs = dict(num_classes=spec["num_classes"])
-    if arch == "mobilenet_v2":
+    if arch.startswith("mobilenet"):
         kwargs.update(width_mult=spec["width_mult"], dropout=spec.get("dropout", 0.2))
     model = getattr(torchvision.models, arch)(**kwargs)
     model.load_state_dict(load_file(args.checkpoint), strict=True)
@@ -153,7 +153,9 @@ def compare_predictions(args, model, spec, meta):
           f"in edge-trainer {right_et / n:.4f} ({right_et}); same class on {agree} of {n}; "
           f"max |probability difference| {worst:.2e}")
     if right_tv != right_et:
-        sys.exit("the accuracies differ")
+        sys.exit("the accuracies differ (images that need resizing can: Pillow's bilinear resize and "
+                 "edge-trainer's may differ by one level on some pixels; compare on images already at "
+                 "the model's input size)")
 
 
 def main():

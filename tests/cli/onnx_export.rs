@@ -445,6 +445,7 @@ fn backbone_exports_match_predict() {
     for (arch, size) in [
         ("resnet18", "base_width = 4"),
         ("mobilenet_v2", "width_mult = 0.25"),
+        ("mobilenet_v3_small", "width_mult = 0.25"),
     ] {
         let out = tempfile::tempdir().unwrap();
         let cfg = out.path().join("backbone.toml");
@@ -467,6 +468,12 @@ fn backbone_exports_match_predict() {
         );
         if arch == "mobilenet_v2" {
             assert!(ops.contains("Clip"), "{arch}: {ops}");
+        } else if arch == "mobilenet_v3_small" {
+            // Hard swish as Mul(x, HardSigmoid(x)) (HardSwish needs opset 14).
+            assert!(
+                ops.contains("HardSigmoid") && ops.contains("Mul") && !ops.contains("HardSwish"),
+                "{arch}: {ops}"
+            );
         } else {
             assert!(
                 ops.contains("MaxPool") && ops.contains("Relu"),
