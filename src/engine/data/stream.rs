@@ -122,6 +122,22 @@ impl ImageSource {
         &self.opts
     }
 
+    /// What identifies image `i` as a file: its name relative to the data
+    /// folder, its size and its modification time (nanoseconds since the
+    /// epoch); what the frozen-feature cache keys a sample by.
+    pub fn file_identity(&self, i: usize) -> std::io::Result<(&str, u64, u128)> {
+        let name = self
+            .names
+            .get(i)
+            .ok_or_else(|| std::io::Error::other(format!("no image {i}")))?;
+        let meta = std::fs::metadata(self.dir.join(name))?;
+        let mtime = meta
+            .modified()?
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        Ok((name, meta.len(), mtime))
+    }
+
     /// Bytes of resized samples held by the cache now.
     pub fn cached_bytes(&self) -> u64 {
         self.cache.lock().map_or(0, |c| c.used)

@@ -6,6 +6,7 @@
 //! Emits [`RunEvent`]s through an [`EventSink`]; checks the cancel flag after every batch.
 
 mod evaluate;
+mod feature_cache;
 mod prepare;
 mod session;
 mod step;
@@ -14,13 +15,13 @@ use std::path::Path;
 use std::time::Instant;
 
 pub use prepare::{open_with_data, split_indices, Opened};
-pub use step::{train_step, Phase, StepError, StepObserver, StepOut};
+pub use step::{train_step, train_step_from, Phase, StepError, StepObserver, StepOut};
 
 use self::session::{Position, Session};
-use super::data::Batcher;
+use super::data::{Batch, Batcher};
 use super::device::describe;
 use super::error::RunError;
-use super::eval::{evaluate as eval_split, EvalReport};
+use super::eval::EvalReport;
 use super::fsutil::atomic_write;
 use super::resume::RESUME_FILE;
 use super::run::*;
@@ -55,6 +56,7 @@ pub fn run(req: &RunRequest, sink: &dyn EventSink, cancel: &CancelFlag) -> RunSu
         ended: String::new(),
         wall_s: 0.0,
         failure: None,
+        feature_cache: None,
     };
     if let Err(e) = train(req, &run_dir, sink, cancel, t0, &mut summary) {
         tracing::debug!(run_id = %req.run_id, kind = %e.kind(), error = ?e, "run failed");
@@ -89,7 +91,7 @@ fn train(
     let state = session::load_resume_state(req, run_dir)?;
     let req = session::resumed_request(req, state.as_ref());
     let prep = prepare::prepare(&req)?;
-    let mut s = Session::start(&req, run_dir, sink, &prep, state, t0, summary)?;
+    let mut s = Session::start(&req, run_dir, sink, &prep, state, t0, summary, cancel)?;
     summary.reason = format!("reached max_epochs = {}", req.train.max_epochs);
     let outcome = epochs(&mut s, cancel, summary);
     let result = outcome.and_then(|o| finish(s, o, cancel, summary));
@@ -126,8 +128,15 @@ fn epochs(
             .skip(first)
             .map(<[usize]>::to_vec)
             .collect();
-        // Streamed images are decoded and augmented ahead, on worker threads.
-        let mut batches = batcher.batches(chunks, Some((req.train.seed, epoch)));
+        let table = s.features.clone();
+        let from = table.as_ref().map(|t| t.point);
+        let mut batches: Box<dyn Iterator<Item = candle_core::Result<Batch>> + '_> =
+            match table.as_deref() {
+                // Cached frozen features: the trainable rest of the model only.
+                Some(t) => Box::new(t.batches(chunks)),
+                // Streamed images are decoded and augmented ahead, on worker threads.
+                None => Box::new(batcher.batches(chunks, Some((req.train.seed, epoch)))),
+            };
         for bi in first..order.len().div_ceil(bs) {
             if cancel.is_cancelled() {
                 summary.reason = format!("cancelled at epoch {epoch}, step {}", s.step);
@@ -143,8 +152,9 @@ fn epochs(
                 // Every image of the batch failed to decode (reported at the end).
                 continue;
             }
-            let out = train_step(
+            let out = train_step_from(
                 &prep.model,
+                from,
                 &batch,
                 &s.loss_fn,
                 &mut s.optimizer,
@@ -235,16 +245,7 @@ fn finish(
         tracing::warn!(run_id = %s.req.run_id, "the test split is empty; no final test");
         return Ok(());
     }
-    let batcher = Batcher::new(&prep.data, &prep.norm, &s.req.device);
-    match eval_split(
-        &prep.model,
-        &batcher,
-        &prep.split.test,
-        &s.loss_fn,
-        s.req.train.batch_size,
-        &prep.data.classes,
-        cancel,
-    ) {
+    match evaluate::evaluate_indices(&s, &prep.split.test, cancel) {
         Ok(rep) => summary.test = Some(test_record(rep)),
         Err(RunError::Cancelled) => {
             summary.outcome = Outcome::Cancelled;
