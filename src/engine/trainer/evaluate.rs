@@ -112,7 +112,8 @@ pub(super) fn evaluate_and_apply(
 ) -> Result<bool, RunError> {
     // A validation pass belongs to the step that triggered it: it is not cut
     // short, so that a resumed run reproduces the same metrics.
-    let rep = evaluate_indices(s, &s.prep.split.val, &CancelFlag::new())?;
+    let prep = s.prep;
+    let rep = evaluate_indices(s, &prep.split.val, &CancelFlag::new())?;
     let (monitor, early_cfg) = &s.req.train.early_stopping;
     let obs = Observation {
         run_id: &s.req.run_id,
@@ -206,38 +207,40 @@ pub(super) fn apply(
 }
 
 /// Evaluates the session's model on the samples `indices`: on the cached
-/// frozen features when the run has them, from the input otherwise.
+/// frozen features when the run has them (computing those not yet known),
+/// from the input otherwise.
 pub(super) fn evaluate_indices(
-    s: &Session,
+    s: &mut Session,
     indices: &[usize],
     cancel: &CancelFlag,
 ) -> Result<EvalReport, RunError> {
     let p = s.prep;
     let bs = s.req.train.batch_size;
-    match s.features.as_deref() {
+    let batcher = Batcher::new(&p.data, &p.norm, &s.req.device);
+    match s.features.as_mut() {
         Some(t) => {
-            let chunks = indices.chunks(bs.max(1)).map(<[usize]>::to_vec).collect();
+            let chunks: Vec<Vec<usize>> =
+                indices.chunks(bs.max(1)).map(<[usize]>::to_vec).collect();
+            let images = batcher.batches(t.needing_images(&chunks), None);
+            let point = t.point;
             evaluate_batches(
                 &p.model,
-                t.batches(chunks),
-                Some(t.point),
+                t.batches(chunks, images, &p.model),
+                Some(point),
                 &s.loss_fn,
                 &p.data.classes,
                 cancel,
             )
         }
-        None => {
-            let batcher = Batcher::new(&p.data, &p.norm, &s.req.device);
-            evaluate(
-                &p.model,
-                &batcher,
-                indices,
-                &s.loss_fn,
-                bs,
-                &p.data.classes,
-                cancel,
-            )
-        }
+        None => evaluate(
+            &p.model,
+            &batcher,
+            indices,
+            &s.loss_fn,
+            bs,
+            &p.data.classes,
+            cancel,
+        ),
     }
 }
 

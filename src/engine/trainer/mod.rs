@@ -18,7 +18,7 @@ pub use prepare::{open_with_data, split_indices, Opened};
 pub use step::{train_step, train_step_from, Phase, StepError, StepObserver, StepOut};
 
 use self::session::{Position, Session};
-use super::data::{Batch, Batcher};
+use super::data::Batcher;
 use super::device::describe;
 use super::error::RunError;
 use super::eval::EvalReport;
@@ -91,7 +91,7 @@ fn train(
     let state = session::load_resume_state(req, run_dir)?;
     let req = session::resumed_request(req, state.as_ref());
     let prep = prepare::prepare(&req)?;
-    let mut s = Session::start(&req, run_dir, sink, &prep, state, t0, summary, cancel)?;
+    let mut s = Session::start(&req, run_dir, sink, &prep, state, t0, summary)?;
     summary.reason = format!("reached max_epochs = {}", req.train.max_epochs);
     let outcome = epochs(&mut s, cancel, summary);
     let result = outcome.and_then(|o| finish(s, o, cancel, summary));
@@ -128,25 +128,33 @@ fn epochs(
             .skip(first)
             .map(<[usize]>::to_vec)
             .collect();
-        let table = s.features.clone();
-        let from = table.as_ref().map(|t| t.point);
-        let mut batches: Box<dyn Iterator<Item = candle_core::Result<Batch>> + '_> =
-            match table.as_deref() {
-                // Cached frozen features: the trainable rest of the model only.
-                Some(t) => Box::new(t.batches(chunks)),
-                // Streamed images are decoded and augmented ahead, on worker threads.
-                None => Box::new(batcher.batches(chunks, Some((req.train.seed, epoch)))),
-            };
-        for bi in first..order.len().div_ceil(bs) {
+        // Streamed images are decoded and augmented ahead, on worker threads;
+        // with cached frozen features, only those of batches not yet cached.
+        let from = s.features.as_ref().map(|t| t.point);
+        let mut images = match &s.features {
+            Some(t) => batcher.batches(t.needing_images(&chunks), None),
+            None => batcher.batches(chunks.clone(), Some((req.train.seed, epoch))),
+        };
+        for (bi, chunk) in (first..).zip(&chunks) {
             if cancel.is_cancelled() {
                 summary.reason = format!("cancelled at epoch {epoch}, step {}", s.step);
+                if let Some(t) = &mut s.features {
+                    t.save();
+                }
                 s.save_resume(Position {
                     next_epoch: epoch,
                     skip_batches: bi as u64,
                 })?;
                 return Ok(Outcome::Cancelled);
             }
-            let Some(batch) = batches.next() else { break };
+            let batch = match &mut s.features {
+                None => images.next(),
+                Some(t) if t.missing(chunk) => images
+                    .next()
+                    .map(|b| b.and_then(|b| t.fill(chunk, &b, &prep.model))),
+                Some(t) => Some(t.batch(chunk)),
+            };
+            let Some(batch) = batch else { break };
             let batch = batch?;
             if batch.is_empty() {
                 // Every image of the batch failed to decode (reported at the end).
@@ -192,6 +200,9 @@ fn epochs(
                 summary.reason = format!("reached max_steps = {max_steps}");
                 return finished(s, summary);
             }
+        }
+        if let Some(t) = &mut s.features {
+            t.save();
         }
         if req.train.eval_every == EvalEvery::Epoch {
             if evaluate::evaluate_and_apply(s, summary)? {
@@ -245,7 +256,11 @@ fn finish(
         tracing::warn!(run_id = %s.req.run_id, "the test split is empty; no final test");
         return Ok(());
     }
-    match evaluate::evaluate_indices(&s, &prep.split.test, cancel) {
+    let test = evaluate::evaluate_indices(&mut s, &prep.split.test, cancel);
+    if let Some(t) = &mut s.features {
+        t.save();
+    }
+    match test {
         Ok(rep) => summary.test = Some(test_record(rep)),
         Err(RunError::Cancelled) => {
             summary.outcome = Outcome::Cancelled;

@@ -20,8 +20,8 @@ use crate::engine::resume::{
     self, IntervalState as Interval, ResumeMeta, ResumeState, RESUME_FILE,
 };
 use crate::engine::run::{
-    BestRecord, CancelFlag, EventSink, Metrics, Monitor, RunEvent, RunRequest, RunStarted,
-    RunSummary, SplitSizes,
+    BestRecord, EventSink, Metrics, Monitor, RunEvent, RunRequest, RunStarted, RunSummary,
+    SplitSizes,
 };
 use crate::engine::schedule::ReduceLrOnPlateau;
 
@@ -99,7 +99,7 @@ pub(super) struct Session<'a> {
     pub skip: u64,
     pub steps_per_epoch: u64,
     /// The cached frozen features the run trains on, if it uses the cache.
-    pub features: Option<std::sync::Arc<super::feature_cache::FeatureTable>>,
+    pub features: Option<super::feature_cache::FeatureTable>,
     t0: Instant,
     /// Seconds trained before a resume.
     elapsed_before: f64,
@@ -218,9 +218,7 @@ fn trainable(
 impl<'a> Session<'a> {
     /// Starts (or resumes from `state`) the session of a prepared run: checks
     /// and restores the resume state, creates the run folder, sets up the
-    /// optimiser, loads or computes the cached frozen features and emits
-    /// [`RunEvent::Started`].
-    #[allow(clippy::too_many_arguments)]
+    /// optimiser, loads the cached frozen features and emits [`RunEvent::Started`].
     pub fn start(
         req: &'a RunRequest,
         run_dir: &'a Path,
@@ -229,7 +227,6 @@ impl<'a> Session<'a> {
         state: Option<ResumeState>,
         t0: Instant,
         summary: &mut RunSummary,
-        cancel: &CancelFlag,
     ) -> Result<Self, RunError> {
         if let Some(st) = &state {
             let missing: Vec<String> = st
@@ -275,7 +272,7 @@ impl<'a> Session<'a> {
                 })?;
         }
         let steps_per_epoch = prep.split.train.len().div_ceil(req.train.batch_size) as u64;
-        let (features, cache_report) = super::feature_cache::prepare(req, prep, &frozen, cancel);
+        let (features, cache_report) = super::feature_cache::prepare(req, prep, &frozen);
         summary.feature_cache = Some(cache_report.clone());
         let mut s = Session {
             req,

@@ -1,10 +1,10 @@
 //! The frozen-feature cache (`train.cache_features`): when every parameter
 //! before one of the model's split points is frozen and no augmentation
 //! changes the input, the part before that point is a fixed function of each
-//! sample. Its output is computed once per sample (evaluation mode: frozen
-//! batch-norm uses its running statistics, as it does in training) and the run
-//! trains and evaluates the rest on it; the results are those of the uncached
-//! run up to float summation order.
+//! sample. Its output is computed once per sample, when a batch first needs
+//! it (evaluation mode: frozen batch-norm uses its running statistics, as it
+//! does in training), and the run trains and evaluates the rest on it; the
+//! results are those of the uncached run up to float summation order.
 //!
 //! The features are kept on disk ([`store`]) under a key of everything they
 //! depend on: the frozen tensors' values, the architecture and split point,
@@ -16,35 +16,56 @@
 
 pub mod store;
 
-use std::collections::HashMap;
-use std::sync::Arc;
+use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
 use xxhash_rust::xxh3::Xxh3;
 
 use super::prepare::Prepared;
-use crate::engine::data::{Batch, Batcher, Dataset, Features};
-use crate::engine::model::{matches_pattern, split::deepest_frozen, ForwardCtx, KernelPolicy};
-use crate::engine::run::{CacheFeatures, CancelFlag, FeatureCacheReport, RunRequest};
+use crate::engine::data::{Batch, Dataset, Features};
+use crate::engine::model::{
+    matches_pattern, split::deepest_frozen, ForwardCtx, KernelPolicy, Model,
+};
+use crate::engine::run::{CacheFeatures, FeatureCacheReport, FeatureCacheSpec, RunRequest};
 
 /// Bumped when what a key covers or the features' meaning changes.
 const KEY_VERSION: &str = "edge-trainer feature cache v1";
 
-/// The features of every sample of a run, in memory, and where they start.
+/// The features of the samples of a run, in memory, and where they start.
+/// Those not found stored are computed when a batch first needs them (the
+/// first epoch, the first validation pass), from the streamed images.
 pub(super) struct FeatureTable {
     /// The split point (index into the model's split points) the features are taken at.
     pub point: usize,
     shape: Vec<usize>,
     per: usize,
-    /// Row of each dataset sample in `values`; `None` for one that failed to decode.
+    /// Row of each dataset sample in `values`, once known.
     rows: Vec<Option<u32>>,
+    /// Samples that were asked for and could not be read (left out as uncached runs do).
+    failed: Vec<bool>,
     values: Vec<f32>,
     labels: Vec<u32>,
+    /// Each sample's key (`None`: not storable).
+    keys: Vec<Option<u128>>,
+    frozen: Vec<String>,
     device: Device,
+    /// The cache file and its limits.
+    path: PathBuf,
+    spec: FeatureCacheSpec,
+    /// Rows added since the file was last written.
+    dirty: bool,
 }
 
 impl FeatureTable {
-    /// The batch of the samples `indices` (those without features left out).
+    /// Whether a sample of `chunk` still needs its features computed.
+    pub fn missing(&self, chunk: &[usize]) -> bool {
+        chunk
+            .iter()
+            .any(|&i| self.rows.get(i).is_some_and(Option::is_none) && !self.failed[i])
+    }
+
+    /// The batch of the samples `indices`, whose features are known (those
+    /// without features left out).
     pub fn batch(&self, indices: &[usize]) -> candle_core::Result<Batch> {
         let mut x = Vec::with_capacity(indices.len() * self.per);
         let mut kept = Vec::with_capacity(indices.len());
@@ -55,6 +76,10 @@ impl FeatureTable {
                 kept.push(i);
             }
         }
+        self.assemble(x, kept)
+    }
+
+    fn assemble(&self, x: Vec<f32>, kept: Vec<usize>) -> candle_core::Result<Batch> {
         let labels: Vec<u32> = kept.iter().map(|&i| self.labels[i]).collect();
         let mut shape = vec![kept.len()];
         shape.extend_from_slice(&self.shape);
@@ -66,12 +91,107 @@ impl FeatureTable {
         })
     }
 
-    /// The batches of `chunks`, in order.
-    pub fn batches(
-        &self,
+    /// The features of `images` (the input batch of `chunk`): the frozen
+    /// prefix run once, its output kept for every later epoch; returned as the
+    /// batch to train or evaluate the rest on.
+    pub fn fill(
+        &mut self,
+        chunk: &[usize],
+        images: &Batch,
+        model: &Model,
+    ) -> candle_core::Result<Batch> {
+        for &i in chunk {
+            if !images.indices.contains(&i) {
+                self.failed[i] = true;
+            }
+        }
+        if images.is_empty() {
+            return self.assemble(Vec::new(), Vec::new());
+        }
+        let mut ctx = ForwardCtx::eval().with_frozen(self.frozen.clone());
+        let f = model
+            .net
+            .forward_prefix(&images.x, self.point, &mut ctx)?
+            .detach()
+            .to_dtype(DType::F32)?;
+        if f.dims()[1..] != self.shape[..] {
+            candle_core::bail!(
+                "features of shape {:?}, expected {:?}",
+                &f.dims()[1..],
+                self.shape
+            );
+        }
+        let v = f.flatten_all()?.to_vec1::<f32>()?;
+        let per = self.per;
+        for (j, &i) in images.indices.iter().enumerate() {
+            if self.rows[i].is_none() {
+                self.rows[i] = Some((self.values.len() / per.max(1)) as u32);
+                self.values.extend_from_slice(&v[j * per..(j + 1) * per]);
+                self.dirty = true;
+            }
+        }
+        self.assemble(v, images.indices.clone())
+    }
+
+    /// The batches of `chunks` in order: known features from memory, the
+    /// others computed from `images` (the input batches of exactly the
+    /// chunks [`Self::missing`] reports, in order).
+    pub fn batches<'t, I>(
+        &'t mut self,
         chunks: Vec<Vec<usize>>,
-    ) -> impl Iterator<Item = candle_core::Result<Batch>> + '_ {
-        chunks.into_iter().map(move |c| self.batch(&c))
+        mut images: I,
+        model: &'t Model,
+    ) -> impl Iterator<Item = candle_core::Result<Batch>> + 't
+    where
+        I: Iterator<Item = candle_core::Result<Batch>> + 't,
+    {
+        chunks.into_iter().map(move |c| {
+            if !self.missing(&c) {
+                return self.batch(&c);
+            }
+            match images.next() {
+                Some(b) => self.fill(&c, &b?, model),
+                None => candle_core::bail!("no input batch for a sample without features"),
+            }
+        })
+    }
+
+    /// The chunks of `chunks` that need input batches.
+    pub fn needing_images(&self, chunks: &[Vec<usize>]) -> Vec<Vec<usize>> {
+        chunks.iter().filter(|c| self.missing(c)).cloned().collect()
+    }
+
+    /// Writes the features known now to the cache file, if any were added
+    /// since the last write, and evicts other files over the limit. A
+    /// failure is logged: the run keeps its features in memory.
+    pub fn save(&mut self) {
+        if !self.dirty {
+            return;
+        }
+        self.dirty = false;
+        let per = self.per;
+        let mut rows: Vec<(u128, &[f32])> = self
+            .keys
+            .iter()
+            .zip(&self.rows)
+            .filter_map(|(k, r)| {
+                let (k, r) = ((*k)?, (*r)? as usize);
+                Some((k, &self.values[r * per..(r + 1) * per]))
+            })
+            .collect();
+        rows.sort_by_key(|(k, _)| *k);
+        rows.dedup_by_key(|(k, _)| *k);
+        match store::write(&self.path, &self.shape, rows.into_iter()) {
+            Ok(bytes) => {
+                tracing::debug!(file = %self.path.display(), bytes, "feature cache written");
+                for f in store::evict(&self.spec.dir, &self.path, self.spec.max_bytes) {
+                    tracing::info!(file = %f.display(), "feature cache file evicted");
+                }
+            }
+            Err(e) => {
+                tracing::warn!(file = %self.path.display(), error = %e, "cannot write the feature cache")
+            }
+        }
     }
 }
 
@@ -82,8 +202,7 @@ pub(super) fn prepare(
     req: &RunRequest,
     prep: &Prepared,
     frozen: &[String],
-    cancel: &CancelFlag,
-) -> (Option<Arc<FeatureTable>>, FeatureCacheReport) {
+) -> (Option<FeatureTable>, FeatureCacheReport) {
     let (point, name) = match plan(req, prep, frozen) {
         Ok(p) => p,
         Err(reason) => {
@@ -91,7 +210,7 @@ pub(super) fn prepare(
             return (None, FeatureCacheReport::unused(reason));
         }
     };
-    match build(req, prep, frozen, point, cancel) {
+    match build(req, prep, frozen, point) {
         Ok((table, mut report)) => {
             report.split = Some(name.clone());
             tracing::info!(
@@ -102,7 +221,11 @@ pub(super) fn prepare(
                 bytes = report.bytes,
                 "training on cached frozen features"
             );
-            (Some(Arc::new(table)), report)
+            if let Some(src) = prep.data.features.images() {
+                // Decoded images are needed once each: keeping them is no use.
+                src.set_caching(false);
+            }
+            (Some(table), report)
         }
         Err(reason) => {
             tracing::info!(run_id = %req.run_id, %reason, "frozen-feature cache not used");
@@ -229,112 +352,60 @@ fn sample_key(data: &Dataset, i: usize) -> Option<u128> {
     Some(h.digest128())
 }
 
-/// Loads what is stored, computes the rest, stores the result and returns
-/// the table; the error is the reason the cache is not used.
+/// Loads what is stored and sets up the table (the rest is computed as
+/// batches need it); the error is the reason the cache is not used.
 fn build(
     req: &RunRequest,
     prep: &Prepared,
     frozen: &[String],
     point: usize,
-    cancel: &CancelFlag,
 ) -> Result<(FeatureTable, FeatureCacheReport), String> {
     let spec = &req.train.feature_cache;
     let data = &prep.data;
+    let n = data.len();
+    // The features' shape, from the prefix on one blank sample.
+    let mut blank = vec![1];
+    blank.extend_from_slice(&data.sample_shape);
+    let mut ctx = ForwardCtx::eval().with_frozen(frozen.to_vec());
+    let shape = Tensor::zeros(blank, DType::F32, &req.device)
+        .and_then(|x| prep.model.net.forward_prefix(&x, point, &mut ctx))
+        .map(|f| f.dims()[1..].to_vec())
+        .map_err(|e| format!("computing the features: {e}"))?;
+    let per: usize = shape.iter().product();
+    let bytes = (n as u64).saturating_mul(per as u64 * 4);
+    if bytes > spec.max_bytes {
+        return Err(format!(
+            "the features of {n} samples ({per} values each at split point {}) take {} MiB, over train.cache_features_mb = {}",
+            prep.model.net.split_points()[point].name,
+            bytes.div_ceil(1 << 20),
+            spec.max_bytes >> 20
+        ));
+    }
+    let mut values = Vec::new();
+    values
+        .try_reserve_exact(n * per)
+        .map_err(|e| format!("cannot hold the cached features: {e}"))?;
     let key = cache_key(req, prep, point)?;
     let path = store::path_of(&spec.dir, key);
     let stored = match store::read(&path, spec.max_bytes) {
-        Ok(s) => s,
+        Ok(s) => s.filter(|s| s.shape == shape),
         Err(e) => {
             tracing::warn!(error = %e, "ignoring a feature cache file");
             None
         }
     };
-    let stored_index = stored
-        .as_ref()
-        .map(store::Stored::index)
-        .unwrap_or_default();
-    let keys: Vec<Option<u128>> = (0..data.len()).map(|i| sample_key(data, i)).collect();
-    let n = data.len();
+    let keys: Vec<Option<u128>> = (0..n).map(|i| sample_key(data, i)).collect();
     let mut rows: Vec<Option<u32>> = vec![None; n];
-    let mut table: Option<(Vec<usize>, Vec<f32>)> = None;
     let mut hits = 0u64;
-    // Room for every sample's features, checked once their size is known.
-    let reserve = |shape: &[usize]| -> Result<(Vec<usize>, Vec<f32>), String> {
-        let per: usize = shape.iter().product();
-        let bytes = (n as u64).saturating_mul(per as u64 * 4);
-        if bytes > spec.max_bytes {
-            return Err(format!(
-                "the features of {n} samples ({} values each at split point {}) take {} MiB, over train.cache_features_mb = {}",
-                per,
-                prep.model.net.split_points()[point].name,
-                bytes.div_ceil(1 << 20),
-                spec.max_bytes >> 20
-            ));
-        }
-        let mut v = Vec::new();
-        v.try_reserve_exact(n * per)
-            .map_err(|e| format!("cannot hold the cached features: {e}"))?;
-        Ok((shape.to_vec(), v))
-    };
     if let Some(s) = &stored {
-        let (shape, mut values) = reserve(&s.shape)?;
+        let index = s.index();
         for (i, k) in keys.iter().enumerate() {
-            if let Some(&r) = k.as_ref().and_then(|k| stored_index.get(k)) {
-                rows[i] = Some((values.len() / s.per()) as u32);
+            if let Some(&r) = k.as_ref().and_then(|k| index.get(k)) {
+                rows[i] = Some((values.len() / per.max(1)) as u32);
                 values.extend_from_slice(s.row(r));
                 hits += 1;
             }
         }
-        table = Some((shape, values));
-    }
-    let misses: Vec<usize> = (0..n).filter(|&i| rows[i].is_none()).collect();
-    let batcher = Batcher::new(data, &prep.norm, &req.device);
-    let chunks: Vec<Vec<usize>> = misses
-        .chunks(req.train.batch_size.max(1))
-        .map(<[usize]>::to_vec)
-        .collect();
-    let mut ctx = ForwardCtx::eval().with_frozen(frozen.to_vec());
-    for batch in batcher.batches(chunks, None) {
-        if cancel.is_cancelled() {
-            return Err("cancelled while computing the features".into());
-        }
-        let batch = batch.map_err(|e| e.to_string())?;
-        if batch.is_empty() {
-            continue;
-        }
-        let f = prep
-            .model
-            .net
-            .forward_prefix(&batch.x, point, &mut ctx)
-            .and_then(|f| f.detach().to_dtype(DType::F32))
-            .map_err(|e| format!("computing the features: {e}"))?;
-        let shape = f.dims()[1..].to_vec();
-        let v = f
-            .flatten_all()
-            .and_then(|f| f.to_vec1::<f32>())
-            .map_err(|e| e.to_string())?;
-        if table.is_none() {
-            table = Some(reserve(&shape)?);
-        }
-        if let Some((tshape, values)) = table.as_mut() {
-            if *tshape != shape {
-                return Err(format!(
-                    "stored features have shape {tshape:?}, computed {shape:?}"
-                ));
-            }
-            let per = v.len() / batch.len().max(1);
-            for (j, &i) in batch.indices.iter().enumerate() {
-                rows[i] = Some((values.len() / per.max(1)) as u32);
-                values.extend_from_slice(&v[j * per..(j + 1) * per]);
-            }
-        }
-    }
-    let (shape, values) = table.ok_or("no sample could be read")?;
-    let per: usize = shape.iter().product();
-    let computed = misses.iter().filter(|&&i| rows[i].is_some()).count() as u64;
-    if computed > 0 || stored.is_none() {
-        save(spec, &path, &shape, &keys, &rows, &values, stored.as_ref());
-    } else {
         store::touch(&path);
     }
     let report = FeatureCacheReport {
@@ -342,8 +413,8 @@ fn build(
         reason: None,
         split: None,
         hits,
-        misses: misses.len() as u64,
-        bytes: (values.len() * 4) as u64,
+        misses: n as u64 - hits,
+        bytes,
     };
     Ok((
         FeatureTable {
@@ -351,54 +422,17 @@ fn build(
             shape,
             per,
             rows,
+            failed: vec![false; n],
             values,
             labels: data.labels.clone(),
+            keys,
+            frozen: frozen.to_vec(),
             device: req.device.clone(),
+            path,
+            spec: spec.clone(),
+            // A file that is missing, corrupt or lacks samples is (re)written.
+            dirty: stored.is_none(),
         },
         report,
     ))
-}
-
-/// Writes the run's features (and, while they fit, the stored ones of
-/// samples the run no longer has) and evicts other files over the limit.
-/// A failure is logged: the run keeps its features in memory.
-fn save(
-    spec: &crate::engine::run::FeatureCacheSpec,
-    path: &std::path::Path,
-    shape: &[usize],
-    keys: &[Option<u128>],
-    rows: &[Option<u32>],
-    values: &[f32],
-    stored: Option<&store::Stored>,
-) {
-    let per: usize = shape.iter().product();
-    let mut out: HashMap<u128, &[f32]> = HashMap::new();
-    for (k, r) in keys.iter().zip(rows) {
-        if let (Some(k), Some(r)) = (k, r) {
-            let r = *r as usize;
-            out.insert(*k, &values[r * per..(r + 1) * per]);
-        }
-    }
-    let row_bytes = 16 + per as u64 * 4;
-    if let Some(s) = stored.filter(|s| s.shape == shape) {
-        for (r, k) in s.keys.iter().enumerate() {
-            if (out.len() as u64 + 1) * row_bytes + 1024 > spec.max_bytes {
-                break;
-            }
-            out.entry(*k).or_insert_with(|| s.row(r));
-        }
-    }
-    let mut rows: Vec<(u128, &[f32])> = out.into_iter().collect();
-    rows.sort_by_key(|(k, _)| *k);
-    match store::write(path, shape, rows.into_iter()) {
-        Ok(bytes) => {
-            tracing::debug!(file = %path.display(), bytes, "feature cache written");
-            for f in store::evict(&spec.dir, path, spec.max_bytes) {
-                tracing::info!(file = %f.display(), "feature cache file evicted");
-            }
-        }
-        Err(e) => {
-            tracing::warn!(file = %path.display(), error = %e, "cannot write the feature cache")
-        }
-    }
 }
