@@ -7,7 +7,9 @@ use crate::engine::data::{DataFormat, DataSpec};
 use crate::engine::early_stop::EarlyStopConfig;
 use crate::engine::model::InitMapping;
 use crate::engine::optim::OptimizerConfig;
-use crate::engine::run::{ModelTemplate, Monitor, RunRequest, TrainSpec, WarmStart};
+use crate::engine::run::{
+    FeatureCacheSpec, ModelTemplate, Monitor, RunRequest, TrainSpec, WarmStart,
+};
 use crate::engine::schedule::PlateauConfig;
 
 impl Settings {
@@ -154,7 +156,17 @@ impl Settings {
                 reinit: self.model.reinit.clone(),
             },
             memory_budget: self.memory_budget(),
+            feature_cache: FeatureCacheSpec {
+                mode: t.cache_features,
+                dir: self.feature_cache_dir(),
+                max_bytes: t.cache_features_mb.saturating_mul(1 << 20),
+            },
         }
+    }
+
+    /// Where the frozen-feature cache keeps its files: `{output.dir}/feature-cache`.
+    pub fn feature_cache_dir(&self) -> PathBuf {
+        self.output.dir.join("feature-cache")
     }
 
     /// Where run folders go: `{output.dir}/runs`.

@@ -433,6 +433,10 @@ pub struct TrainSettings {
     pub optimizer: OptimizerSettings,
     pub scheduler: SchedulerSettings,
     pub early_stopping: EarlyStoppingSettings,
+    /// Frozen-feature cache: `"auto"` (on where valid) or `"off"`.
+    pub cache_features: crate::engine::run::CacheFeatures,
+    /// At most this many MiB of cached features, in memory and on disk.
+    pub cache_features_mb: u64,
 }
 
 impl Default for TrainSettings {
@@ -448,9 +452,14 @@ impl Default for TrainSettings {
             optimizer: OptimizerSettings::default(),
             scheduler: SchedulerSettings::default(),
             early_stopping: EarlyStoppingSettings::default(),
+            cache_features: crate::engine::run::CacheFeatures::Auto,
+            cache_features_mb: DEFAULT_CACHE_FEATURES_MB,
         }
     }
 }
+
+/// `train.cache_features_mb` by default.
+pub const DEFAULT_CACHE_FEATURES_MB: u64 = 1024;
 
 /// Where a retrain starts from.
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]

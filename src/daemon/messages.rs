@@ -222,6 +222,8 @@ pub enum Event {
         /// for a resumed run).
         #[serde(skip_serializing_if = "Option::is_none")]
         replay: Option<ReplayCounts>,
+        /// Whether the run trains on cached frozen features (ext).
+        feature_cache: run::FeatureCacheReport,
     },
     /// A new best model was written.
     CheckpointSaved {
@@ -396,6 +398,7 @@ impl Event {
             run_dir: s.run_dir.clone(),
             skipped_files: s.skipped_files.clone(),
             replay: origin.replay,
+            feature_cache: s.feature_cache.clone(),
         }
     }
 
@@ -662,6 +665,7 @@ mod tests {
             started: String::new(),
             ended: String::new(),
             wall_s: 1.5,
+            feature_cache: None,
         }
     }
 
@@ -705,6 +709,7 @@ mod tests {
             device: "cpu".into(),
             warm_start: "scratch".into(),
             resumed_at_step: None,
+            feature_cache: Default::default(),
         };
         golden(
             Event::run_started(&s, &origin()),
@@ -714,6 +719,7 @@ mod tests {
                 "samples": {"train": 10, "val": 2, "test": 3}, "classes": ["a", "b"],
                 "trainable_params": 42, "steps_per_epoch": 5, "max_epochs": 9,
                 "run_dir": "/o/runs/r1", "skipped_files": [{"file": "x.csv", "reason": "bad"}],
+                "feature_cache": {"used": false, "hits": 0, "misses": 0, "bytes": 0},
             }),
         );
     }
@@ -1074,6 +1080,7 @@ mod tests {
             device: "cpu".into(),
             warm_start: "scratch".into(),
             resumed_at_step: None,
+            feature_cache: Default::default(),
         };
         let mut o = origin();
         o.replay = Some(crate::daemon::retention::ReplayCounts {

@@ -8,7 +8,7 @@ use candle_core::{Device, D};
 use serde::{Deserialize, Serialize};
 
 use super::checkpoint::CheckpointMeta;
-use super::data::{Batcher, DataSpec, SkippedFile, Split};
+use super::data::{Batch, Batcher, DataSpec, SkippedFile, Split};
 use super::error::RunError;
 use super::loss::CrossEntropy;
 use super::model::{ForwardCtx, Model};
@@ -127,15 +127,35 @@ pub fn evaluate(
     classes: &[String],
     cancel: &CancelFlag,
 ) -> Result<EvalReport, RunError> {
-    let mut confusion = Confusion::new(model.spec.num_classes());
-    let mut loss_num = 0f64;
-    let mut loss_den = 0f64;
-    let mut ctx = ForwardCtx::eval();
     let chunks = indices
         .chunks(batch_size.max(1))
         .map(<[usize]>::to_vec)
         .collect();
-    for batch in batcher.batches(chunks, None) {
+    evaluate_batches(
+        model,
+        batcher.batches(chunks, None),
+        None,
+        loss_fn,
+        classes,
+        cancel,
+    )
+}
+
+/// Evaluates `model` on `batches`, which start at split point `from` (cached
+/// frozen features) or at the input (`None`); otherwise as [`evaluate`].
+pub fn evaluate_batches(
+    model: &Model,
+    batches: impl Iterator<Item = candle_core::Result<Batch>>,
+    from: Option<usize>,
+    loss_fn: &CrossEntropy,
+    classes: &[String],
+    cancel: &CancelFlag,
+) -> Result<EvalReport, RunError> {
+    let mut confusion = Confusion::new(model.spec.num_classes());
+    let mut loss_num = 0f64;
+    let mut loss_den = 0f64;
+    let mut ctx = ForwardCtx::eval();
+    for batch in batches {
         if cancel.is_cancelled() {
             return Err(RunError::Cancelled);
         }
@@ -143,7 +163,7 @@ pub fn evaluate(
         if batch.is_empty() {
             continue;
         }
-        let logits = model.forward(&batch.x, &mut ctx)?.detach();
+        let logits = model.forward_from(&batch.x, from, &mut ctx)?.detach();
         let parts = loss_fn.forward(&logits, &batch.y)?;
         loss_num += f64::from(parts.loss.to_scalar::<f32>()?) * parts.denom;
         loss_den += parts.denom;

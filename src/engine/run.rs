@@ -132,6 +132,71 @@ pub struct TrainSpec {
     pub init: InitMapping,
     /// Memory a training step may take; checked before the model is built.
     pub memory_budget: Budget,
+    /// The frozen-feature cache (`train.cache_features`).
+    pub feature_cache: FeatureCacheSpec,
+}
+
+/// `train.cache_features`: whether a run whose layers up to some point are
+/// all frozen computes their output once per sample and trains the rest on it.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum CacheFeatures {
+    /// On wherever it is valid (a frozen prefix, no augmentation).
+    #[default]
+    Auto,
+    Off,
+}
+
+/// The frozen-feature cache of a run: whether, where and how much.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FeatureCacheSpec {
+    pub mode: CacheFeatures,
+    /// The folder of the stored features (`{output.dir}/feature-cache`),
+    /// shared by every run of the same output folder.
+    pub dir: PathBuf,
+    /// At most this many bytes of features, in memory and on disk
+    /// (`train.cache_features_mb`); least recently used files are evicted.
+    pub max_bytes: u64,
+}
+
+impl FeatureCacheSpec {
+    /// The cache switched off (no folder).
+    pub fn off() -> Self {
+        Self {
+            mode: CacheFeatures::Off,
+            dir: PathBuf::new(),
+            max_bytes: 0,
+        }
+    }
+}
+
+/// Whether a run trained on cached frozen features, and how many it found.
+/// Reported in `run_started` and `summary.json` (`feature_cache`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct FeatureCacheReport {
+    pub used: bool,
+    /// Why the cache was not used (absent when it was).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// The split point the features were taken at (`pool`, `layer3`, ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub split: Option<String>,
+    /// Samples whose features were found stored.
+    pub hits: u64,
+    /// Samples whose features were computed in this run.
+    pub misses: u64,
+    /// Bytes of features the run held (and stored).
+    pub bytes: u64,
+}
+
+impl FeatureCacheReport {
+    /// The cache was not used, for `reason`.
+    pub fn unused(reason: impl Into<String>) -> Self {
+        Self {
+            reason: Some(reason.into()),
+            ..Self::default()
+        }
+    }
 }
 
 /// Everything a run needs.
@@ -282,6 +347,10 @@ pub struct RunSummary {
     /// The class of the failure, when `outcome` is `failed`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failure: Option<FailureKind>,
+    /// Whether the frozen-feature cache was used (absent when the run
+    /// failed before deciding).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub feature_cache: Option<FeatureCacheReport>,
 }
 
 /// Facts known once a run has loaded its data and built its model.
@@ -299,6 +368,8 @@ pub struct RunStarted {
     pub warm_start: String,
     /// The step a resumed run continues from (`None` for a fresh run).
     pub resumed_at_step: Option<u64>,
+    /// Whether the frozen-feature cache is used.
+    pub feature_cache: FeatureCacheReport,
 }
 
 /// A saved best checkpoint.

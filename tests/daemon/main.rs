@@ -19,6 +19,7 @@ mod daemon_commands;
 mod daemon_crash;
 mod daemon_data;
 mod daemon_embedded_broker;
+mod daemon_feature_cache;
 mod daemon_flood;
 mod daemon_full_disk;
 mod daemon_measure;
@@ -44,6 +45,7 @@ fn main() -> ExitCode {
         daemon_crash::tests(),
         daemon_data::tests(),
         daemon_embedded_broker::tests(),
+        daemon_feature_cache::tests(),
         daemon_flood::tests(),
         daemon_full_disk::tests(),
         daemon_measure::tests(),

@@ -6,6 +6,7 @@
 mod paths;
 
 mod arch_parity;
+mod feature_cache;
 mod fuzz_inputs;
 mod image_stream;
 mod optim_parity;

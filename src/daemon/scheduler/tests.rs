@@ -61,6 +61,7 @@ fn summary(req: &RunRequest, outcome: Outcome, reason: String) -> RunSummary {
         started: String::new(),
         ended: String::new(),
         wall_s: 0.5,
+        feature_cache: None,
     }
 }
 
@@ -85,6 +86,7 @@ fn fake(ctl: Arc<Control>) -> Runner {
             device: "cpu".into(),
             warm_start: "scratch".into(),
             resumed_at_step: None,
+            feature_cache: Default::default(),
         }));
         let fail = ctl.fail.lock().unwrap().clone();
         let (outcome, reason) = match fail {

@@ -199,6 +199,8 @@ pub struct Batch {
     pub y: Tensor,
     /// The labels on the host, for metrics.
     pub labels: Vec<u32>,
+    /// The samples of the batch (dataset indices), in order.
+    pub indices: Vec<usize>,
 }
 
 impl Batch {
@@ -310,7 +312,12 @@ impl<'a> Batcher<'a> {
         shape.extend_from_slice(&self.data.sample_shape);
         let x = Tensor::from_vec(x, shape, &self.device)?;
         let y = Tensor::from_vec(labels.clone(), indices.len(), &self.device)?;
-        Ok(Batch { x, y, labels })
+        Ok(Batch {
+            x,
+            y,
+            labels,
+            indices: indices.to_vec(),
+        })
     }
 
     /// The batch of the samples `kept`, whose normalised values are `x`.
@@ -320,7 +327,12 @@ impl<'a> Batcher<'a> {
         shape.extend_from_slice(&self.data.sample_shape);
         let x = Tensor::from_vec(x, shape, &self.device)?;
         let y = Tensor::from_vec(labels.clone(), kept.len(), &self.device)?;
-        Ok(Batch { x, y, labels })
+        Ok(Batch {
+            x,
+            y,
+            labels,
+            indices: kept.to_vec(),
+        })
     }
 }
 

@@ -7,6 +7,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
@@ -75,6 +76,8 @@ pub struct ImageSource {
     channels: usize,
     opts: ImageOptions,
     cache: Mutex<Cache>,
+    /// Whether decoded samples are kept (off when the frozen-feature cache keeps their features).
+    caching: AtomicBool,
     failed: Mutex<BTreeMap<String, String>>,
 }
 
@@ -122,6 +125,33 @@ impl ImageSource {
         &self.opts
     }
 
+    /// What identifies image `i` as a file: its name relative to the data
+    /// folder, its size and its modification time (nanoseconds since the
+    /// epoch); what the frozen-feature cache keys a sample by.
+    pub fn file_identity(&self, i: usize) -> std::io::Result<(&str, u64, u128)> {
+        let name = self
+            .names
+            .get(i)
+            .ok_or_else(|| std::io::Error::other(format!("no image {i}")))?;
+        let meta = std::fs::metadata(self.dir.join(name))?;
+        let mtime = meta
+            .modified()?
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        Ok((name, meta.len(), mtime))
+    }
+
+    /// Keeps decoded samples in the cache (`data.cache_mb`) or not; turning
+    /// it off empties it.
+    pub fn set_caching(&self, on: bool) {
+        self.caching.store(on, Ordering::Relaxed);
+        if !on {
+            if let Ok(mut c) = self.cache.lock() {
+                *c = Cache::default();
+            }
+        }
+    }
+
     /// Bytes of resized samples held by the cache now.
     pub fn cached_bytes(&self) -> u64 {
         self.cache.lock().map_or(0, |c| c.used)
@@ -139,6 +169,9 @@ impl ImageSource {
         let sample = Arc::new(image_folder::resize_to(&img, self.size, self.opts.resize)?);
         drop(img);
         let bytes = sample.data.len() as u64;
+        if !self.caching.load(Ordering::Relaxed) {
+            return Ok(sample);
+        }
         if let Ok(mut c) = self.cache.lock() {
             // Kept while there is room, never evicted: epochs visit every
             // sample once in a new order, where evicting only churns.
@@ -358,6 +391,7 @@ pub fn load(spec: &DataSpec, paths: &[PathBuf]) -> Result<Dataset, DataError> {
         channels,
         opts: spec.images.clone(),
         cache: Mutex::new(Cache::default()),
+        caching: AtomicBool::new(true),
         failed: Mutex::new(BTreeMap::new()),
     };
     Ok(Dataset {

@@ -44,6 +44,7 @@ use super::layers::{
     conv, linear, Activation, BatchNorm, Conv, ConvConfig, Dropout, Linear, MaxPool, PoolConfig,
 };
 use super::registry::Common;
+use super::split::{self, SplitPoint};
 use super::{Classifier, ForwardCtx};
 use crate::engine::budget::{linear_params, n, product, sum, Footprint};
 use crate::engine::export::layers::{self as onnx, Emit};
@@ -519,46 +520,128 @@ impl ConvNet {
     }
 }
 
-impl Classifier for ConvNet {
-    fn forward(&self, x: &Tensor, ctx: &mut ForwardCtx) -> candle_core::Result<Tensor> {
-        let b = x.dim(0)?;
-        let mut shape = vec![b, self.spec.in_channels];
+impl ConvNet {
+    /// Stage boundaries: 0 the input, `i + 1` after conv block `features.i`,
+    /// `B + 1` after flattening (or global pooling), `B + 2 + j` after hidden
+    /// layer `fc.j`, then the logits (dropout and `head`).
+    fn logits_boundary(&self) -> usize {
+        self.blocks.len() + self.fc.len() + 2
+    }
+
+    /// Split points as (stage boundary, name, rest prefixes). A point after a
+    /// hidden layer is listed only without dropout (dropout precedes each).
+    fn points(&self) -> Vec<(usize, String, Vec<String>)> {
+        let (nb, nf) = (self.blocks.len(), self.fc.len());
+        let mut out = Vec::new();
+        let fc_from = |j: usize| {
+            (j..nf)
+                .map(|k| format!("fc.{k}."))
+                .chain(["head.".to_string()])
+        };
+        // After the last block comes `pooled` (the same parameters after it).
+        for i in 0..nb.saturating_sub(1) {
+            let rest = (i + 1..nb).map(|k| format!("features.{k}."));
+            out.push((
+                i + 1,
+                format!("features.{i}"),
+                rest.chain(fc_from(0)).collect(),
+            ));
+        }
+        out.push((nb + 1, "pooled".to_string(), fc_from(0).collect()));
+        if self.dropout.p <= 0.0 {
+            for j in 0..nf {
+                out.push((nb + 2 + j, format!("fc.{j}"), fc_from(j + 1).collect()));
+            }
+        }
+        out
+    }
+
+    fn boundary(&self, point: usize) -> candle_core::Result<usize> {
+        match self.points().get(point) {
+            Some((b, _, _)) => Ok(*b),
+            None => candle_core::bail!("cnn has no split point {point}"),
+        }
+    }
+
+    /// The input batch as `[B, C, ...input_size]`.
+    fn input(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let mut shape = vec![x.dim(0)?, self.spec.in_channels];
         shape.extend_from_slice(&self.spec.input_size);
-        let mut x = x.reshape(shape.as_slice())?;
-        let two_d = self.spec.input_size.len() == 2;
+        x.reshape(shape.as_slice())
+    }
+
+    /// Stage `s` of the forward pass (see [`Self::logits_boundary`]).
+    fn stage(&self, s: usize, x: Tensor, ctx: &mut ForwardCtx) -> candle_core::Result<Tensor> {
+        let nb = self.blocks.len();
         let act = self.spec.activation;
-        for block in &self.blocks {
+        if let Some(block) = self.blocks.get(s) {
             if let (None, Activation::Relu, Some(pool)) = (&block.bn, act, &block.pool) {
                 // Convolution, ReLU and max-pool as one kernel where it applies.
                 if let Some(y) = block.conv.forward_relu_pool(&x, pool, ctx)? {
-                    x = y;
-                    continue;
+                    return Ok(y);
                 }
             }
-            x = block.conv.forward(&x, ctx)?;
+            let mut x = block.conv.forward(&x, ctx)?;
             if let Some(bn) = &block.bn {
                 x = bn.forward(&x, ctx)?;
             }
-            x = match (&block.pool, act) {
+            return match (&block.pool, act) {
                 // ReLU and max-pool as one kernel on the CPU (same values and gradients).
-                (Some(pool), Activation::Relu) => pool.forward_relu(&x, ctx)?,
-                (Some(pool), act) => pool.forward(&act.apply(&x)?, ctx)?,
-                (None, act) => act.apply(&x)?,
+                (Some(pool), Activation::Relu) => pool.forward_relu(&x, ctx),
+                (Some(pool), act) => pool.forward(&act.apply(&x)?, ctx),
+                (None, act) => act.apply(&x),
             };
         }
-        let mut x = if self.spec.flatten {
-            x.flatten_from(1)?
-        } else if two_d {
-            x.mean((2, 3))?
-        } else {
-            x.mean(2)?
-        };
-        for fc in &self.fc {
-            x = self.dropout.forward(&x, ctx)?;
-            x = fc.forward_activated(&x, act, ctx)?;
+        if s == nb {
+            return if self.spec.flatten {
+                x.flatten_from(1)
+            } else if self.spec.input_size.len() == 2 {
+                x.mean((2, 3))
+            } else {
+                x.mean(2)
+            };
         }
         let x = self.dropout.forward(&x, ctx)?;
-        self.head.forward(&x, ctx)
+        match self.fc.get(s - nb - 1) {
+            Some(fc) => fc.forward_activated(&x, act, ctx),
+            None => self.head.forward(&x, ctx),
+        }
+    }
+}
+
+impl Classifier for ConvNet {
+    fn forward(&self, x: &Tensor, ctx: &mut ForwardCtx) -> candle_core::Result<Tensor> {
+        let x = self.input(x)?;
+        split::run_stages(&x, 0, self.logits_boundary(), |s, x| self.stage(s, x, ctx))
+    }
+
+    fn split_points(&self) -> Vec<SplitPoint> {
+        self.points()
+            .into_iter()
+            .map(|(_, name, rest)| SplitPoint::new(name, rest))
+            .collect()
+    }
+
+    fn forward_prefix(
+        &self,
+        x: &Tensor,
+        point: usize,
+        ctx: &mut ForwardCtx,
+    ) -> candle_core::Result<Tensor> {
+        let b = self.boundary(point)?;
+        let x = self.input(x)?;
+        split::run_stages(&x, 0, b, |s, x| self.stage(s, x, ctx))
+    }
+
+    fn forward_rest(
+        &self,
+        features: &Tensor,
+        point: usize,
+        ctx: &mut ForwardCtx,
+    ) -> candle_core::Result<Tensor> {
+        let b = self.boundary(point)?;
+        let end = self.logits_boundary();
+        split::run_stages(features, b, end, |s, x| self.stage(s, x, ctx))
     }
 
     fn export_onnx(&self, g: &mut Graph, x: &str) -> Result<String, ExportError> {

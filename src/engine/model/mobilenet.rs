@@ -28,6 +28,7 @@ use super::backbone::{self, BlockAct, ConvBnAct, ConvBnShape, Tally};
 use super::error::{KeyError, KeyProblem, ModelError};
 use super::layers::{linear_with_init, Dropout, GlobalAvgPool, Linear, Residual};
 use super::registry::Common;
+use super::split::{self, SplitPoint};
 use super::{Classifier, ForwardCtx};
 use crate::engine::budget::{n, product, Footprint};
 use crate::engine::export::layers::{self as onnx, Emit};
@@ -349,19 +350,89 @@ impl MobileNetV2 {
     }
 }
 
-impl Classifier for MobileNetV2 {
-    fn forward(&self, x: &Tensor, ctx: &mut ForwardCtx) -> candle_core::Result<Tensor> {
-        let b = x.dim(0)?;
-        let [h, w] = self.spec.input_size;
-        let x = x.reshape((b, self.spec.in_channels, h, w))?;
-        let mut x = self.stem.forward(&x, ctx)?;
-        for block in &self.blocks {
-            x = block.forward(&x, ctx)?;
+impl MobileNetV2 {
+    /// The stage boundary after the last stage (the logits). Stage 0 is
+    /// `features.0`, stages `1..=B` the blocks `features.1..B`, then
+    /// `features.{B+1}`, global pooling, and dropout with `classifier.1`.
+    fn logits_boundary(&self) -> usize {
+        self.blocks.len() + 4
+    }
+
+    /// Split points as (stage boundary, name): after each `features.i` but
+    /// the last, and after global pooling (`pool`).
+    fn points(&self) -> Vec<(usize, String)> {
+        let nb = self.blocks.len();
+        (0..=nb)
+            .map(|i| (i + 1, format!("features.{i}")))
+            .chain([(nb + 3, "pool".to_string())])
+            .collect()
+    }
+
+    fn boundary(&self, point: usize) -> candle_core::Result<usize> {
+        match self.points().get(point) {
+            Some(&(b, _)) => Ok(b),
+            None => candle_core::bail!("mobilenet_v2 has no split point {point}"),
         }
-        let x = self.last.forward(&x, ctx)?;
-        let x = self.gap.forward(&x, ctx)?;
+    }
+
+    /// Stage `s` of the forward pass (see [`Self::logits_boundary`]).
+    fn stage(&self, s: usize, x: Tensor, ctx: &mut ForwardCtx) -> candle_core::Result<Tensor> {
+        let nb = self.blocks.len();
+        if s == 0 {
+            let b = x.dim(0)?;
+            let [h, w] = self.spec.input_size;
+            let x = x.reshape((b, self.spec.in_channels, h, w))?;
+            return self.stem.forward(&x, ctx);
+        }
+        if s <= nb {
+            return self.blocks[s - 1].forward(&x, ctx);
+        }
+        if s == nb + 1 {
+            return self.last.forward(&x, ctx);
+        }
+        if s == nb + 2 {
+            return self.gap.forward(&x, ctx);
+        }
         let x = self.dropout.forward(&x, ctx)?;
         self.classifier.forward(&x, ctx)
+    }
+}
+
+impl Classifier for MobileNetV2 {
+    fn forward(&self, x: &Tensor, ctx: &mut ForwardCtx) -> candle_core::Result<Tensor> {
+        split::run_stages(x, 0, self.logits_boundary(), |s, x| self.stage(s, x, ctx))
+    }
+
+    fn split_points(&self) -> Vec<SplitPoint> {
+        let last = self.blocks.len() + 1;
+        self.points()
+            .into_iter()
+            .map(|(b, name)| {
+                let rest = (b..=last).map(|i| format!("features.{i}."));
+                SplitPoint::new(name, rest.chain(["classifier.".to_string()]))
+            })
+            .collect()
+    }
+
+    fn forward_prefix(
+        &self,
+        x: &Tensor,
+        point: usize,
+        ctx: &mut ForwardCtx,
+    ) -> candle_core::Result<Tensor> {
+        let b = self.boundary(point)?;
+        split::run_stages(x, 0, b, |s, x| self.stage(s, x, ctx))
+    }
+
+    fn forward_rest(
+        &self,
+        features: &Tensor,
+        point: usize,
+        ctx: &mut ForwardCtx,
+    ) -> candle_core::Result<Tensor> {
+        let b = self.boundary(point)?;
+        let end = self.logits_boundary();
+        split::run_stages(features, b, end, |s, x| self.stage(s, x, ctx))
     }
 
     fn export_onnx(&self, g: &mut Graph, x: &str) -> Result<String, ExportError> {

@@ -14,6 +14,7 @@ pub mod mobilenet_v3;
 pub mod params;
 pub mod registry;
 pub mod resnet;
+pub mod split;
 pub mod textcnn;
 
 pub use layers::batchnorm;
@@ -32,6 +33,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 pub use registry::{ArchConfigs, ArchKind, ModelSpec, ModelTemplate};
 pub use resnet::{ResNet, ResNetConfig, ResNetSpec};
+pub use split::SplitPoint;
 pub use textcnn::{TextCnn, TextCnnConfig, TextCnnSpec};
 
 /// Which implementation the layers compute with (see [`layers`]).
@@ -171,6 +173,34 @@ pub trait Classifier: Send {
     ) -> Result<String, crate::engine::export::ExportError> {
         Err(crate::engine::export::ExportError::Unsupported)
     }
+
+    /// Where the forward pass can be cut into a frozen prefix and a trainable
+    /// rest, shallow to deep (see [`split`]); none by default.
+    fn split_points(&self) -> Vec<SplitPoint> {
+        Vec::new()
+    }
+
+    /// The part of the forward pass before split point `point` (an index
+    /// into [`Self::split_points`]): its output is what the feature cache stores.
+    fn forward_prefix(
+        &self,
+        _x: &Tensor,
+        point: usize,
+        _ctx: &mut ForwardCtx,
+    ) -> candle_core::Result<Tensor> {
+        candle_core::bail!("this architecture has no split point {point}")
+    }
+
+    /// The part of the forward pass after split point `point`, from the
+    /// prefix's output `features`: `forward_rest(forward_prefix(x))` is `forward(x)`.
+    fn forward_rest(
+        &self,
+        _features: &Tensor,
+        point: usize,
+        _ctx: &mut ForwardCtx,
+    ) -> candle_core::Result<Tensor> {
+        candle_core::bail!("this architecture has no split point {point}")
+    }
 }
 
 /// Builds the model of `spec`, creating its parameters in `store`.
@@ -203,5 +233,19 @@ impl Model {
     /// Logits for a batch.
     pub fn forward(&self, x: &Tensor, ctx: &mut ForwardCtx) -> candle_core::Result<Tensor> {
         self.net.forward(x, ctx)
+    }
+
+    /// Logits for a batch that starts at split point `from` (features from
+    /// the cache), or at the input when `from` is `None`.
+    pub fn forward_from(
+        &self,
+        x: &Tensor,
+        from: Option<usize>,
+        ctx: &mut ForwardCtx,
+    ) -> candle_core::Result<Tensor> {
+        match from {
+            Some(p) => self.net.forward_rest(x, p, ctx),
+            None => self.net.forward(x, ctx),
+        }
     }
 }

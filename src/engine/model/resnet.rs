@@ -32,6 +32,7 @@ use super::layers::{
     PoolConfig, Residual,
 };
 use super::registry::Common;
+use super::split::{self, SplitPoint};
 use super::{Classifier, ForwardCtx};
 use crate::engine::budget::{n, product, Footprint};
 use crate::engine::export::layers::{self as onnx, Emit};
@@ -272,6 +273,8 @@ pub struct ResNet {
     stem: ConvBn,
     pool: MaxPool,
     blocks: Vec<BasicBlock>,
+    /// Blocks per stage (`layer1..layer4`).
+    counts: [usize; 4],
     gap: GlobalAvgPool,
     dropout: Dropout,
     fc: Linear,
@@ -312,6 +315,7 @@ impl ResNet {
                 padding: 1,
             })?,
             blocks: all,
+            counts: *blocks,
             gap: GlobalAvgPool,
             dropout: Dropout::new(spec.dropout),
             fc,
@@ -319,19 +323,87 @@ impl ResNet {
     }
 }
 
+/// Stage boundaries of the forward pass: 0 the input, 1 after the stem and
+/// max-pool, 2..=5 after `layer1..layer4`, 6 after global pooling, 7 the logits.
+const RESNET_LOGITS: usize = 7;
+
+/// The split points (stage boundary, name) of a resnet.
+const RESNET_POINTS: [(usize, &str); 5] = [
+    (1, "stem"),
+    (2, "layer1"),
+    (3, "layer2"),
+    (4, "layer3"),
+    (6, "pool"),
+];
+
+impl ResNet {
+    /// Stage `s` of the forward pass (see [`RESNET_LOGITS`]).
+    fn stage(&self, s: usize, x: Tensor, ctx: &mut ForwardCtx) -> candle_core::Result<Tensor> {
+        match s {
+            0 => {
+                let b = x.dim(0)?;
+                let [h, w] = self.spec.input_size;
+                let x = x.reshape((b, self.spec.in_channels, h, w))?;
+                let x = self.stem.forward(&x, ctx)?;
+                self.pool.forward_relu(&x, ctx)
+            }
+            1..=4 => {
+                let start: usize = self.counts[..s - 1].iter().sum();
+                let mut x = x;
+                for block in &self.blocks[start..start + self.counts[s - 1]] {
+                    x = block.forward(&x, ctx)?;
+                }
+                Ok(x)
+            }
+            5 => self.gap.forward(&x, ctx),
+            _ => {
+                let x = self.dropout.forward(&x, ctx)?;
+                self.fc.forward(&x, ctx)
+            }
+        }
+    }
+
+    fn boundary(point: usize) -> candle_core::Result<usize> {
+        match RESNET_POINTS.get(point) {
+            Some(&(b, _)) => Ok(b),
+            None => candle_core::bail!("resnet has no split point {point}"),
+        }
+    }
+}
+
 impl Classifier for ResNet {
     fn forward(&self, x: &Tensor, ctx: &mut ForwardCtx) -> candle_core::Result<Tensor> {
-        let b = x.dim(0)?;
-        let [h, w] = self.spec.input_size;
-        let x = x.reshape((b, self.spec.in_channels, h, w))?;
-        let x = self.stem.forward(&x, ctx)?;
-        let mut x = self.pool.forward_relu(&x, ctx)?;
-        for block in &self.blocks {
-            x = block.forward(&x, ctx)?;
-        }
-        let x = self.gap.forward(&x, ctx)?;
-        let x = self.dropout.forward(&x, ctx)?;
-        self.fc.forward(&x, ctx)
+        split::run_stages(x, 0, RESNET_LOGITS, |s, x| self.stage(s, x, ctx))
+    }
+
+    fn split_points(&self) -> Vec<SplitPoint> {
+        RESNET_POINTS
+            .iter()
+            .map(|&(b, name)| {
+                let layers = (b..=4).map(|i| format!("layer{i}."));
+                SplitPoint::new(name, layers.chain(["fc.".to_string()]))
+            })
+            .collect()
+    }
+
+    fn forward_prefix(
+        &self,
+        x: &Tensor,
+        point: usize,
+        ctx: &mut ForwardCtx,
+    ) -> candle_core::Result<Tensor> {
+        let b = Self::boundary(point)?;
+        split::run_stages(x, 0, b, |s, x| self.stage(s, x, ctx))
+    }
+
+    fn forward_rest(
+        &self,
+        features: &Tensor,
+        point: usize,
+        ctx: &mut ForwardCtx,
+    ) -> candle_core::Result<Tensor> {
+        let b = Self::boundary(point)?;
+        split::run_stages(features, b, RESNET_LOGITS, |s, x| self.stage(s, x, ctx))
     }
 
     fn export_onnx(&self, g: &mut Graph, x: &str) -> Result<String, ExportError> {

@@ -7,7 +7,7 @@ use super::{BEST_FILE, METRICS_FILE};
 use crate::engine::checkpoint::{self, CheckpointMeta, CheckpointMetrics, InputSpec};
 use crate::engine::data::Batcher;
 use crate::engine::error::RunError;
-use crate::engine::eval::evaluate;
+use crate::engine::eval::{evaluate, evaluate_batches, EvalReport};
 use crate::engine::fsutil::append_line;
 use crate::engine::resume::IntervalState as Interval;
 use crate::engine::run::{
@@ -110,19 +110,10 @@ pub(super) fn evaluate_and_apply(
     s: &mut Session,
     summary: &mut RunSummary,
 ) -> Result<bool, RunError> {
-    let p = s.prep;
-    let batcher = Batcher::new(&p.data, &p.norm, &s.req.device);
     // A validation pass belongs to the step that triggered it: it is not cut
     // short, so that a resumed run reproduces the same metrics.
-    let rep = evaluate(
-        &p.model,
-        &batcher,
-        &p.split.val,
-        &s.loss_fn,
-        s.req.train.batch_size,
-        &p.data.classes,
-        &CancelFlag::new(),
-    )?;
+    let prep = s.prep;
+    let rep = evaluate_indices(s, &prep.split.val, &CancelFlag::new())?;
     let (monitor, early_cfg) = &s.req.train.early_stopping;
     let obs = Observation {
         run_id: &s.req.run_id,
@@ -213,6 +204,44 @@ pub(super) fn apply(
         return Ok(true);
     }
     Ok(false)
+}
+
+/// Evaluates the session's model on the samples `indices`: on the cached
+/// frozen features when the run has them (computing those not yet known),
+/// from the input otherwise.
+pub(super) fn evaluate_indices(
+    s: &mut Session,
+    indices: &[usize],
+    cancel: &CancelFlag,
+) -> Result<EvalReport, RunError> {
+    let p = s.prep;
+    let bs = s.req.train.batch_size;
+    let batcher = Batcher::new(&p.data, &p.norm, &s.req.device);
+    match s.features.as_mut() {
+        Some(t) => {
+            let chunks: Vec<Vec<usize>> =
+                indices.chunks(bs.max(1)).map(<[usize]>::to_vec).collect();
+            let images = batcher.batches(t.needing_images(&chunks), None);
+            let point = t.point;
+            evaluate_batches(
+                &p.model,
+                t.batches(chunks, images, &p.model),
+                Some(point),
+                &s.loss_fn,
+                &p.data.classes,
+                cancel,
+            )
+        }
+        None => evaluate(
+            &p.model,
+            &batcher,
+            indices,
+            &s.loss_fn,
+            bs,
+            &p.data.classes,
+            cancel,
+        ),
+    }
 }
 
 #[cfg(test)]

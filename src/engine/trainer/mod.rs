@@ -6,6 +6,7 @@
 //! Emits [`RunEvent`]s through an [`EventSink`]; checks the cancel flag after every batch.
 
 mod evaluate;
+mod feature_cache;
 mod prepare;
 mod session;
 mod step;
@@ -14,13 +15,13 @@ use std::path::Path;
 use std::time::Instant;
 
 pub use prepare::{open_with_data, split_indices, Opened};
-pub use step::{train_step, Phase, StepError, StepObserver, StepOut};
+pub use step::{train_step, train_step_from, Phase, StepError, StepObserver, StepOut};
 
 use self::session::{Position, Session};
 use super::data::Batcher;
 use super::device::describe;
 use super::error::RunError;
-use super::eval::{evaluate as eval_split, EvalReport};
+use super::eval::EvalReport;
 use super::fsutil::atomic_write;
 use super::resume::RESUME_FILE;
 use super::run::*;
@@ -55,6 +56,7 @@ pub fn run(req: &RunRequest, sink: &dyn EventSink, cancel: &CancelFlag) -> RunSu
         ended: String::new(),
         wall_s: 0.0,
         failure: None,
+        feature_cache: None,
     };
     if let Err(e) = train(req, &run_dir, sink, cancel, t0, &mut summary) {
         tracing::debug!(run_id = %req.run_id, kind = %e.kind(), error = ?e, "run failed");
@@ -126,25 +128,41 @@ fn epochs(
             .skip(first)
             .map(<[usize]>::to_vec)
             .collect();
-        // Streamed images are decoded and augmented ahead, on worker threads.
-        let mut batches = batcher.batches(chunks, Some((req.train.seed, epoch)));
-        for bi in first..order.len().div_ceil(bs) {
+        // Streamed images are decoded and augmented ahead, on worker threads;
+        // with cached frozen features, only those of batches not yet cached.
+        let from = s.features.as_ref().map(|t| t.point);
+        let mut images = match &s.features {
+            Some(t) => batcher.batches(t.needing_images(&chunks), None),
+            None => batcher.batches(chunks.clone(), Some((req.train.seed, epoch))),
+        };
+        for (bi, chunk) in (first..).zip(&chunks) {
             if cancel.is_cancelled() {
                 summary.reason = format!("cancelled at epoch {epoch}, step {}", s.step);
+                if let Some(t) = &mut s.features {
+                    t.save();
+                }
                 s.save_resume(Position {
                     next_epoch: epoch,
                     skip_batches: bi as u64,
                 })?;
                 return Ok(Outcome::Cancelled);
             }
-            let Some(batch) = batches.next() else { break };
+            let batch = match &mut s.features {
+                None => images.next(),
+                Some(t) if t.missing(chunk) => images
+                    .next()
+                    .map(|b| b.and_then(|b| t.fill(chunk, &b, &prep.model))),
+                Some(t) => Some(t.batch(chunk)),
+            };
+            let Some(batch) = batch else { break };
             let batch = batch?;
             if batch.is_empty() {
                 // Every image of the batch failed to decode (reported at the end).
                 continue;
             }
-            let out = train_step(
+            let out = train_step_from(
                 &prep.model,
+                from,
                 &batch,
                 &s.loss_fn,
                 &mut s.optimizer,
@@ -182,6 +200,9 @@ fn epochs(
                 summary.reason = format!("reached max_steps = {max_steps}");
                 return finished(s, summary);
             }
+        }
+        if let Some(t) = &mut s.features {
+            t.save();
         }
         if req.train.eval_every == EvalEvery::Epoch {
             if evaluate::evaluate_and_apply(s, summary)? {
@@ -235,16 +256,11 @@ fn finish(
         tracing::warn!(run_id = %s.req.run_id, "the test split is empty; no final test");
         return Ok(());
     }
-    let batcher = Batcher::new(&prep.data, &prep.norm, &s.req.device);
-    match eval_split(
-        &prep.model,
-        &batcher,
-        &prep.split.test,
-        &s.loss_fn,
-        s.req.train.batch_size,
-        &prep.data.classes,
-        cancel,
-    ) {
+    let test = evaluate::evaluate_indices(&mut s, &prep.split.test, cancel);
+    if let Some(t) = &mut s.features {
+        t.save();
+    }
+    match test {
         Ok(rep) => summary.test = Some(test_record(rep)),
         Err(RunError::Cancelled) => {
             summary.outcome = Outcome::Cancelled;

@@ -98,6 +98,8 @@ pub(super) struct Session<'a> {
     /// Batches of the next epoch already trained (set on resume).
     pub skip: u64,
     pub steps_per_epoch: u64,
+    /// The cached frozen features the run trains on, if it uses the cache.
+    pub features: Option<super::feature_cache::FeatureTable>,
     t0: Instant,
     /// Seconds trained before a resume.
     elapsed_before: f64,
@@ -216,7 +218,7 @@ fn trainable(
 impl<'a> Session<'a> {
     /// Starts (or resumes from `state`) the session of a prepared run: checks
     /// and restores the resume state, creates the run folder, sets up the
-    /// optimiser and emits [`RunEvent::Started`].
+    /// optimiser, loads the cached frozen features and emits [`RunEvent::Started`].
     pub fn start(
         req: &'a RunRequest,
         run_dir: &'a Path,
@@ -270,6 +272,8 @@ impl<'a> Session<'a> {
                 })?;
         }
         let steps_per_epoch = prep.split.train.len().div_ceil(req.train.batch_size) as u64;
+        let (features, cache_report) = super::feature_cache::prepare(req, prep, &frozen);
+        summary.feature_cache = Some(cache_report.clone());
         let mut s = Session {
             req,
             run_dir,
@@ -288,6 +292,7 @@ impl<'a> Session<'a> {
             epoch: 0,
             skip: 0,
             steps_per_epoch,
+            features,
             t0,
             elapsed_before: state.as_ref().map_or(0.0, |s| s.meta.elapsed_s),
         };
@@ -303,6 +308,7 @@ impl<'a> Session<'a> {
             device: describe(&req.device),
             warm_start: prep.warm_start.clone(),
             resumed_at_step: state.as_ref().map(|s| s.meta.step),
+            feature_cache: cache_report,
         }));
         tracing::info!(
             run_id = %req.run_id,

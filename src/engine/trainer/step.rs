@@ -66,7 +66,21 @@ pub fn train_step(
     ctx: &mut ForwardCtx,
     observer: &mut dyn StepObserver,
 ) -> Result<StepOut, StepError> {
-    let logits = model.forward(&batch.x, ctx)?;
+    train_step_from(model, None, batch, loss_fn, optimizer, ctx, observer)
+}
+
+/// [`train_step`] on a batch that starts at split point `from` (cached
+/// frozen features), or at the input when `from` is `None`.
+pub fn train_step_from(
+    model: &Model,
+    from: Option<usize>,
+    batch: &Batch,
+    loss_fn: &CrossEntropy,
+    optimizer: &mut AnyOptimizer,
+    ctx: &mut ForwardCtx,
+    observer: &mut dyn StepObserver,
+) -> Result<StepOut, StepError> {
+    let logits = model.forward_from(&batch.x, from, ctx)?;
     let parts = loss_fn.forward(&logits, &batch.y)?;
     let loss = f64::from(parts.loss.to_scalar::<f32>()?);
     if !loss.is_finite() {
