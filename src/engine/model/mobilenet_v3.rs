@@ -27,6 +27,7 @@ use super::layers::{
     linear_with_init, Dropout, GlobalAvgPool, Hardswish, Linear, Residual, SqueezeExcite,
 };
 use super::mobilenet::{make_divisible, MobileNetSpec};
+use super::split::{self, SplitPoint};
 use super::{Classifier, ForwardCtx};
 use crate::engine::budget::{n, product, sum, Footprint};
 use crate::engine::export::layers::{self as onnx, Emit};
@@ -322,20 +323,104 @@ impl MobileNetV3Small {
     }
 }
 
-impl Classifier for MobileNetV3Small {
-    fn forward(&self, x: &Tensor, ctx: &mut ForwardCtx) -> candle_core::Result<Tensor> {
-        let b = x.dim(0)?;
-        let [h, w] = self.spec.input_size;
-        let x = x.reshape((b, self.spec.in_channels, h, w))?;
-        let mut x = self.stem.forward(&x, ctx)?;
-        for block in &self.blocks {
-            x = block.forward(&x, ctx)?;
+impl MobileNetV3Small {
+    /// The stage boundary after the last stage (the logits). Stage 0 is
+    /// `features.0`, stages `1..=B` the blocks `features.1..B`, then
+    /// `features.{B+1}`, global pooling, `classifier.0` with its hard swish,
+    /// and dropout with `classifier.3`.
+    fn logits_boundary(&self) -> usize {
+        self.blocks.len() + 5
+    }
+
+    /// Split points as (stage boundary, name, the rest's parameter
+    /// prefixes): after each `features.i` but the last, after global pooling
+    /// (`pool`) and after `classifier.0`'s hard swish (`classifier.0`).
+    fn points(&self) -> Vec<(usize, String, Vec<String>)> {
+        let nb = self.blocks.len();
+        let last = nb + 1;
+        let rest_from = |b: usize| {
+            (b..=last)
+                .map(|i| format!("features.{i}."))
+                .chain(["classifier.".to_string()])
+                .collect::<Vec<_>>()
+        };
+        (0..=nb)
+            .map(|i| (i + 1, format!("features.{i}"), rest_from(i + 1)))
+            .chain([
+                (nb + 3, "pool".to_string(), rest_from(nb + 3)),
+                (
+                    nb + 4,
+                    "classifier.0".to_string(),
+                    vec!["classifier.3.".to_string()],
+                ),
+            ])
+            .collect()
+    }
+
+    fn boundary(&self, point: usize) -> candle_core::Result<usize> {
+        match self.points().get(point) {
+            Some(&(b, _, _)) => Ok(b),
+            None => candle_core::bail!("mobilenet_v3_small has no split point {point}"),
         }
-        let x = self.last.forward(&x, ctx)?;
-        let x = self.gap.forward(&x, ctx)?;
-        let x = Hardswish.forward(&self.hidden.forward(&x, ctx)?)?;
+    }
+
+    /// Stage `s` of the forward pass (see [`Self::logits_boundary`]).
+    fn stage(&self, s: usize, x: Tensor, ctx: &mut ForwardCtx) -> candle_core::Result<Tensor> {
+        let nb = self.blocks.len();
+        if s == 0 {
+            let b = x.dim(0)?;
+            let [h, w] = self.spec.input_size;
+            let x = x.reshape((b, self.spec.in_channels, h, w))?;
+            return self.stem.forward(&x, ctx);
+        }
+        if s <= nb {
+            return self.blocks[s - 1].forward(&x, ctx);
+        }
+        if s == nb + 1 {
+            return self.last.forward(&x, ctx);
+        }
+        if s == nb + 2 {
+            return self.gap.forward(&x, ctx);
+        }
+        if s == nb + 3 {
+            return Hardswish.forward(&self.hidden.forward(&x, ctx)?);
+        }
         let x = self.dropout.forward(&x, ctx)?;
         self.classifier.forward(&x, ctx)
+    }
+}
+
+impl Classifier for MobileNetV3Small {
+    fn forward(&self, x: &Tensor, ctx: &mut ForwardCtx) -> candle_core::Result<Tensor> {
+        split::run_stages(x, 0, self.logits_boundary(), |s, x| self.stage(s, x, ctx))
+    }
+
+    fn split_points(&self) -> Vec<SplitPoint> {
+        self.points()
+            .into_iter()
+            .map(|(_, name, rest)| SplitPoint::new(name, rest))
+            .collect()
+    }
+
+    fn forward_prefix(
+        &self,
+        x: &Tensor,
+        point: usize,
+        ctx: &mut ForwardCtx,
+    ) -> candle_core::Result<Tensor> {
+        let b = self.boundary(point)?;
+        split::run_stages(x, 0, b, |s, x| self.stage(s, x, ctx))
+    }
+
+    fn forward_rest(
+        &self,
+        features: &Tensor,
+        point: usize,
+        ctx: &mut ForwardCtx,
+    ) -> candle_core::Result<Tensor> {
+        let b = self.boundary(point)?;
+        let end = self.logits_boundary();
+        split::run_stages(features, b, end, |s, x| self.stage(s, x, ctx))
     }
 
     fn export_onnx(&self, g: &mut Graph, x: &str) -> Result<String, ExportError> {

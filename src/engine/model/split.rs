@@ -114,6 +114,13 @@ mod tests {
                 num_classes: 3,
                 dropout: 0.2,
             }),
+            ModelSpec::MobilenetV3Small(MobileNetSpec {
+                in_channels: 3,
+                input_size: [12, 12],
+                width_mult: 0.1,
+                num_classes: 3,
+                dropout: 0.2,
+            }),
             ModelSpec::Cnn(CnnSpec {
                 in_channels: 3,
                 input_size: vec![12, 12],
