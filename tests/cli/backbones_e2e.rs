@@ -1,5 +1,5 @@
 //! torchvision backbones end to end (issue 13): the real binary fine-tunes a
-//! resnet18 and a mobilenet_v2 from PyTorch-made weights in torchvision's
+//! resnet18, a mobilenet_v2 and a mobilenet_v3_small from PyTorch-made weights in torchvision's
 //! layout (the parity fixtures' `state.*` tensors, at reduced width) with the
 //! classifier re-initialised for 10 classes, under `model.finetune`; the
 //! checkpoint keeps torchvision's names and shapes (so it loads with
@@ -32,13 +32,20 @@ fn bits(t: &Tensor) -> Vec<u32> {
         .collect()
 }
 
+/// What a fine-tuning run printed and wrote.
+struct Finetuned {
+    stdout: String,
+    /// The run's `summary.json`.
+    summary: serde_json::Value,
+    /// The init tensors, prefix removed.
+    init: HashMap<String, Tensor>,
+    /// The best checkpoint's tensors.
+    best: HashMap<String, Tensor>,
+}
+
 /// Trains `[model]` lines `model` on the digits images (RGB, 32x32) for one
-/// epoch from the fixture `fixture`; returns stdout, the init tensors (prefix
-/// removed) and the best checkpoint's tensors.
-fn finetune(
-    fixture: &str,
-    model: &str,
-) -> (String, HashMap<String, Tensor>, HashMap<String, Tensor>) {
+/// epoch from the fixture `fixture`.
+fn finetune(fixture: &str, model: &str) -> Finetuned {
     let out = tempfile::tempdir().unwrap();
     let init = root().join(format!("tests/fixtures/arch/{fixture}.safetensors"));
     let cfg = out.path().join("backbone.toml");
@@ -82,11 +89,18 @@ dir = "{out}"
     );
     let run_dir = root().join(stdout.lines().last().unwrap_or_default().trim());
     let best = tensors(&run_dir.join("best.safetensors"));
+    let summary = std::fs::read_to_string(run_dir.join("summary.json")).unwrap();
+    let summary = serde_json::from_str(&summary).unwrap();
     let init: HashMap<String, Tensor> = tensors(&init)
         .into_iter()
         .filter_map(|(k, v)| Some((k.strip_prefix("state.")?.to_string(), v)))
         .collect();
-    (stdout, init, best)
+    Finetuned {
+        stdout,
+        summary,
+        init,
+        best,
+    }
 }
 
 /// The checkpoint has exactly the init's names and shapes (torchvision's
@@ -110,7 +124,9 @@ fn same_layout(init: &HashMap<String, Tensor>, best: &HashMap<String, Tensor>, h
 /// resnet18, `finetune = "last:1"`: layer4 and fc train; conv1, bn1 and
 /// layer1..3 (weights and batch-norm statistics) stay bit-identical.
 fn resnet18_last_stage_from_torchvision_weights() {
-    let (stdout, init, best) = finetune(
+    let Finetuned {
+        stdout, init, best, ..
+    } = finetune(
         "resnet18",
         "arch = \"resnet18\"\nbase_width = 8\nreinit = [\"fc.*\"]\nfinetune = \"last:1\"",
     );
@@ -140,7 +156,9 @@ fn resnet18_last_stage_from_torchvision_weights() {
 /// mobilenet_v2, `finetune = "bias"`: batch-norm affine parameters and the
 /// classifier train (batch-norm statistics move), every conv weight stays.
 fn mobilenet_v2_bias_mode_from_torchvision_weights() {
-    let (stdout, init, best) = finetune(
+    let Finetuned {
+        stdout, init, best, ..
+    } = finetune(
         "mobilenet_v2",
         "arch = \"mobilenet_v2\"\nwidth_mult = 0.25\nreinit = [\"classifier.1.*\"]\nfinetune = \"bias\"",
     );
@@ -172,9 +190,46 @@ fn mobilenet_v2_bias_mode_from_torchvision_weights() {
     }
 }
 
+/// mobilenet_v3_small, `finetune = "head"`, only `classifier.3` re-initialised
+/// (as torchvision users replace `classifier[3]`): `classifier.0` and
+/// `classifier.3` train on features cached at `pool`; every `features.*`
+/// tensor, batch-norm statistics included, stays bit-identical.
+fn mobilenet_v3_small_head_from_torchvision_weights() {
+    let Finetuned {
+        stdout: out,
+        summary,
+        init,
+        best,
+    } = finetune(
+        "mobilenet_v3_small",
+        "arch = \"mobilenet_v3_small\"\nwidth_mult = 0.25\nreinit = [\"classifier.3.*\"]\nfinetune = \"head\"",
+    );
+    assert!(
+        out.contains("re-initialised (classifier.3.bias, classifier.3.weight)"),
+        "{out}"
+    );
+    same_layout(&init, &best, "classifier.3.");
+    assert_eq!(best["classifier.3.weight"].dims(), &[10, 256]);
+    let cache = &summary["feature_cache"];
+    assert_eq!(cache["used"], true, "{cache}");
+    assert_eq!(cache["split"], "pool", "{cache}");
+    let mut kept = 0;
+    for (name, t) in &best {
+        let same = bits(t) == bits(&init[name]);
+        if name.starts_with("features.") {
+            assert!(same, "{name} changed though frozen");
+            kept += 1;
+        } else if name.ends_with(".weight") {
+            assert!(!same, "{name} did not train");
+        }
+    }
+    assert_eq!(kept, init.len() - 4, "frozen tensors");
+}
+
 pub fn tests() -> Vec<Test> {
     vec![
         test!(resnet18_last_stage_from_torchvision_weights),
         test!(mobilenet_v2_bias_mode_from_torchvision_weights),
+        test!(mobilenet_v3_small_head_from_torchvision_weights),
     ]
 }
