@@ -24,6 +24,7 @@ use xxhash_rust::xxh3::xxh3_64_with_seed;
 
 use crate::config::{RetentionPolicy, Settings};
 use crate::engine::budget::optimizer_copies;
+use crate::engine::checkpoint;
 use crate::engine::data::{self, image_folder, text_tsv, DataFormat, DataSpec, RawLabels, Split};
 use crate::engine::fsutil::atomic_write;
 use crate::engine::promote::{CURRENT_FILE, PREVIOUS_FILE};
@@ -450,22 +451,6 @@ pub struct Pruned {
     pub errors: Vec<String>,
 }
 
-/// The run id in a checkpoint's safetensors header, read without its tensors.
-pub fn checkpoint_run_id(path: &Path) -> Option<String> {
-    use std::io::Read;
-    let mut f = std::fs::File::open(path).ok()?;
-    let mut len = [0u8; 8];
-    f.read_exact(&mut len).ok()?;
-    let n = u64::from_le_bytes(len);
-    if n > 100 * MIB {
-        return None;
-    }
-    let mut header = vec![0u8; usize::try_from(n).ok()?];
-    f.read_exact(&mut header).ok()?;
-    let v: serde_json::Value = serde_json::from_slice(&header).ok()?;
-    Some(v.get("__metadata__")?.get("run_id")?.as_str()?.to_string())
-}
-
 /// Removes the oldest run folders under `runs_dir` so that `keep` remain,
 /// never one behind the models in `output_dir`, one with a resume state, or
 /// `active`. Run ids start with their UTC time, so names sort by age.
@@ -489,7 +474,7 @@ pub fn prune_runs(output_dir: &Path, runs_dir: &Path, keep: u64, active: Option<
     }
     let protected: BTreeSet<String> = [CURRENT_FILE, PREVIOUS_FILE]
         .iter()
-        .filter_map(|f| checkpoint_run_id(&output_dir.join(f)))
+        .filter_map(|f| checkpoint::read_run_id(&output_dir.join(f)))
         .chain(active.map(str::to_string))
         .collect();
     let cut = runs.len() - usize::try_from(keep).unwrap_or(usize::MAX).min(runs.len());
@@ -832,7 +817,7 @@ mod tests {
                 .unwrap();
         std::fs::write(out.join(CURRENT_FILE), bytes).unwrap();
         assert_eq!(
-            checkpoint_run_id(&out.join(CURRENT_FILE)).as_deref(),
+            checkpoint::read_run_id(&out.join(CURRENT_FILE)).as_deref(),
             Some("20260100T000000Z-0000")
         );
         std::fs::write(runs.join("20260101T000000Z-0000").join(RESUME_FILE), b"x").unwrap();

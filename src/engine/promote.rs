@@ -349,19 +349,18 @@ pub fn promote(req: &PromoteRequest, cancel: &CancelFlag) -> Result<Promotion, P
     })
 }
 
-/// The run id recorded in `output_dir/current.safetensors`, if it holds a readable model.
+/// The run id recorded in `output_dir/current.safetensors` (read from its
+/// header only; a damaged body is found and healed at start, see `recovery`).
 pub fn current_model_run_id(output_dir: &Path) -> Option<String> {
     let path = output_dir.join(CURRENT_FILE);
     if !path.exists() {
         return None;
     }
-    match checkpoint::load(&path, &Device::Cpu) {
-        Ok(ck) => Some(ck.meta.run_id),
-        Err(e) => {
-            tracing::warn!(error = %e, "the current model is unreadable");
-            None
-        }
+    let id = checkpoint::read_run_id(&path);
+    if id.is_none() {
+        tracing::warn!(path = %path.display(), "the current model has no readable run id");
     }
+    id
 }
 
 #[cfg(test)]
