@@ -284,3 +284,99 @@ fn augmentation_and_full_finetuning_turn_the_cache_off_with_a_reason() {
     assert_eq!(summary["feature_cache"]["used"], false);
     assert!(!t.path().join("out/feature-cache").exists());
 }
+
+/// Settings of a small textcnn run on 40 short texts in `root/text` with
+/// `model` lines in `[model]`.
+fn text_settings(root: &Path, model: &str, overrides: &[&str]) -> config::Settings {
+    let dir = root.join("text");
+    if !dir.exists() {
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut lines = String::new();
+        for i in 0..40u32 {
+            let (word, label) = if i % 2 == 0 {
+                ("sunny warm", "pos")
+            } else {
+                ("rain cold", "neg")
+            };
+            lines.push_str(&format!("{word} day {i}\t{label}\n"));
+        }
+        std::fs::write(dir.join("data.txt"), lines).unwrap();
+    }
+    let cfg = root.join("t.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"
+[data]
+dir = "{}"
+format = "text-tsv"
+max_len = 16
+val_fraction = 0.25
+test_fraction = 0.0
+[model]
+arch = "textcnn"
+embed_dim = 8
+filter_sizes = [2, 3]
+num_filters = 4
+{model}
+[train]
+max_epochs = 3
+batch_size = 8
+seed = 2
+[train.early_stopping]
+enabled = false
+[output]
+dir = "{}"
+"#,
+            dir.display(),
+            root.join("out").display()
+        ),
+    )
+    .unwrap();
+    let ovs: Vec<config::Override> = overrides
+        .iter()
+        .map(|o| config::Override::parse_set(o).unwrap())
+        .collect();
+    config::load(&cfg, &ovs).unwrap()
+}
+
+#[test]
+fn textcnn_with_a_frozen_embedding_trains_on_cached_embeddings() {
+    for (model, split) in [
+        ("freeze = [\"embedding.*\"]", "embedding"),
+        ("finetune = \"head\"", "pooled"),
+    ] {
+        let t = tempfile::tempdir().unwrap();
+        let cached = run(
+            &text_settings(t.path(), model, &[]),
+            "c",
+            WarmStart::Scratch,
+        );
+        let off = text_settings(t.path(), model, &["train.cache_features=\"off\""]);
+        let plain = run(&off, "p", WarmStart::Scratch);
+        assert!(!cache(&plain).used);
+        let c = cache(&cached);
+        assert!(c.used, "{c:?}");
+        assert_eq!(c.split.as_deref(), Some(split));
+        let runs = t.path().join("out/runs");
+        let (a, b) = (metrics(&runs.join("c")), metrics(&runs.join("p")));
+        assert_eq!(a.len(), 3);
+        for (x, y) in a.iter().zip(&b) {
+            let (u, v) = (
+                x["val_loss"].as_f64().unwrap(),
+                y["val_loss"].as_f64().unwrap(),
+            );
+            assert!(
+                (u - v).abs() <= 1e-4 * (1.0 + v.abs()),
+                "{split}: {u} vs {v}"
+            );
+        }
+        // In-memory samples are found by their values: a second run finds all.
+        let again = cache(&run(
+            &text_settings(t.path(), model, &[]),
+            "c2",
+            WarmStart::Scratch,
+        ));
+        assert_eq!((again.hits, again.misses), (c.hits + c.misses, 0));
+    }
+}
