@@ -14,6 +14,7 @@ mod trials;
 mod backbones_e2e;
 mod bench_smoke;
 mod cli_train;
+mod feature_cache_e2e;
 mod formats_e2e;
 mod full_disk;
 mod onnx_export;
@@ -24,6 +25,7 @@ fn main() -> ExitCode {
         backbones_e2e::tests(),
         bench_smoke::tests(),
         cli_train::tests(),
+        feature_cache_e2e::tests(),
         formats_e2e::tests(),
         full_disk::tests(),
         onnx_export::tests(),
