@@ -44,7 +44,7 @@ use super::layers::{
     conv, linear, Activation, BatchNorm, Conv, ConvConfig, Dropout, Linear, MaxPool, PoolConfig,
 };
 use super::registry::Common;
-use super::split::{self, SplitPoint};
+use super::split::{self, SplitPoint, Staged};
 use super::{Classifier, ForwardCtx};
 use crate::engine::budget::{linear_params, n, product, sum, Footprint};
 use crate::engine::export::layers::{self as onnx, Emit};
@@ -520,17 +520,17 @@ impl ConvNet {
     }
 }
 
-impl ConvNet {
+impl Staged for ConvNet {
     /// Stage boundaries: 0 the input, `i + 1` after conv block `features.i`,
     /// `B + 1` after flattening (or global pooling), `B + 2 + j` after hidden
     /// layer `fc.j`, then the logits (dropout and `head`).
-    fn logits_boundary(&self) -> usize {
+    fn stage_count(&self) -> usize {
         self.blocks.len() + self.fc.len() + 2
     }
 
-    /// Split points as (stage boundary, name, rest prefixes). A point after a
-    /// hidden layer is listed only without dropout (dropout precedes each).
-    fn points(&self) -> Vec<(usize, String, Vec<String>)> {
+    /// A point after a hidden layer is listed only without dropout (dropout
+    /// precedes each).
+    fn cuts(&self) -> Vec<(usize, SplitPoint)> {
         let (nb, nf) = (self.blocks.len(), self.fc.len());
         let mut out = Vec::new();
         let fc_from = |j: usize| {
@@ -543,24 +543,19 @@ impl ConvNet {
             let rest = (i + 1..nb).map(|k| format!("features.{k}."));
             out.push((
                 i + 1,
-                format!("features.{i}"),
-                rest.chain(fc_from(0)).collect(),
+                SplitPoint::new(format!("features.{i}"), rest.chain(fc_from(0))),
             ));
         }
-        out.push((nb + 1, "pooled".to_string(), fc_from(0).collect()));
+        out.push((nb + 1, SplitPoint::new("pooled", fc_from(0))));
         if self.dropout.p <= 0.0 {
             for j in 0..nf {
-                out.push((nb + 2 + j, format!("fc.{j}"), fc_from(j + 1).collect()));
+                out.push((
+                    nb + 2 + j,
+                    SplitPoint::new(format!("fc.{j}"), fc_from(j + 1)),
+                ));
             }
         }
         out
-    }
-
-    fn boundary(&self, point: usize) -> candle_core::Result<usize> {
-        match self.points().get(point) {
-            Some((b, _, _)) => Ok(*b),
-            None => candle_core::bail!("cnn has no split point {point}"),
-        }
     }
 
     /// The input batch as `[B, C, ...input_size]`.
@@ -570,7 +565,7 @@ impl ConvNet {
         x.reshape(shape.as_slice())
     }
 
-    /// Stage `s` of the forward pass (see [`Self::logits_boundary`]).
+    /// Stage `s` of the forward pass (see [`Self::stage_count`]).
     fn stage(&self, s: usize, x: Tensor, ctx: &mut ForwardCtx) -> candle_core::Result<Tensor> {
         let nb = self.blocks.len();
         let act = self.spec.activation;
@@ -611,37 +606,11 @@ impl ConvNet {
 
 impl Classifier for ConvNet {
     fn forward(&self, x: &Tensor, ctx: &mut ForwardCtx) -> candle_core::Result<Tensor> {
-        let x = self.input(x)?;
-        split::run_stages(&x, 0, self.logits_boundary(), |s, x| self.stage(s, x, ctx))
+        split::forward(self, x, ctx)
     }
 
-    fn split_points(&self) -> Vec<SplitPoint> {
-        self.points()
-            .into_iter()
-            .map(|(_, name, rest)| SplitPoint::new(name, rest))
-            .collect()
-    }
-
-    fn forward_prefix(
-        &self,
-        x: &Tensor,
-        point: usize,
-        ctx: &mut ForwardCtx,
-    ) -> candle_core::Result<Tensor> {
-        let b = self.boundary(point)?;
-        let x = self.input(x)?;
-        split::run_stages(&x, 0, b, |s, x| self.stage(s, x, ctx))
-    }
-
-    fn forward_rest(
-        &self,
-        features: &Tensor,
-        point: usize,
-        ctx: &mut ForwardCtx,
-    ) -> candle_core::Result<Tensor> {
-        let b = self.boundary(point)?;
-        let end = self.logits_boundary();
-        split::run_stages(features, b, end, |s, x| self.stage(s, x, ctx))
+    fn staged(&self) -> Option<&dyn Staged> {
+        Some(self)
     }
 
     fn export_onnx(&self, g: &mut Graph, x: &str) -> Result<String, ExportError> {

@@ -28,7 +28,7 @@ use super::backbone::{self, BlockAct, ConvBnAct, ConvBnShape, Tally};
 use super::error::{KeyError, KeyProblem, ModelError};
 use super::layers::{linear_with_init, Dropout, GlobalAvgPool, Linear, Residual};
 use super::registry::Common;
-use super::split::{self, SplitPoint};
+use super::split::{self, SplitPoint, Staged};
 use super::{Classifier, ForwardCtx};
 use crate::engine::budget::{n, product, Footprint};
 use crate::engine::export::layers::{self as onnx, Emit};
@@ -350,32 +350,30 @@ impl MobileNetV2 {
     }
 }
 
-impl MobileNetV2 {
-    /// The stage boundary after the last stage (the logits). Stage 0 is
-    /// `features.0`, stages `1..=B` the blocks `features.1..B`, then
-    /// `features.{B+1}`, global pooling, and dropout with `classifier.1`.
-    fn logits_boundary(&self) -> usize {
+impl Staged for MobileNetV2 {
+    /// Stage 0 is `features.0`, stages `1..=B` the blocks `features.1..B`,
+    /// then `features.{B+1}`, global pooling, and dropout with `classifier.1`.
+    fn stage_count(&self) -> usize {
         self.blocks.len() + 4
     }
 
-    /// Split points as (stage boundary, name): after each `features.i` but
-    /// the last, and after global pooling (`pool`).
-    fn points(&self) -> Vec<(usize, String)> {
+    /// After each `features.i` but the last, and after global pooling (`pool`).
+    fn cuts(&self) -> Vec<(usize, SplitPoint)> {
         let nb = self.blocks.len();
+        let last = nb + 1;
         (0..=nb)
             .map(|i| (i + 1, format!("features.{i}")))
             .chain([(nb + 3, "pool".to_string())])
+            .map(|(b, name)| {
+                let rest = (b..=last).map(|i| format!("features.{i}."));
+                (
+                    b,
+                    SplitPoint::new(name, rest.chain(["classifier.".to_string()])),
+                )
+            })
             .collect()
     }
 
-    fn boundary(&self, point: usize) -> candle_core::Result<usize> {
-        match self.points().get(point) {
-            Some(&(b, _)) => Ok(b),
-            None => candle_core::bail!("mobilenet_v2 has no split point {point}"),
-        }
-    }
-
-    /// Stage `s` of the forward pass (see [`Self::logits_boundary`]).
     fn stage(&self, s: usize, x: Tensor, ctx: &mut ForwardCtx) -> candle_core::Result<Tensor> {
         let nb = self.blocks.len();
         if s == 0 {
@@ -400,39 +398,11 @@ impl MobileNetV2 {
 
 impl Classifier for MobileNetV2 {
     fn forward(&self, x: &Tensor, ctx: &mut ForwardCtx) -> candle_core::Result<Tensor> {
-        split::run_stages(x, 0, self.logits_boundary(), |s, x| self.stage(s, x, ctx))
+        split::forward(self, x, ctx)
     }
 
-    fn split_points(&self) -> Vec<SplitPoint> {
-        let last = self.blocks.len() + 1;
-        self.points()
-            .into_iter()
-            .map(|(b, name)| {
-                let rest = (b..=last).map(|i| format!("features.{i}."));
-                SplitPoint::new(name, rest.chain(["classifier.".to_string()]))
-            })
-            .collect()
-    }
-
-    fn forward_prefix(
-        &self,
-        x: &Tensor,
-        point: usize,
-        ctx: &mut ForwardCtx,
-    ) -> candle_core::Result<Tensor> {
-        let b = self.boundary(point)?;
-        split::run_stages(x, 0, b, |s, x| self.stage(s, x, ctx))
-    }
-
-    fn forward_rest(
-        &self,
-        features: &Tensor,
-        point: usize,
-        ctx: &mut ForwardCtx,
-    ) -> candle_core::Result<Tensor> {
-        let b = self.boundary(point)?;
-        let end = self.logits_boundary();
-        split::run_stages(features, b, end, |s, x| self.stage(s, x, ctx))
+    fn staged(&self) -> Option<&dyn Staged> {
+        Some(self)
     }
 
     fn export_onnx(&self, g: &mut Graph, x: &str) -> Result<String, ExportError> {

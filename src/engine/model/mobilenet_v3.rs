@@ -27,7 +27,7 @@ use super::layers::{
     linear_with_init, Dropout, GlobalAvgPool, Hardswish, Linear, Residual, SqueezeExcite,
 };
 use super::mobilenet::{make_divisible, MobileNetSpec};
-use super::split::{self, SplitPoint};
+use super::split::{self, SplitPoint, Staged};
 use super::{Classifier, ForwardCtx};
 use crate::engine::budget::{n, product, sum, Footprint};
 use crate::engine::export::layers::{self as onnx, Emit};
@@ -323,19 +323,17 @@ impl MobileNetV3Small {
     }
 }
 
-impl MobileNetV3Small {
-    /// The stage boundary after the last stage (the logits). Stage 0 is
-    /// `features.0`, stages `1..=B` the blocks `features.1..B`, then
-    /// `features.{B+1}`, global pooling, `classifier.0` with its hard swish,
-    /// and dropout with `classifier.3`.
-    fn logits_boundary(&self) -> usize {
+impl Staged for MobileNetV3Small {
+    /// Stage 0 is `features.0`, stages `1..=B` the blocks `features.1..B`,
+    /// then `features.{B+1}`, global pooling, `classifier.0` with its hard
+    /// swish, and dropout with `classifier.3`.
+    fn stage_count(&self) -> usize {
         self.blocks.len() + 5
     }
 
-    /// Split points as (stage boundary, name, the rest's parameter
-    /// prefixes): after each `features.i` but the last, after global pooling
-    /// (`pool`) and after `classifier.0`'s hard swish (`classifier.0`).
-    fn points(&self) -> Vec<(usize, String, Vec<String>)> {
+    /// After each `features.i` but the last, after global pooling (`pool`)
+    /// and after `classifier.0`'s hard swish (`classifier.0`).
+    fn cuts(&self) -> Vec<(usize, SplitPoint)> {
         let nb = self.blocks.len();
         let last = nb + 1;
         let rest_from = |b: usize| {
@@ -354,17 +352,10 @@ impl MobileNetV3Small {
                     vec!["classifier.3.".to_string()],
                 ),
             ])
+            .map(|(b, name, rest)| (b, SplitPoint::new(name, rest)))
             .collect()
     }
 
-    fn boundary(&self, point: usize) -> candle_core::Result<usize> {
-        match self.points().get(point) {
-            Some(&(b, _, _)) => Ok(b),
-            None => candle_core::bail!("mobilenet_v3_small has no split point {point}"),
-        }
-    }
-
-    /// Stage `s` of the forward pass (see [`Self::logits_boundary`]).
     fn stage(&self, s: usize, x: Tensor, ctx: &mut ForwardCtx) -> candle_core::Result<Tensor> {
         let nb = self.blocks.len();
         if s == 0 {
@@ -392,35 +383,11 @@ impl MobileNetV3Small {
 
 impl Classifier for MobileNetV3Small {
     fn forward(&self, x: &Tensor, ctx: &mut ForwardCtx) -> candle_core::Result<Tensor> {
-        split::run_stages(x, 0, self.logits_boundary(), |s, x| self.stage(s, x, ctx))
+        split::forward(self, x, ctx)
     }
 
-    fn split_points(&self) -> Vec<SplitPoint> {
-        self.points()
-            .into_iter()
-            .map(|(_, name, rest)| SplitPoint::new(name, rest))
-            .collect()
-    }
-
-    fn forward_prefix(
-        &self,
-        x: &Tensor,
-        point: usize,
-        ctx: &mut ForwardCtx,
-    ) -> candle_core::Result<Tensor> {
-        let b = self.boundary(point)?;
-        split::run_stages(x, 0, b, |s, x| self.stage(s, x, ctx))
-    }
-
-    fn forward_rest(
-        &self,
-        features: &Tensor,
-        point: usize,
-        ctx: &mut ForwardCtx,
-    ) -> candle_core::Result<Tensor> {
-        let b = self.boundary(point)?;
-        let end = self.logits_boundary();
-        split::run_stages(features, b, end, |s, x| self.stage(s, x, ctx))
+    fn staged(&self) -> Option<&dyn Staged> {
+        Some(self)
     }
 
     fn export_onnx(&self, g: &mut Graph, x: &str) -> Result<String, ExportError> {

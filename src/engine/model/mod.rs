@@ -174,32 +174,44 @@ pub trait Classifier: Send {
         Err(crate::engine::export::ExportError::Unsupported)
     }
 
+    /// The network as consecutive stages, for architectures that cut for
+    /// the frozen-feature cache (see [`split`]); `None` by default.
+    fn staged(&self) -> Option<&dyn split::Staged> {
+        None
+    }
+
     /// Where the forward pass can be cut into a frozen prefix and a trainable
-    /// rest, shallow to deep (see [`split`]); none by default.
+    /// rest, shallow to deep; none for an architecture that is not staged.
     fn split_points(&self) -> Vec<SplitPoint> {
-        Vec::new()
+        self.staged().map(split::points).unwrap_or_default()
     }
 
     /// The part of the forward pass before split point `point` (an index
     /// into [`Self::split_points`]): its output is what the feature cache stores.
     fn forward_prefix(
         &self,
-        _x: &Tensor,
+        x: &Tensor,
         point: usize,
-        _ctx: &mut ForwardCtx,
+        ctx: &mut ForwardCtx,
     ) -> candle_core::Result<Tensor> {
-        candle_core::bail!("this architecture has no split point {point}")
+        match self.staged() {
+            Some(net) => split::forward_prefix(net, x, point, ctx),
+            None => candle_core::bail!("this architecture has no split point {point}"),
+        }
     }
 
     /// The part of the forward pass after split point `point`, from the
     /// prefix's output `features`: `forward_rest(forward_prefix(x))` is `forward(x)`.
     fn forward_rest(
         &self,
-        _features: &Tensor,
+        features: &Tensor,
         point: usize,
-        _ctx: &mut ForwardCtx,
+        ctx: &mut ForwardCtx,
     ) -> candle_core::Result<Tensor> {
-        candle_core::bail!("this architecture has no split point {point}")
+        match self.staged() {
+            Some(net) => split::forward_rest(net, features, point, ctx),
+            None => candle_core::bail!("this architecture has no split point {point}"),
+        }
     }
 }
 

@@ -32,7 +32,7 @@ use super::layers::{
     PoolConfig, Residual,
 };
 use super::registry::Common;
-use super::split::{self, SplitPoint};
+use super::split::{self, SplitPoint, Staged};
 use super::{Classifier, ForwardCtx};
 use crate::engine::budget::{n, product, Footprint};
 use crate::engine::export::layers::{self as onnx, Emit};
@@ -336,7 +336,21 @@ const RESNET_POINTS: [(usize, &str); 5] = [
     (6, "pool"),
 ];
 
-impl ResNet {
+impl Staged for ResNet {
+    fn stage_count(&self) -> usize {
+        RESNET_LOGITS
+    }
+
+    fn cuts(&self) -> Vec<(usize, SplitPoint)> {
+        RESNET_POINTS
+            .iter()
+            .map(|&(b, name)| {
+                let layers = (b..=4).map(|i| format!("layer{i}."));
+                (b, SplitPoint::new(name, layers.chain(["fc.".to_string()])))
+            })
+            .collect()
+    }
+
     /// Stage `s` of the forward pass (see [`RESNET_LOGITS`]).
     fn stage(&self, s: usize, x: Tensor, ctx: &mut ForwardCtx) -> candle_core::Result<Tensor> {
         match s {
@@ -362,48 +376,15 @@ impl ResNet {
             }
         }
     }
-
-    fn boundary(point: usize) -> candle_core::Result<usize> {
-        match RESNET_POINTS.get(point) {
-            Some(&(b, _)) => Ok(b),
-            None => candle_core::bail!("resnet has no split point {point}"),
-        }
-    }
 }
 
 impl Classifier for ResNet {
     fn forward(&self, x: &Tensor, ctx: &mut ForwardCtx) -> candle_core::Result<Tensor> {
-        split::run_stages(x, 0, RESNET_LOGITS, |s, x| self.stage(s, x, ctx))
+        split::forward(self, x, ctx)
     }
 
-    fn split_points(&self) -> Vec<SplitPoint> {
-        RESNET_POINTS
-            .iter()
-            .map(|&(b, name)| {
-                let layers = (b..=4).map(|i| format!("layer{i}."));
-                SplitPoint::new(name, layers.chain(["fc.".to_string()]))
-            })
-            .collect()
-    }
-
-    fn forward_prefix(
-        &self,
-        x: &Tensor,
-        point: usize,
-        ctx: &mut ForwardCtx,
-    ) -> candle_core::Result<Tensor> {
-        let b = Self::boundary(point)?;
-        split::run_stages(x, 0, b, |s, x| self.stage(s, x, ctx))
-    }
-
-    fn forward_rest(
-        &self,
-        features: &Tensor,
-        point: usize,
-        ctx: &mut ForwardCtx,
-    ) -> candle_core::Result<Tensor> {
-        let b = Self::boundary(point)?;
-        split::run_stages(features, b, RESNET_LOGITS, |s, x| self.stage(s, x, ctx))
+    fn staged(&self) -> Option<&dyn Staged> {
+        Some(self)
     }
 
     fn export_onnx(&self, g: &mut Graph, x: &str) -> Result<String, ExportError> {

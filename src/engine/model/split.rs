@@ -16,6 +16,10 @@
 //! [`Classifier::forward_rest`]: super::Classifier::forward_rest
 //! [`Classifier::forward`]: super::Classifier::forward
 
+use candle_core::Tensor;
+
+use super::ForwardCtx;
+
 /// One place the forward pass can be cut.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SplitPoint {
@@ -55,16 +59,74 @@ pub fn deepest_frozen(
     })
 }
 
+/// A network computed as consecutive stages, each from the previous one's
+/// output, and cut for the feature cache at stage boundaries. An
+/// architecture that implements it and returns itself from
+/// [`Classifier::staged`](super::Classifier::staged) gets its split points,
+/// prefix and rest from [`forward_prefix`] and [`forward_rest`].
+pub trait Staged {
+    /// Stages in all; the last one's output is the logits.
+    fn stage_count(&self) -> usize;
+
+    /// The split points, shallow to deep, each with the stage boundary it
+    /// cuts at (the number of stages before it).
+    fn cuts(&self) -> Vec<(usize, SplitPoint)>;
+
+    /// The input as stage 0 takes it (a reshape); the batch itself by default.
+    fn input(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        Ok(x.clone())
+    }
+
+    /// Stage `s`, from the previous stage's output.
+    fn stage(&self, s: usize, x: Tensor, ctx: &mut ForwardCtx) -> candle_core::Result<Tensor>;
+}
+
+/// Every stage of `net`: its forward pass.
+pub fn forward(net: &dyn Staged, x: &Tensor, ctx: &mut ForwardCtx) -> candle_core::Result<Tensor> {
+    let x = net.input(x)?;
+    run_stages(&x, 0, net.stage_count(), |s, x| net.stage(s, x, ctx))
+}
+
+/// The split points of `net`, shallow to deep.
+pub fn points(net: &dyn Staged) -> Vec<SplitPoint> {
+    net.cuts().into_iter().map(|(_, p)| p).collect()
+}
+
+fn boundary(net: &dyn Staged, point: usize) -> candle_core::Result<usize> {
+    match net.cuts().get(point) {
+        Some((b, _)) => Ok(*b),
+        None => candle_core::bail!("no split point {point}"),
+    }
+}
+
+/// The stages of `net` before split point `point`.
+pub fn forward_prefix(
+    net: &dyn Staged,
+    x: &Tensor,
+    point: usize,
+    ctx: &mut ForwardCtx,
+) -> candle_core::Result<Tensor> {
+    let b = boundary(net, point)?;
+    let x = net.input(x)?;
+    run_stages(&x, 0, b, |s, x| net.stage(s, x, ctx))
+}
+
+/// The stages of `net` after split point `point`, from the prefix's output.
+pub fn forward_rest(
+    net: &dyn Staged,
+    features: &Tensor,
+    point: usize,
+    ctx: &mut ForwardCtx,
+) -> candle_core::Result<Tensor> {
+    let b = boundary(net, point)?;
+    run_stages(features, b, net.stage_count(), |s, x| net.stage(s, x, ctx))
+}
+
 /// Runs the consecutive stages `from..to` of a staged network: `stage(s, x)`
 /// computes stage `s` from the previous stage's output.
-pub fn run_stages<F>(
-    x: &candle_core::Tensor,
-    from: usize,
-    to: usize,
-    mut stage: F,
-) -> candle_core::Result<candle_core::Tensor>
+fn run_stages<F>(x: &Tensor, from: usize, to: usize, mut stage: F) -> candle_core::Result<Tensor>
 where
-    F: FnMut(usize, candle_core::Tensor) -> candle_core::Result<candle_core::Tensor>,
+    F: FnMut(usize, Tensor) -> candle_core::Result<Tensor>,
 {
     let mut x = x.clone();
     for s in from..to {

@@ -30,7 +30,7 @@ use serde::{Deserialize, Serialize};
 use super::error::{KeyError, KeyProblem, ModelError, SpecError};
 use super::layers::{linear, Dropout, Embedding, Linear, TextConv};
 use super::registry::Common;
-use super::split::{self, SplitPoint};
+use super::split::{self, SplitPoint, Staged};
 use super::{Classifier, ForwardCtx};
 use crate::engine::budget::{linear_params, n, sum, Footprint};
 use crate::engine::data::Vocab;
@@ -264,11 +264,23 @@ impl TextCnn {
     }
 }
 
-/// Split points of a textcnn: (stage boundary, name). Stage 0 is the
-/// embedding, 1 the convolutions with their pooling, 2 dropout and `fc`.
-const TEXTCNN_POINTS: [(usize, &str); 2] = [(1, "embedding"), (2, "pooled")];
+impl Staged for TextCnn {
+    /// Stage 0 is the embedding, 1 the convolutions with their pooling, 2
+    /// dropout and `fc`.
+    fn stage_count(&self) -> usize {
+        3
+    }
 
-impl TextCnn {
+    fn cuts(&self) -> Vec<(usize, SplitPoint)> {
+        vec![
+            (
+                1,
+                SplitPoint::new("embedding", ["convs.".to_string(), "fc.".to_string()]),
+            ),
+            (2, SplitPoint::new("pooled", ["fc.".to_string()])),
+        ]
+    }
+
     fn stage(&self, s: usize, x: Tensor, ctx: &mut ForwardCtx) -> candle_core::Result<Tensor> {
         match s {
             0 => self.embedding.forward(&x, ctx),
@@ -286,45 +298,15 @@ impl TextCnn {
             }
         }
     }
-
-    fn boundary(point: usize) -> candle_core::Result<usize> {
-        match TEXTCNN_POINTS.get(point) {
-            Some(&(b, _)) => Ok(b),
-            None => candle_core::bail!("textcnn has no split point {point}"),
-        }
-    }
 }
 
 impl Classifier for TextCnn {
     fn forward(&self, x: &Tensor, ctx: &mut ForwardCtx) -> candle_core::Result<Tensor> {
-        split::run_stages(x, 0, 3, |s, x| self.stage(s, x, ctx))
+        split::forward(self, x, ctx)
     }
 
-    fn split_points(&self) -> Vec<SplitPoint> {
-        vec![
-            SplitPoint::new("embedding", ["convs.".to_string(), "fc.".to_string()]),
-            SplitPoint::new("pooled", ["fc.".to_string()]),
-        ]
-    }
-
-    fn forward_prefix(
-        &self,
-        x: &Tensor,
-        point: usize,
-        ctx: &mut ForwardCtx,
-    ) -> candle_core::Result<Tensor> {
-        let b = Self::boundary(point)?;
-        split::run_stages(x, 0, b, |s, x| self.stage(s, x, ctx))
-    }
-
-    fn forward_rest(
-        &self,
-        features: &Tensor,
-        point: usize,
-        ctx: &mut ForwardCtx,
-    ) -> candle_core::Result<Tensor> {
-        let b = Self::boundary(point)?;
-        split::run_stages(features, b, 3, |s, x| self.stage(s, x, ctx))
+    fn staged(&self) -> Option<&dyn Staged> {
+        Some(self)
     }
 
     fn export_onnx(&self, g: &mut Graph, x: &str) -> Result<String, ExportError> {
