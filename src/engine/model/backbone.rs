@@ -85,7 +85,9 @@ impl Tally {
 
     /// A `k`x`k` convolution to `cout` channels (stride, zero padding,
     /// groups, no bias): its weight, its output and, for `k > 1`, the padded
-    /// input and the unfolded windows.
+    /// input and the unfolded windows, except for a depthwise convolution
+    /// (one group per channel), which the CPU kernel computes directly from
+    /// the input without either.
     pub fn conv(&mut self, cout: usize, k: usize, stride: usize, padding: usize, groups: usize) {
         let (cout, k, s, p, g) = (
             n(cout),
@@ -102,7 +104,8 @@ impl Tally {
             self.params,
             cout.saturating_mul(cin / g).saturating_mul(window),
         ]);
-        if k > 1 {
+        let depthwise = g > 1 && g == cin && cout == cin;
+        if k > 1 && !depthwise {
             self.activations = sum([
                 self.activations,
                 cin.saturating_mul(product(padded)),
