@@ -130,6 +130,68 @@ macro_rules! with_act {
     };
 }
 
+/// Calls `$f::<$A>($args)` compiled for AVX2 (8 lanes) where the CPU has
+/// it, else for the baseline (4 lanes): the per-value loops of a batch-norm
+/// are short and many, and the build targets the baseline x86-64.
+macro_rules! simd {
+    ($f:ident::<$A:ident>($($arg:expr),*)) => {{
+        #[cfg(target_arch = "x86_64")]
+        {
+            if super::depthwise::avx2() {
+                // SAFETY: the CPU has AVX2 (checked); the body is safe code.
+                unsafe { avx2::$f::<$A>($($arg),*) }
+            } else {
+                $f::<$A>($($arg),*)
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            $f::<$A>($($arg),*)
+        }
+    }};
+}
+
+/// The per-sample and per-channel loops compiled for AVX2.
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::{Act, BnOp};
+
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn normalise_sample<A: Act>(
+        spatial: usize,
+        x: &[f32],
+        scale: &[f32],
+        shift: &[f32],
+        y: &mut [f32],
+    ) {
+        super::normalise_sample::<A>(spatial, x, scale, shift, y)
+    }
+
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn channel_sums<A: Act>(
+        op: &BnOp,
+        c: usize,
+        xv: &[f32],
+        yv: &[f32],
+        gv: &[f32],
+        m: f32,
+    ) -> (f64, f64) {
+        super::channel_sums::<A>(op, c, xv, yv, gv, m)
+    }
+
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn grad_input_sample<A: Act>(
+        spatial: usize,
+        xs: &[f32],
+        ys: &[f32],
+        gs: &[f32],
+        coef: &[(f32, f32, f32, f32)],
+        ds: &mut [f32],
+    ) {
+        super::grad_input_sample::<A>(spatial, xs, ys, gs, coef, ds)
+    }
+}
+
 /// Which statistics normalise the input.
 #[derive(Debug, Clone)]
 pub enum BnStats {
@@ -325,14 +387,30 @@ fn normalise<A: Act>(op: &BnOp, x: &[f32], scale: &[f32], shift: &[f32], y: &mut
     if sample == 0 {
         return;
     }
-    y.par_chunks_mut(sample).enumerate().for_each(|(s, ys)| {
-        for (c, yc) in ys.chunks_mut(op.spatial).enumerate() {
-            let (a, o) = (scale[c], shift[c]);
-            for (y, &v) in yc.iter_mut().zip(op.seg(x, s, c)) {
-                *y = A::apply(v * a + o);
-            }
+    y.par_chunks_mut(sample)
+        .zip(x.par_chunks(sample))
+        .for_each(|(ys, xs)| simd!(normalise_sample::<A>(op.spatial, xs, scale, shift, ys)));
+}
+
+/// [`normalise`] of one sample.
+#[inline(always)]
+fn normalise_sample<A: Act>(
+    spatial: usize,
+    x: &[f32],
+    scale: &[f32],
+    shift: &[f32],
+    y: &mut [f32],
+) {
+    for (((yc, xc), &a), &o) in y
+        .chunks_mut(spatial)
+        .zip(x.chunks(spatial))
+        .zip(scale)
+        .zip(shift)
+    {
+        for (y, &v) in yc.iter_mut().zip(xc) {
+            *y = A::apply(v * a + o);
         }
-    });
+    }
 }
 
 /// Per channel, the sums of the masked output gradient (= dbias) and of its
@@ -348,36 +426,49 @@ fn grad_sums<A: Act>(
     (0..op.channels)
         .into_par_iter()
         .map(|c| {
-            let m = mean[c];
-            let (mut sd, mut sdx) = (0f64, 0f64);
-            for s in 0..op.batch {
-                let (xc, yc, gc) = (op.seg(xv, s, c), op.seg(yv, s, c), op.seg(gv, s, c));
-                let (mut a, mut bb) = ([0f32; 8], [0f32; 8]);
-                let (xs, ys, gs) = (xc.chunks_exact(8), yc.chunks_exact(8), gc.chunks_exact(8));
-                let (mut ta, mut tb) = (0f32, 0f32);
-                for ((&x, &y), &g) in xs
-                    .remainder()
-                    .iter()
-                    .zip(ys.remainder())
-                    .zip(gs.remainder())
-                {
-                    let g = A::mask(y, g);
-                    ta += g;
-                    tb += g * (x - m);
-                }
-                for ((x, y), g) in xs.zip(ys).zip(gs) {
-                    for l in 0..8 {
-                        let g = A::mask(y[l], g[l]);
-                        a[l] += g;
-                        bb[l] += g * (x[l] - m);
-                    }
-                }
-                sd += (a.iter().sum::<f32>() + ta) as f64;
-                sdx += (bb.iter().sum::<f32>() + tb) as f64;
-            }
+            let (sd, sdx) = simd!(channel_sums::<A>(op, c, xv, yv, gv, mean[c]));
             (sd as f32, (sdx * invstd[c] as f64) as f32)
         })
         .collect()
+}
+
+/// [`grad_sums`] of channel `c` (mean `m`) before the scaling by invstd.
+#[inline(always)]
+fn channel_sums<A: Act>(
+    op: &BnOp,
+    c: usize,
+    xv: &[f32],
+    yv: &[f32],
+    gv: &[f32],
+    m: f32,
+) -> (f64, f64) {
+    let (mut sd, mut sdx) = (0f64, 0f64);
+    for s in 0..op.batch {
+        let (xc, yc, gc) = (op.seg(xv, s, c), op.seg(yv, s, c), op.seg(gv, s, c));
+        let (mut a, mut bb) = ([0f32; 8], [0f32; 8]);
+        let (xs, ys, gs) = (xc.chunks_exact(8), yc.chunks_exact(8), gc.chunks_exact(8));
+        let (mut ta, mut tb) = (0f32, 0f32);
+        for ((&x, &y), &g) in xs
+            .remainder()
+            .iter()
+            .zip(ys.remainder())
+            .zip(gs.remainder())
+        {
+            let g = A::mask(y, g);
+            ta += g;
+            tb += g * (x - m);
+        }
+        for ((x, y), g) in xs.zip(ys).zip(gs) {
+            for l in 0..8 {
+                let g = A::mask(y[l], g[l]);
+                a[l] += g;
+                bb[l] += g * (x[l] - m);
+            }
+        }
+        sd += (a.iter().sum::<f32>() + ta) as f64;
+        sdx += (bb.iter().sum::<f32>() + tb) as f64;
+    }
+    (sd, sdx)
 }
 
 /// The input gradient `k·(mask(g) - c1 - (x - m)·c2)` per channel from
@@ -394,15 +485,33 @@ fn grad_input<A: Act>(
     if sample == 0 {
         return;
     }
-    dx.par_chunks_mut(sample).enumerate().for_each(|(s, ds)| {
-        for (c, dc) in ds.chunks_mut(op.spatial).enumerate() {
-            let (k, c1, c2, m) = coef[c];
-            let (xc, yc, gc) = (op.seg(xv, s, c), op.seg(yv, s, c), op.seg(gv, s, c));
-            for (((d, &x), &y), &g) in dc.iter_mut().zip(xc).zip(yc).zip(gc) {
-                *d = k * (A::mask(y, g) - c1 - (x - m) * c2);
-            }
+    dx.par_chunks_mut(sample)
+        .zip(xv.par_chunks(sample))
+        .zip(yv.par_chunks(sample).zip(gv.par_chunks(sample)))
+        .for_each(|((ds, xs), (ys, gs))| {
+            simd!(grad_input_sample::<A>(op.spatial, xs, ys, gs, coef, ds))
+        });
+}
+
+/// [`grad_input`] of one sample.
+#[inline(always)]
+fn grad_input_sample<A: Act>(
+    spatial: usize,
+    xs: &[f32],
+    ys: &[f32],
+    gs: &[f32],
+    coef: &[(f32, f32, f32, f32)],
+    ds: &mut [f32],
+) {
+    for ((dc, &(k, c1, c2, m)), ((xc, yc), gc)) in ds.chunks_mut(spatial).zip(coef).zip(
+        xs.chunks(spatial)
+            .zip(ys.chunks(spatial))
+            .zip(gs.chunks(spatial)),
+    ) {
+        for (((d, &x), &y), &g) in dc.iter_mut().zip(xc).zip(yc).zip(gc) {
+            *d = k * (A::mask(y, g) - c1 - (x - m) * c2);
         }
-    });
+    }
 }
 
 /// `act(F.batch_norm(x, stats, weight, bias, eps))` over dim 1 of `x`
