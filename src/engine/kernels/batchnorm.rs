@@ -58,6 +58,140 @@ impl BnAct {
     }
 }
 
+/// A [`BnAct`] as a type: the per-value loops are compiled once per
+/// activation, with no branch on which one inside them, so that they
+/// vectorise (a `match` on the enum per value kept them scalar).
+pub(super) trait Act: Copy + Send + Sync {
+    /// The activation of `v`.
+    fn apply(v: f32) -> f32;
+    /// The gradient `g` where it passes at output `y`, else 0.
+    fn mask(y: f32, g: f32) -> f32;
+}
+
+/// [`BnAct::None`].
+#[derive(Clone, Copy)]
+pub(super) struct Ident;
+/// [`BnAct::Relu`].
+#[derive(Clone, Copy)]
+pub(super) struct Relu;
+/// [`BnAct::Relu6`].
+#[derive(Clone, Copy)]
+pub(super) struct Relu6;
+
+impl Act for Ident {
+    #[inline(always)]
+    fn apply(v: f32) -> f32 {
+        v
+    }
+    #[inline(always)]
+    fn mask(_: f32, g: f32) -> f32 {
+        g
+    }
+}
+
+impl Act for Relu {
+    #[inline(always)]
+    fn apply(v: f32) -> f32 {
+        BnAct::Relu.apply(v)
+    }
+    #[inline(always)]
+    fn mask(y: f32, g: f32) -> f32 {
+        if y > 0.0 {
+            g
+        } else {
+            0.0
+        }
+    }
+}
+
+impl Act for Relu6 {
+    #[inline(always)]
+    fn apply(v: f32) -> f32 {
+        BnAct::Relu6.apply(v)
+    }
+    #[inline(always)]
+    fn mask(y: f32, g: f32) -> f32 {
+        if y > 0.0 && y < 6.0 {
+            g
+        } else {
+            0.0
+        }
+    }
+}
+
+/// Calls `$f::<A>($args)` with the [`Act`] type of `$act`.
+macro_rules! with_act {
+    ($act:expr, $f:ident($($arg:expr),*)) => {
+        match $act {
+            BnAct::None => $f::<Ident>($($arg),*),
+            BnAct::Relu => $f::<Relu>($($arg),*),
+            BnAct::Relu6 => $f::<Relu6>($($arg),*),
+        }
+    };
+}
+
+/// Calls `$f::<$A>($args)` compiled for AVX2 (8 lanes) where the CPU has
+/// it, else for the baseline (4 lanes): the per-value loops of a batch-norm
+/// are short and many, and the build targets the baseline x86-64.
+macro_rules! simd {
+    ($f:ident::<$A:ident>($($arg:expr),*)) => {{
+        #[cfg(target_arch = "x86_64")]
+        {
+            if super::depthwise::avx2() {
+                // SAFETY: the CPU has AVX2 (checked); the body is safe code.
+                unsafe { avx2::$f::<$A>($($arg),*) }
+            } else {
+                $f::<$A>($($arg),*)
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            $f::<$A>($($arg),*)
+        }
+    }};
+}
+
+/// The per-sample and per-channel loops compiled for AVX2.
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::{Act, BnOp};
+
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn normalise_sample<A: Act>(
+        spatial: usize,
+        x: &[f32],
+        scale: &[f32],
+        shift: &[f32],
+        y: &mut [f32],
+    ) {
+        super::normalise_sample::<A>(spatial, x, scale, shift, y)
+    }
+
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn channel_sums<A: Act>(
+        op: &BnOp,
+        c: usize,
+        xv: &[f32],
+        yv: &[f32],
+        gv: &[f32],
+        m: f32,
+    ) -> (f64, f64) {
+        super::channel_sums::<A>(op, c, xv, yv, gv, m)
+    }
+
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn grad_input_sample<A: Act>(
+        spatial: usize,
+        xs: &[f32],
+        ys: &[f32],
+        gs: &[f32],
+        coef: &[(f32, f32, f32, f32)],
+        ds: &mut [f32],
+    ) {
+        super::grad_input_sample::<A>(spatial, xs, ys, gs, coef, ds)
+    }
+}
+
 /// Which statistics normalise the input.
 #[derive(Debug, Clone)]
 pub enum BnStats {
@@ -180,18 +314,7 @@ impl CustomOp3 for BnOp {
             .unzip();
         let _ = self.used.set((mean, var));
         let mut y = vec![0f32; self.len()];
-        let sample = self.channels * self.spatial;
-        let act = self.act;
-        if sample > 0 {
-            y.par_chunks_mut(sample).enumerate().for_each(|(s, ys)| {
-                for (c, yc) in ys.chunks_mut(self.spatial.max(1)).enumerate() {
-                    let (a, o) = (scale[c], shift[c]);
-                    for (y, &v) in yc.iter_mut().zip(self.seg(x, s, c)) {
-                        *y = act.apply(v * a + o);
-                    }
-                }
-            });
-        }
+        with_act!(self.act, normalise(self, x, &scale, &shift, &mut y));
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
@@ -219,40 +342,7 @@ impl CustomOp3 for BnOp {
             let gv = super::cpu_f32_slice(OP, &gs, gl, "gradient")?;
             // Per channel: sum of the masked gradient (= dbias) and of its
             // product with x̂ (= dweight).
-            let sums: Vec<(f32, f32)> = (0..self.channels)
-                .into_par_iter()
-                .map(|c| {
-                    let (m, is) = (mean[c], invstd[c]);
-                    let (mut sd, mut sdx) = (0f64, 0f64);
-                    for s in 0..self.batch {
-                        let (xc, yc, gc) =
-                            (self.seg(xv, s, c), self.seg(yv, s, c), self.seg(gv, s, c));
-                        let (mut a, mut bb) = ([0f32; 8], [0f32; 8]);
-                        let mut i = 0;
-                        while i + 8 <= gc.len() {
-                            for l in 0..8 {
-                                let g = if act.passes(yc[i + l]) {
-                                    gc[i + l]
-                                } else {
-                                    0.0
-                                };
-                                a[l] += g;
-                                bb[l] += g * (xc[i + l] - m);
-                            }
-                            i += 8;
-                        }
-                        let (mut ta, mut tb) = (0f32, 0f32);
-                        for j in i..gc.len() {
-                            let g = if act.passes(yc[j]) { gc[j] } else { 0.0 };
-                            ta += g;
-                            tb += g * (xc[j] - m);
-                        }
-                        sd += (a.iter().sum::<f32>() + ta) as f64;
-                        sdx += (bb.iter().sum::<f32>() + tb) as f64;
-                    }
-                    (sd as f32, (sdx * is as f64) as f32)
-                })
-                .collect();
+            let sums = with_act!(act, grad_sums(self, xv, yv, gv, mean, &invstd));
             let dx = if x.track_op() {
                 // Batch statistics: dx = w·invstd·(g - Σg/n - x̂·Σg·x̂/n);
                 // fixed ones: dx = w·invstd·g.
@@ -270,20 +360,7 @@ impl CustomOp3 for BnOp {
                     })
                     .collect();
                 let mut dx = vec![0f32; self.len()];
-                let sample = self.channels * self.spatial;
-                if sample > 0 {
-                    dx.par_chunks_mut(sample).enumerate().for_each(|(s, ds)| {
-                        for (c, dc) in ds.chunks_mut(self.spatial.max(1)).enumerate() {
-                            let (k, c1, c2, m) = coef[c];
-                            let (xc, yc, gc) =
-                                (self.seg(xv, s, c), self.seg(yv, s, c), self.seg(gv, s, c));
-                            for (j, d) in dc.iter_mut().enumerate() {
-                                let g = if act.passes(yc[j]) { gc[j] } else { 0.0 };
-                                *d = k * (g - c1 - (xc[j] - m) * c2);
-                            }
-                        }
-                    });
-                }
+                with_act!(act, grad_input(self, xv, yv, gv, &coef, &mut dx));
                 Some(dx)
             } else {
                 None
@@ -301,6 +378,139 @@ impl CustomOp3 for BnOp {
             direct_grads::param(w, || Tensor::from_vec(dw, c, dev))?,
             direct_grads::param(b, || Tensor::from_vec(db, c, dev))?,
         ))
+    }
+}
+
+/// `y = A(x * scale + shift)` per channel, parallel over the samples.
+fn normalise<A: Act>(op: &BnOp, x: &[f32], scale: &[f32], shift: &[f32], y: &mut [f32]) {
+    let sample = op.channels * op.spatial;
+    if sample == 0 {
+        return;
+    }
+    y.par_chunks_mut(sample)
+        .zip(x.par_chunks(sample))
+        .for_each(|(ys, xs)| simd!(normalise_sample::<A>(op.spatial, xs, scale, shift, ys)));
+}
+
+/// [`normalise`] of one sample.
+#[inline(always)]
+fn normalise_sample<A: Act>(
+    spatial: usize,
+    x: &[f32],
+    scale: &[f32],
+    shift: &[f32],
+    y: &mut [f32],
+) {
+    for (((yc, xc), &a), &o) in y
+        .chunks_mut(spatial)
+        .zip(x.chunks(spatial))
+        .zip(scale)
+        .zip(shift)
+    {
+        for (y, &v) in yc.iter_mut().zip(xc) {
+            *y = A::apply(v * a + o);
+        }
+    }
+}
+
+/// Per channel, the sums of the masked output gradient (= dbias) and of its
+/// product with x̂ (= dweight), in one pass, parallel over the channels.
+fn grad_sums<A: Act>(
+    op: &BnOp,
+    xv: &[f32],
+    yv: &[f32],
+    gv: &[f32],
+    mean: &[f32],
+    invstd: &[f32],
+) -> Vec<(f32, f32)> {
+    (0..op.channels)
+        .into_par_iter()
+        .map(|c| {
+            let (sd, sdx) = simd!(channel_sums::<A>(op, c, xv, yv, gv, mean[c]));
+            (sd as f32, (sdx * invstd[c] as f64) as f32)
+        })
+        .collect()
+}
+
+/// [`grad_sums`] of channel `c` (mean `m`) before the scaling by invstd.
+#[inline(always)]
+fn channel_sums<A: Act>(
+    op: &BnOp,
+    c: usize,
+    xv: &[f32],
+    yv: &[f32],
+    gv: &[f32],
+    m: f32,
+) -> (f64, f64) {
+    let (mut sd, mut sdx) = (0f64, 0f64);
+    for s in 0..op.batch {
+        let (xc, yc, gc) = (op.seg(xv, s, c), op.seg(yv, s, c), op.seg(gv, s, c));
+        let (mut a, mut bb) = ([0f32; 8], [0f32; 8]);
+        let (xs, ys, gs) = (xc.chunks_exact(8), yc.chunks_exact(8), gc.chunks_exact(8));
+        let (mut ta, mut tb) = (0f32, 0f32);
+        for ((&x, &y), &g) in xs
+            .remainder()
+            .iter()
+            .zip(ys.remainder())
+            .zip(gs.remainder())
+        {
+            let g = A::mask(y, g);
+            ta += g;
+            tb += g * (x - m);
+        }
+        for ((x, y), g) in xs.zip(ys).zip(gs) {
+            for l in 0..8 {
+                let g = A::mask(y[l], g[l]);
+                a[l] += g;
+                bb[l] += g * (x[l] - m);
+            }
+        }
+        sd += (a.iter().sum::<f32>() + ta) as f64;
+        sdx += (bb.iter().sum::<f32>() + tb) as f64;
+    }
+    (sd, sdx)
+}
+
+/// The input gradient `k·(mask(g) - c1 - (x - m)·c2)` per channel from
+/// `coef` = (k, c1, c2, m), parallel over the samples.
+fn grad_input<A: Act>(
+    op: &BnOp,
+    xv: &[f32],
+    yv: &[f32],
+    gv: &[f32],
+    coef: &[(f32, f32, f32, f32)],
+    dx: &mut [f32],
+) {
+    let sample = op.channels * op.spatial;
+    if sample == 0 {
+        return;
+    }
+    dx.par_chunks_mut(sample)
+        .zip(xv.par_chunks(sample))
+        .zip(yv.par_chunks(sample).zip(gv.par_chunks(sample)))
+        .for_each(|((ds, xs), (ys, gs))| {
+            simd!(grad_input_sample::<A>(op.spatial, xs, ys, gs, coef, ds))
+        });
+}
+
+/// [`grad_input`] of one sample.
+#[inline(always)]
+fn grad_input_sample<A: Act>(
+    spatial: usize,
+    xs: &[f32],
+    ys: &[f32],
+    gs: &[f32],
+    coef: &[(f32, f32, f32, f32)],
+    ds: &mut [f32],
+) {
+    for ((dc, &(k, c1, c2, m)), ((xc, yc), gc)) in ds.chunks_mut(spatial).zip(coef).zip(
+        xs.chunks(spatial)
+            .zip(ys.chunks(spatial))
+            .zip(gs.chunks(spatial)),
+    ) {
+        for (((d, &x), &y), &g) in dc.iter_mut().zip(xc).zip(yc).zip(gc) {
+            *d = k * (A::mask(y, g) - c1 - (x - m) * c2);
+        }
     }
 }
 

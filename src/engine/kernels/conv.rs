@@ -76,12 +76,18 @@ pub(super) fn out_size(len: usize, k: usize, stride: usize, pad: usize) -> Resul
 
 /// Unfolds sample `x` ([Cin, H, W]) into `cols` ([Cin*kh*kw, Ho*Wo]).
 fn im2col(g: &Geom, x: &[f32], cols: &mut [f32]) {
+    im2col_at(g, x, cols, g.n(), 0);
+}
+
+/// [`im2col`] into the columns `off..off + Ho*Wo` of a matrix whose rows are
+/// `ld` long (several samples side by side).
+fn im2col_at(g: &Geom, x: &[f32], cols: &mut [f32], ld: usize, off: usize) {
     let n = g.n();
     for c in 0..g.cin {
         let plane = &x[c * g.h * g.w..(c + 1) * g.h * g.w];
         for ki in 0..g.kh {
             for kj in 0..g.kw {
-                let row = ((c * g.kh + ki) * g.kw + kj) * n;
+                let row = ((c * g.kh + ki) * g.kw + kj) * ld + off;
                 let dst = &mut cols[row..row + n];
                 // Output columns whose input column is inside the image.
                 let lo = g.pw.saturating_sub(kj).div_ceil(g.sw).min(g.wo);
@@ -114,14 +120,15 @@ fn im2col(g: &Geom, x: &[f32], cols: &mut [f32]) {
     }
 }
 
-/// Folds `cols` ([Cin*kh*kw, Ho*Wo]) back onto sample `dx` ([Cin, H, W]), adding.
-fn col2im(g: &Geom, cols: &[f32], dx: &mut [f32]) {
+/// Folds the columns `off..off + Ho*Wo` of `cols` ([Cin*kh*kw, ld]) back
+/// onto sample `dx` ([Cin, H, W]), adding.
+fn col2im_at(g: &Geom, cols: &[f32], ld: usize, off: usize, dx: &mut [f32]) {
     let n = g.n();
     for c in 0..g.cin {
         let plane = &mut dx[c * g.h * g.w..(c + 1) * g.h * g.w];
         for ki in 0..g.kh {
             for kj in 0..g.kw {
-                let row = ((c * g.kh + ki) * g.kw + kj) * n;
+                let row = ((c * g.kh + ki) * g.kw + kj) * ld + off;
                 let src = &cols[row..row + n];
                 let lo = g.pw.saturating_sub(kj).div_ceil(g.sw).min(g.wo);
                 let hi = if g.w + g.pw > kj {
@@ -195,18 +202,90 @@ fn conv_sample(
     )
 }
 
+/// Product columns below which samples are put side by side in one product
+/// (their windows unfolded next to each other): a product with few columns
+/// (the 7x7 and 4x4 maps of a backbone's last stages) runs far below the
+/// CPU's speed, and the weight gradient, whose inner dimension is the columns,
+/// even more so (it rewrites the whole weight-sized result per sample).
+const MIN_COLS: usize = 512;
+
+/// Samples per product for `count` samples of `n` columns each: one when a
+/// sample has [`MIN_COLS`] columns, else groups of about equal size with at
+/// least that many.
+fn group_size(count: usize, n: usize) -> usize {
+    if n >= MIN_COLS || count <= 1 {
+        return 1;
+    }
+    count.div_ceil((count * n).div_ceil(MIN_COLS).max(1))
+}
+
+/// Samples `s0..s0 + gn` of `x` unfolded side by side into `cols`
+/// (`[Cin*kh*kw, gn*Ho*Wo]`).
+fn gather_cols(g: &Geom, x: &[f32], s0: usize, gn: usize, cols: &mut [f32]) {
+    let (n, il) = (g.n(), g.in_len());
+    let ld = gn * n;
+    for j in 0..gn {
+        let xs = &x[(s0 + j) * il..(s0 + j + 1) * il];
+        if g.pointwise() {
+            for (c, src) in xs.chunks(n).enumerate() {
+                cols[c * ld + j * n..c * ld + (j + 1) * n].copy_from_slice(src);
+            }
+        } else {
+            im2col_at(g, xs, cols, ld, j * n);
+        }
+    }
+}
+
 fn forward(g: &Geom, x: &[f32], w: &[f32], b: Option<&[f32]>) -> Result<Vec<f32>> {
     let (k, n, out_len) = (g.k(), g.n(), g.out_len());
     let mut y = vec![0f32; g.batch * out_len];
+    if y.is_empty() {
+        return Ok(y);
+    }
     let per = chunk_size(g.batch);
     y.par_chunks_mut(per * out_len)
         .enumerate()
         .try_for_each(|(ci, ys)| -> Result<()> {
-            let mut cols = vec![0f32; if g.pointwise() { 0 } else { k * n }];
-            for (i, yn) in ys.chunks_mut(out_len).enumerate() {
-                let s = ci * per + i;
-                let xs = &x[s * g.in_len()..(s + 1) * g.in_len()];
-                conv_sample(g, xs, w, b, &mut cols, yn)?;
+            let gs = group_size(ys.len() / out_len, n);
+            let mut cols = vec![
+                0f32;
+                if g.pointwise() && gs == 1 {
+                    0
+                } else {
+                    k * n * gs
+                }
+            ];
+            let mut prod = vec![0f32; if gs > 1 { g.cout * n * gs } else { 0 }];
+            for (gi, yg) in ys.chunks_mut(gs * out_len).enumerate() {
+                let s0 = ci * per + gi * gs;
+                let gn = yg.len() / out_len;
+                if gn == 1 {
+                    let xs = &x[s0 * g.in_len()..(s0 + 1) * g.in_len()];
+                    conv_sample(g, xs, w, b, &mut cols, yg)?;
+                    continue;
+                }
+                let ld = gn * n;
+                gather_cols(g, x, s0, gn, &mut cols[..k * ld]);
+                matmul(
+                    (g.cout, ld, k),
+                    &mut prod[..g.cout * ld],
+                    Strides::rows(ld),
+                    w,
+                    Strides::rows(k),
+                    &cols[..k * ld],
+                    Strides::rows(ld),
+                    false,
+                    Parallelism::None,
+                )?;
+                for (j, yn) in yg.chunks_mut(out_len).enumerate() {
+                    for (c, row) in yn.chunks_mut(n).enumerate() {
+                        let bias = b.map_or(0.0, |b| b[c]);
+                        let src = &prod[c * ld + j * n..c * ld + (j + 1) * n];
+                        for (d, &v) in row.iter_mut().zip(src) {
+                            *d = v + bias;
+                        }
+                    }
+                }
             }
             Ok(())
         })?;
@@ -274,7 +353,10 @@ impl ConvOutGrad<'_> {
 }
 
 /// Gradients of one chunk of samples: weight and bias partial sums; the input
-/// gradient is written into `dx` when given.
+/// gradient is written into `dx` when given. The weight gradient is skipped
+/// (left zero) unless `need_dw`. Samples go through the products in groups
+/// of [`group_size`].
+#[allow(clippy::too_many_arguments)]
 fn backward_chunk(
     g: &Geom,
     first: usize,
@@ -283,63 +365,95 @@ fn backward_chunk(
     w: &[f32],
     dy: &ConvOutGrad,
     mut dx: Option<&mut [f32]>,
+    need_dw: bool,
 ) -> Result<(Vec<f32>, Vec<f32>)> {
-    let (k, n) = (g.k(), g.n());
+    let (k, n, il) = (g.k(), g.n(), g.in_len());
+    let gs = group_size(count, n);
     let mut dw = vec![0f32; g.cout * k];
     let mut db = vec![0f32; g.cout];
     let pointwise = g.pointwise();
-    let mut cols = vec![0f32; if pointwise { 0 } else { k * n }];
+    // One pointwise sample at a time multiplies its input as it is.
+    let direct = pointwise && gs == 1;
+    let mut cols = vec![0f32; if direct { 0 } else { k * n * gs }];
     let mut scratch = match dy {
         ConvOutGrad::Dense(_) => Vec::new(),
         ConvOutGrad::Pooled { .. } => vec![0f32; g.cout * n],
     };
-    let mut dcols = if dx.is_some() && !pointwise {
-        vec![0f32; k * n]
+    let mut dyg = vec![0f32; if gs > 1 { g.cout * n * gs } else { 0 }];
+    let mut dcols = if dx.is_some() && !direct {
+        vec![0f32; k * n * gs]
     } else {
         Vec::new()
     };
-    for i in 0..count {
-        let s = first + i;
-        let dyn_ = dy.sample(g, s, &mut scratch, &mut db);
-        let xs = &x[s * g.in_len()..(s + 1) * g.in_len()];
-        let cols: &[f32] = if pointwise {
-            xs
+    let mut i = 0;
+    while i < count {
+        let gn = gs.min(count - i);
+        let (s0, ld) = (first + i, gn * n);
+        // dY of the group, [Cout, gn*N].
+        let dyv: &[f32] = if gn == 1 {
+            dy.sample(g, s0, &mut scratch, &mut db)
         } else {
-            im2col(g, xs, &mut cols);
-            &cols
+            for j in 0..gn {
+                let d = dy.sample(g, s0 + j, &mut scratch, &mut db);
+                for (c, row) in d.chunks(n).enumerate() {
+                    dyg[c * ld + j * n..c * ld + (j + 1) * n].copy_from_slice(row);
+                }
+            }
+            &dyg[..g.cout * ld]
         };
-        // dW += dY [Cout, N] * colsᵀ [N, K]
-        matmul(
-            (g.cout, k, n),
-            &mut dw,
-            Strides::rows(k),
-            dyn_,
-            Strides::rows(n),
-            cols,
-            Strides::transposed(n),
-            true,
-            Parallelism::None,
-        )?;
-        if let Some(dx) = dx.as_deref_mut() {
-            let dxs = &mut dx[i * g.in_len()..(i + 1) * g.in_len()];
-            // dcols = Wᵀ [K, Cout] * dY [Cout, N], folded back onto the input
-            // (for a pointwise convolution, dcols is the input's gradient).
-            let dst = if pointwise { &mut *dxs } else { &mut dcols[..] };
+        let xcols: &[f32] = if pointwise && gn == 1 {
+            &x[s0 * il..(s0 + 1) * il]
+        } else {
+            gather_cols(g, x, s0, gn, &mut cols[..k * ld]);
+            &cols[..k * ld]
+        };
+        if need_dw {
+            // dW += dY [Cout, gn*N] * colsᵀ [gn*N, K]
             matmul(
-                (k, n, g.cout),
+                (g.cout, k, ld),
+                &mut dw,
+                Strides::rows(k),
+                dyv,
+                Strides::rows(ld),
+                xcols,
+                Strides::transposed(ld),
+                true,
+                Parallelism::None,
+            )?;
+        }
+        if let Some(dx) = dx.as_deref_mut() {
+            let dxg = &mut dx[i * il..(i + gn) * il];
+            // dcols = Wᵀ [K, Cout] * dY [Cout, gn*N], folded back onto the
+            // inputs (for one pointwise sample, dcols is the input's gradient).
+            let dst = if pointwise && gn == 1 {
+                &mut *dxg
+            } else {
+                &mut dcols[..k * ld]
+            };
+            matmul(
+                (k, ld, g.cout),
                 dst,
-                Strides::rows(n),
+                Strides::rows(ld),
                 w,
                 Strides::transposed(k),
-                dyn_,
-                Strides::rows(n),
+                dyv,
+                Strides::rows(ld),
                 false,
                 Parallelism::None,
             )?;
-            if !pointwise {
-                col2im(g, &dcols, dxs);
+            if !(pointwise && gn == 1) {
+                for (j, dxs) in dxg.chunks_mut(il).enumerate() {
+                    if pointwise {
+                        for (c, row) in dxs.chunks_mut(n).enumerate() {
+                            row.copy_from_slice(&dcols[c * ld + j * n..c * ld + (j + 1) * n]);
+                        }
+                    } else {
+                        col2im_at(g, &dcols, ld, j * n, dxs);
+                    }
+                }
             }
         }
+        i += gn;
     }
     Ok((dw, db))
 }
@@ -347,18 +461,24 @@ fn backward_chunk(
 /// (dx, dw, db)
 pub(super) type Grads = (Option<Vec<f32>>, Vec<f32>, Vec<f32>);
 
-fn backward(g: &Geom, x: &[f32], w: &[f32], dy: &ConvOutGrad, need_dx: bool) -> Result<Grads> {
+fn backward(
+    g: &Geom,
+    x: &[f32],
+    w: &[f32],
+    dy: &ConvOutGrad,
+    (need_dx, need_dw): (bool, bool),
+) -> Result<Grads> {
     let per = chunk_size(g.batch);
     let partials: Vec<(Vec<f32>, Vec<f32>)>;
     let mut dx = None;
-    if need_dx {
+    if need_dx && g.in_len() > 0 {
         let mut buf = vec![0f32; g.batch * g.in_len()];
         partials = buf
             .par_chunks_mut(per * g.in_len())
             .enumerate()
             .map(|(ci, d)| {
                 let count = d.len() / g.in_len();
-                backward_chunk(g, ci * per, count, x, w, dy, Some(d))
+                backward_chunk(g, ci * per, count, x, w, dy, Some(d), need_dw)
             })
             .collect::<Result<_>>()?;
         dx = Some(buf);
@@ -368,9 +488,12 @@ fn backward(g: &Geom, x: &[f32], w: &[f32], dy: &ConvOutGrad, need_dx: bool) -> 
             .into_par_iter()
             .map(|ci| {
                 let count = per.min(g.batch - ci * per);
-                backward_chunk(g, ci * per, count, x, w, dy, None)
+                backward_chunk(g, ci * per, count, x, w, dy, None, need_dw)
             })
             .collect::<Result<_>>()?;
+        if need_dx {
+            dx = Some(Vec::new());
+        }
     }
     let (dw, db) = sum_partials(partials, g);
     Ok((dx, dw, db))
@@ -558,8 +681,7 @@ impl ConvKernel for ConvOp {
     }
 
     fn backward(&self, x: &[f32], w: &[f32], dy: &[f32], need: (bool, bool)) -> Result<Grads> {
-        let need_dx = need.0;
-        backward(&self.g, x, w, &ConvOutGrad::Dense(dy), need_dx)
+        backward(&self.g, x, w, &ConvOutGrad::Dense(dy), need)
     }
 }
 
@@ -639,7 +761,6 @@ impl ConvKernel for ConvPoolOp {
     }
 
     fn backward(&self, x: &[f32], w: &[f32], dy: &[f32], need: (bool, bool)) -> Result<Grads> {
-        let need_dx = need.0;
         let Some(argmax) = self.argmax.get() else {
             candle_core::bail!("conv-relu-pool: backward before forward");
         };
@@ -648,7 +769,7 @@ impl ConvKernel for ConvPoolOp {
             dy,
             out_len: self.out_len(),
         };
-        backward(&self.g, x, w, &dy, need_dx)
+        backward(&self.g, x, w, &dy, need)
     }
 }
 
@@ -970,6 +1091,27 @@ mod tests {
         check(true, &[2, 1, 6, 6], &[2, 1, 5, 5], 1, 2);
         check(true, &[5, 4, 5, 5], &[3, 4, 1, 1], 1, 0);
         check(true, &[1, 2, 8, 8], &[3, 2, 3, 3], 3, 1);
+    }
+
+    #[test]
+    fn samples_side_by_side_match_one_at_a_time() {
+        // One thread: 5 samples of 210 columns go through the products as
+        // 2 + 2 + 1 (the last alone); 576 columns go one sample at a time.
+        assert_eq!(group_size(5, 210), 2);
+        assert_eq!(group_size(16, 16), 16);
+        assert_eq!(group_size(16, 49), 8);
+        assert_eq!(group_size(4, 576), 1);
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            check(true, &[5, 3, 14, 15], &[4, 3, 1, 1], 1, 0);
+            check(true, &[5, 3, 16, 15], &[4, 3, 3, 3], 1, 1);
+            check(true, &[5, 2, 9, 9], &[6, 2, 3, 3], 2, 1);
+            check(true, &[2, 2, 24, 24], &[3, 2, 3, 3], 1, 1);
+        });
+        check(true, &[7, 4, 4, 4], &[6, 4, 3, 3], 1, 1);
     }
 
     #[test]

@@ -79,7 +79,7 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 /// Whether the CPU has AVX2 (checked once; the plane loops are compiled
 /// twice, for it and for the baseline, and picked at run time).
 #[cfg(target_arch = "x86_64")]
-fn avx2() -> bool {
+pub(super) fn avx2() -> bool {
     use std::sync::OnceLock;
     static HAS: OnceLock<bool> = OnceLock::new();
     *HAS.get_or_init(|| std::is_x86_feature_detected!("avx2"))
