@@ -116,6 +116,11 @@ pub struct InputSpec {
     /// Tokeniser and vocabulary, for text.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub text: Option<TextInput>,
+    /// image-folder: how images were brought to the sample size
+    /// (`data.resize`); absent in checkpoints written before it was stored,
+    /// which were trained on stretched images.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resize: Option<crate::engine::data::image_folder::ResizeMode>,
 }
 
 /// Everything in a checkpoint besides the weights.
@@ -337,6 +342,7 @@ mod tests {
                 sample_shape: vec![4],
                 normalization: Normalization::identity(4),
                 text: None,
+                resize: None,
             },
             run_id: "r1".into(),
             epoch: 3,

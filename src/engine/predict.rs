@@ -227,9 +227,11 @@ impl Predictor {
             });
         };
         // As the training reader: decoded, resized to the checkpoint's size
-        // (`data.resize` is not in the checkpoint: the default, stretch).
+        // the way it was trained (`data.resize`; stretch for checkpoints
+        // written before it was stored).
         let img = image_folder::decode(path, c)?;
-        let img = image_folder::resize_to(&img, [h, w], image_folder::ResizeMode::Stretch)?;
+        let mode = self.meta.input.resize.unwrap_or_default();
+        let img = image_folder::resize_to(&img, [h, w], mode)?;
         let data = image_folder::hwc_to_chw(&img);
         let folder = path
             .parent()

@@ -414,6 +414,7 @@ mod tests {
                 sample_shape: vec![2],
                 normalization: Normalization::identity(2),
                 text: None,
+                resize: None,
             },
             run_id: "cand".into(),
             epoch: 1,

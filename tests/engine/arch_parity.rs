@@ -84,6 +84,7 @@ fn meta(spec: &ModelSpec, sample_shape: &[usize]) -> CheckpointMeta {
             sample_shape: sample_shape.to_vec(),
             normalization: Normalization::identity(sample_shape.iter().product()),
             text: None,
+            resize: None,
         },
         run_id: "arch-parity".into(),
         epoch: 1,

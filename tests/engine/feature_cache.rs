@@ -380,3 +380,83 @@ fn textcnn_with_a_frozen_embedding_trains_on_cached_embeddings() {
         assert_eq!((again.hits, again.misses), (c.hits + c.misses, 0));
     }
 }
+
+/// Cancels the run after `at` optimiser steps.
+struct CancelAt {
+    at: u64,
+    steps: std::sync::atomic::AtomicU64,
+    flag: edge_trainer::engine::run::CancelFlag,
+}
+
+impl edge_trainer::engine::run::EventSink for CancelAt {
+    fn emit(&self, ev: edge_trainer::engine::run::RunEvent) {
+        use std::sync::atomic::Ordering;
+        if let edge_trainer::engine::run::RunEvent::Step { .. } = ev {
+            if self.steps.fetch_add(1, Ordering::SeqCst) + 1 == self.at {
+                self.flag.cancel();
+            }
+        }
+    }
+}
+
+#[test]
+fn a_cached_run_cancelled_in_its_first_epoch_resumes_to_the_uncached_runs_metrics() {
+    let t = tempfile::tempdir().unwrap();
+    // Dropout in the rest: its masks must follow the same RNG positions.
+    let s = settings(
+        t.path(),
+        "arch = \"mobilenet_v2\"\nwidth_mult = 0.1\nfinetune = \"last:2\"\ndropout = 0.3",
+        &[],
+    );
+    let sink = CancelAt {
+        at: 2,
+        steps: std::sync::atomic::AtomicU64::new(0),
+        flag: edge_trainer::engine::run::CancelFlag::new(),
+    };
+    let req = s
+        .run_request("cut".into(), Device::Cpu, WarmStart::Scratch)
+        .unwrap();
+    let first = trainer::run(&req, &sink, &sink.flag);
+    assert!(first.reason.contains("cancelled"), "{}", first.reason);
+    let mut again = req.clone();
+    again.resume = true;
+    let (tx, _rx) = std::sync::mpsc::channel();
+    let resumed = trainer::run(&again, &tx, &edge_trainer::engine::run::CancelFlag::new());
+    assert!(resumed.outcome.is_success(), "{}", resumed.reason);
+    let c = cache(&resumed);
+    // The cancelled run stored the features of the 2 batches it trained.
+    assert!(c.used && c.hits >= 8 && c.misses > 0, "{c:?}");
+    // The uninterrupted run, uncached.
+    let off = settings(
+        t.path(),
+        "arch = \"mobilenet_v2\"\nwidth_mult = 0.1\nfinetune = \"last:2\"\ndropout = 0.3",
+        &["train.cache_features=\"off\""],
+    );
+    let whole = run(&off, "whole", WarmStart::Scratch);
+    let strip = |v: Vec<serde_json::Value>| -> Vec<serde_json::Value> {
+        v.into_iter()
+            .map(|mut m| {
+                let o = m.as_object_mut().unwrap();
+                o.remove("elapsed_s");
+                o.remove("run_id");
+                m
+            })
+            .collect()
+    };
+    let runs = t.path().join("out/runs");
+    let (a, b) = (
+        strip(metrics(&runs.join("cut"))),
+        strip(metrics(&runs.join("whole"))),
+    );
+    assert_eq!(a.len(), b.len());
+    for (x, y) in a.iter().zip(&b) {
+        for k in ["train_loss", "val_loss", "val_acc", "epoch", "step"] {
+            let (u, v) = (x[k].as_f64().unwrap(), y[k].as_f64().unwrap());
+            assert!(
+                (u - v).abs() <= 1e-5 * (1.0 + v.abs()),
+                "{k}: resumed {u} vs whole {v}"
+            );
+        }
+    }
+    assert_eq!(resumed.best.map(|b| b.epoch), whole.best.map(|b| b.epoch));
+}

@@ -235,3 +235,33 @@ fn imagenet_normalisation_is_stored_in_the_checkpoint() {
         assert!((got - want).abs() < 1e-3, "{n:?}");
     }
 }
+
+#[test]
+fn predict_resizes_images_as_the_checkpoint_was_trained() {
+    use edge_trainer::engine::data::image_folder::{self, ResizeMode};
+    use edge_trainer::engine::predict::{InputOptions, Predictor};
+    let t = tempfile::tempdir().unwrap();
+    let s = settings(
+        t.path(),
+        &["data.resize=\"center-crop\"", "train.max_epochs=1"],
+    );
+    let req = s
+        .run_request("cc".into(), Device::Cpu, WarmStart::Scratch)
+        .unwrap();
+    let (tx, _rx) = std::sync::mpsc::channel();
+    let summary = trainer::run(&req, &tx, &CancelFlag::new());
+    let best = summary.best_checkpoint.expect("a best checkpoint");
+    let p = Predictor::open(&best, &Device::Cpu).unwrap();
+    assert_eq!(p.meta.input.resize, Some(ResizeMode::CenterCrop));
+    // A 10 x 8 image: the central crop, not the stretched whole.
+    let file = t.path().join("data/a/3.png");
+    let got = p.read_input(&file, &InputOptions::default()).unwrap();
+    let img = image_folder::decode(&file, 3).unwrap();
+    let want =
+        |mode| image_folder::hwc_to_chw(&image_folder::resize_to(&img, [8, 8], mode).unwrap());
+    let data::Features::U8(v) = got.features else {
+        panic!("images read as u8")
+    };
+    assert_eq!(v, want(ResizeMode::CenterCrop));
+    assert_ne!(v, want(ResizeMode::Stretch));
+}

@@ -257,6 +257,7 @@ mod tests {
                 sample_shape: shape,
                 normalization: norm,
                 text: None,
+                resize: None,
             },
             run_id: "r".into(),
             epoch: 1,

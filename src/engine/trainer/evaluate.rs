@@ -150,6 +150,7 @@ pub(super) fn apply(
                 sample_shape: p.data.sample_shape.clone(),
                 normalization: p.norm.clone(),
                 text: p.text.clone(),
+                resize: p.data.features.images().map(|src| src.options().resize),
             },
             run_id: s.req.run_id.clone(),
             epoch,
