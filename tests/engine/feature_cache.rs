@@ -452,8 +452,11 @@ fn a_cached_run_cancelled_in_its_first_epoch_resumes_to_the_uncached_runs_metric
     for (x, y) in a.iter().zip(&b) {
         for k in ["train_loss", "val_loss", "val_acc", "epoch", "step"] {
             let (u, v) = (x[k].as_f64().unwrap(), y[k].as_f64().unwrap());
+            // Up to float summation order: the CPU conv kernel puts several
+            // samples side by side in one product, so a sample's features
+            // depend (in the last bits) on the batch that computed them.
             assert!(
-                (u - v).abs() <= 1e-5 * (1.0 + v.abs()),
+                (u - v).abs() <= 1e-4 * (1.0 + v.abs()),
                 "{k}: resumed {u} vs whole {v}"
             );
         }
