@@ -289,12 +289,73 @@ impl InvertedResidual {
     }
 }
 
+/// An inverted-residual block of a mobilenet (`features.1..B`).
+pub(super) trait Block {
+    fn forward(&self, x: &Tensor, ctx: &ForwardCtx) -> candle_core::Result<Tensor>;
+    fn emit(&self, g: &mut Graph, x: &str) -> Result<String, ExportError>;
+}
+
+impl Block for InvertedResidual {
+    fn forward(&self, x: &Tensor, ctx: &ForwardCtx) -> candle_core::Result<Tensor> {
+        InvertedResidual::forward(self, x, ctx)
+    }
+
+    fn emit(&self, g: &mut Graph, x: &str) -> Result<String, ExportError> {
+        InvertedResidual::emit(self, g, x)
+    }
+}
+
+/// The mobilenets' `features`: the stem `features.0`, the blocks
+/// `features.1..B` and the last 1x1 layer `features.{B+1}`, over
+/// `[B, C, H, W]` images.
+pub(super) struct Features<B> {
+    pub in_channels: usize,
+    pub input_size: [usize; 2],
+    pub stem: ConvBnAct,
+    pub blocks: Vec<B>,
+    pub last: ConvBnAct,
+}
+
+impl<B: Block> Features<B> {
+    /// Stages: `features.0` .. `features.{B+1}`, one each.
+    pub fn stages(&self) -> usize {
+        self.blocks.len() + 2
+    }
+
+    /// Stage `s` (`features.{s}`); stage 0 takes the batch in any shape.
+    pub fn stage(&self, s: usize, x: Tensor, ctx: &ForwardCtx) -> candle_core::Result<Tensor> {
+        if s == 0 {
+            let b = x.dim(0)?;
+            let [h, w] = self.input_size;
+            let x = x.reshape((b, self.in_channels, h, w))?;
+            return self.stem.forward(&x, ctx);
+        }
+        match self.blocks.get(s - 1) {
+            Some(block) => block.forward(&x, ctx),
+            None => self.last.forward(&x, ctx),
+        }
+    }
+
+    /// Every stage as ONNX nodes, from the graph's input `x`.
+    pub fn emit(&self, g: &mut Graph, x: &str) -> Result<String, ExportError> {
+        let [h, w] = self.input_size;
+        let shape = [self.in_channels, h, w];
+        let x = if g.sample_shape() == shape.as_slice() {
+            x.to_string()
+        } else {
+            onnx::reshape(g, x, &shape)
+        };
+        let mut x = self.stem.emit(g, &x)?;
+        for block in &self.blocks {
+            x = block.emit(g, &x)?;
+        }
+        self.last.emit(g, &x)
+    }
+}
+
 /// A `mobilenet_v2`.
 pub struct MobileNetV2 {
-    spec: MobileNetSpec,
-    stem: ConvBnAct,
-    blocks: Vec<InvertedResidual>,
-    last: ConvBnAct,
+    features: Features<InvertedResidual>,
     gap: GlobalAvgPool,
     dropout: Dropout,
     classifier: Linear,
@@ -339,10 +400,13 @@ impl MobileNetV2 {
             vb.pp("classifier").pp("1"),
         )?;
         Ok(Self {
-            spec: spec.clone(),
-            stem,
-            blocks,
-            last,
+            features: Features {
+                in_channels: spec.in_channels,
+                input_size: spec.input_size,
+                stem,
+                blocks,
+                last,
+            },
             gap: GlobalAvgPool,
             dropout: Dropout::new(spec.dropout),
             classifier,
@@ -354,12 +418,12 @@ impl Staged for MobileNetV2 {
     /// Stage 0 is `features.0`, stages `1..=B` the blocks `features.1..B`,
     /// then `features.{B+1}`, global pooling, and dropout with `classifier.1`.
     fn stage_count(&self) -> usize {
-        self.blocks.len() + 4
+        self.features.stages() + 2
     }
 
     /// After each `features.i` but the last, and after global pooling (`pool`).
     fn cuts(&self) -> Vec<(usize, SplitPoint)> {
-        let nb = self.blocks.len();
+        let nb = self.features.blocks.len();
         let last = nb + 1;
         (0..=nb)
             .map(|i| (i + 1, format!("features.{i}")))
@@ -375,20 +439,11 @@ impl Staged for MobileNetV2 {
     }
 
     fn stage(&self, s: usize, x: Tensor, ctx: &mut ForwardCtx) -> candle_core::Result<Tensor> {
-        let nb = self.blocks.len();
-        if s == 0 {
-            let b = x.dim(0)?;
-            let [h, w] = self.spec.input_size;
-            let x = x.reshape((b, self.spec.in_channels, h, w))?;
-            return self.stem.forward(&x, ctx);
+        let nf = self.features.stages();
+        if s < nf {
+            return self.features.stage(s, x, ctx);
         }
-        if s <= nb {
-            return self.blocks[s - 1].forward(&x, ctx);
-        }
-        if s == nb + 1 {
-            return self.last.forward(&x, ctx);
-        }
-        if s == nb + 2 {
+        if s == nf {
             return self.gap.forward(&x, ctx);
         }
         let x = self.dropout.forward(&x, ctx)?;
@@ -406,18 +461,7 @@ impl Classifier for MobileNetV2 {
     }
 
     fn export_onnx(&self, g: &mut Graph, x: &str) -> Result<String, ExportError> {
-        let [h, w] = self.spec.input_size;
-        let shape = [self.spec.in_channels, h, w];
-        let x = if g.sample_shape() == shape.as_slice() {
-            x.to_string()
-        } else {
-            onnx::reshape(g, x, &shape)
-        };
-        let mut x = self.stem.emit(g, &x)?;
-        for block in &self.blocks {
-            x = block.emit(g, &x)?;
-        }
-        let x = self.last.emit(g, &x)?;
+        let x = self.features.emit(g, x)?;
         let x = onnx::global_avg_pool(g, &x);
         self.classifier.emit(g, &x)
     }

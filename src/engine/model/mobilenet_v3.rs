@@ -26,7 +26,7 @@ use super::backbone::{BlockAct, ConvBnAct, ConvBnShape, Tally, CONV_INIT};
 use super::layers::{
     linear_with_init, Dropout, GlobalAvgPool, Hardswish, Linear, Residual, SqueezeExcite,
 };
-use super::mobilenet::{make_divisible, MobileNetSpec};
+use super::mobilenet::{make_divisible, Block, Features, MobileNetSpec};
 use super::split::{self, SplitPoint, Staged};
 use super::{Classifier, ForwardCtx};
 use crate::engine::budget::{n, product, sum, Footprint};
@@ -254,12 +254,19 @@ impl InvertedResidual {
     }
 }
 
+impl Block for InvertedResidual {
+    fn forward(&self, x: &Tensor, ctx: &ForwardCtx) -> candle_core::Result<Tensor> {
+        InvertedResidual::forward(self, x, ctx)
+    }
+
+    fn emit(&self, g: &mut Graph, x: &str) -> Result<String, ExportError> {
+        InvertedResidual::emit(self, g, x)
+    }
+}
+
 /// A `mobilenet_v3_small`.
 pub struct MobileNetV3Small {
-    spec: MobileNetSpec,
-    stem: ConvBnAct,
-    blocks: Vec<InvertedResidual>,
-    last: ConvBnAct,
+    features: Features<InvertedResidual>,
     gap: GlobalAvgPool,
     hidden: Linear,
     dropout: Dropout,
@@ -311,10 +318,13 @@ impl MobileNetV3Small {
             cv.pp("3"),
         )?;
         Ok(Self {
-            spec: spec.clone(),
-            stem,
-            blocks,
-            last,
+            features: Features {
+                in_channels: spec.in_channels,
+                input_size: spec.input_size,
+                stem,
+                blocks,
+                last,
+            },
             gap: GlobalAvgPool,
             hidden,
             dropout: Dropout::new(spec.dropout),
@@ -328,13 +338,13 @@ impl Staged for MobileNetV3Small {
     /// then `features.{B+1}`, global pooling, `classifier.0` with its hard
     /// swish, and dropout with `classifier.3`.
     fn stage_count(&self) -> usize {
-        self.blocks.len() + 5
+        self.features.stages() + 3
     }
 
     /// After each `features.i` but the last, after global pooling (`pool`)
     /// and after `classifier.0`'s hard swish (`classifier.0`).
     fn cuts(&self) -> Vec<(usize, SplitPoint)> {
-        let nb = self.blocks.len();
+        let nb = self.features.blocks.len();
         let last = nb + 1;
         let rest_from = |b: usize| {
             (b..=last)
@@ -357,23 +367,14 @@ impl Staged for MobileNetV3Small {
     }
 
     fn stage(&self, s: usize, x: Tensor, ctx: &mut ForwardCtx) -> candle_core::Result<Tensor> {
-        let nb = self.blocks.len();
-        if s == 0 {
-            let b = x.dim(0)?;
-            let [h, w] = self.spec.input_size;
-            let x = x.reshape((b, self.spec.in_channels, h, w))?;
-            return self.stem.forward(&x, ctx);
+        let nf = self.features.stages();
+        if s < nf {
+            return self.features.stage(s, x, ctx);
         }
-        if s <= nb {
-            return self.blocks[s - 1].forward(&x, ctx);
-        }
-        if s == nb + 1 {
-            return self.last.forward(&x, ctx);
-        }
-        if s == nb + 2 {
+        if s == nf {
             return self.gap.forward(&x, ctx);
         }
-        if s == nb + 3 {
+        if s == nf + 1 {
             return Hardswish.forward(&self.hidden.forward(&x, ctx)?);
         }
         let x = self.dropout.forward(&x, ctx)?;
@@ -391,18 +392,7 @@ impl Classifier for MobileNetV3Small {
     }
 
     fn export_onnx(&self, g: &mut Graph, x: &str) -> Result<String, ExportError> {
-        let [h, w] = self.spec.input_size;
-        let shape = [self.spec.in_channels, h, w];
-        let x = if g.sample_shape() == shape.as_slice() {
-            x.to_string()
-        } else {
-            onnx::reshape(g, x, &shape)
-        };
-        let mut x = self.stem.emit(g, &x)?;
-        for block in &self.blocks {
-            x = block.emit(g, &x)?;
-        }
-        let x = self.last.emit(g, &x)?;
+        let x = self.features.emit(g, x)?;
         let x = onnx::global_avg_pool(g, &x);
         let x = self.hidden.emit(g, &x)?;
         let x = onnx::hard_swish(g, &x);
