@@ -62,17 +62,21 @@ pub enum BenchModel {
     /// torchvision's mobilenet_v2 (width 1.0, 10 classes, dropout 0.2) on
     /// 3x112x112, batch 32.
     MobilenetV2,
+    /// torchvision's mobilenet_v3_small (width 1.0, 10 classes, dropout 0.2)
+    /// on 3x112x112, batch 32.
+    MobilenetV3Small,
 }
 
 impl BenchModel {
     /// Every model, in table order.
-    pub const ALL: [BenchModel; 6] = [
+    pub const ALL: [BenchModel; 7] = [
         BenchModel::MlpDigits,
         BenchModel::MlpWide,
         BenchModel::Cnn,
         BenchModel::Textcnn,
         BenchModel::Resnet18,
         BenchModel::MobilenetV2,
+        BenchModel::MobilenetV3Small,
     ];
 
     /// The name used on the command line and in reports.
@@ -84,6 +88,7 @@ impl BenchModel {
             BenchModel::Textcnn => "textcnn",
             BenchModel::Resnet18 => "resnet18",
             BenchModel::MobilenetV2 => "mobilenet-v2",
+            BenchModel::MobilenetV3Small => "mobilenet-v3-small",
         }
     }
 }
@@ -425,7 +430,7 @@ fn setup(model: BenchModel, args: &BenchArgs) -> Result<Setup, BenchError> {
                 128,
             )
         }
-        BenchModel::Resnet18 | BenchModel::MobilenetV2 => {
+        BenchModel::Resnet18 | BenchModel::MobilenetV2 | BenchModel::MobilenetV3Small => {
             // Smoke runs use small images and batches (CI runs a debug build).
             let (n, side, batch) = if args.smoke {
                 (8, 32, 4)
@@ -453,20 +458,25 @@ fn setup(model: BenchModel, args: &BenchArgs) -> Result<Setup, BenchError> {
                     batch,
                 )
             } else {
-                let spec = ModelSpec::MobilenetV2(MobileNetSpec {
+                let mobilenet = MobileNetSpec {
                     in_channels: 3,
                     input_size: [side, side],
                     width_mult: 1.0,
                     num_classes: 10,
                     dropout: 0.2,
-                });
-                (
-                    "torchvision mobilenet_v2, 3x112x112 synthetic",
-                    spec,
-                    data,
-                    norm,
-                    batch,
-                )
+                };
+                let (spec, what) = if model == BenchModel::MobilenetV2 {
+                    (
+                        ModelSpec::MobilenetV2(mobilenet),
+                        "torchvision mobilenet_v2, 3x112x112 synthetic",
+                    )
+                } else {
+                    (
+                        ModelSpec::MobilenetV3Small(mobilenet),
+                        "torchvision mobilenet_v3_small, 3x112x112 synthetic",
+                    )
+                };
+                (what, spec, data, norm, batch)
             }
         }
     };

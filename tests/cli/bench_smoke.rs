@@ -5,13 +5,14 @@ use crate::paths::BIN;
 use crate::trials::{test, Test};
 use std::process::Command;
 
-const MODELS: [&str; 6] = [
+const MODELS: [&str; 7] = [
     "mlp-digits",
     "mlp-wide",
     "cnn",
     "textcnn",
     "resnet18",
     "mobilenet-v2",
+    "mobilenet-v3-small",
 ];
 
 fn bench(extra: &[&str]) -> std::process::Output {
