@@ -464,6 +464,15 @@ fn train(settings: &Settings, no_progress: bool, resume: Option<&Path>) -> ExitC
                 for f in &s.skipped_files {
                     println!("Skipped data file {}: {}", f.file, f.reason);
                 }
+                let fc = &s.feature_cache;
+                if fc.used {
+                    println!(
+                        "Frozen-feature cache at {}: {} samples stored, {} to compute once",
+                        fc.split.as_deref().unwrap_or("?"),
+                        fc.hits,
+                        fc.misses
+                    );
+                }
             }
             RunEvent::EpochStarted { epoch, batches } => {
                 if interactive {

@@ -20,10 +20,20 @@ impl Settings {
 
     /// The estimate for `spec` trained with these settings.
     pub fn estimate(&self, spec: &ModelSpec) -> Estimate {
-        Estimate::new(
+        let e = Estimate::new(
             &spec.footprint(),
             self.train.batch_size,
             optimizer_copies(&self.optimizer_config()),
+        );
+        let d = &self.data;
+        if d.format != DataFormat::ImageFolder {
+            return e;
+        }
+        let sample = d.channels * d.image_size[0] * d.image_size[1];
+        e.with_data(
+            self.data_spec()
+                .images
+                .pipeline_bytes(sample, self.train.batch_size),
         )
     }
 
@@ -75,6 +85,10 @@ impl Settings {
                 keys.push("data.image_size".into());
             }
             keys.push("train.batch_size".into());
+        }
+        let est = &e.estimate;
+        if est.data_bytes > est.model_bytes.max(est.batch_bytes) {
+            keys.push("data.cache_mb".into());
         }
         ConfigError::OverBudget {
             keys,
@@ -138,5 +152,23 @@ mod tests {
         // 16.8 M parameters * 5 copies * 4 bytes = 336 MB: over 100 MiB.
         s.device.memory_budget_mb = 100;
         assert!(err_of(&s).contains("`model.hidden`"));
+    }
+
+    #[test]
+    fn the_image_cache_and_prefetched_batches_count() {
+        let mut s = Settings::default();
+        s.data.format = DataFormat::ImageFolder;
+        s.model.arch = ArchKind::Cnn;
+        s.device.memory_budget_mb = 400;
+        assert!(s.validate().is_ok(), "{}", err_of(&s));
+        let small = s.estimate(&s.sketch_model().unwrap());
+        // 256 MiB of cache and 2 x 2 batches of 64 x 3 x 32 x 32 f32.
+        assert_eq!(small.data_bytes, (256 << 20) + 4 * 64 * 3 * 32 * 32 * 4);
+        s.data.cache_mb = 1024;
+        let e = err_of(&s);
+        assert!(
+            e.contains("`data.cache_mb`") && e.contains("image cache"),
+            "{e}"
+        );
     }
 }

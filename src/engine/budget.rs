@@ -88,6 +88,9 @@ pub struct Estimate {
     pub batch_size: u64,
     /// Whether the batch (inputs, activations) takes more than the model.
     pub activation_bound: bool,
+    /// What the data pipeline holds besides the step: streamed images'
+    /// cache (`data.cache_mb`) and the batches the workers prepare ahead.
+    pub data_bytes: u64,
 }
 
 impl Estimate {
@@ -109,8 +112,15 @@ impl Estimate {
             batch_bytes: per_sample.saturating_mul(batch).saturating_mul(VALUE_BYTES),
             batch_size: batch,
             activation_bound: false,
+            data_bytes: 0,
         }
         .finish()
+    }
+
+    /// The same estimate with `bytes` held by the data pipeline.
+    pub fn with_data(mut self, bytes: u64) -> Self {
+        self.data_bytes = bytes;
+        self
     }
 
     /// Marks whether the batch outweighs the model.
@@ -121,7 +131,7 @@ impl Estimate {
 
     /// Everything together.
     pub fn total_bytes(&self) -> u64 {
-        self.model_bytes.saturating_add(self.batch_bytes)
+        sum([self.model_bytes, self.batch_bytes, self.data_bytes])
     }
 }
 
@@ -135,7 +145,15 @@ impl fmt::Display for Estimate {
             Bytes(self.model_bytes),
             Bytes(self.batch_bytes),
             self.batch_size
-        )
+        )?;
+        if self.data_bytes > 0 {
+            write!(
+                f,
+                " and {} for the image cache and prefetched batches (data.cache_mb, data.workers, data.prefetch)",
+                Bytes(self.data_bytes)
+            )?;
+        }
+        Ok(())
     }
 }
 

@@ -54,6 +54,12 @@ dir = "{out}"
         "train failed\nstdout:\n{stdout}\nstderr:\n{}",
         text(&o.stderr)
     );
+    if !extra.iter().any(|e| e.contains("cache_features")) {
+        assert!(
+            stdout.contains("Frozen-feature cache at pool: "),
+            "{stdout}"
+        );
+    }
     root().join(stdout.lines().last().unwrap_or_default().trim())
 }
 

@@ -463,3 +463,17 @@ fn a_cached_run_cancelled_in_its_first_epoch_resumes_to_the_uncached_runs_metric
     }
     assert_eq!(resumed.best.map(|b| b.epoch), whole.best.map(|b| b.epoch));
 }
+
+#[test]
+fn a_cache_folder_that_cannot_be_written_never_fails_the_run() {
+    let t = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(t.path().join("out")).unwrap();
+    // A file where the cache folder should be: nothing can be stored.
+    std::fs::write(t.path().join("out/feature-cache"), b"in the way").unwrap();
+    let s = settings(t.path(), RESNET_HEAD, &["train.max_epochs=2"]);
+    let first = cache(&run(&s, "a", WarmStart::Scratch));
+    assert!(first.used && first.misses == 20, "{first:?}");
+    // Still nothing stored: the next run computes everything again.
+    let second = cache(&run(&s, "b", WarmStart::Scratch));
+    assert_eq!((second.hits, second.misses), (0, 20));
+}

@@ -59,6 +59,19 @@ impl Default for ImageOptions {
     }
 }
 
+impl ImageOptions {
+    /// Bytes the pipeline may hold for samples of `sample_len` values in
+    /// batches of `batch_size`: the full cache plus `workers x prefetch`
+    /// normalised batches (f32) waiting for the step.
+    pub fn pipeline_bytes(&self, sample_len: usize, batch_size: usize) -> u64 {
+        let batch = (sample_len as u64)
+            .saturating_mul(batch_size as u64)
+            .saturating_mul(4);
+        let ahead = (self.workers as u64).saturating_mul(self.prefetch.max(1) as u64);
+        self.cache_bytes.saturating_add(ahead.saturating_mul(batch))
+    }
+}
+
 /// Training images that fail to decode during a run are left out of their
 /// batches and reported; at most this many are named.
 const MAX_NAMED_FAILURES: usize = 1000;

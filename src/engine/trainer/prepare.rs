@@ -204,11 +204,15 @@ fn fresh_model(
 /// budget, before anything of its size is allocated.
 fn check_budget(req: &RunRequest, spec: &ModelSpec, shape: &[usize]) -> Result<(), RunError> {
     let t = &req.train;
-    let estimate = Estimate::new(
+    let mut estimate = Estimate::new(
         &spec.footprint(),
         t.batch_size,
         optimizer_copies(&t.optimizer),
     );
+    if req.data.format == data::DataFormat::ImageFolder {
+        let sample: usize = shape.iter().product();
+        estimate = estimate.with_data(req.data.images.pipeline_bytes(sample, t.batch_size));
+    }
     match t.memory_budget.check(estimate) {
         Ok(e) => {
             tracing::debug!(run_id = %req.run_id, estimate = %e, budget = %t.memory_budget, "memory budget");

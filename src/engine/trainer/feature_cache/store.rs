@@ -45,6 +45,7 @@ pub struct Stored {
 impl Stored {
     /// Values per sample.
     pub fn per(&self) -> usize {
+        // Checked when read: the product fits.
         self.shape.iter().product()
     }
 
@@ -109,10 +110,15 @@ fn parse(bytes: &[u8]) -> Result<Stored, String> {
     let shape = (0..ndims)
         .map(|_| r.u32().map(|d| d as usize))
         .collect::<Result<Vec<_>, _>>()?;
-    let per: usize = shape.iter().product();
+    let per = shape
+        .iter()
+        .try_fold(1usize, |a, &d| a.checked_mul(d))
+        .ok_or_else(|| format!("feature shape {shape:?}"))?;
     let count = usize::try_from(r.u64()?).map_err(|_| "sample count".to_string())?;
-    let need = count
-        .checked_mul(16 + per * 4)
+    let need = per
+        .checked_mul(4)
+        .and_then(|b| b.checked_add(16))
+        .and_then(|row| count.checked_mul(row))
         .ok_or_else(|| "sample count".to_string())?;
     if body.len() - r.pos != need {
         return Err(format!(
