@@ -15,6 +15,7 @@ pub mod depthwise;
 pub mod direct_grads;
 pub mod elementwise;
 pub mod gemm;
+pub mod hard_act;
 pub mod linear;
 pub mod pool;
 pub mod text;

@@ -263,7 +263,9 @@ impl ConvBnAct {
             BlockAct::None => self.bn.forward_act(&y, BnAct::None, ctx),
             BlockAct::Relu => self.bn.forward_act(&y, BnAct::Relu, ctx),
             BlockAct::Relu6 => self.bn.forward_act(&y, BnAct::Relu6, ctx),
-            BlockAct::Hardswish => Hardswish.forward(&self.bn.forward_act(&y, BnAct::None, ctx)?),
+            BlockAct::Hardswish => {
+                Hardswish.forward(&self.bn.forward_act(&y, BnAct::None, ctx)?, ctx)
+            }
         }
     }
 

@@ -375,7 +375,7 @@ impl Staged for MobileNetV3Small {
             return self.gap.forward(&x, ctx);
         }
         if s == nf + 1 {
-            return Hardswish.forward(&self.hidden.forward(&x, ctx)?);
+            return Hardswish.forward(&self.hidden.forward(&x, ctx)?, ctx);
         }
         let x = self.dropout.forward(&x, ctx)?;
         self.classifier.forward(&x, ctx)

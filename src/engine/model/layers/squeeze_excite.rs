@@ -38,7 +38,7 @@ impl SqueezeExcite {
         let (b, c) = (x.dim(0)?, x.dim(1)?);
         let s = x.reshape((b, c, ()))?.mean(2)?.reshape((b, c, 1, 1))?;
         let s = self.fc1.forward(&s, ctx)?.relu()?;
-        let s = Hardsigmoid.forward(&self.fc2.forward(&s, ctx)?)?;
+        let s = Hardsigmoid.forward(&self.fc2.forward(&s, ctx)?, ctx)?;
         x.broadcast_mul(&s)
     }
 
