@@ -1105,6 +1105,7 @@ mod tests {
                     data_mb: 1.25,
                     runs_mb: 2.0,
                     runs: 3,
+                    feature_cache_mb: 0.5,
                 },
                 evicted_files: 4,
                 evicted_samples: 40,
@@ -1115,7 +1116,7 @@ mod tests {
         assert_eq!(
             wire(&status_payload(&info, "d1", 0))["storage"],
             json!({"free_mb": 10.5, "data_mb": 1.25, "runs_mb": 2.0, "runs": 3,
-                   "evicted_files": 4, "evicted_samples": 40, "pruned_runs": 1})
+                   "feature_cache_mb": 0.5, "evicted_files": 4, "evicted_samples": 40, "pruned_runs": 1})
         );
     }
 

@@ -548,6 +548,8 @@ pub struct Footprint {
     /// Run folders under `output.dir/runs`, MiB.
     pub runs_mb: f64,
     pub runs: u64,
+    /// The frozen-feature cache, `output.dir/feature-cache`, MiB.
+    pub feature_cache_mb: f64,
 }
 
 /// The footprint of the data and run folders now.
@@ -558,6 +560,7 @@ pub fn footprint(settings: &Settings) -> Footprint {
         free_mb: free_bytes(&settings.output.dir).map_or(f64::NAN, mb),
         data_mb: mb(dir_bytes(&settings.data.dir)),
         runs_mb: mb(dir_bytes(&runs_dir)),
+        feature_cache_mb: mb(dir_bytes(&settings.feature_cache_dir())),
         runs: std::fs::read_dir(&runs_dir).map_or(0, |rd| {
             rd.flatten()
                 .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
@@ -569,8 +572,26 @@ pub fn footprint(settings: &Settings) -> Footprint {
 /// Bytes a run of these settings is expected to write: its checkpoint
 /// (written beside the old one, atomically), its resume state (weights,
 /// optimiser state and best weights, also atomically) and a promotion
-/// (`current` and `previous`), each a model's size; metrics and summary.
+/// (`current` and `previous`), each a model's size; metrics and summary;
+/// and, where the frozen-feature cache may be used (something is frozen,
+/// `train.cache_features = "auto"`), what `train.cache_features_mb` leaves
+/// room for beside the cache files already there.
 pub fn disk_need(settings: &Settings) -> u64 {
+    run_files_need(settings).saturating_add(feature_cache_need(settings))
+}
+
+/// The room the frozen-feature cache may still take up.
+fn feature_cache_need(settings: &Settings) -> u64 {
+    let frozen = settings.model.finetune != crate::engine::model::FineTune::Full
+        || !settings.model.freeze.is_empty();
+    if !frozen || settings.train.cache_features == crate::engine::run::CacheFeatures::Off {
+        return 0;
+    }
+    let limit = settings.train.cache_features_mb.saturating_mul(MIB);
+    limit.saturating_sub(dir_bytes(&settings.feature_cache_dir()))
+}
+
+fn run_files_need(settings: &Settings) -> u64 {
     let out = &settings.output.dir;
     // The size of a model: the one in service or the newest run's, else the
     // configuration's sketch (which knows the shapes only in part).
@@ -844,5 +865,24 @@ mod tests {
         assert!(disk_need(&s) > MIB);
         s.output.disk_guard = false;
         assert!(check_disk(&s).is_ok());
+    }
+
+    /// With something frozen and the cache on, the guard leaves room for
+    /// what `train.cache_features_mb` allows beside the files already there.
+    #[test]
+    fn the_disk_guard_counts_the_feature_cache() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut s = Settings::default();
+        s.output.dir = tmp.path().to_path_buf();
+        s.train.cache_features_mb = 10;
+        let full = disk_need(&s);
+        s.model.finetune = crate::engine::model::FineTune::Head;
+        assert_eq!(disk_need(&s), full + 10 * MIB);
+        std::fs::create_dir_all(s.feature_cache_dir()).unwrap();
+        std::fs::write(s.feature_cache_dir().join("a.feat"), vec![0u8; 1 << 20]).unwrap();
+        assert_eq!(disk_need(&s), full + 9 * MIB);
+        assert_eq!(footprint(&s).feature_cache_mb, 1.0);
+        s.train.cache_features = crate::engine::run::CacheFeatures::Off;
+        assert_eq!(disk_need(&s), full);
     }
 }
