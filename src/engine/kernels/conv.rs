@@ -385,11 +385,6 @@ fn backward_chunk(
         ConvOutGrad::Pooled { .. } => vec![0f32; g.cout * n],
     };
     let mut dyg = vec![0f32; if gs > 1 { g.cout * n * gs } else { 0 }];
-    let mut dcols = if dx.is_some() && !direct {
-        vec![0f32; k * n * gs]
-    } else {
-        Vec::new()
-    };
     let mut i = 0;
     while i < count {
         let gn = gs.min(count - i);
@@ -428,12 +423,13 @@ fn backward_chunk(
         }
         if let Some(dx) = dx.as_deref_mut() {
             let dxg = &mut dx[i * il..(i + gn) * il];
-            // dcols = Wᵀ [K, Cout] * dY [Cout, gn*N], folded back onto the
-            // inputs (for one pointwise sample, dcols is the input's gradient).
+            // dcols = Wᵀ [K, Cout] * dY [Cout, gn*N] (in the unfolded input's
+            // buffer, no longer needed), folded back onto the inputs (for one
+            // pointwise sample, dcols is the input's gradient).
             let dst = if pointwise && gn == 1 {
                 &mut *dxg
             } else {
-                &mut dcols[..k * ld]
+                &mut cols[..k * ld]
             };
             matmul(
                 (k, ld, g.cout),
@@ -450,10 +446,10 @@ fn backward_chunk(
                 for (j, dxs) in dxg.chunks_mut(il).enumerate() {
                     if pointwise {
                         for (c, row) in dxs.chunks_mut(n).enumerate() {
-                            row.copy_from_slice(&dcols[c * ld + j * n..c * ld + (j + 1) * n]);
+                            row.copy_from_slice(&cols[c * ld + j * n..c * ld + (j + 1) * n]);
                         }
                     } else {
-                        col2im_at(g, &dcols, ld, j * n, dxs);
+                        col2im_at(g, &cols, ld, j * n, dxs);
                     }
                 }
             }
