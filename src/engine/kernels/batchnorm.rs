@@ -154,7 +154,7 @@ macro_rules! simd {
 /// The per-sample and per-channel loops compiled for AVX2.
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{Act, BnOp};
+    use super::Act;
 
     #[target_feature(enable = "avx2")]
     pub(super) unsafe fn normalise_sample<A: Act>(
@@ -168,15 +168,15 @@ mod avx2 {
     }
 
     #[target_feature(enable = "avx2")]
-    pub(super) unsafe fn channel_sums<A: Act>(
-        op: &BnOp,
-        c: usize,
-        xv: &[f32],
-        yv: &[f32],
-        gv: &[f32],
-        m: f32,
-    ) -> (f64, f64) {
-        super::channel_sums::<A>(op, c, xv, yv, gv, m)
+    pub(super) unsafe fn sample_sums<A: Act>(
+        spatial: usize,
+        xs: &[f32],
+        ys: &[f32],
+        gs: &[f32],
+        mean: &[f32],
+        acc: &mut [(f64, f64)],
+    ) {
+        super::sample_sums::<A>(spatial, xs, ys, gs, mean, acc)
     }
 
     #[target_feature(enable = "avx2")]
@@ -414,7 +414,8 @@ fn normalise_sample<A: Act>(
 }
 
 /// Per channel, the sums of the masked output gradient (= dbias) and of its
-/// product with x̂ (= dweight), in one pass, parallel over the channels.
+/// product with x̂ (= dweight), in one pass, parallel over chunks of samples
+/// (contiguous reads; per-chunk partial sums added at the end).
 fn grad_sums<A: Act>(
     op: &BnOp,
     xv: &[f32],
@@ -423,28 +424,61 @@ fn grad_sums<A: Act>(
     mean: &[f32],
     invstd: &[f32],
 ) -> Vec<(f32, f32)> {
-    (0..op.channels)
-        .into_par_iter()
-        .map(|c| {
-            let (sd, sdx) = simd!(channel_sums::<A>(op, c, xv, yv, gv, mean[c]));
-            (sd as f32, (sdx * invstd[c] as f64) as f32)
-        })
+    let sample = op.channels * op.spatial;
+    let mut tot = vec![(0f64, 0f64); op.channels];
+    if sample > 0 {
+        let per = op
+            .batch
+            .div_ceil(rayon::current_num_threads().max(1))
+            .max(1)
+            * sample;
+        let partials: Vec<Vec<(f64, f64)>> = xv
+            .par_chunks(per)
+            .zip(yv.par_chunks(per))
+            .zip(gv.par_chunks(per))
+            .map(|((xs, ys), gs)| {
+                let mut acc = vec![(0f64, 0f64); op.channels];
+                for ((x1, y1), g1) in xs
+                    .chunks(sample)
+                    .zip(ys.chunks(sample))
+                    .zip(gs.chunks(sample))
+                {
+                    simd!(sample_sums::<A>(op.spatial, x1, y1, g1, mean, &mut acc));
+                }
+                acc
+            })
+            .collect();
+        for p in partials {
+            for (t, v) in tot.iter_mut().zip(p) {
+                t.0 += v.0;
+                t.1 += v.1;
+            }
+        }
+    }
+    tot.iter()
+        .zip(invstd)
+        .map(|(&(sd, sdx), &is)| (sd as f32, (sdx * is as f64) as f32))
         .collect()
 }
 
-/// [`grad_sums`] of channel `c` (mean `m`) before the scaling by invstd.
+/// One sample's contribution to [`grad_sums`] (before the scaling by
+/// invstd), added to `acc` per channel.
 #[inline(always)]
-fn channel_sums<A: Act>(
-    op: &BnOp,
-    c: usize,
-    xv: &[f32],
-    yv: &[f32],
-    gv: &[f32],
-    m: f32,
-) -> (f64, f64) {
-    let (mut sd, mut sdx) = (0f64, 0f64);
-    for s in 0..op.batch {
-        let (xc, yc, gc) = (op.seg(xv, s, c), op.seg(yv, s, c), op.seg(gv, s, c));
+fn sample_sums<A: Act>(
+    spatial: usize,
+    xs: &[f32],
+    ys: &[f32],
+    gs: &[f32],
+    mean: &[f32],
+    acc: &mut [(f64, f64)],
+) {
+    for ((((xc, yc), gc), &m), acc) in xs
+        .chunks(spatial)
+        .zip(ys.chunks(spatial))
+        .zip(gs.chunks(spatial))
+        .zip(mean)
+        .zip(acc.iter_mut())
+    {
         let (mut a, mut bb) = ([0f32; 8], [0f32; 8]);
         let (xs, ys, gs) = (xc.chunks_exact(8), yc.chunks_exact(8), gc.chunks_exact(8));
         let (mut ta, mut tb) = (0f32, 0f32);
@@ -465,10 +499,9 @@ fn channel_sums<A: Act>(
                 bb[l] += g * (x[l] - m);
             }
         }
-        sd += (a.iter().sum::<f32>() + ta) as f64;
-        sdx += (bb.iter().sum::<f32>() + tb) as f64;
+        acc.0 += (a.iter().sum::<f32>() + ta) as f64;
+        acc.1 += (bb.iter().sum::<f32>() + tb) as f64;
     }
-    (sd, sdx)
 }
 
 /// The input gradient `k·(mask(g) - c1 - (x - m)·c2)` per channel from

@@ -202,18 +202,23 @@ fn conv_sample(
     )
 }
 
-/// Product columns below which samples are put side by side in one product
-/// (their windows unfolded next to each other): a product with few columns
-/// (the 7x7 and 4x4 maps of a backbone's last stages) runs far below the
-/// CPU's speed, and the weight gradient, whose inner dimension is the columns,
-/// even more so (it rewrites the whole weight-sized result per sample).
+/// Columns a product gets at least when samples are put side by side (their
+/// windows unfolded next to each other in one product).
 const MIN_COLS: usize = 512;
 
-/// Samples per product for `count` samples of `n` columns each: one when a
-/// sample has [`MIN_COLS`] columns, else groups of about equal size with at
-/// least that many.
+/// Samples with fewer columns than this go through the products together: a
+/// product with few columns (the 7x7 and 4x4 maps of a backbone's last
+/// stages) runs far below the CPU's speed, and the weight gradient, whose
+/// inner dimension is the columns, even more so (it rewrites the whole
+/// weight-sized result per sample). Wider samples go one at a time (measured:
+/// side by side they gained nothing, and the copies cost the cnn bench).
+const SMALL_N: usize = 128;
+
+/// Samples per product for `count` samples of `n` columns each: one when
+/// `n >= SMALL_N`, else groups of about equal size with at least
+/// [`MIN_COLS`] columns (or all of them).
 fn group_size(count: usize, n: usize) -> usize {
-    if n >= MIN_COLS || count <= 1 {
+    if n >= SMALL_N || count <= 1 {
         return 1;
     }
     count.div_ceil((count * n).div_ceil(MIN_COLS).max(1))
@@ -380,11 +385,6 @@ fn backward_chunk(
         ConvOutGrad::Pooled { .. } => vec![0f32; g.cout * n],
     };
     let mut dyg = vec![0f32; if gs > 1 { g.cout * n * gs } else { 0 }];
-    let mut dcols = if dx.is_some() && !direct {
-        vec![0f32; k * n * gs]
-    } else {
-        Vec::new()
-    };
     let mut i = 0;
     while i < count {
         let gn = gs.min(count - i);
@@ -423,12 +423,13 @@ fn backward_chunk(
         }
         if let Some(dx) = dx.as_deref_mut() {
             let dxg = &mut dx[i * il..(i + gn) * il];
-            // dcols = Wᵀ [K, Cout] * dY [Cout, gn*N], folded back onto the
-            // inputs (for one pointwise sample, dcols is the input's gradient).
+            // dcols = Wᵀ [K, Cout] * dY [Cout, gn*N] (in the unfolded input's
+            // buffer, no longer needed), folded back onto the inputs (for one
+            // pointwise sample, dcols is the input's gradient).
             let dst = if pointwise && gn == 1 {
                 &mut *dxg
             } else {
-                &mut dcols[..k * ld]
+                &mut cols[..k * ld]
             };
             matmul(
                 (k, ld, g.cout),
@@ -445,10 +446,10 @@ fn backward_chunk(
                 for (j, dxs) in dxg.chunks_mut(il).enumerate() {
                     if pointwise {
                         for (c, row) in dxs.chunks_mut(n).enumerate() {
-                            row.copy_from_slice(&dcols[c * ld + j * n..c * ld + (j + 1) * n]);
+                            row.copy_from_slice(&cols[c * ld + j * n..c * ld + (j + 1) * n]);
                         }
                     } else {
-                        col2im_at(g, &dcols, ld, j * n, dxs);
+                        col2im_at(g, &cols, ld, j * n, dxs);
                     }
                 }
             }
@@ -1095,9 +1096,10 @@ mod tests {
 
     #[test]
     fn samples_side_by_side_match_one_at_a_time() {
-        // One thread: 5 samples of 210 columns go through the products as
-        // 2 + 2 + 1 (the last alone); 576 columns go one sample at a time.
-        assert_eq!(group_size(5, 210), 2);
+        // One thread: 5 samples of 120 columns go through the products as
+        // 3 + 2, of 72 and 25 columns all 5 together; 576 columns go one
+        // sample at a time.
+        assert_eq!(group_size(5, 120), 3);
         assert_eq!(group_size(16, 16), 16);
         assert_eq!(group_size(16, 49), 8);
         assert_eq!(group_size(4, 576), 1);
@@ -1106,8 +1108,9 @@ mod tests {
             .build()
             .unwrap();
         pool.install(|| {
-            check(true, &[5, 3, 14, 15], &[4, 3, 1, 1], 1, 0);
-            check(true, &[5, 3, 16, 15], &[4, 3, 3, 3], 1, 1);
+            check(true, &[5, 3, 10, 12], &[4, 3, 1, 1], 1, 0);
+            check(true, &[5, 3, 10, 12], &[4, 3, 3, 3], 1, 1);
+            check(true, &[5, 3, 8, 9], &[4, 3, 3, 3], 1, 1);
             check(true, &[5, 2, 9, 9], &[6, 2, 3, 3], 2, 1);
             check(true, &[2, 2, 24, 24], &[3, 2, 3, 3], 1, 1);
         });
