@@ -259,7 +259,9 @@ impl InvertedResidual {
             join: b.residual().then_some(Residual { relu: false }),
         })
     }
+}
 
+impl Block for InvertedResidual {
     fn forward(&self, x: &Tensor, ctx: &ForwardCtx) -> candle_core::Result<Tensor> {
         let h = match &self.expand {
             Some(e) => e.forward(x, ctx)?,
@@ -291,18 +293,10 @@ impl InvertedResidual {
 
 /// An inverted-residual block of a mobilenet (`features.1..B`).
 pub(super) trait Block {
+    /// The block's output for `x` `[B, C, H, W]`.
     fn forward(&self, x: &Tensor, ctx: &ForwardCtx) -> candle_core::Result<Tensor>;
+    /// The block as ONNX nodes from the value `x`.
     fn emit(&self, g: &mut Graph, x: &str) -> Result<String, ExportError>;
-}
-
-impl Block for InvertedResidual {
-    fn forward(&self, x: &Tensor, ctx: &ForwardCtx) -> candle_core::Result<Tensor> {
-        InvertedResidual::forward(self, x, ctx)
-    }
-
-    fn emit(&self, g: &mut Graph, x: &str) -> Result<String, ExportError> {
-        InvertedResidual::emit(self, g, x)
-    }
 }
 
 /// The mobilenets' `features`: the stem `features.0`, the blocks

@@ -216,7 +216,9 @@ impl InvertedResidual {
             join: b.residual().then_some(Residual { relu: false }),
         })
     }
+}
 
+impl Block for InvertedResidual {
     fn forward(&self, x: &Tensor, ctx: &ForwardCtx) -> candle_core::Result<Tensor> {
         let h = match &self.expand {
             Some(e) => e.forward(x, ctx)?,
@@ -251,16 +253,6 @@ impl InvertedResidual {
         } else {
             y
         })
-    }
-}
-
-impl Block for InvertedResidual {
-    fn forward(&self, x: &Tensor, ctx: &ForwardCtx) -> candle_core::Result<Tensor> {
-        InvertedResidual::forward(self, x, ctx)
-    }
-
-    fn emit(&self, g: &mut Graph, x: &str) -> Result<String, ExportError> {
-        InvertedResidual::emit(self, g, x)
     }
 }
 
