@@ -11,6 +11,7 @@ use candle_nn::{Init, VarBuilder};
 use super::error::ModelError;
 use super::layers::batchnorm::{BnAct, EPS, MOMENTUM};
 use super::layers::{conv_with_init, BatchNorm, Conv, ConvConfig, Hardswish};
+use super::registry::Common;
 use super::ForwardCtx;
 use crate::engine::budget::{n, product, sum};
 use crate::engine::export::layers::{self as onnx, Emit};
@@ -49,6 +50,34 @@ pub fn sketch_input(sample_shape: &[usize]) -> (usize, [usize; 2]) {
         [h, w] => (1, [h, w]),
         [c, h, w] => (c, [h, w]),
         _ => (1, [1, 1]),
+    }
+}
+
+/// The `[model]` keys of a torchvision backbone, which resolve to its spec
+/// once the data tells the image shape.
+pub trait BackboneConfig {
+    /// What checkpoints store of the architecture.
+    type Spec;
+
+    /// The spec for `in_channels` x `input_size` images.
+    fn spec(&self, common: &Common, in_channels: usize, input_size: [usize; 2]) -> Self::Spec;
+
+    /// The spec of `arch` for image samples of `sample_shape` (`[C, H, W]`
+    /// or `[H, W]`); the error names `arch`.
+    fn resolve(
+        &self,
+        arch: &'static str,
+        common: &Common,
+        sample_shape: &[usize],
+    ) -> Result<Self::Spec, ModelError> {
+        let (c, size) = image_input(arch, sample_shape)?;
+        Ok(self.spec(common, c, size))
+    }
+
+    /// The spec without checking the sample shape (footprints before the data).
+    fn sketch(&self, common: &Common, sample_shape: &[usize]) -> Self::Spec {
+        let (c, size) = sketch_input(sample_shape);
+        self.spec(common, c, size)
     }
 }
 

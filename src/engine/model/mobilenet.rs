@@ -24,8 +24,8 @@ use candle_core::Tensor;
 use candle_nn::{Init, VarBuilder};
 use serde::{Deserialize, Serialize};
 
-use super::backbone::{self, BlockAct, ConvBnAct, ConvBnShape, Tally};
-use super::error::{KeyError, KeyProblem, ModelError};
+use super::backbone::{BackboneConfig, BlockAct, ConvBnAct, ConvBnShape, Tally};
+use super::error::{KeyError, KeyProblem};
 use super::layers::{linear_with_init, Dropout, GlobalAvgPool, Linear, Residual};
 use super::registry::Common;
 use super::split::{self, SplitPoint, Staged};
@@ -85,24 +85,10 @@ impl MobileNetConfig {
         }
         Ok(())
     }
+}
 
-    /// The spec of `arch` (`mobilenet_v2`, `mobilenet_v3_small`) for image
-    /// samples of `sample_shape` (`[C, H, W]` or `[H, W]`).
-    pub fn resolve(
-        &self,
-        arch: &'static str,
-        common: &Common,
-        sample_shape: &[usize],
-    ) -> Result<MobileNetSpec, ModelError> {
-        let (c, size) = backbone::image_input(arch, sample_shape)?;
-        Ok(self.spec(common, c, size))
-    }
-
-    /// The spec without checking the sample shape (footprints before the data).
-    pub fn sketch(&self, common: &Common, sample_shape: &[usize]) -> MobileNetSpec {
-        let (c, size) = backbone::sketch_input(sample_shape);
-        self.spec(common, c, size)
-    }
+impl BackboneConfig for MobileNetConfig {
+    type Spec = MobileNetSpec;
 
     fn spec(&self, common: &Common, in_channels: usize, input_size: [usize; 2]) -> MobileNetSpec {
         MobileNetSpec {

@@ -9,6 +9,7 @@
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
+use super::backbone::BackboneConfig;
 use super::cnn::{self, CnnConfig, CnnSpec};
 use super::error::{KeyError, KeyProblem, ModelError};
 use super::mlp::{self, MlpConfig, MlpSpec};

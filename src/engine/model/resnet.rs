@@ -24,8 +24,8 @@ use candle_core::Tensor;
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
-use super::backbone::{self, Tally, CONV_INIT};
-use super::error::{KeyError, KeyProblem, ModelError};
+use super::backbone::{BackboneConfig, Tally, CONV_INIT};
+use super::error::{KeyError, KeyProblem};
 use super::layers::batchnorm::BnAct;
 use super::layers::{
     conv_with_init, linear, BatchNorm, Conv, ConvConfig, Dropout, GlobalAvgPool, Linear, MaxPool,
@@ -71,23 +71,10 @@ impl ResNetConfig {
         }
         Ok(())
     }
+}
 
-    /// The spec for image samples of `sample_shape` (`[C, H, W]` or `[H, W]`).
-    pub fn resolve(
-        &self,
-        arch: &'static str,
-        common: &Common,
-        sample_shape: &[usize],
-    ) -> Result<ResNetSpec, ModelError> {
-        let (in_channels, input_size) = backbone::image_input(arch, sample_shape)?;
-        Ok(self.spec(common, in_channels, input_size))
-    }
-
-    /// The spec without checking the sample shape (footprints before the data).
-    pub fn sketch(&self, common: &Common, sample_shape: &[usize]) -> ResNetSpec {
-        let (c, size) = backbone::sketch_input(sample_shape);
-        self.spec(common, c, size)
-    }
+impl BackboneConfig for ResNetConfig {
+    type Spec = ResNetSpec;
 
     fn spec(&self, common: &Common, in_channels: usize, input_size: [usize; 2]) -> ResNetSpec {
         ResNetSpec {
