@@ -40,9 +40,9 @@ fn settings(root: &Path, model: &str, overrides: &[&str]) -> config::Settings {
         folder(&data_dir);
     }
     let cfg = root.join("c.toml");
-    std::fs::write(
+    crate::configs::load(
         &cfg,
-        format!(
+        &format!(
             r#"
 [data]
 dir = "{}"
@@ -67,13 +67,8 @@ dir = "{}"
             data_dir.display(),
             root.join("out").display()
         ),
+        overrides,
     )
-    .unwrap();
-    let ovs: Vec<config::Override> = overrides
-        .iter()
-        .map(|o| config::Override::parse_set(o).unwrap())
-        .collect();
-    config::load(&cfg, &ovs).unwrap()
 }
 
 const RESNET_HEAD: &str = "arch = \"resnet18\"\nbase_width = 4\nfinetune = \"head\"";
@@ -303,9 +298,9 @@ fn text_settings(root: &Path, model: &str, overrides: &[&str]) -> config::Settin
         std::fs::write(dir.join("data.txt"), lines).unwrap();
     }
     let cfg = root.join("t.toml");
-    std::fs::write(
+    crate::configs::load(
         &cfg,
-        format!(
+        &format!(
             r#"
 [data]
 dir = "{}"
@@ -331,13 +326,8 @@ dir = "{}"
             dir.display(),
             root.join("out").display()
         ),
+        overrides,
     )
-    .unwrap();
-    let ovs: Vec<config::Override> = overrides
-        .iter()
-        .map(|o| config::Override::parse_set(o).unwrap())
-        .collect();
-    config::load(&cfg, &ovs).unwrap()
 }
 
 #[test]

@@ -124,9 +124,9 @@ fn settings(root: &Path, overrides: &[&str]) -> config::Settings {
     let data_dir = root.join("data");
     folder(&data_dir);
     let cfg = root.join("c.toml");
-    std::fs::write(
+    crate::configs::load(
         &cfg,
-        format!(
+        &format!(
             r#"
 [data]
 dir = "{}"
@@ -162,13 +162,8 @@ dir = "{}"
             data_dir.display(),
             root.join("out").display()
         ),
+        overrides,
     )
-    .unwrap();
-    let ovs: Vec<config::Override> = overrides
-        .iter()
-        .map(|o| config::Override::parse_set(o).unwrap())
-        .collect();
-    config::load(&cfg, &ovs).unwrap()
 }
 
 #[test]

@@ -6,6 +6,7 @@
 mod paths;
 
 mod arch_parity;
+mod configs;
 mod feature_cache;
 mod fuzz_inputs;
 mod image_stream;
