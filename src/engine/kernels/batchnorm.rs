@@ -207,7 +207,11 @@ pub type Moments = (Vec<f32>, Vec<f32>);
 /// The [`Moments`] the forward pass used, shared with the caller.
 type BatchStats = Arc<OnceLock<Moments>>;
 
-struct BnOp {
+/// Per-channel (scale, shift) of a forward pass: `y = act(x * scale + shift)`.
+pub(super) type Affine = (Vec<f32>, Vec<f32>);
+
+/// The batch-norm op over one `[batch, channels, spatial]` tensor.
+pub(super) struct BnOp {
     batch: usize,
     channels: usize,
     /// Values per channel and sample.
@@ -236,6 +240,105 @@ fn lanes_sum(v: &[f32], f: impl Fn(f32) -> f32) -> f32 {
 }
 
 impl BnOp {
+    /// The op over `[batch, channels, spatial]` values.
+    pub(super) fn new(
+        (batch, channels, spatial): (usize, usize, usize),
+        eps: f64,
+        act: BnAct,
+        stats: BnStats,
+    ) -> Self {
+        Self {
+            batch,
+            channels,
+            spatial,
+            eps,
+            act,
+            stats,
+            used: Arc::new(OnceLock::new()),
+        }
+    }
+
+    /// Which statistics normalise the input.
+    pub(super) fn stats(&self) -> &BnStats {
+        &self.stats
+    }
+
+    /// The statistics the forward pass used, once it ran.
+    pub(super) fn used(&self) -> Option<&Moments> {
+        self.used.get()
+    }
+
+    /// `act(x * scale + shift)` and the per-channel (scale, shift), with the
+    /// statistics of [`Self::stats`] (recorded in [`Self::used`]).
+    pub(super) fn forward_slices(&self, x: &[f32], w: &[f32], b: &[f32]) -> (Vec<f32>, Affine) {
+        let (mean, var) = match &self.stats {
+            BnStats::Batch => self.batch_stats(x),
+            BnStats::Fixed { mean, var } => (mean.clone(), var.clone()),
+        };
+        // y = x * scale + shift, per channel.
+        let affine: Affine = (0..self.channels)
+            .map(|c| {
+                let invstd = (1.0 / (var[c] as f64 + self.eps).sqrt()) as f32;
+                let scale = w[c] * invstd;
+                (scale, b[c] - mean[c] * scale)
+            })
+            .unzip();
+        let _ = self.used.set((mean, var));
+        let y = self.apply(x, &affine);
+        (y, affine)
+    }
+
+    /// `act(x * scale + shift)` with a forward pass's (scale, shift).
+    pub(super) fn apply(&self, x: &[f32], (scale, shift): &Affine) -> Vec<f32> {
+        let mut y = vec![0f32; self.len()];
+        with_act!(self.act, normalise(self, x, scale, shift, &mut y));
+        y
+    }
+
+    /// (input gradient when `need_dx`, weight gradient, bias gradient) from
+    /// the input `xv`, weight `wv`, output `yv` (for the activation's mask)
+    /// and output gradient `gv`.
+    pub(super) fn backward_slices(
+        &self,
+        xv: &[f32],
+        wv: &[f32],
+        yv: &[f32],
+        gv: &[f32],
+        need_dx: bool,
+    ) -> Result<super::conv::Grads> {
+        let (mean, invstd) = self.norm()?;
+        let act = self.act;
+        let batch_stats = matches!(self.stats, BnStats::Batch);
+        let n = (self.batch * self.spatial).max(1) as f64;
+        // Per channel: sum of the masked gradient (= dbias) and of its
+        // product with x̂ (= dweight).
+        let sums = with_act!(act, grad_sums(self, xv, yv, gv, mean, &invstd));
+        let dx = if need_dx {
+            // Batch statistics: dx = w·invstd·(g - Σg/n - x̂·Σg·x̂/n);
+            // fixed ones: dx = w·invstd·g.
+            let coef: Vec<(f32, f32, f32, f32)> = (0..self.channels)
+                .map(|c| {
+                    let k = wv[c] * invstd[c];
+                    if batch_stats {
+                        let (sd, sdx) = sums[c];
+                        let c1 = (sd as f64 / n) as f32;
+                        let c2 = (sdx as f64 / n) as f32 * invstd[c];
+                        (k, c1, c2, mean[c])
+                    } else {
+                        (k, 0.0, 0.0, mean[c])
+                    }
+                })
+                .collect();
+            let mut dx = vec![0f32; self.len()];
+            with_act!(act, grad_input(self, xv, yv, gv, &coef, &mut dx));
+            Some(dx)
+        } else {
+            None
+        };
+        let (db, dw): (Vec<f32>, Vec<f32>) = sums.into_iter().unzip();
+        Ok((dx, dw, db))
+    }
+
     fn len(&self) -> usize {
         self.batch * self.channels * self.spatial
     }
@@ -300,21 +403,7 @@ impl CustomOp3 for BnOp {
         let x = super::f32_slice(OP, s1, l1, "input")?;
         let w = super::f32_slice(OP, s2, l2, "weight")?;
         let b = super::f32_slice(OP, s3, l3, "bias")?;
-        let (mean, var) = match &self.stats {
-            BnStats::Batch => self.batch_stats(x),
-            BnStats::Fixed { mean, var } => (mean.clone(), var.clone()),
-        };
-        // y = x * scale + shift, per channel.
-        let (scale, shift): (Vec<f32>, Vec<f32>) = (0..self.channels)
-            .map(|c| {
-                let invstd = (1.0 / (var[c] as f64 + self.eps).sqrt()) as f32;
-                let scale = w[c] * invstd;
-                (scale, b[c] - mean[c] * scale)
-            })
-            .unzip();
-        let _ = self.used.set((mean, var));
-        let mut y = vec![0f32; self.len()];
-        with_act!(self.act, normalise(self, x, &scale, &shift, &mut y));
+        let (y, _) = self.forward_slices(x, w, b);
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
@@ -327,10 +416,6 @@ impl CustomOp3 for BnOp {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let grad = grad.contiguous()?;
-        let (mean, invstd) = self.norm()?;
-        let act = self.act;
-        let batch_stats = matches!(self.stats, BnStats::Batch);
-        let n = (self.batch * self.spatial).max(1) as f64;
         let (dx, dw, db) = {
             let (xs, xl) = x.storage_and_layout();
             let (ws, wl) = w.storage_and_layout();
@@ -340,33 +425,7 @@ impl CustomOp3 for BnOp {
             let wv = super::cpu_f32_slice(OP, &ws, wl, "weight")?;
             let yv = super::cpu_f32_slice(OP, &ys, yl, "output")?;
             let gv = super::cpu_f32_slice(OP, &gs, gl, "gradient")?;
-            // Per channel: sum of the masked gradient (= dbias) and of its
-            // product with x̂ (= dweight).
-            let sums = with_act!(act, grad_sums(self, xv, yv, gv, mean, &invstd));
-            let dx = if x.track_op() {
-                // Batch statistics: dx = w·invstd·(g - Σg/n - x̂·Σg·x̂/n);
-                // fixed ones: dx = w·invstd·g.
-                let coef: Vec<(f32, f32, f32, f32)> = (0..self.channels)
-                    .map(|c| {
-                        let k = wv[c] * invstd[c];
-                        if batch_stats {
-                            let (sd, sdx) = sums[c];
-                            let c1 = (sd as f64 / n) as f32;
-                            let c2 = (sdx as f64 / n) as f32 * invstd[c];
-                            (k, c1, c2, mean[c])
-                        } else {
-                            (k, 0.0, 0.0, mean[c])
-                        }
-                    })
-                    .collect();
-                let mut dx = vec![0f32; self.len()];
-                with_act!(act, grad_input(self, xv, yv, gv, &coef, &mut dx));
-                Some(dx)
-            } else {
-                None
-            };
-            let (db, dw): (Vec<f32>, Vec<f32>) = sums.into_iter().unzip();
-            (dx, dw, db)
+            self.backward_slices(xv, wv, yv, gv, x.track_op())?
         };
         let dev = x.device();
         let dx = dx
@@ -579,17 +638,14 @@ pub fn batch_norm(
             bias.dims()
         );
     }
-    let used: BatchStats = Arc::new(OnceLock::new());
     let is_batch = matches!(stats, BnStats::Batch);
-    let op = BnOp {
-        batch: dims[0],
-        channels,
-        spatial: dims[2..].iter().product(),
+    let op = BnOp::new(
+        (dims[0], channels, dims[2..].iter().product()),
         eps,
         act,
         stats,
-        used: used.clone(),
-    };
+    );
+    let used = op.used.clone();
     let y = x
         .contiguous()?
         .apply_op3(&weight.contiguous()?, &bias.contiguous()?, op)?;

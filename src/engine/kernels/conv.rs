@@ -666,8 +666,8 @@ pub(super) fn apply<K: ConvKernel + 'static>(
 }
 
 /// The convolution.
-struct ConvOp {
-    g: Geom,
+pub(super) struct ConvOp {
+    pub(super) g: Geom,
 }
 
 impl ConvKernel for ConvOp {

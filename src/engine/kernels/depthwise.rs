@@ -212,8 +212,8 @@ fn backward_plane_impl(
 }
 
 /// The depthwise convolution kernel.
-struct DepthwiseOp {
-    g: Geom,
+pub(super) struct DepthwiseOp {
+    pub(super) g: Geom,
 }
 
 impl DepthwiseOp {

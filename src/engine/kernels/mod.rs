@@ -11,6 +11,7 @@
 pub mod act;
 pub mod batchnorm;
 pub mod conv;
+pub mod conv_bn_chain;
 pub mod depthwise;
 pub mod direct_grads;
 pub mod elementwise;

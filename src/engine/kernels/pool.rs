@@ -16,11 +16,12 @@ use rayon::prelude::*;
 /// Marks a window that passes no gradient (fused ReLU, maximum not positive).
 pub(crate) const NONE: u32 = u32::MAX;
 
+/// A max-pooling over `planes` planes of `h x w`.
 #[derive(Debug)]
-struct PoolOp {
-    planes: usize,
-    h: usize,
-    w: usize,
+pub(super) struct PoolOp {
+    pub(super) planes: usize,
+    pub(super) h: usize,
+    pub(super) w: usize,
     kh: usize,
     kw: usize,
     relu: bool,
@@ -34,13 +35,13 @@ struct PoolOp {
 }
 
 impl PoolOp {
-    fn ho(&self) -> usize {
+    pub(super) fn ho(&self) -> usize {
         match self.strided {
             None => self.h / self.kh,
             Some(((sh, _), (ph, _))) => (self.h + 2 * ph - self.kh) / sh + 1,
         }
     }
-    fn wo(&self) -> usize {
+    pub(super) fn wo(&self) -> usize {
         match self.strided {
             None => self.w / self.kw,
             Some(((_, sw), (_, pw))) => (self.w + 2 * pw - self.kw) / sw + 1,
@@ -59,7 +60,7 @@ impl PoolOp {
     }
 
     /// Pools one plane (see [`pool_plane`], [`pool_plane_strided`]).
-    fn plane(&self, x: &[f32], y: &mut [f32], at: &mut [u32]) {
+    pub(super) fn plane(&self, x: &[f32], y: &mut [f32], at: &mut [u32]) {
         match self.strided {
             None => pool_plane(x, (self.h, self.w), (self.kh, self.kw), self.relu, y, at),
             Some((s, p)) => self.plane_strided(x, s, p, y, at),
@@ -243,6 +244,40 @@ pub fn max_pool2d(x: &Tensor, k: usize, relu: bool) -> Result<Tensor> {
     x.contiguous()?.apply_op1(op)
 }
 
+impl PoolOp {
+    /// `MaxPool2d(k, stride, padding)` over `planes` planes of `h x w`
+    /// (floor mode, padding at most half the window), no ReLU.
+    pub(super) fn strided_2d(
+        planes: usize,
+        (h, w): (usize, usize),
+        k: usize,
+        stride: usize,
+        padding: usize,
+    ) -> Result<PoolOp> {
+        check_strided(h, w, k, stride, padding)?;
+        Ok(PoolOp {
+            planes,
+            h,
+            w,
+            kh: k,
+            kw: k,
+            relu: false,
+            one_d: false,
+            strided: Some(((stride, stride), (padding, padding))),
+            argmax: OnceLock::new(),
+        })
+    }
+}
+
+fn check_strided(h: usize, w: usize, k: usize, stride: usize, padding: usize) -> Result<()> {
+    if k == 0 || stride == 0 || 2 * padding > k || h + 2 * padding < k || w + 2 * padding < k {
+        candle_core::bail!(
+            "max-pool: window {k}, stride {stride}, padding {padding} do not fit a {h}x{w} input"
+        );
+    }
+    Ok(())
+}
+
 /// `MaxPool2d(k, stride, padding)` on `[B, C, H, W]` (floor mode, padding at
 /// most half the window), after a ReLU when `relu`. CPU and f32 only.
 pub fn max_pool2d_strided(
@@ -253,11 +288,7 @@ pub fn max_pool2d_strided(
     relu: bool,
 ) -> Result<Tensor> {
     let (b, c, h, w) = x.dims4()?;
-    if k == 0 || stride == 0 || 2 * padding > k || h + 2 * padding < k || w + 2 * padding < k {
-        candle_core::bail!(
-            "max-pool: window {k}, stride {stride}, padding {padding} do not fit a {h}x{w} input"
-        );
-    }
+    check_strided(h, w, k, stride, padding)?;
     if !super::on_cpu_f32(&[x]) {
         candle_core::bail!("max-pool: the kernel runs on f32 CPU tensors only");
     }

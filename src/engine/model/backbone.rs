@@ -10,6 +10,7 @@ use candle_nn::{Init, VarBuilder};
 
 use super::error::ModelError;
 use super::layers::batchnorm::{BnAct, EPS, MOMENTUM};
+use super::layers::conv_bn_chain::{self, ChainPart, Join};
 use super::layers::{conv_with_init, BatchNorm, Conv, ConvConfig, Hardswish};
 use super::registry::Common;
 use super::ForwardCtx;
@@ -284,9 +285,31 @@ impl ConvBnAct {
         })
     }
 
+    /// The block as a unit of a fused chain (`None` for hard swish, which
+    /// the chain kernel does not have).
+    pub fn part(&self) -> Option<ChainPart<'_>> {
+        let act = match self.act {
+            BlockAct::None => BnAct::None,
+            BlockAct::Relu => BnAct::Relu,
+            BlockAct::Relu6 => BnAct::Relu6,
+            BlockAct::Hardswish => return None,
+        };
+        Some(ChainPart {
+            conv: &self.conv,
+            bn: &self.bn,
+            act,
+        })
+    }
+
     /// `act(bn(conv(x)))`; ReLU and ReLU6 are fused into the batch-norm (one
-    /// kernel on the CPU).
+    /// kernel on the CPU; in training the convolution too, see
+    /// [`conv_bn_chain`]).
     pub fn forward(&self, x: &Tensor, ctx: &ForwardCtx) -> candle_core::Result<Tensor> {
+        if let Some(part) = self.part() {
+            if let Some(y) = conv_bn_chain::forward(x, &[part], Join::None, ctx)? {
+                return Ok(y);
+            }
+        }
         let y = self.conv.forward(x, ctx)?;
         match self.act {
             BlockAct::None => self.bn.forward_act(&y, BnAct::None, ctx),

@@ -26,6 +26,7 @@ use serde::{Deserialize, Serialize};
 
 use super::backbone::{BackboneConfig, BlockAct, ConvBnAct, ConvBnShape, Tally};
 use super::error::{KeyError, KeyProblem};
+use super::layers::conv_bn_chain::{self, ChainPart, Join};
 use super::layers::{linear_with_init, Dropout, GlobalAvgPool, Linear, Residual};
 use super::registry::Common;
 use super::split::{self, SplitPoint, Staged};
@@ -249,6 +250,23 @@ impl InvertedResidual {
 
 impl Block for InvertedResidual {
     fn forward(&self, x: &Tensor, ctx: &ForwardCtx) -> candle_core::Result<Tensor> {
+        // Expand, depthwise and project (and the join) as one kernel where it applies.
+        let parts: Option<Vec<ChainPart>> = self
+            .expand
+            .iter()
+            .chain([&self.depthwise, &self.project])
+            .map(|b| b.part())
+            .collect();
+        if let Some(parts) = parts {
+            let join = if self.join.is_some() {
+                Join::Identity
+            } else {
+                Join::None
+            };
+            if let Some(y) = conv_bn_chain::forward(x, &parts, join, ctx)? {
+                return Ok(y);
+            }
+        }
         let h = match &self.expand {
             Some(e) => e.forward(x, ctx)?,
             None => x.clone(),

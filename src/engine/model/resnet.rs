@@ -27,6 +27,7 @@ use serde::{Deserialize, Serialize};
 use super::backbone::{BackboneConfig, Tally, CONV_INIT};
 use super::error::{KeyError, KeyProblem};
 use super::layers::batchnorm::BnAct;
+use super::layers::conv_bn_chain::{self, ChainPart, Join};
 use super::layers::{
     conv_with_init, linear, BatchNorm, Conv, ConvConfig, Dropout, GlobalAvgPool, Linear, MaxPool,
     PoolConfig, Residual,
@@ -175,6 +176,15 @@ impl ConvBn {
         self.bn.emit(g, &y)
     }
 
+    /// The pair as a unit of a fused chain, `act` after it.
+    fn part(&self, act: BnAct) -> ChainPart<'_> {
+        ChainPart {
+            conv: &self.conv,
+            bn: &self.bn,
+            act,
+        }
+    }
+
     /// `relu(forward(x))`, the ReLU fused into the batch-norm.
     fn forward_relu(&self, x: &Tensor, ctx: &ForwardCtx) -> candle_core::Result<Tensor> {
         self.bn
@@ -227,6 +237,14 @@ impl BasicBlock {
     }
 
     fn forward(&self, x: &Tensor, ctx: &ForwardCtx) -> candle_core::Result<Tensor> {
+        let parts = [self.first.part(BnAct::Relu), self.second.part(BnAct::Relu)];
+        let join = match &self.downsample {
+            Some(d) => Join::Projected(&d.conv, &d.bn),
+            None => Join::Identity,
+        };
+        if let Some(y) = conv_bn_chain::forward(x, &parts, join, ctx)? {
+            return Ok(y);
+        }
         let out = self.first.forward_relu(x, ctx)?;
         let out = self.second.forward(&out, ctx)?;
         let identity = match &self.downsample {
@@ -345,6 +363,12 @@ impl Staged for ResNet {
                 let b = x.dim(0)?;
                 let [h, w] = self.spec.input_size;
                 let x = x.reshape((b, self.spec.in_channels, h, w))?;
+                let stem = [self.stem.part(BnAct::Relu)];
+                if let Some(y) =
+                    conv_bn_chain::forward_pooled(&x, &stem, Join::None, Some(&self.pool), ctx)?
+                {
+                    return Ok(y);
+                }
                 let x = self.stem.forward(&x, ctx)?;
                 self.pool.forward_relu(&x, ctx)
             }

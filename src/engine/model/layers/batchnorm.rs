@@ -17,7 +17,7 @@ use candle_nn::{Init, VarBuilder};
 
 use super::Param;
 pub use crate::engine::kernels::batchnorm::BnAct;
-use crate::engine::kernels::batchnorm::{self, BnStats};
+use crate::engine::kernels::batchnorm::{self, BnStats, Moments};
 use crate::engine::model::ForwardCtx;
 
 /// Names of the buffers a batch-norm layer keeps (never optimised).
@@ -114,27 +114,25 @@ impl BatchNorm {
                 x.dims()
             );
         }
+        let (weight, bias, stats) = self.kernel_inputs(ctx)?;
+        let (y, moments) = batchnorm::batch_norm(x, &weight, &bias, stats, self.eps, act)?;
+        if let Some(m) = moments {
+            self.record_batch(m, x.elem_count() / self.channels)?;
+        }
+        Ok(y)
+    }
+
+    /// What the kernels normalise with in this pass: the live weight and
+    /// bias, and the batch's statistics (training, not frozen) or the running
+    /// ones.
+    pub(crate) fn kernel_inputs(
+        &self,
+        ctx: &ForwardCtx,
+    ) -> candle_core::Result<(Tensor, Tensor, BnStats)> {
         let frozen = self.weight.frozen(ctx);
         let (weight, bias) = (self.weight.live(ctx), self.bias.live(ctx));
         if ctx.train && !frozen {
-            let (y, stats) =
-                batchnorm::batch_norm(x, &weight, &bias, BnStats::Batch, self.eps, act)?;
-            if let Some((mean, var)) = stats {
-                let n = x.elem_count() / self.channels;
-                let dev = x.device();
-                let m = self.momentum;
-                let unbiased = n as f64 / (n.max(2) - 1) as f64;
-                let rm = self.running_mean.as_tensor();
-                let rv = self.running_var.as_tensor();
-                let bm = Tensor::from_vec(mean, self.channels, dev)?.to_dtype(rm.dtype())?;
-                let bv = Tensor::from_vec(var, self.channels, dev)?.to_dtype(rv.dtype())?;
-                self.running_mean.set(&((rm * (1.0 - m))? + (bm * m)?)?)?;
-                self.running_var
-                    .set(&((rv * (1.0 - m))? + (bv * (m * unbiased))?)?)?;
-                let nbt = (self.num_batches_tracked.as_tensor() + 1.0)?;
-                self.num_batches_tracked.set(&nbt)?;
-            }
-            return Ok(y);
+            return Ok((weight, bias, BnStats::Batch));
         }
         let stats = BnStats::Fixed {
             mean: self
@@ -148,7 +146,24 @@ impl BatchNorm {
                 .to_dtype(DType::F32)?
                 .to_vec1()?,
         };
-        Ok(batchnorm::batch_norm(x, &weight, &bias, stats, self.eps, act)?.0)
+        Ok((weight, bias, stats))
+    }
+
+    /// Moves the running statistics towards a batch's (mean, biased
+    /// variance) over `n` values per channel, as torch (unbiased variance).
+    pub(crate) fn record_batch(&self, (mean, var): Moments, n: usize) -> candle_core::Result<()> {
+        let dev = self.running_mean.device();
+        let m = self.momentum;
+        let unbiased = n as f64 / (n.max(2) - 1) as f64;
+        let rm = self.running_mean.as_tensor();
+        let rv = self.running_var.as_tensor();
+        let bm = Tensor::from_vec(mean, self.channels, dev)?.to_dtype(rm.dtype())?;
+        let bv = Tensor::from_vec(var, self.channels, dev)?.to_dtype(rv.dtype())?;
+        self.running_mean.set(&((rm * (1.0 - m))? + (bm * m)?)?)?;
+        self.running_var
+            .set(&((rv * (1.0 - m))? + (bv * (m * unbiased))?)?)?;
+        let nbt = (self.num_batches_tracked.as_tensor() + 1.0)?;
+        self.num_batches_tracked.set(&nbt)
     }
 
     /// Candle's ops (the path CUDA takes).

@@ -178,6 +178,25 @@ impl Conv {
             && ctx.use_kernels(&all)
     }
 
+    /// The live weight, and whether the convolution is depthwise, where the
+    /// fused chain kernel ([`kernels::conv_bn_chain`]) can compute this layer
+    /// on an input of `x`'s kind with `cin` channels: 2-D, no bias,
+    /// dilation 1, one group or depthwise, kernels on for f32 CPU tensors.
+    pub(crate) fn chain_weight(
+        &self,
+        x: &Tensor,
+        cin: usize,
+        ctx: &ForwardCtx,
+    ) -> Option<(Tensor, bool)> {
+        let (w, b) = self.live(ctx);
+        if self.dims != 2 || b.is_some() || self.cfg.dilation != 1 || !ctx.use_kernels(&[x, &w]) {
+            return None;
+        }
+        let g = self.cfg.groups;
+        let depthwise = g > 1 && w.dim(0).ok() == Some(g) && w.dim(1).ok() == Some(1) && cin == g;
+        (g == 1 || depthwise).then_some((w, depthwise))
+    }
+
     /// The convolution of `x` `[B, C, L]` or `[B, C, H, W]`.
     pub fn forward(&self, x: &Tensor, ctx: &ForwardCtx) -> candle_core::Result<Tensor> {
         let (w, b) = self.live(ctx);

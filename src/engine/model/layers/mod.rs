@@ -10,6 +10,7 @@
 pub mod activation;
 pub mod batchnorm;
 pub mod conv;
+pub mod conv_bn_chain;
 pub mod dropout;
 pub mod embedding;
 pub mod global_pool;
