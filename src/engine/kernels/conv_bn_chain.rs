@@ -682,3 +682,291 @@ impl CustomOp2 for Shared {
         self.0.backward(x, res, grad)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::test_util::{max_diff, rand};
+    use super::*;
+    use crate::engine::kernels::{act, batchnorm, conv2d, depthwise_conv2d, pool};
+    use candle_core::Var;
+
+    /// A unit's shape: (cin, cout, kernel, stride, depthwise, act).
+    type Shape_ = (usize, usize, usize, usize, bool, BnAct);
+
+    struct Case {
+        x: Vec<usize>,
+        units: Vec<Shape_>,
+        /// None: no join; Some(None): identity; Some(Some(stride)): 1x1 conv + bn.
+        join: Option<Option<usize>>,
+        pool: Option<ChainPool>,
+        /// Per parameter (in the op's order), frozen.
+        frozen: fn(usize) -> bool,
+        x_grad: bool,
+    }
+
+    /// Parameters of every unit (then the shortcut's): (weight, bn weight, bn bias).
+    fn params(case: &Case) -> Vec<Var> {
+        let mut shapes: Vec<(usize, usize, usize, bool)> =
+            case.units.iter().map(|u| (u.0, u.1, u.2, u.4)).collect();
+        if let Some(Some(_)) = case.join {
+            shapes.push((case.x[1], case.units[case.units.len() - 1].1, 1, false));
+        }
+        let mut out = Vec::new();
+        for (i, (cin, cout, k, dw)) in shapes.into_iter().enumerate() {
+            let w = rand(&[cout, if dw { 1 } else { cin }, k, k], 10 + i as u64);
+            let g = rand(&[cout], 50 + i as u64).affine(0.5, 1.0).unwrap();
+            out.push(Var::from_tensor(&w).unwrap());
+            out.push(Var::from_tensor(&g).unwrap());
+            out.push(Var::from_tensor(&rand(&[cout], 90 + i as u64)).unwrap());
+        }
+        out
+    }
+
+    fn live(case: &Case, ps: &[Var]) -> Vec<Tensor> {
+        ps.iter()
+            .enumerate()
+            .map(|(i, p)| {
+                if (case.frozen)(i) {
+                    p.as_tensor().detach()
+                } else {
+                    p.as_tensor().clone()
+                }
+            })
+            .collect()
+    }
+
+    fn stats(case: &Case, k: usize) -> BnStats {
+        if (case.frozen)(3 * k + 1) {
+            let c = if k < case.units.len() {
+                case.units[k].1
+            } else {
+                case.units[case.units.len() - 1].1
+            };
+            BnStats::Fixed {
+                mean: (0..c).map(|i| 0.1 * i as f32).collect(),
+                var: (0..c).map(|i| 1.0 + 0.2 * i as f32).collect(),
+            }
+        } else {
+            BnStats::Batch
+        }
+    }
+
+    /// The chain with the separate kernels: output and batch statistics.
+    fn reference(case: &Case, x: &Tensor, p: &[Tensor]) -> (Tensor, Vec<Option<Moments>>) {
+        let n = case.units.len();
+        let mut h = x.clone();
+        let mut moments = Vec::new();
+        for (i, &(_, _, k, s, dw, a)) in case.units.iter().enumerate() {
+            let c = if dw {
+                depthwise_conv2d(&h, &p[3 * i], None, s, k / 2).unwrap()
+            } else {
+                conv2d(&h, &p[3 * i], None, s, k / 2).unwrap()
+            };
+            let a = if i + 1 == n && case.join.is_some() {
+                BnAct::None
+            } else {
+                a
+            };
+            let (y, m) =
+                batchnorm::batch_norm(&c, &p[3 * i + 1], &p[3 * i + 2], stats(case, i), 1e-5, a)
+                    .unwrap();
+            moments.push(m);
+            h = y;
+        }
+        if let Some(join) = case.join {
+            let s = match join {
+                None => x.clone(),
+                Some(stride) => {
+                    let c = conv2d(x, &p[3 * n], None, stride, 0).unwrap();
+                    let (y, m) = batchnorm::batch_norm(
+                        &c,
+                        &p[3 * n + 1],
+                        &p[3 * n + 2],
+                        stats(case, n),
+                        1e-5,
+                        BnAct::None,
+                    )
+                    .unwrap();
+                    moments.push(m);
+                    y
+                }
+            };
+            h = act::add_act(&h, &s, case.units[n - 1].5 == BnAct::Relu).unwrap();
+        }
+        if let Some(pl) = case.pool {
+            h = pool::max_pool2d_strided(&h, pl.kernel, pl.stride, pl.padding, false).unwrap();
+        }
+        (h, moments)
+    }
+
+    fn chain(case: &Case, x: &Tensor, p: &[Tensor]) -> (Tensor, Vec<UnitStats>) {
+        let n = case.units.len();
+        let unit = |i: usize, (_, _, k, s, dw, a): Shape_| ChainUnit {
+            weight: p[3 * i].clone(),
+            depthwise: dw,
+            stride: s,
+            padding: k / 2,
+            bn_weight: p[3 * i + 1].clone(),
+            bn_bias: p[3 * i + 2].clone(),
+            stats: stats(case, i),
+            eps: 1e-5,
+            act: a,
+        };
+        let units = case
+            .units
+            .iter()
+            .enumerate()
+            .map(|(i, &u)| unit(i, u))
+            .collect();
+        let shortcut = match case.join {
+            None => ChainShortcut::None,
+            Some(None) => ChainShortcut::Identity,
+            Some(Some(stride)) => {
+                let cout = case.units[n - 1].1;
+                ChainShortcut::Unit(unit(n, (case.x[1], cout, 1, stride, false, BnAct::None)))
+            }
+        };
+        conv_bn_chain(x, units, shortcut, case.pool).unwrap()
+    }
+
+    fn check(case: Case) {
+        let xv = Var::from_tensor(&rand(&case.x, 1)).unwrap();
+        let x = if case.x_grad {
+            xv.as_tensor().clone()
+        } else {
+            xv.as_tensor().detach()
+        };
+        let ps = params(&case);
+        let p = live(&case, &ps);
+        let (want, want_m) = reference(&case, &x, &p);
+        let (got, got_m) = chain(&case, &x, &p);
+        assert!(max_diff(&want, &got) < 1e-5, "outputs differ");
+        for (w, g) in want_m.iter().zip(&got_m) {
+            match (w, g) {
+                (Some((wm, wv)), Some(((gm, gv), _))) => {
+                    assert_eq!((wm, wv), (gm, gv), "batch statistics differ")
+                }
+                (None, None) => {}
+                _ => panic!("batch statistics where none were expected, or the reverse"),
+            }
+        }
+        let wts = rand(want.dims(), 7);
+        let loss = |y: &Tensor| (y * &wts).unwrap().sum_all().unwrap();
+        let gw = direct_grads::backward(&loss(&want)).unwrap();
+        let gg = direct_grads::backward(&loss(&got)).unwrap();
+        let mut all: Vec<(&str, &Tensor)> = vec![("input", xv.as_tensor())];
+        all.extend(ps.iter().map(|v| ("parameter", v.as_tensor())));
+        for (i, (what, t)) in all.into_iter().enumerate() {
+            match (gw.get(t), gg.get(t)) {
+                (Some(a), Some(b)) => {
+                    let d = max_diff(a, b);
+                    assert!(d < 1e-4, "{what} {i}: gradients differ by {d}");
+                }
+                (None, None) => {}
+                (a, b) => panic!(
+                    "{what} {i}: gradient present {} in the reference, {} in the chain",
+                    a.is_some(),
+                    b.is_some()
+                ),
+            }
+        }
+    }
+
+    #[test]
+    fn basic_block_with_downsample_matches_the_separate_kernels() {
+        check(Case {
+            x: vec![3, 4, 9, 9],
+            units: vec![
+                (4, 6, 3, 2, false, BnAct::Relu),
+                (6, 6, 3, 1, false, BnAct::Relu),
+            ],
+            join: Some(Some(2)),
+            pool: None,
+            frozen: |_| false,
+            x_grad: true,
+        });
+    }
+
+    #[test]
+    fn inverted_residual_matches_the_separate_kernels() {
+        check(Case {
+            x: vec![2, 4, 7, 7],
+            units: vec![
+                (4, 12, 1, 1, false, BnAct::Relu6),
+                (12, 12, 3, 1, true, BnAct::Relu6),
+                (12, 4, 1, 1, false, BnAct::None),
+            ],
+            join: Some(None),
+            pool: None,
+            frozen: |_| false,
+            x_grad: true,
+        });
+    }
+
+    #[test]
+    fn stem_with_max_pool_on_data_matches_the_separate_kernels() {
+        check(Case {
+            x: vec![2, 3, 16, 16],
+            units: vec![(3, 8, 7, 2, false, BnAct::Relu)],
+            join: None,
+            pool: Some(ChainPool {
+                kernel: 3,
+                stride: 2,
+                padding: 1,
+            }),
+            frozen: |_| false,
+            x_grad: false,
+        });
+    }
+
+    #[test]
+    fn frozen_parts_get_no_gradient_and_keep_their_statistics() {
+        // Stage 0 frozen whole (conv and batch-norm: running statistics),
+        // stage 1's convolution frozen, its batch-norm and the shortcut's
+        // trainable ("bias" fine-tuning); the input needs no gradient.
+        check(Case {
+            x: vec![2, 4, 8, 8],
+            units: vec![
+                (4, 6, 3, 2, false, BnAct::Relu),
+                (6, 6, 3, 1, false, BnAct::Relu),
+            ],
+            join: Some(Some(2)),
+            pool: None,
+            frozen: |i| i <= 3,
+            x_grad: false,
+        });
+        // Everything frozen but the input's gradient is needed.
+        check(Case {
+            x: vec![2, 4, 8, 8],
+            units: vec![
+                (4, 4, 3, 1, false, BnAct::Relu),
+                (4, 4, 3, 1, false, BnAct::Relu),
+            ],
+            join: Some(None),
+            pool: None,
+            frozen: |_| true,
+            x_grad: true,
+        });
+    }
+
+    #[test]
+    fn a_plain_backward_pass_fails_rather_than_losing_gradients() {
+        let case = Case {
+            x: vec![2, 4, 6, 6],
+            units: vec![
+                (4, 4, 3, 1, false, BnAct::Relu),
+                (4, 4, 3, 1, false, BnAct::Relu),
+            ],
+            join: Some(None),
+            pool: None,
+            frozen: |_| false,
+            x_grad: false,
+        };
+        let x = rand(&case.x, 1);
+        let ps = params(&case);
+        let p = live(&case, &ps);
+        let (y, _) = chain(&case, &x, &p);
+        let err = y.sum_all().unwrap().backward().unwrap_err().to_string();
+        assert!(err.contains("direct_grads::backward"), "{err}");
+    }
+}
