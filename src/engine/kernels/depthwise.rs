@@ -16,6 +16,7 @@ use candle_core::{Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::conv::{apply, check_bias, out_size, ConvKernel, Geom, Grads};
+use super::depthwise3x3 as fast;
 
 /// The range of output columns `[lo, hi)` whose input column for a filter
 /// column is inside the image, and the input column of `lo`.
@@ -234,7 +235,19 @@ impl ConvKernel for DepthwiseOp {
         let (plane_in, plane_out, taps) = (g.h * g.w, g.n(), self.taps());
         let mut y = vec![0f32; g.batch * g.out_len()];
         let ct = col_table(g);
-        if plane_out > 0 {
+        if plane_out > 0 && fast::applies(g) {
+            y.par_chunks_mut(g.out_len().max(1))
+                .enumerate()
+                .for_each(|(s, ys)| {
+                    let mut pad = fast::Padded::new(g.h, g.w);
+                    for (c, yp) in ys.chunks_mut(plane_out).enumerate() {
+                        let p = s * g.cin + c;
+                        pad.load(&x[p * plane_in..(p + 1) * plane_in]);
+                        let bias = b.map_or(0.0, |b| b[c]);
+                        fast::forward_plane(&pad, &w[c * taps..(c + 1) * taps], bias, yp);
+                    }
+                });
+        } else if plane_out > 0 {
             y.par_chunks_mut(g.out_len().max(1))
                 .enumerate()
                 .for_each(|(s, ys)| {

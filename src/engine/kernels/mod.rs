@@ -13,6 +13,7 @@ pub mod batchnorm;
 pub mod conv;
 pub mod conv_bn_chain;
 pub mod depthwise;
+mod depthwise3x3;
 pub mod direct_grads;
 pub mod elementwise;
 pub mod gemm;

@@ -503,6 +503,7 @@ mod tests {
         };
         for (dims, xs, k, cfg, bias, frozen) in [
             (2, vec![3, 5, 13, 11], 3, dw(1, 1), false, false),
+            (2, vec![2, 5, 6, 9], 3, dw(1, 1), true, true),
             (2, vec![2, 5, 13, 11], 3, dw(2, 1), true, false),
             (2, vec![2, 5, 8, 9], 3, dw(2, 0), false, false),
             (2, vec![2, 5, 7, 7], 5, dw(3, 2), true, false),
