@@ -39,7 +39,7 @@ use super::batchnorm::{Affine, BnAct, BnOp, BnStats, Moments};
 use super::conv::{ConvKernel, ConvOp, Geom};
 use super::depthwise::DepthwiseOp;
 use super::direct_grads;
-use super::pool::{PoolOp, NONE};
+use super::pool::PoolOp;
 
 const OP: &str = "conv-bn-chain";
 
@@ -352,7 +352,7 @@ impl ChainOp {
                     candle_core::Error::Msg(format!("{OP}: stage {} not saved", n - 1))
                 })?;
                 let y = self.stages[n - 1].bn.apply(last, &saved.affines[n - 1]);
-                (Some(unpool(p, &saved.argmax, gv)), Some(y))
+                (Some(p.unpool(&saved.argmax, gv)), Some(y))
             }
             None => (None, None),
         };
@@ -479,25 +479,6 @@ impl ChainOp {
 /// Values per plane of a pool's input.
 fn p_in(p: &PoolOp) -> usize {
     p.h * p.w
-}
-
-/// The gradient of a pool's input: each pooled value's gradient `g` added at
-/// its window's maximum.
-fn unpool(p: &PoolOp, argmax: &[u32], g: &[f32]) -> Vec<f32> {
-    let (plane_in, plane_out) = (p_in(p), p.ho() * p.wo());
-    let mut dx = vec![0f32; p.planes * plane_in];
-    if plane_in > 0 && plane_out > 0 {
-        dx.par_chunks_mut(plane_in)
-            .zip(argmax.par_chunks(plane_out).zip(g.par_chunks(plane_out)))
-            .for_each(|(dp, (ap, gp))| {
-                for (&a, &g) in ap.iter().zip(gp) {
-                    if a != NONE {
-                        dp[a as usize] += g;
-                    }
-                }
-            });
-    }
-    dx
 }
 
 /// `g` where the activation passes at output `y`, else 0.

@@ -201,22 +201,11 @@ impl CustomOp1 for PoolOp {
             candle_core::bail!("max-pool: backward before forward");
         };
         let grad = grad.contiguous()?;
-        let (out, plane_in) = (self.ho() * self.wo(), self.h * self.w);
-        let mut dx = vec![0f32; self.planes * plane_in];
-        {
+        let dx = {
             let (gs, gl) = grad.storage_and_layout();
             let g = super::cpu_f32_slice("max-pool", &gs, gl, "gradient")?;
-            dx.par_chunks_mut(plane_in)
-                .zip(argmax.par_chunks(out).zip(g.par_chunks(out)))
-                .for_each(|(dp, (ap, gp))| {
-                    // Overlapping windows may share their maximum.
-                    for (&a, &g) in ap.iter().zip(gp) {
-                        if a != NONE {
-                            dp[a as usize] += g;
-                        }
-                    }
-                });
-        }
+            self.unpool(argmax, g)
+        };
         Ok(Some(Tensor::from_vec(dx, arg.shape(), arg.device())?))
     }
 }
@@ -245,6 +234,26 @@ pub fn max_pool2d(x: &Tensor, k: usize, relu: bool) -> Result<Tensor> {
 }
 
 impl PoolOp {
+    /// The gradient of the pool's input: each pooled value's gradient `g`
+    /// added at its window's maximum (`argmax`, as the forward pass set it).
+    pub(super) fn unpool(&self, argmax: &[u32], g: &[f32]) -> Vec<f32> {
+        let (out, plane_in) = (self.ho() * self.wo(), self.h * self.w);
+        let mut dx = vec![0f32; self.planes * plane_in];
+        if out > 0 && plane_in > 0 {
+            dx.par_chunks_mut(plane_in)
+                .zip(argmax.par_chunks(out).zip(g.par_chunks(out)))
+                .for_each(|(dp, (ap, gp))| {
+                    // Overlapping windows may share their maximum.
+                    for (&a, &g) in ap.iter().zip(gp) {
+                        if a != NONE {
+                            dp[a as usize] += g;
+                        }
+                    }
+                });
+        }
+        dx
+    }
+
     /// `MaxPool2d(k, stride, padding)` over `planes` planes of `h x w`
     /// (floor mode, padding at most half the window), no ReLU.
     pub(super) fn strided_2d(
