@@ -212,12 +212,21 @@ impl ChainOp {
     }
 
     fn forward(&self, x: &[f32], anchor: Option<&[f32]>) -> Result<Vec<f32>> {
-        let guards: Vec<_> = self.params().map(|t| t.storage_and_layout()).collect();
+        // candle holds the anchor's storage locked for this call and hands
+        // its values in as `anchor`: it is not locked a second time.
+        let guards: Vec<_> = self
+            .params()
+            .enumerate()
+            .map(|(i, t)| {
+                (self.anchor != Some(i) || anchor.is_none()).then(|| t.storage_and_layout())
+            })
+            .collect();
         let mut vals = Vec::with_capacity(guards.len());
-        for (i, (s, l)) in guards.iter().enumerate() {
-            match (self.anchor == Some(i), anchor) {
-                (true, Some(a)) => vals.push(a),
-                _ => vals.push(cpu_slice(s, l)?),
+        for g in &guards {
+            match (g, anchor) {
+                (Some((s, l)), _) => vals.push(cpu_slice(s, l)?),
+                (None, Some(a)) => vals.push(a),
+                (None, None) => candle_core::bail!("{OP}: the anchor's values are missing"),
             }
         }
         let last = self.stages.len() - 1;
