@@ -11,7 +11,7 @@
 //!   the kept convolution output and the forward pass's per-channel scale and
 //!   shift in one cheap pass when the backward pass needs them, and so are
 //!   never kept; nor are the batch-norm outputs before the join and the sum.
-//!   A `BasicBlock` keeps 3 (4 with a downsample) tensors instead of 7 (9),
+//!   A `BasicBlock` keeps 3 (4 with a downsample) tensors instead of 5 (7),
 //!   an inverted residual 4 instead of 7, two of them the wide expanded ones.
 //!   The kept values are released as the backward pass walks past them.
 //! - candle's back-propagation hands each op's input gradient to the next op
