@@ -315,10 +315,11 @@ impl ChainOp {
         };
         let grad = grad.contiguous()?;
         let dev = x.device();
+        let params: Vec<&Tensor> = self.params().collect();
         let mut anchor_grad = None;
         // Hands the gradient of parameter `k` over.
         let mut give = |k: usize, v: Vec<f32>| -> Result<()> {
-            let Some(p) = self.params().nth(k) else {
+            let Some(&p) = params.get(k) else {
                 return Ok(());
             };
             if !p.track_op() {
@@ -335,7 +336,7 @@ impl ChainOp {
             }
             Ok(())
         };
-        let tracks = |k: usize| self.params().nth(k).is_some_and(|p| p.track_op());
+        let tracks = |k: usize| params.get(k).is_some_and(|p| p.track_op());
         let n = self.stages.len();
         // Whether anything before stage i (its input side) needs a gradient.
         let upstream: Vec<bool> = (0..n)
@@ -347,7 +348,7 @@ impl ChainOp {
         let yv = cpu_slice(&y_g.0, y_g.1)?;
         let g_g = grad.storage_and_layout();
         let gv = cpu_slice(&g_g.0, g_g.1)?;
-        let guards: Vec<_> = self.params().map(|t| t.storage_and_layout()).collect();
+        let guards: Vec<_> = params.iter().map(|t| t.storage_and_layout()).collect();
         let vals: Vec<&[f32]> = guards
             .iter()
             .map(|(s, l)| cpu_slice(s, l))
@@ -425,57 +426,47 @@ impl ChainOp {
                 None => break,
             }
         }
-        if x.track_op() {
-            let short: Option<Vec<f32>> = match &self.shortcut {
-                Some(st) => {
-                    let k = 3 * n;
-                    let c = saved.shortcut.take().ok_or_else(|| {
-                        candle_core::Error::Msg(format!("{OP}: shortcut not saved"))
-                    })?;
-                    let (dc, dgw, dgb) =
-                        st.bn.backward_slices(&c, vals[k + 1], &c, g_last, true)?;
-                    drop(c);
-                    give(k + 1, dgw)?;
-                    give(k + 2, dgb)?;
-                    let dc = dc.unwrap_or_default();
-                    let (dxs, dw) = st.conv.backward(xv, vals[k], &dc, (true, tracks(k)))?;
-                    if tracks(k) {
-                        give(k, dw)?;
-                    }
-                    dxs
-                }
-                None if self.identity => Some(g_last.to_vec()),
-                None => None,
-            };
-            dx = match (dx, short) {
-                (Some(mut a), Some(b)) => {
-                    a.par_iter_mut()
-                        .zip(&b)
-                        .with_min_len(1 << 14)
-                        .for_each(|(a, &b)| *a += b);
-                    Some(a)
-                }
-                (a, b) => a.or(b),
-            };
-        } else if let Some(st) = &self.shortcut {
-            // Only the shortcut's own parameters need gradients.
-            let k = 3 * n;
-            if (k..k + 3).any(tracks) {
+        // The shortcut: its parameters' gradients, and its part of the input's.
+        let k = 3 * n;
+        let short: Option<Vec<f32>> = match &self.shortcut {
+            Some(st) if x.track_op() || (k..k + 3).any(tracks) => {
                 let c = saved
                     .shortcut
                     .take()
                     .ok_or_else(|| candle_core::Error::Msg(format!("{OP}: shortcut not saved")))?;
-                let (dc, dgw, dgb) =
-                    st.bn
-                        .backward_slices(&c, vals[k + 1], &c, g_last, tracks(k))?;
+                let need_dc = x.track_op() || tracks(k);
+                let (dc, dgw, dgb) = st
+                    .bn
+                    .backward_slices(&c, vals[k + 1], &c, g_last, need_dc)?;
+                drop(c);
                 give(k + 1, dgw)?;
                 give(k + 2, dgb)?;
-                if let Some(dc) = dc {
-                    let (_, dw) = st.conv.backward(xv, vals[k], &dc, (false, true))?;
-                    give(k, dw)?;
+                match dc {
+                    Some(dc) => {
+                        let (dxs, dw) =
+                            st.conv
+                                .backward(xv, vals[k], &dc, (x.track_op(), tracks(k)))?;
+                        if tracks(k) {
+                            give(k, dw)?;
+                        }
+                        dxs
+                    }
+                    None => None,
                 }
             }
-        }
+            None if self.identity && x.track_op() => Some(g_last.to_vec()),
+            _ => None,
+        };
+        dx = match (dx, short) {
+            (Some(mut a), Some(b)) => {
+                a.par_iter_mut()
+                    .zip(&b)
+                    .with_min_len(1 << 14)
+                    .for_each(|(a, &b)| *a += b);
+                Some(a)
+            }
+            (a, b) => a.or(b),
+        };
         drop(guards);
         let dx = match dx {
             Some(v) if x.track_op() => Some(Tensor::from_vec(v, x.shape(), dev)?),
